@@ -1,0 +1,105 @@
+"""The project's own errors. Each carries a user-facing message and a hint (what to do)."""
+
+from __future__ import annotations
+
+
+class MemctlError(Exception):
+    """Base error: ``message`` says what went wrong, ``hint`` what the user can do.
+
+    ``advice_key`` names the troubleshooting entry of the user guide that applies
+    (``out_of_memory``, ``model_not_loading``, ``container_not_stopping``) or ``None``.
+    """
+
+    advice_key: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None, *, details: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = details
+
+    def __str__(self) -> str:  # one line a user can read
+        return f"{self.message} — {self.hint}" if self.hint else self.message
+
+    def to_dict(self) -> dict:
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+            "details": self.details,
+            "advice": self.advice_key,
+        }
+
+
+class SettingsError(MemctlError):
+    """An invalid setting: names the field, the value and what is allowed."""
+
+
+class ModelNotFoundError(MemctlError):
+    advice_key = "model_not_loading"
+
+
+class InvalidModelIdError(MemctlError):
+    advice_key = "model_not_loading"
+
+
+class ModelLoadError(MemctlError):
+    advice_key = "model_not_loading"
+
+
+class QuantizationUnavailableError(MemctlError):
+    advice_key = "model_not_loading"
+
+
+class InsufficientMemoryError(MemctlError):
+    """Raised before a load/start when the estimate does not fit (or on OOM during load)."""
+
+    advice_key = "out_of_memory"
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        needed_bytes: int | None = None,
+        free_bytes: int | None = None,
+        details: str | None = None,
+    ):
+        super().__init__(message, hint, details=details)
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+
+
+class DockerUnavailableError(MemctlError):
+    advice_key = "container_not_stopping"
+
+
+class ContainerError(MemctlError):
+    advice_key = "container_not_stopping"
+
+
+class ContainerStartError(ContainerError):
+    """The container exited or never became ready. ``log_tail`` holds its last lines."""
+
+    advice_key = "model_not_loading"
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        log_tail: list[str] | None = None,
+        cause: str | None = None,
+        details: str | None = None,
+    ):
+        super().__init__(message, hint, details=details)
+        self.log_tail = log_tail or []
+        self.cause = cause
+
+
+class OperationBusyError(MemctlError):
+    """A state-changing operation is already running."""
+
+
+class OperationCancelledError(MemctlError):
+    """The running operation was told to stop (emergency clear)."""

@@ -1,0 +1,217 @@
+"""Settings: ``MEMCTL_*`` environment variables over a user TOML file over ``config/defaults.toml``.
+
+``load_settings()`` is the one entry point; an invalid value raises :class:`SettingsError`
+naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import SettingsError
+from .types import Mode, Precision, ProfileBand
+from .units import gib_to_bytes
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "config"
+DEFAULTS_FILE = CONFIG_DIR / "defaults.toml"
+
+
+def user_config_file() -> Path:
+    explicit = os.environ.get("MEMCTL_CONFIG_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "memctl" / "config.toml"
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "memctl"
+
+
+class ProfileBandConfig(BaseModel):
+    name: str = Field(min_length=1)
+    min_free_gib: float = Field(ge=0)
+    mode: Mode
+    precision: Precision
+    context_tokens: int = Field(gt=0, le=1_048_576)
+    batch: int = Field(gt=0, le=1024)
+    limited: bool = False
+
+    def to_band(self) -> ProfileBand:
+        return ProfileBand(
+            name=self.name,
+            min_free_bytes=gib_to_bytes(self.min_free_gib),
+            mode=self.mode,
+            precision=self.precision,
+            context_tokens=self.context_tokens,
+            batch=self.batch,
+            limited=self.limited,
+        )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MEMCTL_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # where models are
+    hf_cache_dir: Path | None = None  # None: huggingface_hub's own (honours HF_HOME/HF_HUB_CACHE)
+    local_model_dirs: list[Path] = Field(default_factory=list)
+
+    # where we keep our own state (operation log)
+    state_dir: Path = Field(default_factory=_default_state_dir)
+
+    language: Literal["ru", "en"] = "ru"
+    poll_interval_s: float = Field(2.0, ge=0.2, le=60)
+    memory_history_s: int = Field(600, ge=10, le=86_400)
+
+    green_min_gib: float = Field(4.0, ge=0)
+    yellow_min_gib: float = Field(2.0, ge=0)
+    profiles: list[ProfileBandConfig] = Field(default_factory=list)
+    cpu_half_precision: Literal["fp16", "bf16", "fp32"] = "bf16"
+
+    cuda_context_reserve_gib: float = Field(0.5, ge=0, le=16)
+    activation_overhead_fraction: float = Field(0.10, ge=0, le=2)
+    activation_overhead_min_mib: int = Field(64, ge=0)
+
+    # The NVML module the probe imports (tests point this at a fake).
+    nvml_module: str = "pynvml"
+    # Cap on host memory counted as free (bytes); None = what the OS says.
+    host_memory_limit_bytes: int | None = Field(None, ge=0)
+
+    vllm_image: str = Field("vllm/vllm-openai", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
+    vllm_tag: str = Field("v0.11.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    vllm_port: int = Field(8000, ge=1, le=65535)
+    bind_address: str = "127.0.0.1"
+    docker_host: str | None = None  # None: DOCKER_HOST or the default socket
+    vllm_allow_pull: bool = False
+    vllm_ready_timeout_s: float = Field(900, gt=0)
+    vllm_stop_timeout_s: float = Field(10, ge=0, le=600)
+    vllm_gpu_util_margin: float = Field(0.05, ge=0, le=0.5)
+    vllm_gpu_util_max: float = Field(0.95, gt=0, le=1)
+    vllm_hf_cache_readonly: bool = True
+    vllm_ipc_host: bool = True
+    vllm_shm_size: str = Field("8g", pattern=r"^[0-9]+[bkmg]?$")
+    vllm_api_key: SecretStr | None = None
+
+    restore_previous_on_failure: bool = True
+    operation_timeout_s: float = Field(1800, gt=0)
+    transformers_verify_tokens: int = Field(4, ge=1, le=64)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as exc:
+            raise ValueError("must be an IP address such as 127.0.0.1") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> Settings:
+        if self.yellow_min_gib > self.green_min_gib:
+            raise ValueError(
+                f"yellow_min_gib ({self.yellow_min_gib}) must not exceed green_min_gib "
+                f"({self.green_min_gib})"
+            )
+        names = [p.name for p in self.profiles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"profiles: names must be unique, got {names}")
+        if self.profiles and min(p.min_free_gib for p in self.profiles) != 0:
+            raise ValueError("profiles: one band must have min_free_gib = 0 so every value has a band")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        user_file = user_config_file()
+        if user_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=user_file))
+        sources.append(TomlConfigSettingsSource(settings_cls, toml_file=DEFAULTS_FILE))
+        return tuple(sources)
+
+    # ---- derived values
+    @property
+    def bands(self) -> tuple[ProfileBand, ...]:
+        """The recommendation table, largest threshold first."""
+        return tuple(
+            sorted((p.to_band() for p in self.profiles), key=lambda b: b.min_free_bytes, reverse=True)
+        )
+
+    @property
+    def green_min_bytes(self) -> int:
+        return gib_to_bytes(self.green_min_gib)
+
+    @property
+    def yellow_min_bytes(self) -> int:
+        return gib_to_bytes(self.yellow_min_gib)
+
+    @property
+    def cuda_context_reserve_bytes(self) -> int:
+        return gib_to_bytes(self.cuda_context_reserve_gib)
+
+    @property
+    def vllm_image_ref(self) -> str:
+        return f"{self.vllm_image}:{self.vllm_tag}"
+
+    @property
+    def resolved_hf_cache_dir(self) -> Path:
+        if self.hf_cache_dir is not None:
+            return self.hf_cache_dir.expanduser()
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "settings"
+        value = err.get("input")
+        if isinstance(value, dict) and loc == "settings":
+            value = None
+        msg = err.get("msg", "invalid")
+        field_name = f"MEMCTL_{loc.upper()}" if loc != "settings" else "settings"
+        shown = "" if value is None else f" = {value!r}"
+        parts.append(f"invalid setting {loc} ({field_name}){shown}: {msg}")
+    return "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; raise :class:`SettingsError` with field, value and what is allowed."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(
+            _describe_validation_error(exc),
+            "fix the value in the environment or in "
+            f"{user_config_file()} (defaults: {DEFAULTS_FILE})",
+        ) from None
+    except (OSError, ValueError) as exc:  # unreadable/broken TOML
+        raise SettingsError(
+            f"could not read settings: {exc}",
+            f"check {user_config_file()} is valid TOML",
+        ) from None
