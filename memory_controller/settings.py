@@ -90,8 +90,8 @@ class Settings(BaseSettings):
 
     # The NVML module the probe imports (tests point this at a fake).
     nvml_module: str = "pynvml"
-    # Cap on host memory counted as free (bytes); None = what the OS says.
-    host_memory_limit_bytes: int | None = Field(None, ge=0)
+    # Budget of host memory memctl may count as free (bytes); None = what the OS says is available.
+    host_memory_budget_bytes: int | None = Field(None, ge=0)
 
     vllm_image: str = Field("vllm/vllm-openai", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
     vllm_tag: str = Field("v0.11.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
