@@ -1,0 +1,86 @@
+"""``memctl`` command line: status, models, estimate, containers, stop, stop-all.
+
+Exit codes: 0 ok (also with no GPU), 1 an operation failed, 2 invalid settings or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import MemctlError, SettingsError
+from .settings import Settings, load_settings
+from .units import fmt_bytes
+
+# Modules that add subcommands: each has register(subparsers) setting func(args, settings) -> int.
+_SUBCOMMAND_MODULES = ("memory_controller.cli_models", "memory_controller.cli_containers")
+
+
+def _print_error(exc: MemctlError) -> None:
+    print(f"error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from .controller import MemoryController
+
+    ctl = MemoryController(settings)
+    data = ctl.status()
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+        return 0
+    if not data["gpu_available"]:
+        print(f"No GPU: {data['no_gpu_reason']}")
+    for d in data["devices"]:
+        level = {"green": "🟢", "yellow": "🟡", "red": "🔴"}[d["level"]]
+        util = "—" if d["utilization_pct"] is None else f"{d['utilization_pct']:.0f}%"
+        status = "" if d["status"] == "ok" else f"  [{d['status']}: {d['hint']}]"
+        print(f"{level} {d['key']:<6} {d['name']}: total {fmt_bytes(d['total_bytes'])}, "
+              f"used {fmt_bytes(d['used_bytes'])}, free {fmt_bytes(d['free_bytes'])}, util {util}{status}")
+    rec = data["recommendation"]
+    p = rec["profile"]
+    print(f"Recommended: {rec['band']} — {p['mode']}, {p['precision']}, {p['context_tokens']} tokens, "
+          f"batch {p['batch']}, on {p['device']} ({rec['reason']})")
+    for note in rec["notes"]:
+        print(f"  note: {note}")
+    if not data["vllm"]["available"]:
+        print(f"vLLM unavailable: {data['vllm']['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memctl", description="Local LLM memory control (GPU / host)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="devices, memory and the recommended profile")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    for mod_name in _SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        _print_error(exc)
+        return 2
+    try:
+        return int(args.func(args, settings))
+    except MemctlError as exc:
+        _print_error(exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
