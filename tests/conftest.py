@@ -1,0 +1,39 @@
+"""Shared test set-up: every test runs with clean MEMCTL_* settings and its own state dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+_KEEP = {"MEMCTL_TEST_DOCKER_HOST"}
+
+pytest_plugins = [
+    name for name in ("tests.fixtures_models", "tests.fixtures_docker")
+    if (ROOT / (name.replace(".", "/") + ".py")).exists()
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith("MEMCTL_") and key not in _KEEP:
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(tmp_path / "no-user-config.toml"))
+    monkeypatch.setenv("MEMCTL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for running memctl/streamlit as a subprocess from a test."""
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("MEMCTL_") and k not in _KEEP)}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
