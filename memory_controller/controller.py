@@ -138,6 +138,7 @@ class MemoryController:
         settings: a :class:`Settings`; default ``load_settings()`` (raises SettingsError).
         nvml: an NVML module to hand to the probe (tests pass a fake); default: import by name.
         probe / transformers_backend / vllm_backend: ready-made parts (tests, benchmarks).
+        step_hook: called with each apply step's name as it starts (fault injection in tests).
     """
 
     def __init__(
@@ -148,8 +149,12 @@ class MemoryController:
         probe: DeviceProbe | None = None,
         transformers_backend: TransformersBackend | None = None,
         vllm_backend: VllmDockerBackend | None = None,
+        step_hook: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
+        # Called with the step name as each apply step starts; an exception it raises fails that
+        # step. Fault-injection seam for tests and the diagnostic page; None in normal use.
+        self.step_hook = step_hook
         if probe is None:
             from .devices import DeviceProbe
 
@@ -981,6 +986,12 @@ class _StepTimer:
         self.t0 = time.perf_counter()
         self.before = self._used()
         self.ctl._emit(self.progress, ProgressEvent(self.name, f"{self.name}…", 0.0))
+        if self.ctl.step_hook is not None:
+            try:
+                self.ctl.step_hook(self.name)
+            except BaseException as exc:
+                self.__exit__(type(exc), exc, None)
+                raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
