@@ -1,0 +1,118 @@
+"""``memctl containers / stop / stop-all`` against the private Docker engine and the fake vLLM image."""
+# ruff: noqa: F811  (fixtures are imported explicitly and then named as test arguments)
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from backends.vllm_docker import VllmDockerBackend
+from memory_controller import cli_containers
+from memory_controller.types import DeviceKind, DeviceSnapshot, Mode, Precision, Profile
+from tests.conftest import ROOT, subprocess_env
+from tests.fixtures_docker import (  # noqa: F401
+    docker_client,
+    docker_engine,
+    docker_host,
+    fake_vllm_image,
+    free_port,
+    make_cached_model,
+    vllm_settings,
+)
+
+GIB = 1024**3
+FP16 = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=1024, batch=2)
+GPU = DeviceSnapshot(kind=DeviceKind.GPU, index=0, name="Fake GPU", uuid="GPU-0", total_bytes=24 * GIB,
+                     used_bytes=GIB, free_bytes=23 * GIB, utilization_pct=0.0)
+
+
+def memctl(*argv: str, docker_host: str) -> subprocess.CompletedProcess:
+    """Run ``python -m memory_controller.cli ARGV`` against ``docker_host``."""
+    return subprocess.run([sys.executable, "-m", "memory_controller.cli", *argv], cwd=ROOT, text=True,
+                          capture_output=True, timeout=60, env=subprocess_env(MEMCTL_DOCKER_HOST=docker_host))
+
+
+def run_in_process(argv: list[str], settings, capsys) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="memctl")
+    cli_containers.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args, settings)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def running(vllm_settings):
+    backend = VllmDockerBackend(vllm_settings)
+    info = backend.start(make_cached_model(vllm_settings, "Org/Cli-Model"), FP16, GIB, [GPU])
+    return info
+
+
+def test_containers_json_lists_the_running_container_with_health(running, docker_host):
+    proc = memctl("containers", "--json", docker_host=docker_host)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    row = rows[running.name]
+    assert row["model_id"] == "Org/Cli-Model" and row["state"] == "running" and row["health"] == "ready"
+    assert row["port"] == running.port and row["profile"]["context_tokens"] == 1024
+
+
+def test_containers_table_shows_name_model_and_port(running, vllm_settings, capsys):
+    code, out, _ = run_in_process(["containers"], vllm_settings, capsys)
+    assert code == 0
+    header, *lines = out.splitlines()
+    assert header.split() == ["NAME", "STATE", "HEALTH", "MODEL", "PORT", "UPTIME"]
+    line = next(ln for ln in lines if ln.startswith(running.name))
+    assert "running" in line and "ready" in line and "Org/Cli-Model" in line and str(running.port) in line
+
+
+def test_stop_removes_it_and_a_second_stop_says_already_gone(running, docker_host, docker_client):
+    proc = memctl("stop", running.name, docker_host=docker_host)
+    assert proc.returncode == 0, proc.stderr
+    assert f"stopped and removed {running.name}" in proc.stdout
+    assert running.name not in {c.name for c in docker_client.containers.list(all=True)}
+    proc = memctl("stop", running.name, docker_host=docker_host)
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and "already gone" in proc.stderr and "hint:" in proc.stderr
+
+
+def test_stop_refuses_a_container_memctl_did_not_start(vllm_settings, docker_client, fake_vllm_image, capsys):
+    other = docker_client.containers.run(fake_vllm_image, ["x", "--port", str(free_port())],
+                                         name=f"someone-elses-{vllm_settings.vllm_port}", detach=True,
+                                         network_mode="host")
+    try:
+        code, _, err = run_in_process(["stop", other.name], vllm_settings, capsys)
+        assert code == 1 and "refusing to stop" in err and "hint:" in err
+        code, _, _ = run_in_process(["stop-all"], vllm_settings, capsys)
+        assert code == 0
+        other.reload()
+        assert other.status == "running"
+    finally:
+        other.remove(force=True)
+
+
+def test_stop_all_stops_every_managed_container(running, vllm_settings, capsys, docker_client):
+    code, out, _ = run_in_process(["stop-all"], vllm_settings, capsys)
+    assert code == 0 and f"stopped {running.name}" in out
+    assert running.name not in {c.name for c in docker_client.containers.list(all=True)}
+    code, out, _ = run_in_process(["stop-all"], vllm_settings, capsys)
+    assert code == 0 and "No memctl containers to stop." in out
+
+
+def test_commands_explain_a_daemon_that_is_down(tmp_path):
+    proc = memctl("containers", "--json", docker_host=f"unix://{tmp_path}/docker.sock")
+    assert proc.returncode == 1
+    assert "error: the Docker daemon is not running" in proc.stderr and "hint:" in proc.stderr
+    proc = memctl("stop-all", docker_host=f"unix://{tmp_path}/docker.sock")
+    assert proc.returncode == 1 and "not running" in proc.stderr
+
+
+def test_uptime_is_short_and_readable():
+    assert cli_containers.fmt_duration(None) == "—"
+    assert cli_containers.fmt_duration(12.7) == "12s"
+    assert cli_containers.fmt_duration(185) == "3m05s"
+    assert cli_containers.fmt_duration(3720) == "1h02m"
