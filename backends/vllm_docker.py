@@ -477,9 +477,9 @@ class VllmDockerBackend:
     ) -> _Plan:
         """Compute name, args, env, mounts and labels; check memory. No Docker calls.
 
-        Raises InsufficientMemoryError (does not fit, or a chosen GPU lacks free memory),
-        ContainerError (no GPU chosen / unknown GPU id / missing model directory),
-        QuantizationUnavailableError, InvalidModelIdError.
+        Raises InsufficientMemoryError (does not fit, a chosen GPU lacks free memory or its memory
+        is unknown), ContainerError (no GPU chosen / unknown GPU id), ModelNotFoundError (snapshot or
+        model directory missing), QuantizationUnavailableError, InvalidModelIdError.
         """
         s = self.settings
         chosen = _chosen_gpus(profile, gpus)
@@ -561,7 +561,7 @@ class VllmDockerBackend:
         ``settings.vllm_ready_timeout_s``. On cancel, failure or timeout the container is stopped
         and removed before raising.
 
-        Raises InsufficientMemoryError, QuantizationUnavailableError, DockerUnavailableError,
+        Raises InsufficientMemoryError, ModelNotFoundError, QuantizationUnavailableError, DockerUnavailableError,
         ContainerError (name squatted by a container we did not start, port in use, ours already
         running), ContainerStartError (image missing, no GPU runtime, crash with ``log_tail`` and
         ``cause``, readiness timeout), OperationCancelledError.
