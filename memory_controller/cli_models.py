@@ -1,0 +1,134 @@
+"""``memctl models`` and ``memctl estimate``: the catalog and the memory estimator on the command line.
+
+Neither command imports torch: the catalog reads the HF cache listing, the estimator reads configs and
+safetensors headers only. Errors are project errors (``cli.main`` prints message + hint, exit 1);
+bad arguments exit 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from .types import Mode, Precision, Profile, to_jsonable
+from .units import GIB, fmt_bytes
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``models`` and ``estimate`` to the ``memctl`` parser; each sets ``func(args, settings) -> int``."""
+    p = subparsers.add_parser("models", help="models in the Hugging Face cache and the local model dirs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = subparsers.add_parser("estimate", help="memory a model needs under a profile (weights, KV cache, ...)")
+    p.add_argument("model", help="Hugging Face id (org/name) or an absolute path inside a local model dir")
+    p.add_argument("--dtype", choices=[x.value for x in Precision], default=Precision.BF16.value,
+                   help="fp32/fp16/bf16, or bitsandbytes int8/nf4/fp4 (default bf16)")
+    p.add_argument("--context", type=_positive_int, default=2048, help="context tokens (default 2048)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences served at once (default 1)")
+    p.add_argument("--double-quant", action="store_true", help="4-bit double quantisation")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda adds the CUDA context reserve (default cuda)")
+    p.add_argument("--free-gib", type=_non_negative_float, default=None,
+                   help="also print the largest context that fits in this much free memory (GiB)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_estimate)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    """List the catalog; warnings (corrupt entries, missing cache) go beside the list. Exit 0."""
+    from .catalog import scan_models
+
+    result = scan_models(settings)
+    if args.json:
+        print(json.dumps(to_jsonable(result), ensure_ascii=False, indent=2))
+        return 0
+    print(f"Hugging Face cache: {result.cache_dir}")
+    if not result.models:
+        print("No models found.")
+    else:
+        rows = [("ID", "REVISION", "SIZE", "WEIGHTS", "CONFIG", "ARCHITECTURE")]
+        for m in result.models:
+            rows.append((
+                m.model_id,
+                (m.revision or "local")[:10],
+                fmt_bytes(m.size_on_disk_bytes),
+                "safetensors" if m.has_safetensors else "other/none",
+                "yes" if m.has_config else "NO",
+                m.architecture or "?",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for w in result.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the estimate's breakdown (and the max context for ``--free-gib``). Raises project errors."""
+    from . import estimate as est
+    from .catalog import resolve_model
+
+    model = resolve_model(args.model, settings)
+    profile = Profile(
+        mode=Mode.TRANSFORMERS,
+        precision=Precision(args.dtype),
+        context_tokens=args.context,
+        batch=args.batch,
+        double_quant=args.double_quant,
+        device=args.device,
+    )
+    e = est.estimate(model, profile, settings)
+    max_ctx = None
+    if args.free_gib is not None:
+        max_ctx = est.max_context_that_fits(model, int(args.free_gib * GIB), profile, settings)
+    if args.json:
+        data = to_jsonable(e)
+        data["summary"] = est.describe(e)
+        if max_ctx is not None:
+            data["free_bytes"] = int(args.free_gib * GIB)
+            data["max_context_that_fits"] = max_ctx
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+        return 0
+    dq = " + double quant" if args.double_quant and profile.precision.is_4bit else ""
+    print(f"{model.model_id} — {profile.precision.value}{dq}, context {profile.context_tokens}, "
+          f"batch {profile.batch}, on {profile.device}")
+    print(f"  parameters      {e.parameters:,}")
+    for label, value in (("weights", e.weights_bytes), ("KV cache", e.kv_cache_bytes),
+                         ("activations", e.activation_bytes), ("CUDA context", e.cuda_context_bytes),
+                         ("total", e.total_bytes)):
+        print(f"  {label:<15} {fmt_bytes(value):>12}  ({value:,} B)")
+    print(f"  source          {e.source}")
+    for note in e.notes:
+        print(f"  note: {note}")
+    if max_ctx is not None:
+        if max_ctx == 0:
+            print(f"  in {args.free_gib:g} GiB free: does not fit even with a one-token context")
+        else:
+            print(f"  in {args.free_gib:g} GiB free: up to {max_ctx:,} tokens of context")
+    return 0
