@@ -52,6 +52,7 @@ def running(vllm_settings):
     return info
 
 
+@pytest.mark.docker
 def test_containers_json_lists_the_running_container_with_health(running, docker_host):
     proc = memctl("containers", "--json", docker_host=docker_host)
     assert proc.returncode == 0, proc.stderr
@@ -61,6 +62,7 @@ def test_containers_json_lists_the_running_container_with_health(running, docker
     assert row["port"] == running.port and row["profile"]["context_tokens"] == 1024
 
 
+@pytest.mark.docker
 def test_containers_table_shows_name_model_and_port(running, vllm_settings, capsys):
     code, out, _ = run_in_process(["containers"], vllm_settings, capsys)
     assert code == 0
@@ -70,6 +72,7 @@ def test_containers_table_shows_name_model_and_port(running, vllm_settings, caps
     assert "running" in line and "ready" in line and "Org/Cli-Model" in line and str(running.port) in line
 
 
+@pytest.mark.docker
 def test_stop_removes_it_and_a_second_stop_says_already_gone(running, docker_host, docker_client):
     proc = memctl("stop", running.name, docker_host=docker_host)
     assert proc.returncode == 0, proc.stderr
@@ -80,6 +83,7 @@ def test_stop_removes_it_and_a_second_stop_says_already_gone(running, docker_hos
     assert "error:" in proc.stderr and "already gone" in proc.stderr and "hint:" in proc.stderr
 
 
+@pytest.mark.docker
 def test_stop_refuses_a_container_memctl_did_not_start(vllm_settings, docker_client, fake_vllm_image, capsys):
     other = docker_client.containers.run(fake_vllm_image, ["x", "--port", str(free_port())],
                                          name=f"someone-elses-{vllm_settings.vllm_port}", detach=True,
@@ -95,6 +99,7 @@ def test_stop_refuses_a_container_memctl_did_not_start(vllm_settings, docker_cli
         other.remove(force=True)
 
 
+@pytest.mark.docker
 def test_stop_all_stops_every_managed_container(running, vllm_settings, capsys, docker_client):
     code, out, _ = run_in_process(["stop-all"], vllm_settings, capsys)
     assert code == 0 and f"stopped {running.name}" in out

@@ -200,6 +200,7 @@ def test_unreachable_docker_host_is_reported():
     assert not ok and "cannot reach" in reason
 
 
+@pytest.mark.docker
 def test_socket_permission_denied_is_reported(docker_host):
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to an unprivileged user")
@@ -234,10 +235,12 @@ def test_socket_permission_denied_is_reported(docker_host):
 # --------------------------------------------------------------------------- real engine
 
 
+@pytest.mark.docker
 def test_available_with_a_running_engine(vllm_settings):
     assert VllmDockerBackend(vllm_settings).available() == (True, None)
 
 
+@pytest.mark.docker
 def test_arguments_labels_env_mounts_and_gpu_request_reach_the_container(vllm_settings, docker_client):
     model = make_cached_model(vllm_settings, "Org/Tiny-Llama")
     backend = VllmDockerBackend(vllm_settings)
@@ -273,6 +276,7 @@ def test_arguments_labels_env_mounts_and_gpu_request_reach_the_container(vllm_se
     assert backend.verify(info.name) is True
 
 
+@pytest.mark.docker
 def test_local_model_dir_is_mounted_read_only_under_models(vllm_settings, tmp_path, docker_client):
     from memory_controller.types import CachedModel
 
@@ -291,6 +295,7 @@ def test_local_model_dir_is_mounted_read_only_under_models(vllm_settings, tmp_pa
     assert mounts[args[0]]["RW"] is False and mounts[args[0]]["Source"] == str(d)
 
 
+@pytest.mark.docker
 def test_port_is_published_on_loopback_from_a_bridge_network(vllm_settings, user_network, docker_client):
     backend = VllmDockerBackend(vllm_settings, network=user_network)
     info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
@@ -301,6 +306,7 @@ def test_port_is_published_on_loopback_from_a_bridge_network(vllm_settings, user
     assert backend.verify(info.name)
 
 
+@pytest.mark.docker
 def test_slow_start_is_awaited_with_progress_showing_the_latest_log_line(vllm_settings):
     settings = with_changes(vllm_settings, vllm_tag="slow")
     events = []
@@ -314,6 +320,7 @@ def test_slow_start_is_awaited_with_progress_showing_the_latest_log_line(vllm_se
     assert events[-1].stage == "ready" and events[-1].elapsed_s >= 2.0
 
 
+@pytest.mark.docker
 @pytest.mark.parametrize(
     "tag,cause,words",
     [("oom", "cuda_oom", "CUDA out of memory"), ("kv", "no_kv_cache_memory", "KV cache"),
@@ -333,6 +340,7 @@ def test_crash_during_start_fails_fast_with_status_log_tail_and_cause(vllm_setti
     assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
 
 
+@pytest.mark.docker
 def test_readiness_timeout_stops_and_removes_the_container(vllm_settings, docker_client):
     settings = with_changes(vllm_settings, vllm_tag="never-ready", vllm_ready_timeout_s=1.5)
     with pytest.raises(ContainerStartError) as err:
@@ -342,6 +350,7 @@ def test_readiness_timeout_stops_and_removes_the_container(vllm_settings, docker
     assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
 
 
+@pytest.mark.docker
 def test_cancel_during_start_removes_the_container(vllm_settings, docker_client):
     settings = with_changes(vllm_settings, vllm_tag="never-ready", vllm_ready_timeout_s=30)
     stop = threading.Event()
@@ -353,6 +362,7 @@ def test_cancel_during_start_removes_the_container(vllm_settings, docker_client)
     assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
 
 
+@pytest.mark.docker
 def test_missing_image_says_how_to_get_it_and_creates_nothing(vllm_settings, docker_client):
     settings = with_changes(vllm_settings, vllm_tag="not-built")
     before = names_on_engine(docker_client)
@@ -363,6 +373,7 @@ def test_missing_image_says_how_to_get_it_and_creates_nothing(vllm_settings, doc
     assert names_on_engine(docker_client) == before
 
 
+@pytest.mark.docker
 def test_port_already_in_use_is_a_clear_error(vllm_settings, docker_client):
     with socket.socket() as s:
         s.bind(("127.0.0.1", vllm_settings.vllm_port))
@@ -372,6 +383,7 @@ def test_port_already_in_use_is_a_clear_error(vllm_settings, docker_client):
     assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
 
 
+@pytest.mark.docker
 def test_name_squatted_by_a_foreign_container_is_refused_and_left_alone(vllm_settings, docker_client,
                                                                            fake_vllm_image):
     name = container_name_for("Org/Tiny-Llama")
@@ -390,6 +402,7 @@ def test_name_squatted_by_a_foreign_container_is_refused_and_left_alone(vllm_set
         squatter.remove(force=True)
 
 
+@pytest.mark.docker
 def test_stop_with_init_is_quick_and_removes_the_container(vllm_settings, docker_client):
     backend = VllmDockerBackend(vllm_settings)
     info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
@@ -401,6 +414,7 @@ def test_stop_with_init_is_quick_and_removes_the_container(vllm_settings, docker
         backend.stop(info.name)
 
 
+@pytest.mark.docker
 def test_stop_all_managed_leaves_an_unlabelled_container_running(vllm_settings, docker_client, fake_vllm_image):
     backend = VllmDockerBackend(vllm_settings)
     info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
@@ -418,6 +432,7 @@ def test_stop_all_managed_leaves_an_unlabelled_container_running(vllm_settings, 
         other.remove(force=True)
 
 
+@pytest.mark.docker
 def test_a_new_backend_instance_finds_the_running_container(vllm_settings):
     first = VllmDockerBackend(vllm_settings)
     info = first.start(make_cached_model(vllm_settings), FP16.with_(batch=2), GIB, [gpu()])
@@ -433,6 +448,7 @@ def test_a_new_backend_instance_finds_the_running_container(vllm_settings):
     assert info.name not in {x.name for x in again.list()}
 
 
+@pytest.mark.docker
 def test_list_shows_a_starting_container_while_start_waits(vllm_settings):
     settings = with_changes(vllm_settings, vllm_tag="slow")
     backend = VllmDockerBackend(settings)
@@ -452,6 +468,7 @@ def test_list_shows_a_starting_container_while_start_waits(vllm_settings):
     assert result["info"].health == "ready"
 
 
+@pytest.mark.docker
 def test_a_stale_exited_container_of_ours_is_replaced(vllm_settings, docker_client):
     backend = VllmDockerBackend(vllm_settings)
     info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
