@@ -269,3 +269,78 @@ def build_bad_cache(hub_dir: Path) -> dict[str, str]:
     build_into_cache(hub_dir, "bin-only", TINY, seed=5, weights_format="bin")
     ids["bin_only"] = f"{TEST_ORG}/bin-only"
     return ids
+
+
+def llama_tensor_shapes(shape: LlamaShape, *, store_tied_head: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes ``LlamaForCausalLM.save_pretrained`` writes for ``shape``."""
+    hd = shape.head_dim or shape.hidden_size // shape.heads
+    h, i = shape.hidden_size, shape.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab_size, h)}
+    for n in range(shape.layers):
+        p = f"model.layers.{n}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "self_attn.q_proj.weight"] = (shape.heads * hd, h)
+        out[p + "self_attn.k_proj.weight"] = (shape.kv_heads * hd, h)
+        out[p + "self_attn.v_proj.weight"] = (shape.kv_heads * hd, h)
+        out[p + "self_attn.o_proj.weight"] = (h, shape.heads * hd)
+        out[p + "mlp.gate_proj.weight"] = (i, h)
+        out[p + "mlp.up_proj.weight"] = (i, h)
+        out[p + "mlp.down_proj.weight"] = (h, i)
+    out["model.norm.weight"] = (h,)
+    if not shape.tie or store_tied_head:
+        out["lm_head.weight"] = (shape.vocab_size, h)
+    return out
+
+
+def llama_config_dict(shape: LlamaShape) -> dict[str, Any]:
+    """A ``config.json`` for ``shape`` written by hand (no transformers import)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim or shape.hidden_size // shape.heads,
+        "vocab_size": shape.vocab_size,
+        "tie_word_embeddings": shape.tie,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "dtype": shape.dtype,
+    }
+
+
+def write_sparse_llama(out_dir: Path, shape: LlamaShape, *, store_tied_head: bool = False) -> Path:
+    """A header-complete model whose weight bytes are a sparse hole: for estimator tests and timing.
+
+    The safetensors header is exact; the data region is allocated with ``truncate`` (no disk used),
+    so a 0.5 B-parameter layout costs nothing to create. Not loadable as a real model (zeros).
+    """
+    import struct
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st_dtype, bpe = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}[shape.dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims in llama_tensor_shapes(shape, store_tied_head=store_tied_head).items():
+        n = 1
+        for d in dims:
+            n *= d
+        header[name] = {"dtype": st_dtype, "shape": list(dims), "data_offsets": [offset, offset + n * bpe]}
+        offset += n * bpe
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(out_dir / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        fh.truncate(8 + len(raw) + offset)
+    (out_dir / "config.json").write_text(json.dumps(llama_config_dict(shape), indent=2))
+    return out_dir
