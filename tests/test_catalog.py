@@ -10,15 +10,10 @@ import pytest
 from memory_controller.catalog import resolve_model, scan_models, validate_model_id
 from memory_controller.errors import InvalidModelIdError, ModelLoadError, ModelNotFoundError
 from memory_controller.settings import load_settings
-from tests import fixtures_models as _fx
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 
-# Session fixtures by name (the lead's conftest registers tests.fixtures_models as a plugin too).
-bad_hf_cache = _fx.bad_hf_cache
-bad_models = _fx.bad_models
-bad_settings = _fx.bad_settings
-hf_cache = _fx.hf_cache
-hf_settings = _fx.hf_settings
+# Fixtures hf_cache, hf_settings, bad_hf_cache, bad_models, bad_settings, big_model come from
+# tests/fixtures_models.py, registered as a plugin in tests/conftest.py.
 
 
 def test_catalog_lists_cached_models_with_revision_size_weights_and_architecture(hf_settings, hf_cache):

@@ -19,16 +19,11 @@ from memory_controller.errors import MemctlError, ModelLoadError
 from memory_controller.settings import load_settings
 from memory_controller.types import CachedModel, Mode, Precision, Profile
 from memory_controller.units import MIB
-from tests import fixtures_models as _fx
 from tests import model_factory as mf
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 
-# Session fixtures by name (the lead's conftest registers tests.fixtures_models as a plugin too).
-bad_hf_cache = _fx.bad_hf_cache
-bad_models = _fx.bad_models
-bad_settings = _fx.bad_settings
-hf_cache = _fx.hf_cache
-hf_settings = _fx.hf_settings
+# Fixtures hf_cache, hf_settings, bad_hf_cache, bad_models, bad_settings, big_model come from
+# tests/fixtures_models.py, registered as a plugin in tests/conftest.py.
 
 
 ROOT = Path(__file__).resolve().parent.parent
