@@ -196,7 +196,7 @@ class MemoryController:
             if self._vllm is None:
                 from backends.vllm_docker import VllmDockerBackend
 
-                self._vllm = VllmDockerBackend(self.settings)
+                self._vllm = VllmDockerBackend(self.settings, network=self.settings.vllm_network)
             return self._vllm
 
     @property
@@ -649,53 +649,64 @@ class MemoryController:
 
         previous = [(lm.model_id, lm.profile) for lm in plan.to_unload if lm.profile is not None]
         prev_mode = self._mode
-
-        # (1) unload current models and stop managed containers
-        with self._step(record, "unload", progress, plan.device_key) as st:
-            st.message = self._unload_everything(progress)
-        self._check_cancel()
-        # (2) clear GPU memory
-        with self._step(record, "clear", progress, plan.device_key) as st:
-            actions = self._clear_caches()
-            st.message = ", ".join(k for k, v in actions.items() if v) or "nothing to clear"
-        self._check_cancel()
-        # (3) check resources on a fresh snapshot
-        with self._step(record, "check", progress, plan.device_key) as st:
-            snap = self.probe.snapshot()
-            target = self._target_device(snap, profile)
-            free = target.free_bytes
-            st.message = f"needs {fmt_bytes(plan.needed_bytes)}, {fmt_bytes(free)} free on {target.key}"
-            if free is not None and plan.needed_bytes > free and not force:
-                err = self._not_fit_error(plan, free_override=free)
-                st.fail(str(err))
-                self._restore(previous, prev_mode, record, progress)
-                raise err
-            if free is not None and plan.needed_bytes > free:
-                st.warn(st.message + " (forced)")
-        # (4) switch mode
-        with self._step(record, "switch", progress, plan.device_key) as st:
-            self._mode = mode
-            self._active = None
-            st.message = f"mode: {prev_mode.value if prev_mode else '—'} → {mode.value}"
-        # (5) prepare, (6) verify
+        prepare_started = False
         try:
+            # (1) unload current models and stop managed containers
+            with self._step(record, "unload", progress, plan.device_key) as st:
+                st.message = self._unload_everything(progress)
+            self._check_cancel()
+            # (2) clear GPU memory
+            with self._step(record, "clear", progress, plan.device_key) as st:
+                actions = self._clear_caches()
+                st.message = ", ".join(k for k, v in actions.items() if v) or "nothing to clear"
+            self._check_cancel()
+            # (3) check resources on a fresh snapshot
+            with self._step(record, "check", progress, plan.device_key) as st:
+                snap = self.probe.snapshot()
+                target = self._target_device(snap, profile)
+                free = target.free_bytes
+                st.message = f"needs {fmt_bytes(plan.needed_bytes)}, {fmt_bytes(free)} free on {target.key}"
+                if free is not None and plan.needed_bytes > free:
+                    if not force:
+                        err = self._not_fit_error(plan, free_override=free)
+                        st.fail(str(err))
+                        raise err
+                    st.warn(st.message + " (forced)")
+            self._check_cancel()
+            # (4) switch mode
+            with self._step(record, "switch", progress, plan.device_key) as st:
+                self._mode = mode
+                self._active = None
+                st.message = f"mode: {prev_mode.value if prev_mode else '—'} → {mode.value}"
+            # (5) prepare the new model, (6) verify it answers
+            prepare_started = True
             with self._step(record, "prepare", progress, plan.device_key) as st:
                 st.message = self._prepare(mode, cached, profile, plan, progress)
             self._check_cancel()
             with self._step(record, "verify", progress, plan.device_key) as st:
                 st.message = self._verify(mode, cached, profile)
         except BaseException as exc:
-            with self._step(record, "rollback", progress, plan.device_key) as st:
-                st.message = self._cleanup_after_failure(mode, cached)
-                if not isinstance(exc, OperationCancelledError):
+            with self._step(record, "rollback", None, plan.device_key) as st:
+                st.message = self._cleanup_after_failure(mode, cached) if prepare_started else "nothing new was loaded"
+                cancelled = self._cancel.is_set() or isinstance(exc, OperationCancelledError)
+                still_loaded = self._loaded_quick()
+                if not cancelled and previous and not still_loaded:
                     restored = self._restore(previous, prev_mode, record, progress)
-                    if restored:
-                        st.message += f"; restored {restored}"
+                    st.message += f"; restored {restored}" if restored else "; the previous model was not restored"
+                    still_loaded = self._loaded_quick()
+                if still_loaded:
+                    self._mode = prev_mode
+                else:
+                    self._mode, self._active = None, None
                 st.warn(st.message)
             if isinstance(exc, MemctlError):
                 raise
-            raise ModelLoadError(f"{cached.model_id} failed to start: {exc}",
-                                 "see the details; try a smaller profile") from exc
+            if not isinstance(exc, Exception):
+                raise
+            failed = record.steps[-2].name if len(record.steps) >= 2 else "apply"
+            raise ModelLoadError(f"{cached.model_id}: step {failed!r} failed: {exc}",
+                                 "see the details; clear memory or try a smaller profile",
+                                 details=repr(exc)) from exc
         self._active = (cached.model_id, profile)
         return record
 

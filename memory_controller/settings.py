@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     vllm_port: int = Field(8000, ge=1, le=65535)
     bind_address: str = "127.0.0.1"
     docker_host: str | None = None  # None: DOCKER_HOST or the default socket
+    # Docker network for vLLM containers: None = the default bridge when the engine has one
+    # (port published on bind_address), else host networking with vLLM listening on bind_address.
+    vllm_network: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     vllm_allow_pull: bool = False
     vllm_ready_timeout_s: float = Field(900, gt=0)
     vllm_stop_timeout_s: float = Field(10, ge=0, le=600)
