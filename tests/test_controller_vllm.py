@@ -1,0 +1,111 @@
+"""Controller flows across both backends: real tiny models, the private dockerd and the fake vLLM image."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from memory_controller import MemoryController
+from memory_controller.errors import ContainerStartError, OperationCancelledError
+from memory_controller.types import Mode, Outcome, Precision, Profile
+from tests.fake_pynvml import scenario
+from tests.fixtures_docker import with_changes
+from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
+
+pytestmark = pytest.mark.docker
+
+CPU = Profile(mode=Mode.TRANSFORMERS, precision=Precision.FP32, context_tokens=128, batch=1, device="cpu")
+GPU = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=512, batch=2, device="cuda", gpu_ids=(0,))
+
+
+@pytest.fixture
+def settings(vllm_settings, hf_cache, tmp_path):
+    return with_changes(vllm_settings, hf_cache_dir=hf_cache, state_dir=tmp_path / "state")
+
+
+def managed(docker_client) -> list:
+    return docker_client.containers.list(all=True, filters={"label": "memctl.managed=true"})
+
+
+def make_ctl(settings) -> MemoryController:
+    return MemoryController(settings, nvml=scenario("one_gpu").module())
+
+
+def test_transformers_to_vllm_to_transformers(settings, docker_client):
+    ctl = make_ctl(settings)
+    try:
+        assert ctl.apply(Mode.TRANSFORMERS, TINY_ID, CPU).outcome is Outcome.SUCCESS
+        rec = ctl.apply(Mode.VLLM, TINY_ID, GPU)
+        assert rec.outcome is Outcome.SUCCESS, rec
+        assert "/v1/models" in rec.steps[-1].message
+        loaded = ctl.loaded()
+        assert [(lm.backend, lm.model_id) for lm in loaded] == [("vllm", TINY_ID)]
+        assert loaded[0].health == "ready" and loaded[0].port == settings.vllm_port
+        assert len(managed(docker_client)) == 1
+
+        rec = ctl.apply(Mode.TRANSFORMERS, TINY_UNTIED_ID, CPU)
+        assert rec.outcome is Outcome.SUCCESS
+        assert "stopped memctl-vllm-" in rec.steps[0].message
+        assert managed(docker_client) == []
+        assert [lm.model_id for lm in ctl.loaded()] == [TINY_UNTIED_ID]
+    finally:
+        ctl.emergency_clear()
+    assert managed(docker_client) == []
+
+
+def test_a_new_controller_finds_the_running_container_and_the_log(settings, docker_client):
+    ctl = make_ctl(settings)
+    try:
+        ctl.apply(Mode.VLLM, TINY_ID, GPU)
+        again = make_ctl(settings)
+        (lm,) = again.loaded()
+        assert lm.backend == "vllm" and lm.model_id == TINY_ID
+        assert lm.profile is not None and lm.profile.context_tokens == 512
+        assert again.history(1)[0].kind == "apply"
+        again.stop_container(lm.name)
+        assert managed(docker_client) == []
+        assert again.history(1)[0].kind == "stop_container"
+    finally:
+        ctl.emergency_clear()
+
+
+def test_a_crashing_container_is_removed_and_the_previous_model_restored(settings, docker_client):
+    ctl = make_ctl(with_changes(settings, vllm_tag="oom"))
+    try:
+        ctl.apply(Mode.TRANSFORMERS, TINY_ID, CPU)
+        with pytest.raises(ContainerStartError) as info:
+            ctl.apply(Mode.VLLM, TINY_ID, GPU)
+        assert info.value.cause and info.value.log_tail
+        assert managed(docker_client) == []
+        assert [(lm.backend, lm.model_id) for lm in ctl.loaded()] == [("transformers", TINY_ID)]
+        steps = ctl.history(1)[0].steps
+        assert [s.name for s in steps][-2:] == ["prepare", "rollback"]
+        assert "restored" in steps[-1].message
+    finally:
+        ctl.emergency_clear()
+
+
+def test_emergency_clear_during_a_slow_container_start_leaves_no_container(settings, docker_client):
+    ctl = make_ctl(with_changes(settings, vllm_tag="slow"))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ctl.apply(Mode.VLLM, TINY_ID, GPU)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not managed(docker_client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert managed(docker_client), "the container never appeared"
+    report = ctl.emergency_clear()
+    t.join(60)
+    assert report.cancelled_operation == "apply"
+    assert errors and isinstance(errors[0], OperationCancelledError)
+    assert managed(docker_client) == []
+    assert ctl.loaded() == [] and ctl.current_operation() is None
