@@ -1,0 +1,520 @@
+"""The dashboard page: sidebar "🔧 Управление режимами и памятью" and the main monitoring area.
+
+Layout follows the user's guide (seeds/memory-control-guide.ru.md). Only two fragments rerun on
+the timer: the sidebar's memory figures and the main live panel (chart + processes); a third one
+polls a running operation every half second and is idle otherwise. Operations run on worker
+threads (pages/ui_jobs.py), so a long apply never freezes the live panel.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import streamlit as st
+
+from memory_controller.types import (
+    CachedModel,
+    DeviceKind,
+    DeviceSnapshot,
+    LoadedModel,
+    Mode,
+    Precision,
+    Profile,
+    SystemSnapshot,
+)
+from pages import ui_common as ui
+
+ctl = ui.controller()
+board = ui.jobs()
+ui.mark_board_seen()
+POLL_S = float(ctl.settings.poll_interval_s)
+
+
+# ============================================================================ actions (callbacks)
+def _start_apply(mode: str, model: CachedModel, profile: Profile, force: bool) -> None:
+    c = ui.controller()
+    ui.jobs().start(
+        "apply", f"apply {mode} {model.model_id}",
+        lambda progress: c.apply(mode, model, profile, force=force, progress=progress),
+        {"model": model.model_id, "mode": ui.mode_label(mode)},
+    )
+
+
+def _start_unload(model_id: str) -> None:
+    c = ui.controller()
+    ui.jobs().start("unload", f"unload {model_id}", lambda _p: c.unload(model_id), {"model": model_id})
+
+
+def _start_stop(name: str) -> None:
+    c = ui.controller()
+    ui.jobs().start("stop", f"stop {name}", lambda _p: c.stop_container(name), {"name": name})
+
+
+def _start_clear() -> None:
+    c = ui.controller()
+    ui.jobs().start("clear", "clear memory", lambda _p: c.clear_memory(), {})
+
+
+def _ask_emergency() -> None:
+    st.session_state["confirm_emergency"] = True
+
+
+def _cancel_emergency() -> None:
+    st.session_state["confirm_emergency"] = False
+
+
+def _start_emergency() -> None:
+    st.session_state["confirm_emergency"] = False
+    c = ui.controller()
+    ui.jobs().start("emergency", "emergency clear", lambda _p: c.emergency_clear(), {})
+
+
+def _reset_profile() -> None:
+    st.session_state.pop("_prefill_for", None)
+
+
+def _dismiss(job_id: str) -> None:
+    st.session_state["_dismissed_job"] = job_id
+
+
+# ============================================================================ helpers
+def _matches_device(lm: LoadedModel, dev: DeviceSnapshot) -> bool:
+    if lm.backend != "transformers":
+        return False
+    if dev.kind is DeviceKind.HOST:
+        return lm.device == "cpu"
+    return str(dev.index) in lm.device.replace("cuda:", "").split(",")
+
+
+def _fit_verdict(model: CachedModel, profile: Profile, available_bytes: int | None) -> tuple[str, int | None]:
+    """(✅/❌/⚠️ text, needed bytes) of ``model`` under ``profile`` against ``available_bytes``."""
+    t = ui.tr()
+    try:
+        needed = ctl.estimate(model, profile).total_bytes
+    except Exception:  # noqa: BLE001 - a corrupt entry gets a mark, the details show on apply
+        return t("fit.unknown"), None
+    if available_bytes is None:
+        return t("fit.unknown"), needed
+    return (t("fit.yes") if needed <= available_bytes else t("fit.no")), needed
+
+
+def _profile_from_fields(mode: Mode, dev: DeviceSnapshot) -> Profile:
+    precision = Precision(st.session_state["f_precision"])
+    return Profile(
+        mode=mode,
+        precision=precision,
+        context_tokens=int(st.session_state["f_context"]),
+        batch=int(st.session_state["f_batch"]),
+        double_quant=precision.is_4bit,
+        device="cpu" if dev.kind is DeviceKind.HOST else "cuda",
+        gpu_ids=None if dev.index is None else (dev.index,),
+    )
+
+
+def _prefill(model: CachedModel | None, dev: DeviceSnapshot, mode: Mode, snap: SystemSnapshot) -> None:
+    """Fill precision/context/batch from the recommendation when model, device or mode changed."""
+    key = f"{model.model_id if model else ''}|{dev.key}|{mode.value}"
+    if st.session_state.get("_prefill_for") == key and "f_precision" in st.session_state:
+        return
+    rec = None
+    notes: tuple[str, ...] = ()
+    if model is not None:
+        try:
+            rec = ctl.recommend(model=model, device_key=dev.key, snapshot=snap)
+            notes = rec.notes
+        except Exception as exc:  # noqa: BLE001 - shown under the fields; the table's profile is used
+            notes = (str(exc),)
+    if rec is None:
+        rec = ctl.recommend(device_key=dev.key, snapshot=snap)
+    st.session_state["f_precision"] = rec.profile.precision.value
+    st.session_state["f_context"] = int(rec.profile.context_tokens)
+    st.session_state["f_batch"] = int(rec.profile.batch)
+    st.session_state["_prefill_for"] = key
+    st.session_state["_prefill_notes"] = list(notes)
+
+
+# ============================================================================ fragments
+@st.fragment(run_every=POLL_S)
+def sidebar_live(device_key: str) -> None:
+    """The guide's four figures and the colour for the chosen device (reruns on the timer)."""
+    ui.rerun_if_board_changed()
+    snap = ctl.devices()
+    dev = snap.device(device_key) or snap.host
+    ui.device_metrics(dev, ctl.level(dev), ctl.settings)
+
+
+@st.fragment(run_every=POLL_S)
+def live_panel(device_key: str) -> None:
+    """Used/free chart over the last minutes, processes holding memory, what runs now."""
+    t0 = time.perf_counter()
+    ui.rerun_if_board_changed()
+    t = ui.tr()
+    snap = ctl.devices()
+    dev = snap.device(device_key) or snap.host
+    st.subheader(t("live.title"))
+    st.caption(t("live.updated", time=ui.fmt_time(snap.taken_at), device=ui.device_label(dev), every=f"{POLL_S:g}"))
+    op = ctl.current_operation()
+    if op is not None:
+        ev = op.get("last_event")
+        st.info(t("live.running", kind=op["kind"], description=op["description"],
+                  since=ui.fmt_time(op["started_at"]), event=getattr(ev, "message", "…")))
+    _chart(device_key)
+    _processes(dev)
+    st.session_state["_perf_live_panel_s"] = time.perf_counter() - t0
+
+
+def _chart(device_key: str) -> None:
+    t = ui.tr()
+    rows: list[dict[str, Any]] = []
+    used_label, free_label = t("live.series_used"), t("live.series_free")
+    for ts, values in ctl.memory_history():
+        used, free = values.get(device_key, (None, None))
+        stamp = int(ts * 1000)
+        if used is not None:
+            rows.append({"t": stamp, "series": used_label, "gib": round(used / ui.GIB, 3)})
+        if free is not None:
+            rows.append({"t": stamp, "series": free_label, "gib": round(free / ui.GIB, 3)})
+    if len(rows) < 4:  # fewer than two samples: nothing to draw yet
+        st.caption(t("live.collecting"))
+        return
+    import altair as alt  # only once there is something to draw: keeps the first paint light
+
+    chart = (
+        alt.Chart(alt.Data(values=rows))
+        .mark_area(opacity=0.75)
+        .encode(
+            x=alt.X("t:T", title=None, axis=alt.Axis(format="%H:%M:%S")),
+            y=alt.Y("gib:Q", title="GiB", stack=True),
+            color=alt.Color("series:N", title=None,
+                            scale=alt.Scale(domain=[used_label, free_label], range=["#e4572e", "#76b041"])),
+            order=alt.Order("series:N"),
+            tooltip=[alt.Tooltip("t:T", format="%H:%M:%S"), "series:N", alt.Tooltip("gib:Q", format=".2f")],
+        )
+        .properties(height=220)
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def _processes(dev: DeviceSnapshot) -> None:
+    t = ui.tr()
+    st.markdown(f"**{t('live.processes')}**")
+    if not dev.processes:
+        st.caption(t("live.no_processes"))
+        return
+    rows = [f"| PID | {t('live.process')} | {t('live.process_memory')} |", "|---|---|---|"]
+    rows += [f"| {p.pid} | {p.name or '—'} | {ui.gib(p.used_bytes)} |" for p in dev.processes]
+    st.markdown("\n".join(rows))
+
+
+def op_panel() -> None:
+    """Running operations in ``st.status`` (polled every 0.5 s while one runs), then the last result."""
+    every = 0.5 if board.running() else None
+
+    @st.fragment(run_every=every)
+    def _panel() -> None:
+        ui.rerun_if_board_changed()
+        t = ui.tr()
+        for job in board.running():
+            ui.job_status(job)
+        finished = board.finished(1)
+        if finished and finished[0].job_id != st.session_state.get("_dismissed_job"):
+            job = finished[0]
+            ui.job_status(job)
+            st.button(t("ops.dismiss"), key=f"dismiss::{job.job_id}", on_click=_dismiss, args=(job.job_id,))
+
+    _panel()
+
+
+# ============================================================================ sidebar
+def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel, ...],
+            loaded: list[LoadedModel], busy: bool) -> tuple[Mode, CachedModel | None, Profile | None]:
+    t = ui.tr()
+    vllm_ok, vllm_reason = ctl.vllm_status(snap)
+
+    # mode
+    if not vllm_ok:
+        st.session_state["f_mode"] = Mode.TRANSFORMERS.value
+    elif st.session_state.get("f_mode") not in (Mode.VLLM.value, Mode.TRANSFORMERS.value):
+        st.session_state["f_mode"] = ctl.recommend(device_key=dev.key, snapshot=snap).profile.mode.value
+    st.radio(t("controls.mode"), [Mode.VLLM.value, Mode.TRANSFORMERS.value], format_func=ui.mode_label,
+             key="f_mode", horizontal=True, disabled=not vllm_ok)
+    if not vllm_ok:
+        st.caption(t("controls.vllm_unavailable", reason=vllm_reason))
+    mode = Mode(st.session_state["f_mode"])
+
+    # model (chosen id first: the profile is prefilled for it before the fit marks are computed)
+    by_id = {m.model_id: m for m in models}
+    if not models:
+        st.warning(t("controls.no_models"))
+        model = None
+    else:
+        if st.session_state.get("f_model") not in by_id:
+            st.session_state["f_model"] = models[0].model_id
+        model = by_id[st.session_state["f_model"]]
+    _prefill(model, dev, mode, snap)
+    profile = _profile_from_fields(mode, dev)
+    available = None if dev.free_bytes is None else dev.free_bytes + sum(
+        lm.footprint_bytes or 0 for lm in loaded if _matches_device(lm, dev))
+
+    if models:
+        verdicts = {m.model_id: _fit_verdict(m, profile, available)[0] for m in models}
+        st.selectbox(
+            t("controls.model"), list(by_id),
+            format_func=lambda mid: f"{mid} · {ui.gib(by_id[mid].size_on_disk_bytes)} · {verdicts[mid]}",
+            key="f_model",
+        )
+
+    # profile fields
+    st.selectbox(t("controls.precision"), [p.value for p in Precision], format_func=ui.precision_label,
+                 key="f_precision")
+    c1, c2 = st.columns(2)
+    c1.number_input(t("controls.context"), min_value=16, max_value=1_048_576, step=256, key="f_context")
+    c2.number_input(t("controls.batch"), min_value=1, max_value=256, step=1, key="f_batch")
+    notes = st.session_state.get("_prefill_notes") or []
+    st.caption(t("controls.prefilled") + ("" if not notes else " " + "; ".join(notes)))
+    st.button(t("controls.reset_profile"), key="btn_reset_profile", on_click=_reset_profile)
+
+    # the plan, shown before anything runs
+    plan = None
+    if model is not None:
+        plan = ui.run_safely(lambda: ctl.plan(mode, model, profile), context=t("plan.failed"))
+        if plan is not None:
+            _render_plan(plan)
+    force = False
+    if plan is not None and not plan.fits and not plan.already_active:
+        force = st.checkbox(t("controls.force"), key="f_force")
+
+    st.button(
+        t("controls.apply"), key="btn_apply", type="primary", width="stretch",
+        disabled=busy or model is None or plan is None or bool(plan.blockers),
+        on_click=_start_apply, args=(mode.value, model, profile, force),
+    )
+    st.button(t("controls.clear"), key="btn_clear", width="stretch", disabled=busy, on_click=_start_clear)
+    if st.session_state.get("confirm_emergency"):
+        st.warning(t("emergency.confirm_text"))
+        c1, c2 = st.columns(2)
+        c1.button(t("emergency.confirm"), key="btn_emergency_confirm", type="primary", on_click=_start_emergency)
+        c2.button(t("emergency.cancel"), key="btn_emergency_cancel", on_click=_cancel_emergency)
+    else:
+        st.button(t("controls.emergency"), key="btn_emergency", width="stretch", on_click=_ask_emergency)
+    if busy:
+        st.caption(t("controls.busy"))
+    return mode, model, profile
+
+
+def _render_plan(plan: Any) -> None:
+    t = ui.tr()
+    with st.container(border=True):
+        st.markdown(f"**{t('plan.title')}**")
+        if plan.already_active:
+            st.info(t("plan.already_active"))
+            return
+        unload = ", ".join(lm.model_id for lm in plan.to_unload) or t("plan.nothing")
+        lines = [
+            f"- {t('plan.unload')}: {unload}" + (
+                f" ({t('plan.frees', freed=ui.gib(plan.expected_freed_bytes))})" if plan.expected_freed_bytes else ""),
+            f"- {t('plan.needed')}: **{ui.gib(plan.needed_bytes)}**",
+            f"- {t('plan.free_now', device=plan.device_key)}: {ui.gib(plan.free_bytes_now)}",
+            f"- {t('plan.free_after')}: {ui.gib(plan.free_bytes_after_unload)}",
+        ]
+        st.markdown("\n".join(lines))
+        if plan.estimate is not None:
+            e = plan.estimate
+            st.caption(t("plan.breakdown", weights=ui.gib(e.weights_bytes), kv=ui.gib(e.kv_cache_bytes),
+                         act=ui.gib(e.activation_bytes), ctx=ui.gib(e.cuda_context_bytes)))
+        for b in plan.blockers:
+            st.error(f"⛔ {b}")
+        if plan.fits:
+            st.success(t("plan.fits"))
+        else:
+            msg = t("plan.does_not_fit")
+            if plan.max_context_that_fits:
+                msg += " " + t("plan.max_context", tokens=ui.tr().count("unit.tokens", plan.max_context_that_fits))
+            if plan.suggestion:
+                msg += f" ({plan.suggestion})"
+            st.error(msg)
+        st.caption(t("plan.steps") + ": " + " → ".join(ui.step_label(s) for s in plan.steps))
+
+
+# ============================================================================ main area sections
+def environment_notice(snap: SystemSnapshot, docker: tuple[bool, str | None]) -> None:
+    """With no GPU and/or no Docker: what was found and what the user can still do."""
+    t = ui.tr()
+    docker_ok, docker_reason = docker
+    docker_line = t("env.docker_ok") if docker_ok else t("env.docker_missing", reason=docker_reason or "—")
+    if not snap.has_gpu:
+        st.info("\n\n".join([
+            t("env.no_gpu", hint=snap.nvml_hint or snap.nvml_status.value),
+            docker_line,
+            t("env.can_do_cpu"),
+        ]), icon="🔎")
+    elif not docker_ok:
+        st.info("\n\n".join([docker_line, t("env.can_do_gpu")]), icon="🔎")
+
+
+def recommendation_card(snap: SystemSnapshot, dev: DeviceSnapshot, model: CachedModel | None,
+                        profile: Profile | None, available: int | None) -> None:
+    t = ui.tr()
+    st.subheader(t("rec.title"))
+    rec = ui.run_safely(lambda: ctl.recommend(device_key=dev.key, snapshot=snap))
+    if rec is None:
+        return
+    st.caption(t("rec.now", reason=rec.reason, level=ui.level_badge(rec.level, ctl.settings)))
+    bands = ctl.settings.bands
+    cols = st.columns(len(bands))
+    for col, band in zip(cols, bands, strict=True):
+        with col:
+            heading = ui.band_heading(band, bands)
+            body = "\n".join(f"- {line}" for line in ui.band_lines(band))
+            if band.name == rec.band:
+                st.success(f"**{heading}** — {t('rec.current')}\n\n{body}")
+            else:
+                with st.container(border=True):
+                    st.markdown(f"**{heading}**\n\n{body}")
+    for note in rec.notes:
+        st.caption(f"ℹ️ {note}")
+    if model is not None and profile is not None and available is not None:
+        from memory_controller import estimate as est  # pure, reads safetensors headers only
+
+        try:
+            ctx = est.max_context_that_fits(model, available, profile, ctl.settings)
+        except Exception as exc:  # noqa: BLE001
+            st.caption(f"⚠️ {exc}")
+            return
+        if ctx > 0:
+            st.markdown(t("rec.model_context", model=model.model_id, precision=profile.precision.value,
+                          batch=profile.batch, tokens=t.count("unit.tokens", ctx), free=ui.gib(available)))
+        else:
+            st.markdown(t("rec.model_no_fit", model=model.model_id, precision=profile.precision.value,
+                          free=ui.gib(available)))
+
+
+def loaded_section(loaded: list[LoadedModel], busy: bool) -> None:
+    t = ui.tr()
+    st.subheader(t("loaded.title"))
+    st.markdown(f"**{t('loaded.transformers')}**")
+    tf = [lm for lm in loaded if lm.backend == "transformers"]
+    if not tf:
+        st.caption(t("loaded.none"))
+    for lm in tf:
+        c1, c2 = st.columns([12, 1], vertical_alignment="center")
+        c1.markdown(ui.loaded_row_text(lm))
+        c2.button("🗑️", key=f"unload::{lm.model_id}", help=t("loaded.unload_help", model=lm.model_id),
+                  disabled=busy, on_click=_start_unload, args=(lm.model_id,))
+
+
+def containers_section(loaded: list[LoadedModel], docker: tuple[bool, str | None], busy: bool) -> None:
+    t = ui.tr()
+    st.markdown(f"**{t('containers.title')}**")
+    docker_ok, reason = docker
+    if not docker_ok:
+        st.caption(t("containers.docker_unavailable", reason=reason or "—"))
+        return
+    containers = [lm for lm in loaded if lm.backend == "vllm"]
+    if not containers:
+        st.caption(t("containers.none"))
+    now = time.time()
+    for c in containers:
+        uptime = ui.fmt_duration(now - c.loaded_at) if c.loaded_at and c.state == "running" else "—"
+        health = t(f"health.{c.health}") if c.health and t.has(f"health.{c.health}") else (c.health or "—")
+        text = t("containers.row", name=c.name or "?", state=c.state or "—", model=c.model_id,
+                 port=c.port or "—", uptime=uptime, health=health)
+        c1, c2 = st.columns([12, 1], vertical_alignment="center")
+        c1.markdown(text)
+        c2.button("🛑", key=f"stop::{c.name}", help=t("containers.stop_help", name=c.name),
+                  disabled=busy, on_click=_start_stop, args=(c.name,))
+
+
+def cached_section(catalog: Any, models: tuple[CachedModel, ...], profile: Profile | None,
+                   available: int | None) -> None:
+    t = ui.tr()
+    st.subheader(t("cached.title"))
+    st.caption(t("cached.caption", dir=getattr(catalog, "cache_dir", None) or "—"))
+    for w in getattr(catalog, "warnings", ()):
+        st.warning(f"⚠️ {w}")
+    if not models:
+        st.info(t("controls.no_models"))
+        return
+    head = (f"| {t('cached.model')} | {t('cached.size')} | {t('cached.arch')} | {t('cached.revision')} | "
+            f"{t('cached.needed')} | {t('cached.fit')} |")
+    rows = [head, "|---|---|---|---|---|---|"]
+    for m in models:
+        verdict, needed = _fit_verdict(m, profile, available) if profile is not None else ("—", None)
+        rows.append(f"| {m.model_id} | {ui.gib(m.size_on_disk_bytes)} | {m.architecture or '—'} | "
+                    f"{(m.revision or '—')[:10]} | {ui.gib(needed)} | {verdict} |")
+    st.markdown("\n".join(rows))
+
+
+def log_section() -> None:
+    t = ui.tr()
+    st.subheader(t("log.title"))
+    records = ui.run_safely(lambda: ctl.history(20)) or []
+    for w in ctl.log_warnings:
+        st.caption(f"⚠️ {w}")
+    if not records:
+        st.caption(t("log.empty"))
+        return
+    for r in records:
+        took = ui.fmt_duration((r.ended_at or r.started_at) - r.started_at)
+        kind = t(f"log.kind_{r.kind}") if t.has(f"log.kind_{r.kind}") else r.kind
+        what = r.params.get("model") or r.params.get("name") or ""
+        label = f"{ui.outcome_emoji(r.outcome)} {ui.fmt_time(r.started_at)} · {kind} {what} · {took}"
+        change = ui.memory_change(r)
+        with st.expander(label):
+            if change:
+                st.caption(t("log.memory_change", change=change))
+            ui.steps_table(r.steps)
+            if r.error:
+                st.error(f"❌ {r.error}")
+                ui.advice_block(ui.advice_for_error_text(r.kind, r.error))
+
+
+# ============================================================================ the page
+def main() -> None:
+    t = ui.tr()
+    snap = ctl.devices()
+    selectable = list(snap.gpus) if snap.gpus else [snap.host]
+    keys = [d.key for d in selectable]
+    if st.session_state.get("device_key") not in keys:
+        readable = [d for d in selectable if d.free_bytes is not None]
+        best = max(readable, key=lambda d: d.free_bytes or 0) if readable else selectable[0]
+        st.session_state["device_key"] = best.key
+    docker = ctl.docker_status()
+    catalog = ui.run_safely(ctl.models)
+    models = tuple(catalog.models) if catalog is not None else ()
+    loaded = ui.run_safely(ctl.loaded) or []
+    busy = board.busy() or ctl.current_operation() is not None
+
+    with st.sidebar:
+        st.header(t("sidebar.title"))
+        if len(selectable) > 1:
+            st.selectbox(t("sidebar.device"), keys, key="device_key",
+                         format_func=lambda k: ui.device_label(snap.device(k)))
+        else:
+            st.caption(ui.device_label(selectable[0]))
+        dev = snap.device(st.session_state["device_key"]) or snap.host
+        sidebar_live(dev.key)
+        st.divider()
+        mode, model, profile = sidebar(snap, dev, models, loaded, busy)
+        st.divider()
+        ui.language_switch()
+
+    available = None if dev.free_bytes is None else dev.free_bytes + sum(
+        lm.footprint_bytes or 0 for lm in loaded if _matches_device(lm, dev))
+
+    st.title(t("app.title"))
+    environment_notice(snap, docker)
+    op_panel()
+    live_panel(dev.key)
+    recommendation_card(snap, dev, model, profile, available)
+    loaded_section(loaded, busy)
+    containers_section(loaded, docker, busy)
+    cached_section(catalog, models, profile, available)
+    log_section()
+    t0 = st.session_state.pop("_perf_t0", None)
+    if t0 is not None:  # read by bench/bench_ui.py: the whole script run, app.py's first line to here
+        st.session_state["_perf_full_run_s"] = time.perf_counter() - t0
+
+
+main()

@@ -1,0 +1,409 @@
+"""The dashboard (app.py → pages/dashboard.py) through Streamlit's AppTest.
+
+Each test builds the app from the environment, as a user's start would: a fake NVML scenario
+(``MEMCTL_FAKE_NVML``), the tiny models' HF cache, and a Docker host that does not exist unless
+the test wants the private engine. Operations run on worker threads (pages/ui_jobs.py): a test
+clicks, waits for the board to go idle, then reruns, as the page's own poll would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import subprocess_env
+from tests.fixtures_models import TINY_ID
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+NO_DOCKER = "unix:///nonexistent/memctl-test/docker.sock"
+GIB = 1024**3
+
+
+# ============================================================================ harness
+def _reset_shared_state() -> None:
+    """Forget the previous test's controller/job board and the NVML scenario read at import."""
+    st.cache_resource.clear()
+    sys.modules.pop("tests.fake_pynvml", None)
+
+
+def _controller():
+    from pages import ui_common
+
+    return ui_common._controller()
+
+
+def _board():
+    from pages import ui_common
+
+    return ui_common.jobs()
+
+
+@pytest.fixture
+def dashboard(monkeypatch, tmp_path):
+    """``make(scenario, hub=..., **MEMCTL_env)`` → an AppTest of app.py after its first run."""
+
+    made: list[AppTest] = []
+
+    def make(scenario: str = "library_missing", hub: Path | None = None, docker_host: str = NO_DOCKER,
+             **env: object) -> AppTest:
+        monkeypatch.setenv("MEMCTL_NVML_MODULE", "tests.fake_pynvml")
+        monkeypatch.setenv("MEMCTL_FAKE_NVML", scenario)
+        monkeypatch.setenv("MEMCTL_DOCKER_HOST", docker_host)
+        monkeypatch.setenv("MEMCTL_HF_CACHE_DIR", str(hub or tmp_path / "empty-hub"))
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(value))
+        _reset_shared_state()
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        made.append(at)
+        return at
+
+    yield make
+    if made:
+        _board().wait_idle(120)
+        ctl = _controller()
+        ctl.step_hook = None
+        if ctl.transformers_started:
+            ctl.emergency_clear()  # give the tiny model's memory back before the next test
+    _reset_shared_state()
+
+
+def settle(at: AppTest, timeout_s: float = 120) -> AppTest:
+    """Wait for running operations to end, then rerun (what the page's poll does)."""
+    assert _board().wait_idle(timeout_s), "the operation did not finish in time"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    """Every text element of the page, sidebar included, one per line."""
+    parts: list[str] = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "success", "info", "warning", "error"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    parts += [s.label for s in at.status] + [e.label for e in at.expander]
+    return "\n".join(parts)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def buttons(at: AppTest) -> dict[str, object]:
+    return {b.key: b for b in at.button if b.key}
+
+
+# ============================================================================ no GPU, no Docker
+def test_no_gpu_page_explains_what_it_found_and_what_the_user_can_do(dashboard):
+    at = dashboard("library_missing")
+    page = texts(at)
+    assert "🔧 Управление режимами и памятью" in [h.value for h in at.sidebar.header]
+    assert "GPU NVIDIA не найден" in page and "libnvidia-ml" in page
+    assert "Docker недоступен" in page
+    assert "Transformers на CPU" in page
+    shown = metrics(at)
+    assert set(shown) == {"Оперативная память (всего)", "Используется", "Доступно", "Утилизация"}
+    assert shown["Доступно"].endswith("GiB")
+    mode = at.radio(key="f_mode")
+    assert mode.disabled and mode.value == "transformers"
+    assert "vLLM недоступен: no NVIDIA GPU available" in page
+    assert "В кеше нет моделей" in page  # empty cache: says so, and where to put models
+    assert buttons(at)["btn_apply"].disabled
+
+
+def test_first_paint_does_not_import_torch(tmp_path, hf_cache):
+    """A fresh process renders the whole dashboard with cached models and never imports torch."""
+    script = (
+        "import sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"at = AppTest.from_file({APP!r}, default_timeout=60).run()\n"
+        "assert not at.exception, [e.message for e in at.exception]\n"
+        "assert any('tiny-llama' in o for o in at.selectbox(key='f_model').options)\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    env = subprocess_env(MEMCTL_NVML_MODULE="tests.fake_pynvml", MEMCTL_FAKE_NVML="library_missing",
+                         MEMCTL_DOCKER_HOST=NO_DOCKER, MEMCTL_HF_CACHE_DIR=str(hf_cache),
+                         MEMCTL_STATE_DIR=str(tmp_path / "state"), HF_HUB_OFFLINE="1",
+                         MEMCTL_CONFIG_FILE=str(tmp_path / "none.toml"))
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("NO-TORCH")
+
+
+# ============================================================================ colours and profiles (fake NVML)
+@pytest.mark.parametrize(("scenario", "free", "badge"), [
+    ("free_gib=9", "9.00 GiB", "🟢 **Зеленый** — достаточно памяти (4+ GB)"),
+    (f"free_bytes={4 * GIB}", "4.00 GiB", "🟢 **Зеленый**"),  # the edge belongs to the upper band
+    (f"free_bytes={4 * GIB - 1}", "4.00 GiB", "🟡 **Желтый** — мало памяти (2-4 GB)"),
+    ("free_gib=3", "3.00 GiB", "🟡 **Желтый**"),
+    ("free_gib=1.5", "1.50 GiB", "🔴 **Красный** — критически мало памяти (<2 GB)"),
+])
+def test_colour_indicator_follows_free_gpu_memory(dashboard, scenario, free, badge):
+    at = dashboard(scenario)
+    shown = metrics(at)
+    assert shown["GPU память (всего)"] == "24.00 GiB"
+    assert shown["Доступно"] == free
+    assert shown["Утилизация"] == "7%"
+    sidebar_md = [m.value for m in at.sidebar.markdown]
+    assert any(v.startswith(badge) for v in sidebar_md), sidebar_md
+
+
+def _highlighted(at: AppTest) -> str:
+    cards = [s.value for s in at.success if "применяется сейчас" in str(s.value)]
+    assert len(cards) == 1, cards
+    return cards[0]
+
+
+@pytest.mark.parametrize(("scenario", "heading", "lines"), [
+    ("free_gib=5", "При 4-6 GB свободной памяти", ["🔧 **Transformers режим**", "🔧 FP16 точность",
+                                                   "🔧 1024 токена", "🔧 Батч размер 1"]),
+    ("free_gib=3", "При менее 4 GB", ["⚠️ **Transformers режим**", "⚠️ INT8 квантизация", "⚠️ 512 токенов",
+                                      "⚠️ Батч размер 1"]),
+])
+def test_recommendation_card_highlights_the_transformers_profile_that_applies(dashboard, scenario, heading, lines):
+    at = dashboard(scenario)
+    card = _highlighted(at)
+    assert card.startswith(f"**{heading}**")
+    for line in lines:
+        assert line in card
+    # all four profiles of the guide are on the card
+    page = texts(at)
+    for h in ("При 8+ GB свободной памяти", "При 6-8 GB свободной памяти", "При 4-6 GB свободной памяти",
+              "При менее 4 GB"):
+        assert h in page
+
+
+def test_without_docker_a_vllm_band_falls_back_to_transformers_and_says_why(dashboard):
+    at = dashboard("free_gib=9")
+    assert _highlighted(at).startswith("**При 4-6 GB свободной памяти**")
+    assert "vllm_full, but vLLM is unavailable" in texts(at)
+    assert at.radio(key="f_mode").disabled
+    assert "vLLM недоступен: Docker is not available" in texts(at)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("scenario", "heading", "limited"), [
+    ("free_gib=9", "При 8+ GB свободной памяти", False),
+    ("free_gib=7", "При 6-8 GB свободной памяти", True),
+])
+def test_with_docker_the_vllm_profiles_apply_and_vllm_mode_is_enabled(dashboard, docker_host, scenario, heading,
+                                                                      limited):
+    at = dashboard(scenario, docker_host=docker_host)
+    card = _highlighted(at)
+    assert card.startswith(f"**{heading}**")
+    assert ("vLLM режим (ограниченный)" in card) is limited
+    mode = at.radio(key="f_mode")
+    assert not mode.disabled and mode.value == "vllm"
+
+
+def test_two_gpus_get_a_selector_defaulting_to_the_one_with_most_free_memory(dashboard):
+    at = dashboard("two_gpus")
+    sel = at.selectbox(key="device_key")
+    assert sel.options == ["GPU 0: NVIDIA RTX A6000", "GPU 1: NVIDIA GeForce RTX 3060"]
+    assert sel.value == "gpu:1"
+    assert metrics(at)["Доступно"] == "11.00 GiB"
+    sel.set_value("gpu:0").run()
+    assert metrics(at)["Доступно"] == "8.00 GiB"
+    assert metrics(at)["GPU память (всего)"] == "48.00 GiB"
+
+
+# ============================================================================ model list and plan
+def test_cached_models_show_size_and_fit_verdict_and_the_plan_before_applying(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    options = at.selectbox(key="f_model").options
+    assert any(o.startswith(f"{TINY_ID} · ") and o.endswith("✅ помещается") for o in options), options
+    # the profile is prefilled from the recommendation (CPU: bf16 instead of fp16)
+    assert at.selectbox(key="f_precision").value == "bf16"
+    assert at.number_input(key="f_context").value == 1024
+    assert at.number_input(key="f_batch").value == 1
+    page = texts(at)
+    assert "📋 План" in page and "Выгрузить: ничего" in page and "Нужно:" in page
+    assert "Помещается" in page
+    assert "поместится наибольший контекст" in page
+    assert "corrupt cache entry skipped" in page  # the broken entry is a warning, not a crash
+
+
+def test_a_profile_change_is_rechecked_and_a_model_that_does_not_fit_is_refused_with_advice(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache, MEMCTL_HOST_MEMORY_BUDGET_BYTES=40 * 1024**2)
+    at.number_input(key="f_context").set_value(2048).run()
+    page = texts(at)
+    assert "Не помещается" in page
+    assert any(o.endswith("❌ не помещается") for o in at.selectbox(key="f_model").options)
+    assert "f_force" in {c.key for c in at.checkbox}
+    buttons(at)["btn_apply"].click().run()
+    settle(at)
+    page = texts(at)
+    assert "would be free" in page  # the controller's message, with the numbers
+    assert "Проблема: «Недостаточно памяти»" in page and "🧹 Очистить память" in page
+    assert any(e.label == "Подробности" for e in at.expander)
+    assert not at.exception  # never a traceback
+
+
+# ============================================================================ operations
+def _apply_tiny(at: AppTest) -> AppTest:
+    at.selectbox(key="f_model").set_value(TINY_ID).run()
+    buttons(at)["btn_apply"].click().run()
+    return settle(at)
+
+
+def test_apply_runs_in_status_steps_then_lists_the_model_with_an_unload_button(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    _apply_tiny(at)
+    done = [s for s in at.status if TINY_ID in s.label]
+    assert done and done[0].state == "complete", [s.label for s in at.status]
+    page = texts(at)
+    assert f"Успех: {TINY_ID} загружена (Transformers)" in page
+    for step in ("Выгрузка текущих моделей", "Очистка GPU памяти", "Проверка доступности ресурсов",
+                 "Переключение режима", "Подготовка новой модели", "Проверка модели"):
+        assert step in page
+    assert f"unload::{TINY_ID}" in buttons(at)
+    assert f"**{TINY_ID}** · cpu" in page
+    assert any(e.label.startswith("✅") and "Переключение" in e.label for e in at.expander)  # the operation log
+
+
+def test_unload_button_unloads_and_shows_freed_and_still_held(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    _apply_tiny(at)
+    buttons(at)[f"unload::{TINY_ID}"].click().run()
+    settle(at)
+    page = texts(at)
+    assert f"{TINY_ID} выгружена (cpu): освобождено" in page and "всё ещё занято" in page
+    assert f"unload::{TINY_ID}" not in buttons(at)
+    assert "Нет загруженных моделей." in page
+
+
+def test_clear_memory_reports_used_memory_before_and_after_per_device(dashboard):
+    at = dashboard("one_gpu")
+    buttons(at)["btn_clear"].click().run()
+    settle(at)
+    page = texts(at)
+    assert "Память очищена." in page
+    assert "| gpu:0 |" in page and "| host |" in page
+
+
+def test_emergency_clear_asks_for_confirmation_before_running(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    _apply_tiny(at)
+    buttons(at)["btn_emergency"].click().run()
+    assert not _board().running() and "btn_emergency_confirm" in buttons(at)
+    assert "Продолжить?" in texts(at)
+    buttons(at)["btn_emergency_cancel"].click().run()
+    assert "btn_emergency" in buttons(at) and f"unload::{TINY_ID}" in buttons(at)  # nothing happened
+    buttons(at)["btn_emergency"].click().run()
+    buttons(at)["btn_emergency_confirm"].click().run()
+    settle(at)
+    page = texts(at)
+    assert "Экстренная очистка выполнена" in page
+    assert "Выгрузка моделей Transformers" in page
+    assert f"unload::{TINY_ID}" not in buttons(at)
+
+
+def test_a_long_operation_keeps_the_page_live_and_a_second_tab_sees_it(dashboard, hf_cache):
+    """While apply waits in its 'prepare' step, both sessions render at once, show it running, and
+    offer no second apply; the emergency clear stays available and stops it."""
+    at = dashboard("library_missing", hub=hf_cache)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hold(step: str) -> None:
+        if step == "prepare":
+            entered.set()
+            release.wait(30)
+
+    _controller().step_hook = hold
+    try:
+        at.selectbox(key="f_model").set_value(TINY_ID).run()
+        buttons(at)["btn_apply"].click().run()
+        assert entered.wait(30)
+        at.run(timeout=5)  # returns while the operation is held: nothing waits for it
+        other = AppTest.from_file(APP, default_timeout=30).run()
+        for page_at in (at, other):
+            running = [s for s in page_at.status if s.state == "running"]
+            assert running and TINY_ID in running[0].label
+            assert buttons(page_at)["btn_apply"].disabled and buttons(page_at)["btn_clear"].disabled
+            assert not buttons(page_at)["btn_emergency"].disabled
+            assert metrics(page_at)["Доступно"].endswith("GiB")  # the live panel still paints
+            assert "Идет операция «apply»" in texts(page_at)
+    finally:
+        release.set()
+        _controller().step_hook = None
+    settle(at)
+    assert f"unload::{TINY_ID}" in buttons(at)
+
+
+def test_a_failing_step_shows_message_advice_and_details_never_a_traceback(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+
+    def fail(step: str) -> None:
+        if step == "verify":
+            raise RuntimeError("generation produced no tokens")
+
+    _controller().step_hook = fail
+    try:
+        _apply_tiny(at)
+    finally:
+        _controller().step_hook = None
+    page = texts(at)
+    assert "failed: generation produced no tokens" in page
+    assert "Проблема: «Модель не загружается»" in page
+    assert any(s.state == "error" for s in at.status)
+    assert any(e.label == "Подробности" for e in at.expander)
+    assert "Traceback" not in page and not at.exception
+    assert f"unload::{TINY_ID}" not in buttons(at)  # rolled back: nothing half-loaded
+
+
+# ============================================================================ language
+def test_language_switch_turns_the_page_english_and_back(dashboard):
+    at = dashboard("free_gib=5")
+    assert at.radio(key="_lang_widget").value == "ru"
+    at.radio(key="_lang_widget").set_value("en").run()
+    assert [h.value for h in at.sidebar.header] == ["🔧 Modes and memory"]
+    assert set(metrics(at)) == {"GPU memory (total)", "Used", "Available", "Utilisation"}
+    assert buttons(at)["btn_apply"].label == "🔄 Apply changes"
+    assert "With 4-6 GB free" in _english_card(at)
+    at.radio(key="_lang_widget").set_value("ru").run()
+    assert buttons(at)["btn_apply"].label == "🔄 Применить изменения"
+
+
+def _english_card(at: AppTest) -> str:
+    return next(str(s.value) for s in at.success if "applies now" in str(s.value))
+
+
+def test_language_comes_from_settings(dashboard):
+    at = dashboard("free_gib=5", MEMCTL_LANGUAGE="en")
+    assert buttons(at)["btn_clear"].label == "🧹 Clear memory"
+    assert buttons(at)["btn_emergency"].label == "🚨 Emergency clear"
+
+
+# ============================================================================ vLLM containers (real engine)
+@pytest.mark.docker
+def test_vllm_apply_lists_the_container_and_the_stop_button_stops_it(dashboard, hf_cache, vllm_settings):
+    s = vllm_settings
+    at = dashboard("free_gib=20", hub=hf_cache, docker_host=s.docker_host, MEMCTL_VLLM_IMAGE=s.vllm_image,
+                   MEMCTL_VLLM_TAG=s.vllm_tag, MEMCTL_VLLM_PORT=s.vllm_port, MEMCTL_VLLM_READY_TIMEOUT_S=20,
+                   MEMCTL_VLLM_STOP_TIMEOUT_S=5)
+    assert at.radio(key="f_mode").value == "vllm"
+    at.selectbox(key="f_model").set_value(TINY_ID).run()
+    at.selectbox(key="f_precision").set_value("fp16").run()
+    buttons(at)["btn_apply"].click().run()
+    settle(at)
+    page = texts(at)
+    assert f"Успех: {TINY_ID} загружена (vLLM)" in page, page[-3000:]
+    stop = [k for k in buttons(at) if k.startswith("stop::")]
+    assert len(stop) == 1
+    assert f"порт {s.vllm_port}" in page and "✅ готов" in page
+    buttons(at)[stop[0]].click().run()
+    settle(at)
+    page = texts(at)
+    assert "остановлен и удален" in page
+    assert not [k for k in buttons(at) if k.startswith("stop::")]
+    assert "Нет запущенных контейнеров." in page
