@@ -1,9 +1,9 @@
 """The dashboard (app.py → pages/dashboard.py) through Streamlit's AppTest.
 
-Each test builds the app from the environment, as a user's start would: a fake NVML scenario
-(``MEMCTL_FAKE_NVML``), the tiny models' HF cache, and a Docker host that does not exist unless
-the test wants the private engine. Operations run on worker threads (pages/ui_jobs.py): a test
-clicks, waits for the board to go idle, then reruns, as the page's own poll would.
+Each test builds the app from the environment (tests/ui_harness.py): a fake NVML scenario, the tiny
+models' HF cache, and a Docker host that does not exist unless the test wants the private engine.
+Operations run on worker threads (pages/ui_jobs.py): a test clicks, waits for the board to go
+idle, then reruns, as the page's own poll would.
 """
 
 from __future__ import annotations
@@ -11,94 +11,21 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import subprocess_env
 from tests.fixtures_models import TINY_ID
-
-ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
-NO_DOCKER = "unix:///nonexistent/memctl-test/docker.sock"
-GIB = 1024**3
-
-
-# ============================================================================ harness
-def _reset_shared_state() -> None:
-    """Forget the previous test's controller/job board and the NVML scenario read at import."""
-    st.cache_resource.clear()
-    sys.modules.pop("tests.fake_pynvml", None)
-
-
-def _controller():
-    from pages import ui_common
-
-    return ui_common._controller()
-
-
-def _board():
-    from pages import ui_common
-
-    return ui_common.jobs()
+from tests.ui_harness import APP, GIB, NO_DOCKER, ROOT, app_factory, buttons, metrics, settle, texts  # noqa: F401
+from tests.ui_harness import board as _board
+from tests.ui_harness import controller as _controller
 
 
 @pytest.fixture
-def dashboard(monkeypatch, tmp_path):
-    """``make(scenario, hub=..., **MEMCTL_env)`` → an AppTest of app.py after its first run."""
-
-    made: list[AppTest] = []
-
-    def make(scenario: str = "library_missing", hub: Path | None = None, docker_host: str = NO_DOCKER,
-             **env: object) -> AppTest:
-        monkeypatch.setenv("MEMCTL_NVML_MODULE", "tests.fake_pynvml")
-        monkeypatch.setenv("MEMCTL_FAKE_NVML", scenario)
-        monkeypatch.setenv("MEMCTL_DOCKER_HOST", docker_host)
-        monkeypatch.setenv("MEMCTL_HF_CACHE_DIR", str(hub or tmp_path / "empty-hub"))
-        for key, value in env.items():
-            monkeypatch.setenv(key, str(value))
-        _reset_shared_state()
-        at = AppTest.from_file(APP, default_timeout=60)
-        at.run()
-        assert not at.exception, [e.message for e in at.exception]
-        made.append(at)
-        return at
-
-    yield make
-    if made:
-        _board().wait_idle(120)
-        ctl = _controller()
-        ctl.step_hook = None
-        if ctl.transformers_started:
-            ctl.emergency_clear()  # give the tiny model's memory back before the next test
-    _reset_shared_state()
-
-
-def settle(at: AppTest, timeout_s: float = 120) -> AppTest:
-    """Wait for running operations to end, then rerun (what the page's poll does)."""
-    assert _board().wait_idle(timeout_s), "the operation did not finish in time"
-    at.run()
-    assert not at.exception, [e.message for e in at.exception]
-    return at
-
-
-def texts(at: AppTest) -> str:
-    """Every text element of the page, sidebar included, one per line."""
-    parts: list[str] = []
-    for kind in ("title", "header", "subheader", "markdown", "caption", "success", "info", "warning", "error"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    parts += [s.label for s in at.status] + [e.label for e in at.expander]
-    return "\n".join(parts)
-
-
-def metrics(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
-
-
-def buttons(at: AppTest) -> dict[str, object]:
-    return {b.key: b for b in at.button if b.key}
+def dashboard(app_factory):  # noqa: F811 - the fixture imported above
+    """``dashboard(scenario, hub=..., docker_host=..., **MEMCTL_env)`` → AppTest of app.py after one run."""
+    return lambda scenario="library_missing", **kw: app_factory(APP, scenario, **kw)
 
 
 # ============================================================================ no GPU, no Docker

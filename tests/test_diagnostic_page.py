@@ -1,0 +1,110 @@
+"""The diagnostic page (``streamlit run test_memory_controller.py``) through AppTest."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.fixtures_models import TINY_ID
+from tests.ui_harness import APP, DIAG, app_factory, buttons, controller, texts  # noqa: F401
+
+
+@pytest.fixture
+def diag(app_factory):  # noqa: F811 - the fixture imported above
+    return lambda scenario="library_missing", **kw: app_factory(DIAG, scenario, **kw)
+
+
+def result_rows(at) -> dict[str, tuple[str, str]]:
+    """{check name: (mark, time)} from the results table."""
+    table = next(m.value for m in at.markdown if "| Проверка |" in m.value or "| Check |" in m.value)
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[1]] = (cells[0], cells[3])
+    return rows
+
+
+def test_all_checks_run_and_each_is_marked_with_its_time(diag, hf_cache):
+    at = diag("library_missing", hub=hf_cache)
+    assert at.title[0].value == "🧪 Тестирование системы контроля памяти"
+    assert at.selectbox(key="diag_model").value == TINY_ID
+    buttons(at)["diag_run_all"].click().run()
+    rows = result_rows(at)
+    assert rows["Текущий статус памяти"][0] == "✅"
+    assert rows["Рекомендации системы"][0] == "✅"
+    assert rows["Переключение режимов"][0] in ("✅", "⚠️")
+    assert rows["🧹 Очистить память"][0] == "✅"
+    assert rows["🚨 Экстренная очистка"][0] in ("✅", "⚠️")  # ⚠️: no Docker engine to ask here
+    for _mark, took in rows.values():
+        assert re.fullmatch(r"\d+(\.\d)? (ms|s)", took), took
+    page = texts(at)
+    assert f"✅ {TINY_ID} в списке загруженных" in page
+    assert f"{TINY_ID} выгружена (cpu): освобождено" in page
+    assert "Выгрузка моделей Transformers" in page
+    assert not [lm for lm in controller().loaded() if lm.backend == "transformers"]
+
+
+def test_recommendation_check_walks_the_guides_table_at_its_edges(diag):
+    at = diag("library_missing")
+    buttons(at)["diag_run_recommend"].click().run()
+    assert result_rows(at)["Рекомендации системы"][0] == "✅"
+    table = next(m.value for m in at.markdown if "| Свободно |" in m.value)
+    expect = {
+        "1.99 GiB": ("🔴", "transformers_int8"),
+        "2 GiB": ("🟡", "transformers_int8"),
+        "3.99 GiB": ("🟡", "transformers_int8"),
+        "4 GiB": ("🟢", "transformers_fp16"),
+        "7.99 GiB": ("🟢", "vllm_limited"),
+        "8 GiB": ("🟢", "vllm_full"),
+    }
+    for free, (level, band) in expect.items():
+        assert f"| {free} | {level} | {band} |" in table, free
+    assert "| 8 GiB (без GPU) | 🟢 | transformers_fp16 | Transformers | bf16 |" in table
+
+
+def test_without_cached_models_the_switch_check_is_skipped_not_failed(diag):
+    at = diag("library_missing")
+    assert "В кеше нет моделей" in texts(at)
+    buttons(at)["diag_run_switch"].click().run()
+    assert result_rows(at)["Переключение режимов"][0] == "⏭️"
+
+
+def test_a_failing_switch_is_marked_failed_with_the_guides_advice(diag, hf_cache):
+    at = diag("library_missing", hub=hf_cache)
+
+    def fail(step: str) -> None:
+        if step == "prepare":
+            raise RuntimeError("weights are unreadable")
+
+    controller().step_hook = fail
+    buttons(at)["diag_run_switch"].click().run()
+    assert result_rows(at)["Переключение режимов"][0] == "❌"
+    page = texts(at)
+    assert "weights are unreadable" in page
+    assert "Проблема: «Модель не загружается»" in page
+    assert not at.exception
+
+
+def test_memory_check_lists_every_gpu_and_the_host(diag):
+    at = diag("two_gpus")
+    buttons(at)["diag_run_memory"].click().run()
+    page = texts(at)
+    assert "GPU 0: NVIDIA RTX A6000: всего 48.00 GiB, используется 40.00 GiB, доступно 8.00 GiB" in page
+    assert "GPU 1: NVIDIA GeForce RTX 3060: всего 12.00 GiB" in page
+    assert "Оперативная память хоста" in page
+    assert result_rows(at)["Текущий статус памяти"][0] == "✅"
+
+
+def test_diagnostic_page_speaks_english_too(diag):
+    at = diag("library_missing", MEMCTL_LANGUAGE="en")
+    assert at.title[0].value == "🧪 Memory control self-test"
+    buttons(at)["diag_run_memory"].click().run()
+    assert result_rows(at)["Current memory status"][0] == "✅"
+
+
+def test_diagnostic_page_is_a_page_of_the_dashboard(app_factory):  # noqa: F811
+    at = app_factory(APP, "library_missing")
+    at.switch_page("test_memory_controller.py").run()
+    assert not at.exception
+    assert at.title[0].value == "🧪 Тестирование системы контроля памяти"

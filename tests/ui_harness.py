@@ -1,0 +1,107 @@
+"""Shared AppTest harness for the dashboard and diagnostic page tests (tests/test_app.py,
+tests/test_diagnostic_page.py).
+
+The app is built from the environment, as a user's start would: a fake NVML scenario
+(``MEMCTL_FAKE_NVML``), an HF cache, and a Docker host that does not exist unless a test passes
+the private engine. Streamlit's ``st.cache_resource`` is process-wide, so every ``make`` forgets the
+previous controller and job board, and the fake NVML module (it reads its scenario at import).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+DIAG = str(ROOT / "test_memory_controller.py")
+NO_DOCKER = "unix:///nonexistent/memctl-test/docker.sock"
+GIB = 1024**3
+
+# Reading the shared controller from the test thread (outside a script run) makes Streamlit warn
+# "missing ScriptRunContext" on every call: harmless here, and it floods the failure output.
+logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
+
+
+def reset_shared_state() -> None:
+    """Forget the previous test's controller/job board and the NVML scenario read at import."""
+    st.cache_resource.clear()
+    sys.modules.pop("tests.fake_pynvml", None)
+
+
+def controller():
+    """The app's shared MemoryController (the one the pages use)."""
+    from pages import ui_common
+
+    return ui_common._controller()
+
+
+def board():
+    """The app's shared job board (operations started from the UI)."""
+    from pages import ui_common
+
+    return ui_common.jobs()
+
+
+@pytest.fixture
+def app_factory(monkeypatch, tmp_path) -> Iterator:
+    """``make(script=APP, scenario=..., hub=..., docker_host=..., **MEMCTL_env)`` → AppTest after its first run.
+
+    At teardown: waits for running operations, unloads what a test loaded, forgets shared state.
+    """
+    made: list[AppTest] = []
+
+    def make(script: str = APP, scenario: str = "library_missing", hub: Path | None = None,
+             docker_host: str = NO_DOCKER, **env: object) -> AppTest:
+        monkeypatch.setenv("MEMCTL_NVML_MODULE", "tests.fake_pynvml")
+        monkeypatch.setenv("MEMCTL_FAKE_NVML", scenario)
+        monkeypatch.setenv("MEMCTL_DOCKER_HOST", docker_host)
+        monkeypatch.setenv("MEMCTL_HF_CACHE_DIR", str(hub or tmp_path / "empty-hub"))
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(value))
+        reset_shared_state()
+        at = AppTest.from_file(script, default_timeout=60)
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        made.append(at)
+        return at
+
+    yield make
+    if made:
+        board().wait_idle(120)
+        ctl = controller()
+        ctl.step_hook = None
+        if ctl.transformers_started:
+            ctl.emergency_clear()  # give the tiny model's memory back before the next test
+    reset_shared_state()
+
+
+def settle(at: AppTest, timeout_s: float = 120) -> AppTest:
+    """Wait for running operations to end, then rerun (what the page's poll does)."""
+    assert board().wait_idle(timeout_s), "the operation did not finish in time"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    """Every text element of the page, sidebar included, one per line."""
+    parts: list[str] = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "success", "info", "warning", "error"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    parts += [s.label for s in at.status] + [e.label for e in at.expander]
+    return "\n".join(parts)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def buttons(at: AppTest) -> dict[str, object]:
+    return {b.key: b for b in at.button if b.key}
