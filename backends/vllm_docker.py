@@ -831,6 +831,10 @@ class VllmDockerBackend:
             profile = json.loads(labels[PROFILE_LABEL]) if PROFILE_LABEL in labels else None
         except ValueError:
             profile = None
+        try:
+            gpu_util: float | None = float(labels[GPU_UTIL_LABEL])
+        except (KeyError, ValueError):
+            gpu_util = None
         if health is None:
             if status != "running":
                 health = "stopped" if status in ("exited", "dead", "created") else "unknown"
@@ -851,6 +855,7 @@ class VllmDockerBackend:
             health=health,
             profile=profile,
             image=(c.attrs.get("Config") or {}).get("Image"),
+            gpu_memory_utilization=gpu_util,
         )
 
     def _get_managed(self, name: str, doing: str) -> Any:

@@ -324,8 +324,11 @@ class MemoryController:
         items: list[LoadedModel] = []
         if self._tf is not None:
             items.extend(self._tf.loaded())
-        for c in self.containers():
-            items.append(_container_as_loaded(c))
+        containers = self.containers()
+        if containers:
+            snap = self.probe.snapshot()
+            for c in containers:
+                items.append(_container_as_loaded(c, snap))
         return items
 
     def containers(self) -> list[ContainerInfo]:
@@ -1041,7 +1044,7 @@ def _bits(p: Precision) -> int:
 def _same_device(lm: LoadedModel, target: DeviceSnapshot) -> bool:
     if target.kind is DeviceKind.HOST:
         return lm.device == "cpu"
-    return str(target.index) in lm.device.replace("cuda:", "").split(",") or lm.backend == "vllm"
+    return str(target.index) in lm.device.replace("cuda:", "").split(",")
 
 
 def _profile_dict(profile: Profile) -> dict:
@@ -1050,7 +1053,8 @@ def _profile_dict(profile: Profile) -> dict:
     return to_jsonable(profile)
 
 
-def _container_as_loaded(c: ContainerInfo) -> LoadedModel:
+def _container_as_loaded(c: ContainerInfo, snap: SystemSnapshot) -> LoadedModel:
+    """A managed container as a loaded model; its footprint is what vLLM claims on its GPUs."""
     prof = None
     if c.profile:
         try:
@@ -1065,11 +1069,14 @@ def _container_as_loaded(c: ContainerInfo) -> LoadedModel:
             )
         except (KeyError, ValueError, TypeError):
             prof = None
+    ids = list(prof.gpu_ids) if prof and prof.gpu_ids else [g.index for g in snap.gpus]
+    totals = [g.total_bytes for g in snap.gpus if g.index in ids and g.total_bytes]
+    footprint = int(c.gpu_memory_utilization * sum(totals)) if c.gpu_memory_utilization and totals else None
     return LoadedModel(
         model_id=c.model_id or c.name,
         backend="vllm",
-        device="cuda",
-        footprint_bytes=None,
+        device="cuda:" + ",".join(str(i) for i in ids) if ids else "cuda",
+        footprint_bytes=footprint,
         profile=prof,
         loaded_at=c.started_at or 0.0,
         name=c.name,

@@ -269,6 +269,7 @@ class ContainerInfo:
     health: str  # "ready" | "starting" | "unhealthy" | "stopped" | "unknown"
     profile: dict | None = None
     image: str | None = None
+    gpu_memory_utilization: float | None = None  # the fraction of each GPU vLLM claims
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,10 @@ def test_a_new_controller_finds_the_running_container_and_the_log(settings, dock
         (lm,) = again.loaded()
         assert lm.backend == "vllm" and lm.model_id == TINY_ID
         assert lm.profile is not None and lm.profile.context_tokens == 512
+        assert lm.device == "cuda:0" and lm.footprint_bytes > 0  # gpu_memory_utilization × 24 GiB
+        plan = again.plan(Mode.VLLM, TINY_UNTIED_ID, GPU)
+        assert plan.expected_freed_bytes == lm.footprint_bytes
+        assert plan.free_bytes_after_unload == plan.free_bytes_now + lm.footprint_bytes
         assert again.history(1)[0].kind == "apply"
         again.stop_container(lm.name)
         assert managed(docker_client) == []
