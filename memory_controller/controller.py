@@ -178,6 +178,7 @@ class MemoryController:
         self._catalog: tuple[float, CatalogResult] | None = None
         self._mode: Mode | None = None
         self._active: tuple[str, Profile] | None = None  # what the last apply made active
+        self._unloaded_tf_in_step1 = False
 
     # ================================================================== parts (lazy)
     @property
@@ -660,8 +661,12 @@ class MemoryController:
             self._check_cancel()
             # (2) clear GPU memory
             with self._step(record, "clear", progress, plan.device_key) as st:
-                actions = self._clear_caches()
-                st.message = ", ".join(k for k, v in actions.items() if v) or "nothing to clear"
+                if self._unloaded_tf_in_step1:
+                    # each Transformers unload already ran gc, empty_cache, ipc_collect and malloc_trim
+                    st.message = "caches were cleared by each unload in step 1"
+                else:
+                    actions = self._clear_caches()
+                    st.message = ", ".join(k for k, v in actions.items() if v) or "nothing to clear"
             self._check_cancel()
             # (3) check resources on a fresh snapshot
             with self._step(record, "check", progress, plan.device_key) as st:
@@ -727,7 +732,9 @@ class MemoryController:
 
     def _unload_everything(self, progress: ProgressCallback | None) -> str:
         parts: list[str] = []
+        self._unloaded_tf_in_step1 = False
         if self._tf is not None and self._tf.loaded():
+            self._unloaded_tf_in_step1 = True
             reports: list[UnloadReport] = self._await(
                 lambda _p: self.transformers.unload_all(), what="unload", deadline_s=_STEP_DEADLINE_S,
                 progress=progress,

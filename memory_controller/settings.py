@@ -113,7 +113,7 @@ class Settings(BaseSettings):
 
     restore_previous_on_failure: bool = True
     operation_timeout_s: float = Field(1800, gt=0)
-    transformers_verify_tokens: int = Field(4, ge=1, le=64)
+    transformers_verify_tokens: int = Field(1, ge=1, le=64)
 
     @field_validator("bind_address")
     @classmethod
