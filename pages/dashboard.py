@@ -1,13 +1,14 @@
 """The dashboard page: sidebar "🔧 Управление режимами и памятью" and the main monitoring area.
 
-Layout follows the user's guide (seeds/memory-control-guide.ru.md). Only two fragments rerun on
-the timer: the sidebar's memory figures and the main live panel (chart + processes); a third one
-polls a running operation every half second and is idle otherwise. Operations run on worker
+Layout follows the user's guide (seeds/memory-control-guide.ru.md). One fragment reruns on the
+timer: the live panel (chart + processes), which also refreshes the sidebar's memory figures; a
+second one polls a running operation every half second and is idle otherwise. Operations run on worker
 threads (pages/ui_jobs.py), so a long apply never freezes the live panel.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -136,22 +137,17 @@ def _prefill(model: CachedModel | None, dev: DeviceSnapshot, mode: Mode, snap: S
 
 # ============================================================================ fragments
 @st.fragment(run_every=POLL_S)
-def sidebar_live(device_key: str) -> None:
-    """The guide's four figures and the colour for the chosen device (reruns on the timer)."""
-    ui.rerun_if_board_changed()
-    snap = ctl.devices()
-    dev = snap.device(device_key) or snap.host
-    ui.device_metrics(dev, ctl.level(dev), ctl.settings)
-
-
-@st.fragment(run_every=POLL_S)
-def live_panel(device_key: str) -> None:
-    """Used/free chart over the last minutes, processes holding memory, what runs now."""
+def live_panel(device_key: str, sidebar_box: Any) -> None:
+    """The only part that reruns on the timer: one probe per tick feeds the sidebar's four figures
+    and colour (written into ``sidebar_box``, a container the full run placed in the sidebar) and,
+    here, the used/free chart over the last minutes, the processes holding memory, what runs now."""
     t0 = time.perf_counter()
     ui.rerun_if_board_changed()
     t = ui.tr()
     snap = ctl.devices()
     dev = snap.device(device_key) or snap.host
+    with sidebar_box:
+        ui.device_metrics(dev, ctl.level(dev), ctl.settings)
     st.subheader(t("live.title"))
     st.caption(t("live.updated", time=ui.fmt_time(snap.taken_at), device=ui.device_label(dev), every=f"{POLL_S:g}"))
     op = ctl.current_operation()
@@ -164,24 +160,16 @@ def live_panel(device_key: str) -> None:
     st.session_state["_perf_live_panel_s"] = time.perf_counter() - t0
 
 
-def _chart(device_key: str) -> None:
-    t = ui.tr()
-    rows: list[dict[str, Any]] = []
-    used_label, free_label = t("live.series_used"), t("live.series_free")
-    for ts, values in ctl.memory_history():
-        used, free = values.get(device_key, (None, None))
-        stamp = int(ts * 1000)
-        if used is not None:
-            rows.append({"t": stamp, "series": used_label, "gib": round(used / ui.GIB, 3)})
-        if free is not None:
-            rows.append({"t": stamp, "series": free_label, "gib": round(free / ui.GIB, 3)})
-    if len(rows) < 4:  # fewer than two samples: nothing to draw yet
-        st.caption(t("live.collecting"))
-        return
-    import altair as alt  # only once there is something to draw: keeps the first paint light
+CHART_MAX_POINTS = 120  # per series: the browser redraws every tick, keep it light
+
+
+@functools.lru_cache(maxsize=8)
+def _chart_spec(used_label: str, free_label: str) -> dict[str, Any]:
+    """The chart's Vega-Lite spec, built and validated by altair once (per language); no data in it."""
+    import altair as alt
 
     chart = (
-        alt.Chart(alt.Data(values=rows))
+        alt.Chart(alt.Data(values=[{"t": 0, "series": used_label, "gib": 0.0}]))
         .mark_area(opacity=0.75)
         .encode(
             x=alt.X("t:T", title=None, axis=alt.Axis(format="%H:%M:%S")),
@@ -189,11 +177,35 @@ def _chart(device_key: str) -> None:
             color=alt.Color("series:N", title=None,
                             scale=alt.Scale(domain=[used_label, free_label], range=["#e4572e", "#76b041"])),
             order=alt.Order("series:N"),
-            tooltip=[alt.Tooltip("t:T", format="%H:%M:%S"), "series:N", alt.Tooltip("gib:Q", format=".2f")],
+            tooltip=[alt.Tooltip("t:T", format="%H:%M:%S"), alt.Tooltip("series:N"),
+                     alt.Tooltip("gib:Q", format=".2f")],
         )
         .properties(height=220)
     )
-    st.altair_chart(chart, width="stretch")
+    spec = chart.to_dict()
+    spec.pop("data", None)
+    spec.pop("datasets", None)
+    return spec
+
+
+def _chart(device_key: str) -> None:
+    """Used and free memory of the device over the last minutes (stacked: together they are the total)."""
+    t = ui.tr()
+    samples = [(ts, values[device_key]) for ts, values in ctl.memory_history() if device_key in values]
+    if len(samples) < 2 or not ui.chart_libraries_ready():
+        st.caption(t("live.collecting"))
+        return
+    step = max(1, -(-len(samples) // CHART_MAX_POINTS))
+    picked = samples[::-1][::step][::-1]  # keep the newest sample, thin the older ones evenly
+    used_label, free_label = t("live.series_used"), t("live.series_free")
+    rows: list[dict[str, Any]] = []
+    for ts, (used, free) in picked:
+        stamp = int(ts * 1000)
+        if used is not None:
+            rows.append({"t": stamp, "series": used_label, "gib": round(used / ui.GIB, 3)})
+        if free is not None:
+            rows.append({"t": stamp, "series": free_label, "gib": round(free / ui.GIB, 3)})
+    st.vega_lite_chart(rows, dict(_chart_spec(used_label, free_label)), width="stretch")
 
 
 def _processes(dev: DeviceSnapshot) -> None:
@@ -494,7 +506,7 @@ def main() -> None:
         else:
             st.caption(ui.device_label(selectable[0]))
         dev = snap.device(st.session_state["device_key"]) or snap.host
-        sidebar_live(dev.key)
+        live_box = st.container()  # filled by the live panel fragment on every tick
         st.divider()
         mode, model, profile = sidebar(snap, dev, models, loaded, busy)
         st.divider()
@@ -506,12 +518,13 @@ def main() -> None:
     st.title(t("app.title"))
     environment_notice(snap, docker)
     op_panel()
-    live_panel(dev.key)
+    live_panel(dev.key, live_box)
     recommendation_card(snap, dev, model, profile, available)
     loaded_section(loaded, busy)
     containers_section(loaded, docker, busy)
     cached_section(catalog, models, profile, available)
     log_section()
+    ui.warm_chart_libraries()  # after the page is painted: the chart appears on a later tick
     t0 = st.session_state.pop("_perf_t0", None)
     if t0 is not None:  # read by bench/bench_ui.py: the whole script run, app.py's first line to here
         st.session_state["_perf_full_run_s"] = time.perf_counter() - t0

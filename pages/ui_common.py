@@ -7,6 +7,7 @@ Every user-visible string comes from ``config/strings.<lang>.toml`` through :fun
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -64,6 +65,35 @@ def controller() -> Any:
 def jobs() -> JobBoard:
     """The process-wide board of operations started from the UI."""
     return JobBoard()
+
+
+_chart_ready = threading.Event()
+_chart_started = threading.Lock()
+
+
+def warm_chart_libraries() -> None:
+    """Import altair/pandas/pyarrow (about 1.5 s cold) on a background thread, once per process.
+
+    Called after the first paint, not before: the import competes with the page for the GIL.
+    """
+    if not _chart_started.acquire(blocking=False):
+        return
+
+    def load() -> None:
+        try:
+            import altair  # noqa: F401
+            import pandas  # noqa: F401
+            import pyarrow  # noqa: F401
+        finally:
+            _chart_ready.set()
+
+    threading.Thread(target=load, name="memctl-ui-chart-import", daemon=True).start()
+
+
+def chart_libraries_ready() -> bool:
+    """True once the chart's libraries are imported: until then the live panel draws no chart, so
+    neither the first paint nor a fragment tick waits seconds for an import."""
+    return _chart_ready.is_set()
 
 
 # ============================================================================ language
@@ -186,13 +216,12 @@ def device_metrics(dev: DeviceSnapshot, level: Level, settings: Any) -> None:
     """The guide's four figures for one device, then the colour indicator."""
     t = tr()
     total_key = "metrics.total_host" if dev.kind is DeviceKind.HOST else "metrics.total_gpu"
-    c1, c2 = st.columns(2)
-    c1.metric(t(total_key), gib(dev.total_bytes))
-    c2.metric(t("metrics.used"), gib(dev.used_bytes))
-    c3, c4 = st.columns(2)
-    c3.metric(t("metrics.free"), gib(dev.free_bytes))
     util = "—" if dev.utilization_pct is None else f"{dev.utilization_pct:.0f}%"
-    c4.metric(t("metrics.util"), util)
+    # One per row: in the sidebar's width two columns cut "23.54 GiB" to "23.5…".
+    st.metric(t(total_key), gib(dev.total_bytes))
+    st.metric(t("metrics.used"), gib(dev.used_bytes))
+    st.metric(t("metrics.free"), gib(dev.free_bytes))
+    st.metric(t("metrics.util"), util)
     st.markdown(level_badge(level, settings))
     if dev.hint:
         st.caption(f"ℹ️ {dev.hint}")
@@ -219,7 +248,7 @@ def advice_block(advice_key: str | None) -> None:
         return
     t = tr()
     steps = t.raw(f"advice.{advice_key}.steps")
-    lines = [f"**{t('advice.heading')} «{t(f'advice.{advice_key}.problem')}»** — {t('advice.solution')}"]
+    lines = [f"**{t('advice.heading', problem=t(f'advice.{advice_key}.problem'))}** — {t('advice.solution')}"]
     if isinstance(steps, list):
         lines += [f"{i}. {s}" for i, s in enumerate(steps, start=1)]
     st.warning("\n".join(lines), icon="🔧")

@@ -1,0 +1,199 @@
+"""The dashboard in a real browser: ``streamlit run app.py`` on 127.0.0.1, driven through Debian's
+Chromium with Playwright (``executable_path="/usr/bin/chromium"``; ``playwright install`` is never run).
+
+This machine's own setting, untouched: no GPU (the real ``pynvml`` finds no driver) and no Docker
+engine at the configured address. The HF cache holds the tiny test models. The user's path: the
+page explains itself, choose the tiny model, apply, see it loaded (in a second tab too), unload it
+and read the report, run the emergency clear behind its confirmation. Screenshots go to
+``artifacts/browser/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import subprocess_env
+from tests.fixtures_models import TINY_ID
+from tests.model_factory import hf_env
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+NO_DOCKER = "unix:///nonexistent/memctl-browser-test/docker.sock"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer /_stcore/health within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def server(hf_cache, tmp_path_factory) -> Iterator[str]:
+    """``streamlit run app.py`` as a subprocess on a free 127.0.0.1 port; yields its URL."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api")
+    state = tmp_path_factory.mktemp("browser_state")
+    for old in ARTIFACTS.glob("*.png"):  # screenshots of an earlier run must not pass for this one
+        old.unlink()
+    port = _free_port()
+    env = subprocess_env(**hf_env(hf_cache), MEMCTL_STATE_DIR=str(state / "state"),
+                         MEMCTL_CONFIG_FILE=str(state / "no-user-config.toml"), MEMCTL_DOCKER_HOST=NO_DOCKER,
+                         MEMCTL_POLL_INTERVAL_S="1")
+    log = open(state / "streamlit.log", "wb")  # noqa: SIM115 - closed after the process ends
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+         # Streamlit's file watcher re-walks the checkout (.venv included) whenever inotify overflows,
+         # which other test processes writing here trigger: seconds of CPU per minute for nothing.
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        tail = (state / "streamlit.log").read_text(errors="replace")[-4000:]
+        (ARTIFACTS / "streamlit.log").parent.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "streamlit.log").write_text(tail)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _no_traceback(page) -> None:
+    assert page.locator("[data-testid=stException]").count() == 0
+    assert "Traceback" not in page.inner_text("body")
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    page.wait_for_selector("[data-testid=stMetricValue]")
+    return page
+
+
+def test_user_loads_and_unloads_a_cached_model_on_cpu_then_clears_everything(server, browser):
+    page = _open(browser, server)
+    try:
+        _user_path(page, browser, server)
+    except BaseException:
+        _shot(page, "failure")  # what the page showed when it went wrong
+        raise
+    finally:
+        page.close()
+
+
+def _user_path(page, browser, server: str) -> None:
+    from playwright.sync_api import expect
+
+    sidebar = page.locator("[data-testid=stSidebar]")
+
+    # first paint: the sidebar section, the guide's four figures, and what was found here
+    expect(sidebar.get_by_text("🔧 Управление режимами и памятью")).to_be_visible()
+    for label in ("Оперативная память (всего)", "Используется", "Доступно", "Утилизация"):
+        expect(sidebar.get_by_text(label, exact=True)).to_be_visible()
+    expect(page.get_by_text("GPU NVIDIA не найден", exact=False)).to_be_visible()
+    expect(page.get_by_text("Docker недоступен", exact=False).first).to_be_visible()
+
+    # the live panel reruns on its own (poll 1 s) and draws the chart once there are two samples
+    stamp = page.get_by_text(re.compile(r"обновлено в \d\d:\d\d:\d\d"))
+    first = stamp.inner_text()
+    expect(stamp).not_to_have_text(first, timeout=10_000)
+    expect(page.locator("[data-testid=stVegaLiteChart]")).to_be_visible(timeout=15_000)
+    _shot(page, "01-first-paint")
+    _no_traceback(page)
+
+    # choose the tiny model and apply
+    sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель").get_by_role("button", name="Open").click()
+    # (no "/" in the pattern: Playwright's role selector does not escape it)
+    page.get_by_role("option", name=re.compile(r"^memctl-test.tiny-llama ·")).click()
+    expect(sidebar.get_by_text("Помещается", exact=True)).to_be_visible()  # ✅ becomes the icon
+    sidebar.get_by_role("button", name="🔄 Применить изменения").click()
+    expect(page.get_by_text(f"Успех: {TINY_ID} загружена (Transformers).")).to_be_visible(timeout=120_000)
+    unload = page.get_by_role("button", name="🗑️")
+    expect(unload).to_have_count(1)
+    expect(page.get_by_text(re.compile(rf"{re.escape(TINY_ID)} · cpu ·"))).to_be_visible()
+    _shot(page, "02-applied")
+    _no_traceback(page)
+
+    # a second tab sees the same loaded model
+    other = _open(browser, server)
+    expect(other.get_by_role("button", name="🗑️")).to_have_count(1, timeout=30_000)
+    expect(other.get_by_text(re.compile(rf"{re.escape(TINY_ID)} · cpu ·"))).to_be_visible()
+    other.close()
+
+    # unload it with 🗑️ and read the report
+    unload.click()
+    expect(page.get_by_text(re.compile(rf"{re.escape(TINY_ID)} выгружена \(cpu\): освобождено .+, всё ещё занято")))\
+        .to_be_visible(timeout=60_000)
+    expect(page.get_by_role("button", name="🗑️")).to_have_count(0)
+    expect(page.get_by_text("Нет загруженных моделей.")).to_be_visible()
+    _shot(page, "03-unloaded")
+
+    # the emergency clear asks first, then runs
+    sidebar.get_by_role("button", name="🚨 Экстренная очистка").click()
+    expect(sidebar.get_by_text("Продолжить?", exact=False)).to_be_visible()
+    sidebar.get_by_role("button", name="Да, очистить всё").click()
+    expect(page.get_by_text(re.compile("Экстренная очистка выполнена"))).to_be_visible(timeout=60_000)
+    _shot(page, "04-emergency")
+    _no_traceback(page)
+
+    # the language switch
+    sidebar.get_by_text("English", exact=True).click()
+    expect(sidebar.get_by_text("🔧 Modes and memory")).to_be_visible()
+    expect(sidebar.get_by_role("button", name="🔄 Apply changes")).to_be_visible()
+    _shot(page, "05-english")
