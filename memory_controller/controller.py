@@ -72,7 +72,6 @@ if TYPE_CHECKING:  # only for type names; the real imports are lazy
 APPLY_STEPS = ("unload", "clear", "check", "switch", "prepare", "verify")
 _DOCKER_STATUS_TTL_S = 5.0
 _CATALOG_TTL_S = 10.0
-_STEP_DEADLINE_S = 120.0  # unload/stop/clear steps (load/start use their own deadlines)
 
 
 @dataclass(frozen=True)
@@ -736,7 +735,7 @@ class MemoryController:
         if self._tf is not None and self._tf.loaded():
             self._unloaded_tf_in_step1 = True
             reports: list[UnloadReport] = self._await(
-                lambda _p: self.transformers.unload_all(), what="unload", deadline_s=_STEP_DEADLINE_S,
+                lambda _p: self.transformers.unload_all(), what="unload", deadline_s=self.settings.step_timeout_s,
                 progress=progress,
             )
             parts += [f"{r.model_id}: freed {fmt_bytes(r.freed_bytes)}" for r in reports]
@@ -789,7 +788,7 @@ class MemoryController:
             text = self._await(
                 lambda _p: self.transformers.generate(
                     cached.model_id, "def hello():", max_new_tokens=self.settings.transformers_verify_tokens),
-                what="verify (generate)", deadline_s=_STEP_DEADLINE_S, progress=None,
+                what="verify (generate)", deadline_s=self.settings.step_timeout_s, progress=None,
             )
             return f"generated {len(text)} characters"
         from backends.vllm_docker import container_name_for
@@ -851,7 +850,7 @@ class MemoryController:
                 raise ModelNotFoundError(f"{model} is not loaded", "see the list of loaded models")
             t0 = time.perf_counter()
             report: UnloadReport = self._await(lambda _p: self.transformers.unload(model), what="unload",
-                                               deadline_s=_STEP_DEADLINE_S, progress=None)
+                                               deadline_s=self.settings.step_timeout_s, progress=None)
             record.steps.append(StepRecord("unload", report.verdict, time.perf_counter() - t0, report.message,
                                            None, None))
             if self._active and self._active[0] == model:
@@ -936,13 +935,13 @@ class MemoryController:
             return f"{running['kind']} stopped"
 
         attempt("cancel", wait_running, 35)
-        attempt("unload_transformers", unload_all, _STEP_DEADLINE_S)
+        attempt("unload_transformers", unload_all, self.settings.step_timeout_s)
         has_gpu_or_docker = self._vllm is not None or self.probe.snapshot().has_gpu
         if has_gpu_or_docker:
             attempt("stop_containers", stop_all, self.settings.vllm_stop_timeout_s * 4 + 30)
         else:
             steps.append(StepRecord("stop_containers", Outcome.SUCCESS, 0.0, "no GPU: vLLM is not used here"))
-        attempt("clear", lambda: ", ".join(k for k, v in self._clear_caches().items() if v), _STEP_DEADLINE_S)
+        attempt("clear", lambda: ", ".join(k for k, v in self._clear_caches().items() if v), self.settings.step_timeout_s)
         self._mode = None
         self._active = None
         self._cancel.clear()

@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     vllm_api_key: SecretStr | None = None
 
     restore_previous_on_failure: bool = True
-    operation_timeout_s: float = Field(1800, gt=0)
+    operation_timeout_s: float = Field(1800, gt=0)  # deadline for one model load
+    step_timeout_s: float = Field(120, gt=0)  # deadline for unload / clear / verify steps
     transformers_verify_tokens: int = Field(1, ge=1, le=64)
 
     @field_validator("bind_address")
