@@ -334,3 +334,11 @@ def test_vllm_apply_lists_the_container_and_the_stop_button_stops_it(dashboard, 
     assert "остановлен и удален" in page
     assert not [k for k in buttons(at) if k.startswith("stop::")]
     assert "Нет запущенных контейнеров." in page
+
+
+# ============================================================================ settings
+def test_an_invalid_setting_stops_the_page_naming_the_field_and_value(dashboard):
+    at = dashboard("library_missing", MEMCTL_POLL_INTERVAL_S="0")
+    errors = [e.value for e in at.error]
+    assert any("Настройки не загрузились" in e and "MEMCTL_POLL_INTERVAL_S" in e and "'0'" in e for e in errors), errors
+    assert not at.metric and not at.button  # nothing else is drawn on invalid settings
