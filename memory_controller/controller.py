@@ -319,6 +319,15 @@ class MemoryController:
 
         return est.estimate(self.resolve(model), profile, self.settings)
 
+    def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:
+        """Largest context (tokens) for ``model`` under ``profile`` that fits ``free_bytes``
+        (default: free memory on the profile's target device now); 0 when even the weights don't fit."""
+        from . import estimate as est
+
+        if free_bytes is None:
+            free_bytes = self._target_device(self.probe.snapshot(), profile).free_bytes or 0
+        return est.max_context_that_fits(self.resolve(model), free_bytes, profile, self.settings)
+
     def loaded(self) -> list[LoadedModel]:
         """Transformers models in this process and managed vLLM containers, together."""
         items: list[LoadedModel] = []
@@ -936,11 +945,12 @@ class MemoryController:
 
         attempt("cancel", wait_running, 35)
         attempt("unload_transformers", unload_all, self.settings.step_timeout_s)
-        has_gpu_or_docker = self._vllm is not None or self.probe.snapshot().has_gpu
-        if has_gpu_or_docker:
+        docker_ok, docker_reason = self.docker_status(refresh=True)
+        if docker_ok or self.probe.snapshot().has_gpu:
             attempt("stop_containers", stop_all, self.settings.vllm_stop_timeout_s * 4 + 30)
         else:
-            steps.append(StepRecord("stop_containers", Outcome.SUCCESS, 0.0, "no GPU: vLLM is not used here"))
+            steps.append(StepRecord("stop_containers", Outcome.SUCCESS, 0.0,
+                                    f"no GPU and Docker unavailable ({docker_reason}): no vLLM container can run"))
         attempt("clear", lambda: ", ".join(k for k, v in self._clear_caches().items() if v), self.settings.step_timeout_s)
         self._mode = None
         self._active = None

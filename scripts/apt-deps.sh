@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs: a Docker engine, busybox for the fake vLLM image, Chromium.
 set -euo pipefail
-PKGS=(docker.io busybox-static chromium chromium-driver)
+PKGS=(docker.io busybox-static chromium chromium-driver fonts-noto-color-emoji)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

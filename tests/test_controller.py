@@ -282,6 +282,22 @@ def test_vllm_mode_is_refused_with_its_reason_when_there_is_no_gpu(ctl):
         ctl.apply(Mode.VLLM, TINY_ID)
 
 
+def test_emergency_clear_with_no_gpu_and_no_docker_is_a_clean_success(ctl):
+    ctl.apply(Mode.TRANSFORMERS, TINY_ID, cpu_profile())
+    report = ctl.emergency_clear()
+    assert report.outcome is Outcome.SUCCESS, report.steps
+    stop = next(s for s in report.steps if s.name == "stop_containers")
+    assert "no vLLM container can run" in stop.message
+    assert loaded_ids(ctl) == []
+
+
+def test_max_context_grows_with_free_memory(ctl):
+    small = ctl.max_context(TINY_ID, cpu_profile(), free_bytes=80 * 1024**2)
+    large = ctl.max_context(TINY_ID, cpu_profile(), free_bytes=800 * 1024**2)
+    assert 0 < small <= large
+    assert ctl.max_context(TINY_ID, cpu_profile(), free_bytes=1024) == 0
+
+
 def test_memory_history_keeps_samples_for_the_chart(ctl):
     ctl.devices()
     hist = ctl.memory_history()
