@@ -387,10 +387,8 @@ def recommendation_card(snap: SystemSnapshot, dev: DeviceSnapshot, model: Cached
     for note in rec.notes:
         st.caption(f"ℹ️ {note}")
     if model is not None and profile is not None and available is not None:
-        from memory_controller import estimate as est  # pure, reads safetensors headers only
-
         try:
-            ctx = est.max_context_that_fits(model, available, profile, ctl.settings)
+            ctx = ctl.max_context(model, profile, free_bytes=available)
         except Exception as exc:  # noqa: BLE001
             st.caption(f"⚠️ {exc}")
             return
