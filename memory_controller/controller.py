@@ -18,6 +18,7 @@ Streamlit callback always runs on the script thread.
 from __future__ import annotations
 
 import gc
+import os
 import queue
 import threading
 import time
@@ -312,7 +313,14 @@ class MemoryController:
             return model
         from . import catalog
 
-        return catalog.resolve_model(model, self.settings)
+        # The catalog scanned a moment ago answers without another cache walk (UI reruns call this often).
+        mid = catalog.validate_model_id(model, self.settings)
+        cached = self._catalog
+        if cached is not None and time.monotonic() - cached[0] < _CATALOG_TTL_S:
+            for m in cached[1].models:
+                if m.model_id == mid and os.path.isdir(m.path):
+                    return m
+        return catalog.resolve_model(mid, self.settings)
 
     def estimate(self, model: str | CachedModel, profile: Profile) -> MemoryEstimate:
         from . import estimate as est
