@@ -109,6 +109,7 @@ def main() -> None:
         hub = Path(tmp) / "hf" / "hub"
         hub.mkdir(parents=True)
         build_cache(hub)
+        (Path(tmp) / "none.toml").write_text("")  # an empty user config file: only the defaults apply
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCTL_")}
         env.update({
             "PYTHONPATH": str(ROOT), "HF_HOME": str(hub.parent), "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1",

@@ -1,6 +1,7 @@
 """``memctl`` command line: status, models, estimate, containers, stop, stop-all.
 
-Exit codes: 0 ok (also with no GPU), 1 an operation failed, 2 invalid settings or arguments.
+Exit codes: 0 ok (also with no GPU), 1 an operation failed, 2 invalid settings or arguments
+(including a malformed model id). With ``--json`` an error is also printed as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import MemctlError, SettingsError
+from .errors import InvalidModelIdError, MemctlError, SettingsError
 from .settings import Settings, load_settings
 from .units import fmt_bytes
 
@@ -78,8 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, settings))
     except MemctlError as exc:
+        if getattr(args, "json", False):  # keep stdout machine-readable
+            print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
         _print_error(exc)
-        return 1
+        # a malformed model id is a bad argument (2); anything else is a failed operation (1)
+        return 2 if isinstance(exc, InvalidModelIdError) else 1
 
 
 if __name__ == "__main__":

@@ -44,13 +44,6 @@ def _backend(settings: Settings) -> VllmDockerBackend:
     return VllmDockerBackend(settings)
 
 
-def _fail(exc: MemctlError) -> int:
-    print(f"error: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
-    return 1
-
-
 def fmt_duration(seconds: float | None) -> str:
     """``1h02m``, ``3m05s``, ``12s``; ``—`` for unknown."""
     if seconds is None:
@@ -76,8 +69,8 @@ def format_table(infos: list[ContainerInfo]) -> str:
 def cmd_containers(args: argparse.Namespace, settings: Settings) -> int:
     try:
         infos = _backend(settings).list()
-    except MemctlError as exc:
-        return _fail(exc)
+    except MemctlError:
+        raise  # cli.main prints message + hint (and JSON with --json)
     if args.json:
         print(json.dumps([to_jsonable(c) for c in infos], ensure_ascii=False, indent=2))
     elif not infos:
@@ -90,8 +83,8 @@ def cmd_containers(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_stop(args: argparse.Namespace, settings: Settings) -> int:
     try:
         _backend(settings).stop(args.name, args.timeout)
-    except MemctlError as exc:
-        return _fail(exc)
+    except MemctlError:
+        raise  # cli.main prints message + hint (and JSON with --json)
     print(f"stopped and removed {args.name}")
     return 0
 
@@ -99,8 +92,8 @@ def cmd_stop(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_stop_all(args: argparse.Namespace, settings: Settings) -> int:
     try:
         results = _backend(settings).stop_all_managed(args.timeout)
-    except MemctlError as exc:
-        return _fail(exc)
+    except MemctlError:
+        raise  # cli.main prints message + hint (and JSON with --json)
     if not results:
         print("No memctl containers to stop.")
         return 0

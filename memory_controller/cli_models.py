@@ -38,6 +38,14 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _default_device(settings: Settings) -> str:
+    """cuda when the probe sees a GPU, else cpu (so a CPU-only machine gets no CUDA reserve)."""
+    from .devices import DeviceProbe
+
+    snap = DeviceProbe(nvml_module_name=settings.nvml_module).snapshot()
+    return "cuda" if snap.has_gpu else "cpu"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``models`` and ``estimate`` to the ``memctl`` parser; each sets ``func(args, settings) -> int``."""
     p = subparsers.add_parser("models", help="models in the Hugging Face cache and the local model dirs")
@@ -51,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=_positive_int, default=2048, help="context tokens (default 2048)")
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences served at once (default 1)")
     p.add_argument("--double-quant", action="store_true", help="4-bit double quantisation")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cuda adds the CUDA context reserve (default cuda)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="cuda adds the CUDA context reserve (default: cuda when a GPU is found, else cpu)")
     p.add_argument("--free-gib", type=_non_negative_float, default=None,
                    help="also print the largest context that fits in this much free memory (GiB)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -101,7 +109,7 @@ def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
         context_tokens=args.context,
         batch=args.batch,
         double_quant=args.double_quant,
-        device=args.device,
+        device=args.device or _default_device(settings),
     )
     e = est.estimate(model, profile, settings)
     max_ctx = None

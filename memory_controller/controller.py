@@ -426,6 +426,14 @@ class MemoryController:
                 blockers.append(f"vLLM is unavailable: {reason}")
         target = self._target_device(snap, profile)
         estimate = self.estimate(cached, profile)
+        from . import estimate as est
+
+        max_positions = est.read_model_spec(cached.path).max_position_embeddings
+        if max_positions and profile.context_tokens > max_positions:
+            blockers.append(
+                f"context {profile.context_tokens} exceeds the model's maximum {max_positions} tokens: "
+                f"choose {max_positions} or less"
+            )
         active = self._active
         already = (
             active is not None
@@ -663,7 +671,10 @@ class MemoryController:
             self._emit(progress, ProgressEvent("noop", f"{cached.model_id} is already active with this profile"))
             return record
         if plan.blockers:
-            raise DockerUnavailableError(plan.blockers[0], "use Transformers mode, or start Docker / check the GPU driver")
+            if plan.blockers[0].startswith("vLLM is unavailable"):
+                raise DockerUnavailableError(plan.blockers[0],
+                                             "use Transformers mode, or start Docker / check the GPU driver")
+            raise ModelLoadError(plan.blockers[0], "change the profile and apply again")
         if not plan.fits and not force:
             raise self._not_fit_error(plan)
 

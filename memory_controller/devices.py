@@ -263,10 +263,6 @@ class DeviceProbe:
         free = int(vm.available)
         if self._budget is not None:
             free = min(free, self._budget)
-        try:
-            cpu = psutil.cpu_percent(interval=None)
-        except OSError:
-            cpu = None
         return DeviceSnapshot(
             kind=DeviceKind.HOST,
             index=None,
@@ -275,7 +271,8 @@ class DeviceProbe:
             total_bytes=int(vm.total),
             used_bytes=int(vm.total - vm.available),
             free_bytes=free,
-            utilization_pct=cpu,
+            # For the host, "utilisation" is the share of RAM in use (a GPU row's is NVML compute load).
+            utilization_pct=float(vm.percent),
             processes=self._host_processes(now),
             status=DeviceStatus.OK,
             hint=(

@@ -7,6 +7,7 @@ naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from .errors import SettingsError
 from .types import Mode, Precision, ProfileBand
@@ -116,6 +118,9 @@ class Settings(BaseSettings):
     step_timeout_s: float = Field(120, gt=0)  # deadline for unload / clear / verify steps
     transformers_verify_tokens: int = Field(1, ge=1, le=64)
 
+    # Binding container ports beyond loopback exposes the model API to the network: opt in explicitly.
+    allow_non_loopback_bind: bool = False
+
     @field_validator("bind_address")
     @classmethod
     def _check_bind(cls, v: str) -> str:
@@ -129,6 +134,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_thresholds(self) -> Settings:
+        import ipaddress
+
+        if not ipaddress.ip_address(self.bind_address).is_loopback and not self.allow_non_loopback_bind:
+            raise ValueError(
+                f"bind_address {self.bind_address} is not a loopback address: vLLM's API would be reachable "
+                "from the network; set allow_non_loopback_bind = true (MEMCTL_ALLOW_NON_LOOPBACK_BIND=true) "
+                "to allow it"
+            )
         if self.yellow_min_gib > self.green_min_gib:
             raise ValueError(
                 f"yellow_min_gib ({self.yellow_min_gib}) must not exceed green_min_gib "
@@ -152,6 +165,8 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         user_file = user_config_file()
+        if os.environ.get("MEMCTL_CONFIG_FILE") and not user_file.is_file():
+            raise FileNotFoundError(f"MEMCTL_CONFIG_FILE={user_file} does not exist")
         if user_file.is_file():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=user_file))
         sources.append(TomlConfigSettingsSource(settings_cls, toml_file=DEFAULTS_FILE))
@@ -198,9 +213,13 @@ def _describe_validation_error(exc: ValidationError) -> str:
         if isinstance(value, dict) and loc == "settings":
             value = None
         msg = err.get("msg", "invalid")
-        field_name = f"MEMCTL_{loc.upper()}" if loc != "settings" else "settings"
+        env_name = f"MEMCTL_{loc.split('.')[0].upper()}"
+        where = env_name if env_name in os.environ else f"{env_name} or the config file"
+        if loc == "settings":  # a check across fields: the message names them
+            parts.append("invalid settings: " + msg.removeprefix("Value error, "))
+            continue
         shown = "" if value is None else f" = {value!r}"
-        parts.append(f"invalid setting {loc} ({field_name}){shown}: {msg}")
+        parts.append(f"invalid setting {loc} ({where}){shown}: {msg}")
     return "; ".join(parts)
 
 
@@ -214,6 +233,21 @@ def load_settings(**overrides: Any) -> Settings:
             "fix the value in the environment or in "
             f"{user_config_file()} (defaults: {DEFAULTS_FILE})",
         ) from None
+    except PydanticSettingsError as exc:  # a value that is not valid JSON for a list/dict field
+        text = str(exc)
+        match = re.search(r'field "([^"]+)"', text)
+        fld = match.group(1) if match else None
+        if fld is not None:
+            value = os.environ.get(f"MEMCTL_{fld.upper()}")
+            shown = f" = {value!r}" if value is not None else ""
+            raise SettingsError(
+                f"invalid setting {fld} (MEMCTL_{fld.upper()}){shown}: must be JSON, "
+                f"e.g. MEMCTL_{fld.upper()}='[\"/models/a\", \"/models/b\"]' for a list",
+                "fix the value in the environment or in the config file",
+            ) from None
+        raise SettingsError(f"could not read settings: {text}", "check the MEMCTL_* environment variables") from None
+    except FileNotFoundError as exc:
+        raise SettingsError(str(exc), "point MEMCTL_CONFIG_FILE at an existing TOML file, or unset it") from None
     except (OSError, ValueError) as exc:  # unreadable/broken TOML
         raise SettingsError(
             f"could not read settings: {exc}",

@@ -11,6 +11,10 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 STAMP=".venv/.memctl-installed${EXTRA:+-dev}"
 WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# an install with the dev extra also satisfies a plain one
+if [[ -z "$EXTRA" && -f .venv/.memctl-installed-dev && "$(cat .venv/.memctl-installed-dev)" == "$WANT" ]]; then
+  exit 0
+fi
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
   # torch first, pinned: anything else would fetch a multi-GB CUDA build.

@@ -25,7 +25,9 @@ def _isolated_settings(monkeypatch, tmp_path):
     for key in list(os.environ):
         if key.startswith("MEMCTL_") and key not in _KEEP:
             monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(tmp_path / "no-user-config.toml"))
+    empty_config = tmp_path / "no-user-config.toml"
+    empty_config.write_text("")  # an empty user config file: only the defaults apply
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(empty_config))
     monkeypatch.setenv("MEMCTL_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield

@@ -12,6 +12,8 @@ import pytest
 
 from backends.vllm_docker import VllmDockerBackend
 from memory_controller import cli_containers
+from memory_controller.cli import _print_error
+from memory_controller.errors import MemctlError
 from memory_controller.types import DeviceKind, DeviceSnapshot, Mode, Precision, Profile
 from tests.conftest import ROOT, subprocess_env
 from tests.fixtures_docker import (  # noqa: F401
@@ -40,7 +42,11 @@ def run_in_process(argv: list[str], settings, capsys) -> tuple[int, str, str]:
     parser = argparse.ArgumentParser(prog="memctl")
     cli_containers.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    code = args.func(args, settings)
+    try:
+        code = args.func(args, settings)
+    except MemctlError as exc:  # what memory_controller.cli.main does with it
+        _print_error(exc)
+        code = 1
     out, err = capsys.readouterr()
     return code, out, err
 

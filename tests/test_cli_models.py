@@ -78,9 +78,9 @@ def test_estimate_with_free_memory_prints_the_largest_context(hf_settings, capsy
     model = resolve_model(TINY_ID, hf_settings)
     profile = Profile(Mode.TRANSFORMERS, Precision.BF16, 2048, 1, device="cuda")
     expected = est.max_context_that_fits(model, int(0.6 * GIB), profile, hf_settings)
-    code, out = _run(["estimate", TINY_ID, "--free-gib", "0.6", "--json"], hf_settings, capsys)
+    code, out = _run(["estimate", TINY_ID, "--free-gib", "0.6", "--device", "cuda", "--json"], hf_settings, capsys)
     assert code == 0 and json.loads(out)["max_context_that_fits"] == expected
-    code, out = _run(["estimate", TINY_ID, "--free-gib", "0.1"], hf_settings, capsys)
+    code, out = _run(["estimate", TINY_ID, "--free-gib", "0.1", "--device", "cuda"], hf_settings, capsys)
     assert "does not fit" in out  # 0.5 GiB CUDA context alone is more than 0.1 GiB
 
 

@@ -304,3 +304,11 @@ def test_memory_history_keeps_samples_for_the_chart(ctl):
     assert hist and "host" in hist[-1][1]
     used, free = hist[-1][1]["host"]
     assert used > 0 and free > 0
+
+
+def test_a_context_beyond_the_models_maximum_is_a_blocker_not_a_fit(ctl):
+    plan = ctl.plan(Mode.TRANSFORMERS, TINY_ID, cpu_profile(context=1_048_576))
+    assert any("exceeds the model's maximum 2048" in b for b in plan.blockers)
+    with pytest.raises(MemctlError, match="maximum 2048"):
+        ctl.apply(plan)
+    assert loaded_ids(ctl) == []

@@ -83,3 +83,34 @@ def test_unknown_key_in_user_file_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(cfg))
     with pytest.raises(SettingsError, match="langauge"):
         load_settings()
+
+
+def test_non_json_list_value_names_the_field_and_the_value(monkeypatch):
+    monkeypatch.setenv("MEMCTL_LOCAL_MODEL_DIRS", "notjson")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    text = str(info.value)
+    assert "local_model_dirs" in text and "'notjson'" in text and "JSON" in text
+    assert "TOML" not in text
+
+
+def test_non_loopback_bind_needs_an_explicit_opt_in(monkeypatch):
+    monkeypatch.setenv("MEMCTL_BIND_ADDRESS", "0.0.0.0")
+    with pytest.raises(SettingsError, match="allow_non_loopback_bind"):
+        load_settings()
+    monkeypatch.setenv("MEMCTL_ALLOW_NON_LOOPBACK_BIND", "true")
+    assert load_settings().bind_address == "0.0.0.0"
+
+
+def test_a_named_config_file_that_does_not_exist_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(tmp_path / "missing.toml"))
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings()
+
+
+def test_a_bad_value_from_the_file_is_not_blamed_on_the_environment(monkeypatch, tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('language = "de"\n')
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(cfg))
+    with pytest.raises(SettingsError, match="MEMCTL_LANGUAGE or the config file"):
+        load_settings()
