@@ -14,13 +14,29 @@ _T0 = time.perf_counter()  # the bench reads the script's own run time (bench/be
 
 import streamlit as st  # noqa: E402
 
+from memory_controller.errors import SettingsError  # noqa: E402
 from pages import ui_common as ui  # noqa: E402
 
 st.session_state["_perf_t0"] = _T0
 
 st.set_page_config(page_title="memctl", page_icon="🧠", layout="wide", initial_sidebar_state="expanded")
 
-ctl = ui.controller()
+try:
+    ctl = ui._controller()
+except SettingsError as settings_exc:
+    # Still declare the pages: without st.navigation Streamlit would list pages/*.py (helper modules
+    # included) in the sidebar. One page says what is wrong with the settings.
+    ui.init_language()
+    t = ui.tr()
+    bad_settings = settings_exc  # the ``except`` name is unbound when the block ends
+
+    def settings_error_page() -> None:
+        ui.settings_error(bad_settings)
+
+    st.navigation([st.Page(settings_error_page, title=t("nav.settings_error"), icon="❌",
+                           url_path="settings-error", default=True)]).run()
+    st.stop()
+
 ui.init_language(ctl.settings.language)
 t = ui.tr()
 

@@ -31,6 +31,7 @@ from memory_controller.units import GIB
 from pages import ui_common as ui
 
 CHECKS = ("memory", "recommend", "switch", "clear", "emergency")
+DESTRUCTIVE = ("emergency",)  # left out of "run all" unless the user ticks the box for it
 FREE_GIB_RANGE = (0.5, 1.0, 1.99, 2.0, 3.0, 3.99, 4.0, 5.0, 6.0, 7.0, 7.99, 8.0, 12.0, 24.0)
 STATUS_ICON = {"passed": "✅", "warning": "⚠️", "failed": "❌", "skipped": "⏭️"}
 RESULTS_KEY = "diag_results"
@@ -57,11 +58,14 @@ def check_memory(ctl: Any, say: Any) -> CheckResult:
     lines = []
     for dev in snap.devices:
         util = "—" if dev.utilization_pct is None else f"{dev.utilization_pct:.0f}%"
+        util += " " + t("diag.util_host" if dev.kind is DeviceKind.HOST else "diag.util_gpu")
         lines.append(t("diag.memory_line", device=ui.device_label(dev), total=ui.gib(dev.total_bytes),
                        used=ui.gib(dev.used_bytes), free=ui.gib(dev.free_bytes), util=util,
                        level=ctl.level(dev).emoji, status=dev.status.value))
         say(lines[-1])
-    lines.append(t("diag.nvml", status=snap.nvml_status.value, hint=snap.nvml_hint or "—"))
+    lines.append(t("diag.nvml", status=ui.nvml_text(snap)))
+    if snap.nvml_hint:
+        lines.append(f"{ui.english_label()}{snap.nvml_hint}")
     if snap.host.total_bytes is None or snap.host.free_bytes is None:
         raise _Failed(t("diag.host_unreadable"))
     status = "passed" if snap.has_gpu or snap.nvml_status is not NvmlStatus.ERROR else "warning"
@@ -88,21 +92,26 @@ def check_recommend(ctl: Any, say: Any) -> CheckResult:
               and rec.profile.precision is want_band.precision
               and rec.profile.context_tokens == want_band.context_tokens and rec.profile.batch == want_band.batch)
         if not ok:
-            problems.append(t("diag.rec_mismatch", free=free_gib, got=rec.band, want=want_band.name))
+            problems.append(t("diag.rec_mismatch", free=free_gib, got=ui.band_title(rec.band, bands),
+                              want=ui.band_title(want_band.name, bands)))
         p = rec.profile
-        rows.append(f"| {free_gib:g} GiB | {rec.level.emoji} | {rec.band} | {ui.mode_label(p.mode)} | "
+        rows.append(f"| {free_gib:g} GiB | {rec.level.emoji} | {ui.band_title(rec.band, bands)} | "
+                    f"{ui.mode_label(p.mode)} | "
                     f"{p.precision.value} | {p.context_tokens} | {p.batch} | {'✅' if ok else '❌'} |")
     # no GPU: Transformers on the CPU, vLLM unavailable with its reason
     host_rec = recommend(_synthetic_host(int(8 * GIB)), bands=bands, green_min_bytes=s.green_min_bytes,
                          yellow_min_bytes=s.yellow_min_bytes, cpu_half_precision=s.cpu_half_precision)
     host_ok = host_rec.profile.mode is Mode.TRANSFORMERS and not host_rec.vllm_available and host_rec.vllm_reason
     if not host_ok:
-        problems.append(t("diag.rec_host_mismatch", band=host_rec.band))
-    rows.append(f"| 8 GiB ({t('diag.rec_host')}) | {host_rec.level.emoji} | {host_rec.band} | "
+        problems.append(t("diag.rec_host_mismatch", band=ui.band_title(host_rec.band, bands)))
+    rows.append(f"| 8 GiB ({t('diag.rec_host')}) | {host_rec.level.emoji} | {ui.band_title(host_rec.band, bands)} | "
                 f"{ui.mode_label(host_rec.profile.mode)} | {host_rec.profile.precision.value} | "
                 f"{host_rec.profile.context_tokens} | {host_rec.profile.batch} | {'✅' if host_ok else '❌'} |")
     now = ctl.recommend()
-    lines = [t("diag.rec_now", reason=now.reason, band=now.band)]
+    now_dev = ctl.devices().device(now.device_key)
+    where = ui.device_label(now_dev) if now_dev is not None else now.device_key
+    lines = [t("diag.rec_now", free=ui.gib(now.free_bytes), device=where, profile=ui.profile_text(now.profile),
+               band=ui.band_title(now.band, bands))]
     say(lines[0])
     if problems:
         raise _Failed("; ".join(problems))
@@ -190,7 +199,8 @@ def _host(free_bytes: int) -> DeviceSnapshot:
 
 # ============================================================================ running and rendering
 def run_check(name: str, ctl: Any, model_id: str | None, mode: str) -> CheckResult:
-    """Run one check inside ``st.status``; any error marks it failed (message + advice, no traceback)."""
+    """Run one check inside ``st.status`` (live progress while it runs; the caller clears it and
+    shows the result once, in the results section); any error marks it failed (no traceback)."""
     t = ui.tr()
     t0 = time.perf_counter()
     with st.status(t("diag.running", name=t(f"diag.check_{name}")), expanded=True) as box:
@@ -221,6 +231,7 @@ def run_check(name: str, ctl: Any, model_id: str | None, mode: str) -> CheckResu
 
 def render_results(results: dict[str, CheckResult]) -> None:
     t = ui.tr()
+    # One summary table; each check's lines once, in its expander (no status blocks left behind).
     rows = [f"| | {t('diag.col_check')} | {t('diag.col_result')} | {t('diag.col_time')} | {t('diag.col_when')} |",
             "|---|---|---|---|---|"]
     for name in CHECKS:
@@ -235,7 +246,7 @@ def render_results(results: dict[str, CheckResult]) -> None:
         r = results.get(name)
         if r is None:
             continue
-        with st.expander(f"{STATUS_ICON[r.status]} {t(f'diag.check_{name}')} — {ui.fmt_duration(r.duration_s)}",
+        with st.expander(f"{STATUS_ICON[r.status]} {t(f'diag.check_{name}')} — {t('diag.details')}",
                          expanded=r.status == "failed"):
             for line in r.lines:
                 st.markdown(line)
@@ -247,6 +258,21 @@ def render_results(results: dict[str, CheckResult]) -> None:
 
 def _request(names: tuple[str, ...]) -> None:
     st.session_state["diag_pending"] = list(names)
+    st.session_state["diag_confirm_emergency"] = False
+
+
+def _request_all() -> None:
+    """Every check; the emergency clear only when its box is ticked (it unloads everything)."""
+    include = st.session_state.get("diag_include_emergency", False)
+    _request(tuple(n for n in CHECKS if include or n not in DESTRUCTIVE))
+
+
+def _ask_emergency() -> None:
+    st.session_state["diag_confirm_emergency"] = True
+
+
+def _cancel_emergency() -> None:
+    st.session_state["diag_confirm_emergency"] = False
 
 
 def render() -> None:
@@ -261,7 +287,8 @@ def render() -> None:
     results: dict[str, CheckResult] = st.session_state.setdefault(RESULTS_KEY, {})
     catalog = ui.run_safely(ctl.models)
     ids = [m.model_id for m in catalog.models] if catalog is not None else []
-    vllm_ok, vllm_reason = ctl.vllm_status()
+    snap = ctl.devices()
+    vllm_ok, _reason = ctl.vllm_status(snap)
     c1, c2 = st.columns([3, 2])
     if ids:
         c1.selectbox(t("diag.model"), ids, key="diag_model")
@@ -270,18 +297,33 @@ def render() -> None:
     modes = [Mode.TRANSFORMERS.value] + ([Mode.VLLM.value] if vllm_ok else [])
     c2.radio(t("controls.mode"), modes, format_func=ui.mode_label, key="diag_mode", horizontal=True)
     if not vllm_ok:
-        c2.caption(t("controls.vllm_unavailable", reason=vllm_reason))
+        docker = ctl.docker_status() if snap.has_gpu else (False, None)
+        c2.caption(ui.vllm_unavailable_text(snap, docker))
     st.caption(t("diag.warning"))
 
-    st.button(t("diag.run_all"), key="diag_run_all", type="primary", on_click=_request, args=(CHECKS,))
+    st.checkbox(t("diag.include_emergency"), key="diag_include_emergency")
+    st.button(t("diag.run_all"), key="diag_run_all", type="primary", on_click=_request_all)
     cols = st.columns(len(CHECKS))
     for col, name in zip(cols, CHECKS, strict=True):
-        col.button(t(f"diag.check_{name}"), key=f"diag_run_{name}", on_click=_request, args=((name,),))
+        if name in DESTRUCTIVE:  # asks first, as on the dashboard
+            col.button(t(f"diag.check_{name}"), key=f"diag_run_{name}", on_click=_ask_emergency)
+        else:
+            col.button(t(f"diag.check_{name}"), key=f"diag_run_{name}", on_click=_request, args=((name,),))
+    if st.session_state.get("diag_confirm_emergency"):
+        st.warning(t("emergency.confirm_text"))
+        b1, b2, _rest = st.columns([2, 1, 3])
+        b1.button(t("emergency.confirm"), key="diag_emergency_confirm", type="primary", width="stretch",
+                  on_click=_request, args=(DESTRUCTIVE,))
+        b2.button(t("emergency.cancel"), key="diag_emergency_cancel", width="stretch", on_click=_cancel_emergency)
 
     pending = st.session_state.pop("diag_pending", None) or []
-    for name in pending:
-        results[name] = run_check(name, ctl, st.session_state.get("diag_model"),
-                                  st.session_state.get("diag_mode", Mode.TRANSFORMERS.value))
+    if pending:
+        live = st.empty()  # the running checks' progress; cleared once they end, the results show below
+        with live.container():
+            for name in pending:
+                results[name] = run_check(name, ctl, st.session_state.get("diag_model"),
+                                          st.session_state.get("diag_mode", Mode.TRANSFORMERS.value))
+        live.empty()
     st.subheader(t("diag.results"))
     render_results(results)
 

@@ -82,11 +82,15 @@ def recommend(
     back to the best Transformers band. On the host (no GPU) only Transformers bands apply, on
     the CPU, with fp16 mapped to ``cpu_half_precision``. ``fit`` (the model-aware seam) may lower
     the profile further for a chosen model.
+
+    ``notes`` explain each adjustment in English (CLI, JSON); ``note_codes`` say the same as
+    codes a translated UI renders (see :class:`memory_controller.types.Recommendation`).
     """
     dev = pick_device(snapshot, device_key)
     free = dev.free_bytes if dev.free_bytes is not None else 0
     level = level_for(dev.free_bytes, green_min_bytes, yellow_min_bytes)
     notes: list[str] = []
+    codes: list[str] = []
 
     if dev.kind is DeviceKind.HOST:
         vllm_ok = False
@@ -101,6 +105,7 @@ def recommend(
     natural = band_for(free, bands)
     if natural.name != band.name:
         notes.append(f"the table says {natural.name}, but vLLM is unavailable: {band.name} instead")
+        codes.append(f"vllm_unavailable_fallback:{natural.name}:{band.name}")
 
     precision = band.precision
     device = "cuda"
@@ -112,6 +117,7 @@ def recommend(
             precision = Precision(cpu_half_precision)
             if precision is not Precision.FP16:
                 notes.append(f"fp16 is slow on the CPU: {precision.value} instead")
+                codes.append(f"cpu_half_precision:{precision.value}")
 
     profile = Profile(
         mode=band.mode,
@@ -128,10 +134,16 @@ def recommend(
         fitted = fit(profile, free)
         if fitted is None:
             notes.append("the chosen model does not fit in any profile on this device")
+            codes.append("model_does_not_fit")
             level = Level.RED
         else:
-            profile, fit_notes = fitted
+            fitted_profile, fit_notes = fitted
             notes.extend(fit_notes)
+            if fitted_profile.precision is not profile.precision:
+                codes.append(f"fit_precision:{profile.precision.value}:{fitted_profile.precision.value}")
+            if fitted_profile.context_tokens < profile.context_tokens:
+                codes.append(f"fit_context:{fitted_profile.context_tokens}")
+            profile = fitted_profile
 
     return Recommendation(
         device_key=dev.key,
@@ -143,4 +155,5 @@ def recommend(
         vllm_reason=vllm_reason,
         reason=reason,
         notes=tuple(notes),
+        note_codes=tuple(codes),
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 import streamlit as st
 
+from memory_controller.recommend import band_for
 from memory_controller.types import (
     CachedModel,
     DeviceKind,
@@ -30,31 +31,36 @@ ctl = ui.controller()
 board = ui.jobs()
 ui.mark_board_seen()
 POLL_S = float(ctl.settings.poll_interval_s)
+# The profile fields' allowed ranges: a value outside is shown as an error and blocks Apply
+# (the inputs themselves take any number, so a typed value is never silently dropped).
+CONTEXT_RANGE = (16, 1_048_576)
+BATCH_RANGE = (1, 256)
 
 
 # ============================================================================ actions (callbacks)
 def _start_apply(mode: str, model: CachedModel, profile: Profile, force: bool) -> None:
     c = ui.controller()
-    ui.jobs().start(
+    ui.remember_job(ui.jobs().start(
         "apply", f"apply {mode} {model.model_id}",
         lambda progress: c.apply(mode, model, profile, force=force, progress=progress),
         {"model": model.model_id, "mode": ui.mode_label(mode)},
-    )
+    ))
 
 
 def _start_unload(model_id: str) -> None:
     c = ui.controller()
-    ui.jobs().start("unload", f"unload {model_id}", lambda _p: c.unload(model_id), {"model": model_id})
+    ui.remember_job(ui.jobs().start("unload", f"unload {model_id}", lambda _p: c.unload(model_id),
+                                    {"model": model_id}))
 
 
 def _start_stop(name: str) -> None:
     c = ui.controller()
-    ui.jobs().start("stop", f"stop {name}", lambda _p: c.stop_container(name), {"name": name})
+    ui.remember_job(ui.jobs().start("stop", f"stop {name}", lambda _p: c.stop_container(name), {"name": name}))
 
 
 def _start_clear() -> None:
     c = ui.controller()
-    ui.jobs().start("clear", "clear memory", lambda _p: c.clear_memory(), {})
+    ui.remember_job(ui.jobs().start("clear", "clear memory", lambda _p: c.clear_memory(), {}))
 
 
 def _ask_emergency() -> None:
@@ -68,7 +74,7 @@ def _cancel_emergency() -> None:
 def _start_emergency() -> None:
     st.session_state["confirm_emergency"] = False
     c = ui.controller()
-    ui.jobs().start("emergency", "emergency clear", lambda _p: c.emergency_clear(), {})
+    ui.remember_job(ui.jobs().start("emergency", "emergency clear", lambda _p: ui.run_emergency(c), {}))
 
 
 def _reset_profile() -> None:
@@ -100,6 +106,19 @@ def _fit_verdict(model: CachedModel, profile: Profile, available_bytes: int | No
     return (t("fit.yes") if needed <= available_bytes else t("fit.no")), needed
 
 
+def _field_errors() -> list[str]:
+    """What is wrong with the context and batch fields (empty when both are in range)."""
+    t = ui.tr()
+    errors = []
+    for key, label, (low, high) in (("f_context", "controls.context", CONTEXT_RANGE),
+                                    ("f_batch", "controls.batch", BATCH_RANGE)):
+        value = st.session_state.get(key)
+        if value is None or not low <= value <= high or value != int(value):
+            errors.append(t("controls.out_of_range", field=t(label), value="—" if value is None else value,
+                            low=low, high=high))
+    return errors
+
+
 def _profile_from_fields(mode: Mode, dev: DeviceSnapshot) -> Profile:
     precision = Precision(st.session_state["f_precision"])
     return Profile(
@@ -119,20 +138,20 @@ def _prefill(model: CachedModel | None, dev: DeviceSnapshot, mode: Mode, snap: S
     if st.session_state.get("_prefill_for") == key and "f_precision" in st.session_state:
         return
     rec = None
-    notes: tuple[str, ...] = ()
+    problem: str | None = None
     if model is not None:
         try:
             rec = ctl.recommend(model=model, device_key=dev.key, snapshot=snap)
-            notes = rec.notes
         except Exception as exc:  # noqa: BLE001 - shown under the fields; the table's profile is used
-            notes = (str(exc),)
+            problem = str(exc)
     if rec is None:
         rec = ctl.recommend(device_key=dev.key, snapshot=snap)
     st.session_state["f_precision"] = rec.profile.precision.value
     st.session_state["f_context"] = int(rec.profile.context_tokens)
     st.session_state["f_batch"] = int(rec.profile.batch)
     st.session_state["_prefill_for"] = key
-    st.session_state["_prefill_notes"] = list(notes)
+    st.session_state["_prefill_codes"] = list(rec.note_codes)  # rendered in the page's language
+    st.session_state["_prefill_problem"] = problem
 
 
 # ============================================================================ fragments
@@ -230,7 +249,9 @@ def op_panel() -> None:
         for job in board.running():
             ui.job_status(job)
         finished = board.finished(1)
-        if finished and finished[0].job_id != st.session_state.get("_dismissed_job"):
+        # Only this session's own result, or another tab's that just ended: never a stale one.
+        if (finished and finished[0].job_id != st.session_state.get("_dismissed_job")
+                and ui.result_is_relevant(finished[0])):
             job = finished[0]
             ui.job_status(job)
             st.button(t("ops.dismiss"), key=f"dismiss::{job.job_id}", on_click=_dismiss, args=(job.job_id,))
@@ -242,7 +263,8 @@ def op_panel() -> None:
 def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel, ...],
             loaded: list[LoadedModel], busy: bool) -> tuple[Mode, CachedModel | None, Profile | None]:
     t = ui.tr()
-    vllm_ok, vllm_reason = ctl.vllm_status(snap)
+    vllm_ok, _reason = ctl.vllm_status(snap)
+    docker = ctl.docker_status() if snap.has_gpu else (False, None)
 
     # mode
     if not vllm_ok:
@@ -252,7 +274,7 @@ def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel
     st.radio(t("controls.mode"), [Mode.VLLM.value, Mode.TRANSFORMERS.value], format_func=ui.mode_label,
              key="f_mode", horizontal=True, disabled=not vllm_ok)
     if not vllm_ok:
-        st.caption(t("controls.vllm_unavailable", reason=vllm_reason))
+        st.caption(ui.vllm_unavailable_text(snap, docker))
     mode = Mode(st.session_state["f_mode"])
 
     # model (chosen id first: the profile is prefilled for it before the fit marks are computed)
@@ -265,12 +287,14 @@ def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel
             st.session_state["f_model"] = models[0].model_id
         model = by_id[st.session_state["f_model"]]
     _prefill(model, dev, mode, snap)
-    profile = _profile_from_fields(mode, dev)
+    field_errors = _field_errors()
+    profile = None if field_errors else _profile_from_fields(mode, dev)
     available = None if dev.free_bytes is None else dev.free_bytes + sum(
         lm.footprint_bytes or 0 for lm in loaded if _matches_device(lm, dev))
 
     if models:
-        verdicts = {m.model_id: _fit_verdict(m, profile, available)[0] for m in models}
+        verdicts = {m.model_id: (_fit_verdict(m, profile, available)[0] if profile is not None else "—")
+                    for m in models}
         st.selectbox(
             t("controls.model"), list(by_id),
             format_func=lambda mid: f"{mid} · {ui.gib(by_id[mid].size_on_disk_bytes)} · {verdicts[mid]}",
@@ -280,34 +304,48 @@ def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel
     # profile fields
     st.selectbox(t("controls.precision"), [p.value for p in Precision], format_func=ui.precision_label,
                  key="f_precision")
+    # No min/max on the inputs: the browser would drop an out-of-range value without a word and
+    # Apply would use the old one. The value is checked here instead, visibly.
     c1, c2 = st.columns(2)
-    c1.number_input(t("controls.context"), min_value=16, max_value=1_048_576, step=256, key="f_context")
-    c2.number_input(t("controls.batch"), min_value=1, max_value=256, step=1, key="f_batch")
-    notes = st.session_state.get("_prefill_notes") or []
+    c1.number_input(t("controls.context"), step=256, key="f_context",
+                    help=t("controls.range_help", low=CONTEXT_RANGE[0], high=CONTEXT_RANGE[1]))
+    c2.number_input(t("controls.batch"), step=1, key="f_batch",
+                    help=t("controls.range_help", low=BATCH_RANGE[0], high=BATCH_RANGE[1]))
+    for err in field_errors:
+        st.error(f"⛔ {err}")
+    codes = st.session_state.get("_prefill_codes") or []
+    notes = [ui.note_text(c, ctl.settings.bands) for c in codes]
     st.caption(t("controls.prefilled") + ("" if not notes else " " + "; ".join(notes)))
+    problem = st.session_state.get("_prefill_problem")
+    if problem:
+        st.caption(f"⚠️ {ui.english_label()}{problem}")
     st.button(t("controls.reset_profile"), key="btn_reset_profile", on_click=_reset_profile)
 
     # the plan, shown before anything runs
     plan = None
-    if model is not None:
+    if model is not None and profile is not None:
         plan = ui.run_safely(lambda: ctl.plan(mode, model, profile), context=t("plan.failed"))
         if plan is not None:
-            _render_plan(plan)
+            _render_plan(plan, snap, docker)
     force = False
-    if plan is not None and not plan.fits and not plan.already_active:
+    if plan is not None and not plan.fits and not plan.already_active and not plan.blockers:
         force = st.checkbox(t("controls.force"), key="f_force")
 
+    why_not = _apply_blocked_reason(busy, model, field_errors, plan)
     st.button(
         t("controls.apply"), key="btn_apply", type="primary", width="stretch",
-        disabled=busy or model is None or plan is None or bool(plan.blockers),
+        disabled=why_not is not None,
         on_click=_start_apply, args=(mode.value, model, profile, force),
     )
+    if why_not:
+        st.caption(f"🚫 {why_not}")
     st.button(t("controls.clear"), key="btn_clear", width="stretch", disabled=busy, on_click=_start_clear)
     if st.session_state.get("confirm_emergency"):
         st.warning(t("emergency.confirm_text"))
-        c1, c2 = st.columns(2)
-        c1.button(t("emergency.confirm"), key="btn_emergency_confirm", type="primary", on_click=_start_emergency)
-        c2.button(t("emergency.cancel"), key="btn_emergency_cancel", on_click=_cancel_emergency)
+        # One under the other, full width: side by side the sidebar cut the labels short.
+        st.button(t("emergency.confirm"), key="btn_emergency_confirm", type="primary", width="stretch",
+                  on_click=_start_emergency)
+        st.button(t("emergency.cancel"), key="btn_emergency_cancel", width="stretch", on_click=_cancel_emergency)
     else:
         st.button(t("controls.emergency"), key="btn_emergency", width="stretch", on_click=_ask_emergency)
     if busy:
@@ -315,10 +353,31 @@ def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel
     return mode, model, profile
 
 
-def _render_plan(plan: Any) -> None:
+def _apply_blocked_reason(busy: bool, model: CachedModel | None, field_errors: list[str],
+                          plan: Any) -> str | None:
+    """Why Apply is disabled now (shown under it), or None when it can run."""
+    t = ui.tr()
+    if busy:
+        return t("controls.busy")
+    if model is None:
+        return t("controls.apply_no_model")
+    if field_errors:
+        return t("controls.apply_fix_fields")
+    if plan is None:
+        return t("plan.failed")
+    if plan.already_active:
+        return t("plan.already_active")
+    if plan.blockers:
+        return t("controls.apply_blocked")
+    return None
+
+
+def _render_plan(plan: Any, snap: SystemSnapshot, docker: tuple[bool, str | None]) -> None:
     t = ui.tr()
     with st.container(border=True):
         st.markdown(f"**{t('plan.title')}**")
+        for b in plan.blockers:  # first and loud: these make Apply impossible
+            st.error(f"⛔ **{ui.blocker_text(b, snap, docker)}**")
         if plan.already_active:
             st.info(t("plan.already_active"))
             return
@@ -335,17 +394,15 @@ def _render_plan(plan: Any) -> None:
             e = plan.estimate
             st.caption(t("plan.breakdown", weights=ui.gib(e.weights_bytes), kv=ui.gib(e.kv_cache_bytes),
                          act=ui.gib(e.activation_bytes), ctx=ui.gib(e.cuda_context_bytes)))
-        for b in plan.blockers:
-            st.error(f"⛔ {b}")
         if plan.fits:
             st.success(t("plan.fits"))
         else:
             msg = t("plan.does_not_fit")
             if plan.max_context_that_fits:
                 msg += " " + t("plan.max_context", tokens=ui.tr().count("unit.tokens", plan.max_context_that_fits))
-            if plan.suggestion:
-                msg += f" ({plan.suggestion})"
             st.error(msg)
+            if plan.suggestion:
+                st.caption(f"💡 {ui.english_label()}{plan.suggestion}")
         st.caption(t("plan.steps") + ": " + " → ".join(ui.step_label(s) for s in plan.steps))
 
 
@@ -354,49 +411,75 @@ def environment_notice(snap: SystemSnapshot, docker: tuple[bool, str | None]) ->
     """With no GPU and/or no Docker: what was found and what the user can still do."""
     t = ui.tr()
     docker_ok, docker_reason = docker
-    docker_line = t("env.docker_ok") if docker_ok else t("env.docker_missing", reason=docker_reason or "—")
+    docker_line = t("env.docker_ok") if docker_ok else t("env.docker_missing", reason=ui.docker_text(docker_reason))
+    details = [x for x in ((snap.nvml_hint if not snap.has_gpu else None),
+                           (docker_reason if not docker_ok else None)) if x]
     if not snap.has_gpu:
-        st.info("\n\n".join([
-            t("env.no_gpu", hint=snap.nvml_hint or snap.nvml_status.value),
-            docker_line,
-            t("env.can_do_cpu"),
-        ]), icon="🔎")
+        st.info("\n\n".join([t("env.no_gpu", hint=ui.nvml_text(snap)), docker_line, t("env.can_do_cpu")]),
+                icon="🔎")
     elif not docker_ok:
         st.info("\n\n".join([docker_line, t("env.can_do_gpu")]), icon="🔎")
+    else:
+        return
+    if details:
+        st.caption(ui.english_label() + " ".join(details))
 
 
 def recommendation_card(snap: SystemSnapshot, dev: DeviceSnapshot, model: CachedModel | None,
                         profile: Profile | None, available: int | None) -> None:
+    """The guide's four profiles as a table, and apart from it what is recommended now and why.
+
+    The table's row for the free memory is marked "applies now" only when the recommendation is
+    exactly that row; otherwise (vLLM unavailable, CPU precision, the model needs less) the row
+    the recommendation started from is marked and the line above says what changed.
+    """
     t = ui.tr()
     st.subheader(t("rec.title"))
-    rec = ui.run_safely(lambda: ctl.recommend(device_key=dev.key, snapshot=snap))
+    rec = None
+    if model is not None:  # the same recommendation that filled in the fields
+        try:
+            rec = ctl.recommend(model=model, device_key=dev.key, snapshot=snap)
+        except Exception:  # noqa: BLE001 - fall back to the table's recommendation below
+            rec = None
+    if rec is None:
+        rec = ui.run_safely(lambda: ctl.recommend(device_key=dev.key, snapshot=snap))
     if rec is None:
         return
-    st.caption(t("rec.now", reason=rec.reason, level=ui.level_badge(rec.level, ctl.settings)))
     bands = ctl.settings.bands
+    natural = band_for(rec.free_bytes or 0, bands)
+    exact = rec.band == natural.name and not rec.note_codes
+    because = [t("rec.because_free", free=ui.gib(rec.free_bytes), device=ui.device_label(dev),
+                 band=ui.band_title(natural.name, bands))]
+    because += [ui.note_text(code, bands) for code in rec.note_codes]
+    st.success(t("rec.now_recommended", profile=ui.profile_text(rec.profile), because="; ".join(because)),
+               icon="💡")
+    st.caption(t("rec.level_now", level=ui.level_badge(rec.level, ctl.settings)))
     cols = st.columns(len(bands))
     for col, band in zip(cols, bands, strict=True):
         with col:
             heading = ui.band_heading(band, bands)
             body = "\n".join(f"- {line}" for line in ui.band_lines(band))
-            if band.name == rec.band:
+            if exact and band.name == rec.band:
                 st.success(f"**{heading}** — {t('rec.current')}\n\n{body}")
+            elif band.name == rec.band:
+                st.info(f"**{heading}** — {t('rec.base')}\n\n{body}")
+            elif band.name == natural.name:
+                with st.container(border=True):
+                    st.markdown(f"**{heading}** — {t('rec.by_free_unavailable')}\n\n{body}")
             else:
                 with st.container(border=True):
                     st.markdown(f"**{heading}**\n\n{body}")
-    for note in rec.notes:
-        st.caption(f"ℹ️ {note}")
     if model is not None and profile is not None and available is not None:
         try:
             ctx = ctl.max_context(model, profile, free_bytes=available)
         except Exception as exc:  # noqa: BLE001
-            st.caption(f"⚠️ {exc}")
+            st.caption(f"⚠️ {ui.english_label()}{exc}")
             return
         if ctx > 0:
-            st.markdown(t("rec.model_context", model=model.model_id, precision=profile.precision.value,
+            st.markdown(t("rec.model_context", model=model.model_id, precision=profile.precision.value.upper(),
                           batch=profile.batch, tokens=t.count("unit.tokens", ctx), free=ui.gib(available)))
         else:
-            st.markdown(t("rec.model_no_fit", model=model.model_id, precision=profile.precision.value,
+            st.markdown(t("rec.model_no_fit", model=model.model_id, precision=profile.precision.value.upper(),
                           free=ui.gib(available)))
 
 
@@ -419,7 +502,7 @@ def containers_section(loaded: list[LoadedModel], docker: tuple[bool, str | None
     st.markdown(f"**{t('containers.title')}**")
     docker_ok, reason = docker
     if not docker_ok:
-        st.caption(t("containers.docker_unavailable", reason=reason or "—"))
+        st.caption(t("containers.docker_unavailable", reason=ui.docker_text(reason)))
         return
     containers = [lm for lm in loaded if lm.backend == "vllm"]
     if not containers:
@@ -474,9 +557,9 @@ def log_section() -> None:
         with st.expander(label):
             if change:
                 st.caption(t("log.memory_change", change=change))
-            ui.steps_table(r.steps)
+            ui.steps_table(r.steps)  # the operation's memory change is the caption above
             if r.error:
-                st.error(f"❌ {r.error}")
+                st.error(f"❌ **{t('log.failed')}**\n\n{ui.english_label()}{r.error}")
                 ui.advice_block(ui.advice_for_error_text(r.kind, r.error))
 
 

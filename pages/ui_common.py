@@ -7,9 +7,11 @@ Every user-visible string comes from ``config/strings.<lang>.toml`` through :fun
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import streamlit as st
@@ -24,8 +26,10 @@ from memory_controller.types import (
     OperationRecord,
     Outcome,
     Precision,
+    Profile,
     ProfileBand,
     StepRecord,
+    SystemSnapshot,
     UnloadReport,
 )
 from memory_controller.units import GIB, fmt_bytes
@@ -35,6 +39,8 @@ log = logging.getLogger("memctl.ui")
 
 LANG_KEY = "lang"
 SEEN_VERSION_KEY = "_board_version_seen"
+MY_JOBS_KEY = "_my_jobs"
+RECENT_RESULT_S = 300.0  # another session's finished operation is shown this long after it ended
 ADVICE_KEYS = ("out_of_memory", "model_not_loading", "container_not_stopping")
 
 
@@ -54,11 +60,18 @@ def controller() -> Any:
     try:
         return _controller()
     except SettingsError as exc:
-        t = tr()
-        st.error(f"❌ {t('app.settings_error')}: {exc.message}")
-        if exc.hint:
-            st.info(f"💡 {exc.hint}")
+        settings_error(exc)
         st.stop()
+
+
+def settings_error(exc: SettingsError) -> None:
+    """The page shown instead of everything else when the settings do not load."""
+    t = tr()
+    st.title(t("app.title"))
+    st.error(f"❌ **{t('app.settings_error')}**\n\n{english_label()}{exc.message}")
+    if exc.hint:
+        st.info(f"💡 {exc.hint}")
+    st.caption(t("app.settings_error_next"))
 
 
 @st.cache_resource(show_spinner=False)
@@ -149,6 +162,24 @@ def rerun_if_board_changed() -> None:
         st.rerun()
 
 
+# ============================================================================ whose results to show
+def remember_job(job: Job) -> Job:
+    """Mark ``job`` as started by this session: its result is shown here until dismissed."""
+    mine = st.session_state.setdefault(MY_JOBS_KEY, [])
+    mine.append(job.job_id)
+    del mine[:-20]
+    return job
+
+
+def result_is_relevant(job: Job, now: float | None = None) -> bool:
+    """A finished job's result belongs on this session's page: this session started it, or it
+    ended less than :data:`RECENT_RESULT_S` seconds ago (another tab's operation, just done)."""
+    if job.job_id in st.session_state.get(MY_JOBS_KEY, []):
+        return True
+    ended = job.ended_at or job.started_at
+    return (now if now is not None else time.time()) - ended < RECENT_RESULT_S
+
+
 # ============================================================================ formatting
 def gib(n_bytes: int | None) -> str:
     return fmt_bytes(n_bytes)
@@ -204,6 +235,104 @@ def outcome_emoji(outcome: Outcome | None) -> str:
     return outcome.emoji if outcome is not None else "⏳"
 
 
+# ============================================================================ core texts, translated
+def english_label() -> str:
+    """``"Подробности (англ.): "`` before a core (English) text in a Russian UI; nothing in English."""
+    t = tr()
+    return "" if t.language == "en" else t("error.english") + ": "
+
+
+def nvml_text(snap: SystemSnapshot) -> str:
+    """Why no GPU is shown, from the NVML status (not from the English hint)."""
+    t = tr()
+    key = f"nvml.{snap.nvml_status.value}"
+    return t(key) if t.has(key) else snap.nvml_status.value
+
+
+def docker_text(reason: str | None) -> str:
+    """Docker is unavailable: a Russian sentence by the kind of failure; the engine's words go to details."""
+    t = tr()
+    low = (reason or "").lower()
+    if "package is missing" in low or "no module named" in low:
+        return t("docker.no_package")
+    if "permission" in low:
+        return t("docker.no_permission")
+    return t("docker.not_running")
+
+
+def vllm_unavailable_text(snap: SystemSnapshot, docker: tuple[bool, str | None]) -> str:
+    """``vLLM недоступен: …`` built from the snapshot and the Docker status, not the core's English."""
+    t = tr()
+    if not snap.has_gpu:
+        return t("controls.vllm_no_gpu", why=nvml_text(snap))
+    if not docker[0]:
+        return t("controls.vllm_no_docker", why=docker_text(docker[1]))
+    return ""
+
+
+def band_title(name: str, bands: tuple[ProfileBand, ...]) -> str:
+    """The guide's heading of the band called ``name`` (never the internal id), else the id."""
+    band = next((b for b in bands if b.name == name), None)
+    return band_heading(band, bands) if band is not None else name
+
+
+def profile_text(profile: Profile) -> str:
+    """``Transformers, BF16 (CPU), 1024 токена, батч 1``."""
+    t = tr()
+    where = " (CPU)" if profile.device == "cpu" else ""
+    return t("rec.profile_text", mode=mode_label(profile.mode), precision=profile.precision.value.upper() + where,
+             tokens=t.count("unit.tokens", profile.context_tokens), batch=profile.batch)
+
+
+def note_text(code: str, bands: tuple[ProfileBand, ...] = ()) -> str:
+    """A recommendation note code (``cpu_half_precision:bf16``) as a sentence of this language."""
+    t = tr()
+    name, *args = code.split(":")
+    key = f"note.{name}"
+    if not t.has(key):
+        return code
+    fields: dict[str, Any] = {}
+    if name == "vllm_unavailable_fallback" and len(args) == 2:
+        fields = {"table": band_title(args[0], bands), "instead": band_title(args[1], bands)}
+    elif name == "cpu_half_precision" and args:
+        fields = {"precision": args[0].upper()}
+    elif name == "fit_precision" and len(args) == 2:
+        fields = {"old": args[0].upper(), "new": args[1].upper()}
+    elif name == "fit_context" and args:
+        fields = {"tokens": t.count("unit.tokens", int(args[0])) if args[0].isdigit() else args[0]}
+    return t(key, **fields)
+
+
+_CONTEXT_BLOCKER = re.compile(r"context (\d+) exceeds the model's maximum (\d+) tokens")
+
+
+def blocker_text(blocker: str, snap: SystemSnapshot | None = None,
+                 docker: tuple[bool, str | None] | None = None) -> str:
+    """A plan's blocker in this language (the two the controller gives), else the core's text."""
+    t = tr()
+    m = _CONTEXT_BLOCKER.search(blocker)
+    if m:
+        return t("plan.blocker_context", context=m.group(1), maximum=t.count("unit.tokens", int(m.group(2))))
+    if blocker.startswith("vLLM is unavailable") and snap is not None and docker is not None:
+        text = vllm_unavailable_text(snap, docker)
+        if text:
+            return text
+    return f"{english_label()}{blocker}"
+
+
+def error_headline(err: BaseException) -> str:
+    """The error's headline in this language, from its class (nearest known ancestor) or advice."""
+    t = tr()
+    for cls in type(err).__mro__:
+        key = f"errors.{cls.__name__}"
+        if t.has(key):
+            return t(key)
+    advice = getattr(err, "advice_key", None)
+    if advice in ADVICE_KEYS:
+        return t(f"advice.{advice}.problem")
+    return t("errors.generic")
+
+
 # ============================================================================ memory panel pieces
 def level_badge(level: Level, settings: Any) -> str:
     """``🟢 **Зеленый** — достаточно памяти (4+ GB)`` with the thresholds from settings."""
@@ -217,11 +346,12 @@ def device_metrics(dev: DeviceSnapshot, level: Level, settings: Any) -> None:
     t = tr()
     total_key = "metrics.total_host" if dev.kind is DeviceKind.HOST else "metrics.total_gpu"
     util = "—" if dev.utilization_pct is None else f"{dev.utilization_pct:.0f}%"
+    util_help = t("metrics.util_help_host") if dev.kind is DeviceKind.HOST else t("metrics.util_help_gpu")
     # One per row: in the sidebar's width two columns cut "23.54 GiB" to "23.5…".
     st.metric(t(total_key), gib(dev.total_bytes))
     st.metric(t("metrics.used"), gib(dev.used_bytes))
     st.metric(t("metrics.free"), gib(dev.free_bytes))
-    st.metric(t("metrics.util"), util)
+    st.metric(t("metrics.util"), util, help=util_help)
     st.markdown(level_badge(level, settings))
     if dev.hint:
         st.caption(f"ℹ️ {dev.hint}")
@@ -260,14 +390,17 @@ def error_box(err: BaseException, *, context: str | None = None) -> None:
     if isinstance(err, MemctlError):
         message, hint, advice = err.message, err.hint, err.advice_key
         details = err.details
+        headline = error_headline(err)
     else:
         log.error("unexpected error in the UI: %r", err, exc_info=err)
-        message, hint, advice = t("error.unexpected", error=str(err) or type(err).__name__), None, None
+        message, hint, advice = str(err) or type(err).__name__, None, None
         details = None
-    head = f"{context}: {message}" if context else message
-    st.error(f"❌ {head}")
+        headline = t("error.unexpected_headline")
+    head = f"{context}: {headline}" if context else headline
+    # The headline is in the page's language; the core's own words (English) follow as details.
+    st.error(f"❌ **{head}**\n\n{english_label()}{message}")
     if hint:
-        st.info(f"💡 {hint}")
+        st.info(f"💡 {english_label()}{hint}")
     advice_block(advice)
     record = getattr(err, "operation", None)
     with st.expander(t("error.details")):
@@ -282,18 +415,37 @@ def error_box(err: BaseException, *, context: str | None = None) -> None:
 
 
 # ============================================================================ operations
-def steps_table(steps: Iterable[StepRecord]) -> None:
+def steps_table(steps: Iterable[StepRecord], memory_before: dict[str, int | None] | None = None,
+                memory_after: dict[str, int | None] | None = None) -> None:
+    """The steps with outcome, time, memory before → after and the step's own (English) message.
+
+    When no step measured memory (the emergency clear), the column is left out and the whole
+    operation's ``memory_before``/``memory_after`` (device key → used bytes) is shown under the table.
+    """
     t = tr()
-    rows = [f"| | {t('log.step')} | {t('log.duration')} | {t('log.memory')} | {t('log.message')} |",
-            "|---|---|---|---|---|"]
+    steps = list(steps)
+    if not steps:
+        return
+    per_step = any(s.memory_before_bytes is not None or s.memory_after_bytes is not None for s in steps)
+    if per_step:
+        rows = [f"| | {t('log.step')} | {t('log.duration')} | {t('log.memory')} | {t('log.message')} |",
+                "|---|---|---|---|---|"]
+    else:
+        rows = [f"| | {t('log.step')} | {t('log.duration')} | {t('log.message')} |", "|---|---|---|---|"]
     for s in steps:
-        mem = "—"
-        if s.memory_before_bytes is not None or s.memory_after_bytes is not None:
-            mem = f"{gib(s.memory_before_bytes)} → {gib(s.memory_after_bytes)}"
-        rows.append(f"| {s.outcome.emoji} | {step_label(s.name)} | {fmt_duration(s.duration_s)} | {mem} | "
-                    f"{_cell(s.message)} |")
-    if len(rows) > 2:
-        st.markdown("\n".join(rows))
+        cells = [s.outcome.emoji, step_label(s.name), fmt_duration(s.duration_s)]
+        if per_step:
+            mem = "—"
+            if s.memory_before_bytes is not None or s.memory_after_bytes is not None:
+                mem = f"{gib(s.memory_before_bytes)} → {gib(s.memory_after_bytes)}"
+            cells.append(mem)
+        cells.append(_cell(s.message))
+        rows.append("| " + " | ".join(cells) + " |")
+    st.markdown("\n".join(rows))
+    if not per_step and memory_before:
+        change = memory_change_text(memory_before, memory_after or {})
+        if change:
+            st.caption(t("log.memory_change", change=change))
 
 
 def _cell(text: str | None) -> str:
@@ -302,9 +454,14 @@ def _cell(text: str | None) -> str:
 
 def memory_change(record: OperationRecord) -> str:
     """``host: 3.10 GiB → 3.40 GiB`` for each device whose used memory is known."""
+    return memory_change_text(record.memory_before, record.memory_after)
+
+
+def memory_change_text(memory_before: dict[str, int | None], memory_after: dict[str, int | None]) -> str:
+    """``host: 3.10 GiB → 3.40 GiB`` from two {device key: used bytes} maps."""
     parts = []
-    for key, before in record.memory_before.items():
-        after = record.memory_after.get(key)
+    for key, before in memory_before.items():
+        after = memory_after.get(key)
         if before is None and after is None:
             continue
         parts.append(f"{key}: {gib(before)} → {gib(after)}")
@@ -328,7 +485,7 @@ def clear_report(rep: Any) -> None:
             "|---|---|---|---|"]
     freed = rep.freed
     for key, before in rep.before.items():
-        rows.append(f"| {key} | {gib(before)} | {gib(rep.after.get(key))} | {gib(freed.get(key))} |")
+        rows.append(f"| {key} | {gib(before)} | {gib(rep.after.get(key))} | {freed_text(freed.get(key))} |")
     st.success(t("clear.done"))
     st.markdown("\n".join(rows))
     actions = [k for k, v in (rep.actions or {}).items() if v]
@@ -336,8 +493,49 @@ def clear_report(rep: Any) -> None:
         st.caption(t("clear.actions", actions=", ".join(actions)))
 
 
-def emergency_report(rep: Any) -> None:
+def freed_text(freed_bytes: int | None) -> str:
+    """Freed memory for a table: ``12 MiB``; ``не изменилось`` when it did not go down (≤ 0)."""
+    if freed_bytes is None:
+        return "—"
+    return gib(freed_bytes) if freed_bytes > 0 else tr()("clear.unchanged")
+
+
+def used_by_device(snap: SystemSnapshot) -> dict[str, int | None]:
+    """{device key: used bytes} of a snapshot."""
+    return {d.key: d.used_bytes for d in snap.devices}
+
+
+@dataclass
+class EmergencyResult:
+    """The emergency clear's report plus used memory per device before and after it (the report's
+    steps measure none)."""
+
+    report: Any
+    memory_before: dict[str, int | None] = field(default_factory=dict)
+    memory_after: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.report.outcome
+
+
+def run_emergency(ctl: Any) -> EmergencyResult:
+    """``ctl.emergency_clear()`` with used memory read before and after (on the caller's thread)."""
+    try:
+        before = used_by_device(ctl.devices())
+    except Exception:  # noqa: BLE001 - the clear must run even when the probe fails
+        before = {}
+    rep = ctl.emergency_clear()
+    try:
+        after = used_by_device(ctl.devices())
+    except Exception:  # noqa: BLE001
+        after = {}
+    return EmergencyResult(rep, before, after)
+
+
+def emergency_report(res: Any) -> None:
     t = tr()
+    rep = res.report if isinstance(res, EmergencyResult) else res
     if rep.outcome is Outcome.SUCCESS:
         st.success(t("emergency.done"))
     else:
@@ -345,7 +543,10 @@ def emergency_report(rep: Any) -> None:
         advice_block("container_not_stopping")
     if rep.cancelled_operation:
         st.caption(t("emergency.cancelled", op=rep.cancelled_operation))
-    steps_table(rep.steps)
+    if isinstance(res, EmergencyResult):
+        steps_table(rep.steps, res.memory_before, res.memory_after)
+    else:
+        steps_table(rep.steps)
 
 
 def apply_result(record: OperationRecord) -> None:

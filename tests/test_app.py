@@ -41,9 +41,38 @@ def test_no_gpu_page_explains_what_it_found_and_what_the_user_can_do(dashboard):
     assert shown["Доступно"].endswith("GiB")
     mode = at.radio(key="f_mode")
     assert mode.disabled and mode.value == "transformers"
-    assert "vLLM недоступен: no NVIDIA GPU available" in page
+    assert "vLLM недоступен: библиотека драйвера NVIDIA (libnvidia-ml) не найдена" in page
     assert "В кеше нет моделей" in page  # empty cache: says so, and where to put models
     assert buttons(at)["btn_apply"].disabled
+
+
+def test_russian_page_says_what_was_found_in_russian_and_keeps_the_english_only_as_details(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    notice = next(str(i.value) for i in at.info if "Что найдено" in str(i.value))
+    assert "GPU NVIDIA не найден: библиотека драйвера NVIDIA (libnvidia-ml) не найдена" in notice
+    assert "Docker недоступен: служба Docker не отвечает" in notice
+    assert "no NVIDIA GPU driver" not in notice and "not running" not in notice  # the core's English
+    assert any(str(c.value).startswith("Подробности (англ.): ") for c in at.caption)
+    vllm = next(str(c.value) for c in at.sidebar.caption if str(c.value).startswith("vLLM недоступен"))
+    assert vllm.isascii() is False and "no NVIDIA GPU available" not in vllm
+    # the recommendation's notes, in Russian (not "fp16 is slow on the CPU: bf16 instead")
+    page = texts(at)
+    assert "на CPU FP16 работает медленно, поэтому BF16" in page
+    assert "fp16 is slow" not in page and "free on host memory" not in page
+
+
+def test_without_a_gpu_the_card_says_what_is_recommended_and_never_claims_the_fp16_band_applies(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    now = next(str(s.value) for s in at.success if "Сейчас рекомендуется" in str(s.value))
+    assert "**Сейчас рекомендуется:** Transformers, BF16 (CPU), 1024 токена, батч 1 — потому что свободно" in now
+    assert "vLLM здесь недоступен" in now and "«При 4-6 GB свободной памяти»" in now
+    assert not [s for s in at.success if "применяется сейчас" in str(s.value)]  # no band claims to apply as is
+    page = texts(at)
+    for band_id in ("transformers_fp16", "vllm_full", "transformers_int8", "vllm_limited"):
+        assert band_id not in page
+    for h in ("При 8+ GB свободной памяти", "При 6-8 GB свободной памяти", "При 4-6 GB свободной памяти",
+              "При менее 4 GB"):
+        assert h in page
 
 
 def test_first_paint_does_not_import_torch(tmp_path, hf_cache):
@@ -56,6 +85,7 @@ def test_first_paint_does_not_import_torch(tmp_path, hf_cache):
         "assert any('tiny-llama' in o for o in at.selectbox(key='f_model').options)\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
     )
+    (tmp_path / "none.toml").write_text("")  # an empty user config file: only the defaults apply
     env = subprocess_env(MEMCTL_NVML_MODULE="tests.fake_pynvml", MEMCTL_FAKE_NVML="library_missing",
                          MEMCTL_DOCKER_HOST=NO_DOCKER, MEMCTL_HF_CACHE_DIR=str(hf_cache),
                          MEMCTL_STATE_DIR=str(tmp_path / "state"), HF_HUB_OFFLINE="1",
@@ -111,10 +141,15 @@ def test_recommendation_card_highlights_the_transformers_profile_that_applies(da
 
 def test_without_docker_a_vllm_band_falls_back_to_transformers_and_says_why(dashboard):
     at = dashboard("free_gib=9")
-    assert _highlighted(at).startswith("**При 4-6 GB свободной памяти**")
-    assert "vllm_full, but vLLM is unavailable" in texts(at)
+    page = texts(at)
+    assert not [s for s in at.success if "применяется сейчас" in str(s.value)]
+    assert "**При 4-6 GB свободной памяти** — 🔧 взят за основу" in page
+    assert "**При 8+ GB свободной памяти** — 📍 по свободной памяти, но здесь недоступен" in page
+    assert ("по таблице подходит «При 8+ GB свободной памяти» (vLLM), но vLLM здесь недоступен, поэтому взят "
+            "профиль Transformers «При 4-6 GB свободной памяти»") in page
+    assert "Сейчас рекомендуется:** Transformers, FP16, 1024 токена, батч 1" in page
     assert at.radio(key="f_mode").disabled
-    assert "vLLM недоступен: Docker is not available" in texts(at)
+    assert "vLLM недоступен: служба Docker не отвечает" in page
 
 
 @pytest.mark.docker

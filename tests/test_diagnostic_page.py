@@ -25,10 +25,40 @@ def result_rows(at) -> dict[str, tuple[str, str]]:
     return rows
 
 
+def test_run_all_leaves_out_the_emergency_clear_unless_its_box_is_ticked(diag, hf_cache):
+    at = diag("library_missing", hub=hf_cache)
+    buttons(at)["diag_run_all"].click().run()
+    rows = result_rows(at)
+    assert rows["🚨 Экстренная очистка"][0] == "⬜"  # not run: it unloads everything
+    assert rows["Текущий статус памяти"][0] == "✅"
+
+
+def test_the_emergency_check_asks_for_confirmation_first(diag):
+    at = diag("library_missing")
+    buttons(at)["diag_run_emergency"].click().run()
+    assert result_rows(at)["🚨 Экстренная очистка"][0] == "⬜" and "Продолжить?" in texts(at)
+    buttons(at)["diag_emergency_cancel"].click().run()
+    assert "diag_emergency_confirm" not in buttons(at)
+    assert result_rows(at)["🚨 Экстренная очистка"][0] == "⬜"
+    buttons(at)["diag_run_emergency"].click().run()
+    buttons(at)["diag_emergency_confirm"].click().run()
+    assert result_rows(at)["🚨 Экстренная очистка"][0] in ("✅", "⚠️")
+
+
+def test_each_result_is_shown_once_not_as_a_status_block_too(diag):
+    at = diag("library_missing")
+    buttons(at)["diag_run_memory"].click().run()
+    assert not at.status  # the running check's status block is gone once it ended
+    assert [e.label for e in at.expander] == ["✅ Текущий статус памяти — подробности"]
+    lines = [m.value for m in at.markdown if "Оперативная память хоста" in m.value and "всего" in m.value]
+    assert len(lines) == 1, lines
+
+
 def test_all_checks_run_and_each_is_marked_with_its_time(diag, hf_cache):
     at = diag("library_missing", hub=hf_cache)
     assert at.title[0].value == "🧪 Тестирование системы контроля памяти"
     assert at.selectbox(key="diag_model").value == TINY_ID
+    at.checkbox(key="diag_include_emergency").check().run()
     buttons(at)["diag_run_all"].click().run()
     rows = result_rows(at)
     assert rows["Текущий статус памяти"][0] == "✅"
@@ -51,16 +81,17 @@ def test_recommendation_check_walks_the_guides_table_at_its_edges(diag):
     assert result_rows(at)["Рекомендации системы"][0] == "✅"
     table = next(m.value for m in at.markdown if "| Свободно |" in m.value)
     expect = {
-        "1.99 GiB": ("🔴", "transformers_int8"),
-        "2 GiB": ("🟡", "transformers_int8"),
-        "3.99 GiB": ("🟡", "transformers_int8"),
-        "4 GiB": ("🟢", "transformers_fp16"),
-        "7.99 GiB": ("🟢", "vllm_limited"),
-        "8 GiB": ("🟢", "vllm_full"),
+        "1.99 GiB": ("🔴", "При менее 4 GB"),
+        "2 GiB": ("🟡", "При менее 4 GB"),
+        "3.99 GiB": ("🟡", "При менее 4 GB"),
+        "4 GiB": ("🟢", "При 4-6 GB свободной памяти"),
+        "7.99 GiB": ("🟢", "При 6-8 GB свободной памяти"),
+        "8 GiB": ("🟢", "При 8+ GB свободной памяти"),
     }
     for free, (level, band) in expect.items():
         assert f"| {free} | {level} | {band} |" in table, free
-    assert "| 8 GiB (без GPU) | 🟢 | transformers_fp16 | Transformers | bf16 |" in table
+    assert "| 8 GiB (без GPU) | 🟢 | При 4-6 GB свободной памяти | Transformers | bf16 |" in table
+    assert "transformers_" not in texts(at) and "vllm_full" not in texts(at)  # no internal band ids
 
 
 def test_without_cached_models_the_switch_check_is_skipped_not_failed(diag):

@@ -9,7 +9,7 @@ import pytest
 
 from memory_controller.controller import APPLY_STEPS
 from memory_controller.i18n import LANGUAGES, Translator, catalog, plural_form
-from memory_controller.types import Level, Mode, Precision
+from memory_controller.types import Level, Mode, NvmlStatus, Precision
 
 ROOT = Path(__file__).resolve().parent.parent
 UI_FILES = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")), ROOT / "test_memory_controller.py"]
@@ -37,7 +37,19 @@ def _dynamic_keys() -> set[str]:
     keys |= {f"diag.status_{s}" for s in ("passed", "warning", "failed", "skipped")}
     for a in ("out_of_memory", "model_not_loading", "container_not_stopping"):
         keys |= {f"advice.{a}.problem", f"advice.{a}.steps"}
+    keys |= {f"nvml.{s.value}" for s in NvmlStatus}
+    keys |= {f"note.{c}" for c in NOTE_CODES}
+    keys |= {f"errors.{cls.__name__}" for cls in _error_classes()}
     return keys
+
+
+NOTE_CODES = ("vllm_unavailable_fallback", "cpu_half_precision", "fit_precision", "fit_context", "model_does_not_fit")
+
+
+def _error_classes() -> list[type]:
+    import memory_controller.errors as errors
+
+    return [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.MemctlError)]
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -96,3 +108,32 @@ def test_a_missing_format_field_leaves_the_text_readable():
     assert t("plan.frees") == "освободит {freed}"
     assert t("plan.frees", other=1) == "освободит {freed}"
     assert t("plan.frees", freed="1 GiB") == "освободит 1 GiB"
+
+
+def _gpu_snapshot(free_gib: float):
+    from memory_controller.types import DeviceKind, DeviceSnapshot, SystemSnapshot
+
+    gib = 1024**3
+    gpu = DeviceSnapshot(DeviceKind.GPU, 0, "GPU", None, 24 * gib, 24 * gib - int(free_gib * gib), int(free_gib * gib), 0.0)
+    host = DeviceSnapshot(DeviceKind.HOST, None, "host", None, 32 * gib, 16 * gib, 16 * gib, None)
+    return SystemSnapshot(gpus=(gpu,), host=host, nvml_status=NvmlStatus.OK)
+
+
+def test_recommendation_notes_come_with_codes_the_catalogs_translate():
+    from memory_controller.recommend import recommend
+    from memory_controller.settings import load_settings
+
+    s = load_settings()
+    snap = _gpu_snapshot(9)
+    no_docker = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
+                          docker_available=False)
+    assert no_docker.note_codes == (f"vllm_unavailable_fallback:vllm_full:{no_docker.band}",)
+    assert len(no_docker.notes) == 1  # the English note stays for the CLI and JSON
+    on_cpu = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
+                       device_key="host", cpu_half_precision="bf16")
+    assert "cpu_half_precision:bf16" in on_cpu.note_codes
+    fitted = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
+                       fit=lambda p, _free: (p.with_(precision=Precision.INT8, context_tokens=512), ("x",)))
+    assert fitted.note_codes == ("fit_precision:fp16:int8", "fit_context:512")
+    for code in NOTE_CODES:
+        assert not Translator("ru")(f"note.{code}").isascii()
