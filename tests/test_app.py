@@ -229,6 +229,10 @@ def test_apply_runs_in_status_steps_then_lists_the_model_with_an_unload_button(d
         assert step in page
     assert f"unload::{TINY_ID}" in buttons(at)
     assert f"**{TINY_ID}** · cpu" in page
+    # the same model and profile again: nothing to do, and Apply says so instead of staying enabled
+    assert buttons(at)["btn_apply"].disabled
+    assert any(str(c.value) == "🚫 Эта модель уже загружена с этим профилем — делать нечего."
+               for c in at.sidebar.caption)
     assert any(e.label.startswith("✅") and "Переключение" in e.label for e in at.expander)  # the operation log
 
 
@@ -267,6 +271,10 @@ def test_emergency_clear_asks_for_confirmation_before_running(dashboard, hf_cach
     assert "Экстренная очистка выполнена" in page
     assert "Выгрузка моделей Transformers" in page
     assert f"unload::{TINY_ID}" not in buttons(at)
+    # its steps measure no memory: the table has no column of dashes, the operation's figures follow it
+    table = next(m.value for m in at.markdown if "| Шаг |" in m.value and "Выгрузка моделей Transformers" in m.value)
+    assert "Память до → после" not in table.splitlines()[0]
+    assert any(str(c.value).startswith("Память до → после: host: ") for c in at.caption)
 
 
 def test_a_long_operation_keeps_the_page_live_and_a_second_tab_sees_it(dashboard, hf_cache):
@@ -323,6 +331,64 @@ def test_a_failing_step_shows_message_advice_and_details_never_a_traceback(dashb
     assert f"unload::{TINY_ID}" not in buttons(at)  # rolled back: nothing half-loaded
 
 
+def test_freed_memory_never_reads_negative():
+    from pages import ui_common as ui
+
+    assert ui.freed_text(-14 * 1024**2) == "не изменилось"
+    assert ui.freed_text(0) == "не изменилось"
+    assert ui.freed_text(5 * 1024**2).startswith("5") and ui.freed_text(None) == "—"
+
+
+def test_a_finished_operation_is_shown_to_its_session_and_only_briefly_to_others(dashboard):
+    at = dashboard("library_missing")
+    buttons(at)["btn_clear"].click().run()
+    settle(at)
+    assert "Память очищена." in texts(at)
+    just_after = AppTest.from_file(APP, default_timeout=30).run()
+    assert "Память очищена." in texts(just_after)  # another tab sees what just ended
+    job = _board().finished(1)[0]
+    job.ended_at -= 3600  # an hour later
+    later = AppTest.from_file(APP, default_timeout=30).run()
+    assert "Память очищена." not in texts(later) and not later.status
+    at.run()
+    assert "Память очищена." in texts(at)  # the session that started it still has its result
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("f_context", 10_000_000, "Контекст, токенов: значение 10000000 вне допустимого диапазона 16–1048576"),
+    ("f_batch", 0, "Батч размер: значение 0 вне допустимого диапазона 1–256"),
+])
+def test_an_out_of_range_field_is_shown_and_blocks_apply_until_fixed(dashboard, hf_cache, key, value, message):
+    at = dashboard("library_missing", hub=hf_cache)
+    at.selectbox(key="f_model").set_value(TINY_ID).run()
+    assert not buttons(at)["btn_apply"].disabled
+    before = at.number_input(key=key).value
+    at.number_input(key=key).set_value(value).run()
+    assert any(message in str(e.value) for e in at.sidebar.error), [e.value for e in at.sidebar.error]
+    assert buttons(at)["btn_apply"].disabled
+    assert any("исправьте поля профиля" in str(c.value) for c in at.sidebar.caption)
+    at.number_input(key=key).set_value(before).run()
+    assert not buttons(at)["btn_apply"].disabled and not at.sidebar.error
+
+
+def test_a_context_above_the_models_maximum_is_a_russian_blocker_and_apply_is_disabled(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    at.selectbox(key="f_model").set_value(TINY_ID).run()
+    at.number_input(key="f_context").set_value(4096).run()
+    errors = [str(e.value) for e in at.sidebar.error]
+    assert any("Контекст 4096 больше максимума модели (2048 токенов)" in e for e in errors), errors
+    assert buttons(at)["btn_apply"].disabled
+
+
+def test_utilisation_says_what_it_measures_for_the_host_and_for_a_gpu(dashboard):
+    host = dashboard("library_missing")
+    util = next(m for m in host.metric if m.label == "Утилизация")
+    assert "доля занятой памяти" in util.help
+    gpu = dashboard("free_gib=5")
+    util = next(m for m in gpu.metric if m.label == "Утилизация")
+    assert "NVML" in util.help and "не доля памяти" in util.help
+
+
 # ============================================================================ language
 def test_language_switch_turns_the_page_english_and_back(dashboard):
     at = dashboard("free_gib=5")
@@ -377,3 +443,5 @@ def test_an_invalid_setting_stops_the_page_naming_the_field_and_value(dashboard)
     errors = [e.value for e in at.error]
     assert any("Настройки не загрузились" in e and "MEMCTL_POLL_INTERVAL_S" in e and "'0'" in e for e in errors), errors
     assert not at.metric and not at.button  # nothing else is drawn on invalid settings
+    # one declared page: Streamlit does not list pages/*.py (dashboard, ui common, ui jobs) on its own
+    assert [p["page_name"] for p in at._registered_pages.values()] == ["Ошибка настроек"]
