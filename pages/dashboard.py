@@ -448,8 +448,10 @@ def recommendation_card(snap: SystemSnapshot, dev: DeviceSnapshot, model: Cached
     bands = ctl.settings.bands
     natural = band_for(rec.free_bytes or 0, bands)
     exact = rec.band == natural.name and not rec.note_codes
-    because = [t("rec.because_free", free=ui.gib(rec.free_bytes), device=ui.device_label(dev),
-                 band=ui.band_title(natural.name, bands))]
+    fell_back = any(code.startswith("vllm_unavailable_fallback") for code in rec.note_codes)
+    because = [t("rec.because_free", free=ui.gib(rec.free_bytes), device=ui.device_label(dev))]
+    if not fell_back:  # else the fallback note names the table's band itself
+        because[0] += t("rec.because_band", band=ui.band_title(natural.name, bands))
     because += [ui.note_text(code, bands) for code in rec.note_codes]
     st.success(t("rec.now_recommended", profile=ui.profile_text(rec.profile), because="; ".join(because)),
                icon="💡")

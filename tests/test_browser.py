@@ -67,6 +67,7 @@ def server(hf_cache, tmp_path_factory) -> Iterator[str]:
     for old in ARTIFACTS.glob("*.png"):  # screenshots of an earlier run must not pass for this one
         old.unlink()
     port = _free_port()
+    (state / "no-user-config.toml").write_text("")  # an empty user config file: only the defaults apply
     env = subprocess_env(**hf_env(hf_cache), MEMCTL_STATE_DIR=str(state / "state"),
                          MEMCTL_CONFIG_FILE=str(state / "no-user-config.toml"), MEMCTL_DOCKER_HOST=NO_DOCKER,
                          MEMCTL_POLL_INTERVAL_S="1")
@@ -162,6 +163,18 @@ def _user_path(page, browser, server: str) -> None:
     # (no "/" in the pattern: Playwright's role selector does not escape it)
     page.get_by_role("option", name=re.compile(r"^memctl-test.tiny-llama ·")).click()
     expect(sidebar.get_by_text("Помещается", exact=True)).to_be_visible()  # ✅ becomes the icon
+    expect(page.get_by_text("Сейчас рекомендуется:", exact=False)).to_be_visible()
+
+    # a context the inputs would once drop silently: shown as an error, Apply blocked until reset
+    context = sidebar.get_by_role("spinbutton", name="Контекст, токенов")
+    context.fill("10000000")
+    context.press("Enter")
+    expect(sidebar.get_by_text(re.compile("вне допустимого диапазона"))).to_be_visible()
+    expect(sidebar.get_by_role("button", name="🔄 Применить изменения")).to_be_disabled()
+    _shot(page, "01b-out-of-range")
+    sidebar.get_by_role("button", name="↺ Вернуть рекомендованные значения").click()
+    expect(sidebar.get_by_text(re.compile("вне допустимого диапазона"))).to_have_count(0)
+    expect(sidebar.get_by_role("button", name="🔄 Применить изменения")).to_be_enabled()
     sidebar.get_by_role("button", name="🔄 Применить изменения").click()
     expect(page.get_by_text(f"Успех: {TINY_ID} загружена (Transformers).")).to_be_visible(timeout=120_000)
     unload = page.get_by_role("button", name="🗑️")
