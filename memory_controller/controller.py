@@ -17,6 +17,7 @@ Streamlit callback always runs on the script thread.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import queue
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from .errors import (
     ModelLoadError,
     OperationBusyError,
     OperationCancelledError,
+    OperationTimeoutError,
 )
 from .oplog import OperationLog
 from .recommend import level_for, recommend
@@ -170,7 +172,8 @@ class MemoryController:
         self._op_lock = threading.Lock()
         self._state_lock = threading.RLock()
         self._running: _Running | None = None
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # replaced by a fresh one for each operation
+        self._emergency_running = False
         self._log = OperationLog(self.settings.state_dir)
         n_samples = max(2, int(self.settings.memory_history_s / self.settings.poll_interval_s))
         self._samples: deque[tuple[float, dict[str, tuple[int | None, int | None]]]] = deque(maxlen=n_samples)
@@ -280,7 +283,9 @@ class MemoryController:
         if est.estimate(model, profile, self.settings).total_bytes <= free_bytes:
             return profile, ()
         ladder = [profile.precision]
-        for p in (Precision.INT8, Precision.NF4):
+        # vLLM quantises only to bitsandbytes nf4 while loading; Transformers can also do int8
+        steps_down = (Precision.NF4,) if profile.mode is Mode.VLLM else (Precision.INT8, Precision.NF4)
+        for p in steps_down:
             if p not in ladder and _bits(p) < _bits(profile.precision):
                 ladder.append(p)
         for precision in ladder:
@@ -410,20 +415,33 @@ class MemoryController:
     def plan(self, mode: Mode | str, model: str | CachedModel, profile: Profile | None = None) -> Plan:
         """A dry run: steps, what will be unloaded and freed, what is needed, whether it fits.
 
-        Raises InvalidModelIdError / ModelNotFoundError for a bad model id.
+        Without ``profile`` the recommendation for the model is used, sized for the memory that will
+        be free once the current models are unloaded (or the active profile, when it is this model).
+        In vLLM mode "needed" is what vLLM will claim (gpu_memory_utilization × total), not the bare
+        estimate. Raises InvalidModelIdError / ModelNotFoundError for a bad model id.
         """
         mode = Mode(mode)
         cached = self.resolve(model)
         snap = self.devices()
+        loaded_now = self._loaded_quick()
+        active = self._active
         if profile is None:
-            rec = self.recommend(cached.model_id, snapshot=snap)
-            profile = rec.profile.with_(mode=mode)
+            if active is not None and active[0] == cached.model_id and active[1].mode is mode:
+                profile = active[1]
+            else:
+                after = _with_freed(snap, loaded_now)
+                profile = self.recommend(cached.model_id, snapshot=after).profile.with_(mode=mode)
         profile = self._normalise_profile(mode, profile, snap)
         blockers: list[str] = []
         if mode is Mode.VLLM:
             ok, reason = self.vllm_status(snap)
             if not ok:
                 blockers.append(f"vLLM is unavailable: {reason}")
+            if profile.precision in (Precision.INT8, Precision.FP4):
+                blockers.append(
+                    f"vLLM cannot serve {profile.precision.value}: it quantises only to bitsandbytes nf4 while "
+                    "loading; choose fp16, bf16 or nf4, or Transformers mode"
+                )
         target = self._target_device(snap, profile)
         estimate = self.estimate(cached, profile)
         from . import estimate as est
@@ -434,14 +452,13 @@ class MemoryController:
                 f"context {profile.context_tokens} exceeds the model's maximum {max_positions} tokens: "
                 f"choose {max_positions} or less"
             )
-        active = self._active
         already = (
             active is not None
             and active[0] == cached.model_id
             and active[1] == profile
-            and any(lm.model_id == cached.model_id for lm in self._loaded_quick())
+            and any(lm.model_id == cached.model_id for lm in loaded_now)
         )
-        to_unload = tuple(self._loaded_quick()) if not already else ()
+        to_unload = tuple(loaded_now) if not already else ()
         freed_here = sum(
             (lm.footprint_bytes or 0) for lm in to_unload if _same_device(lm, target)
         )
@@ -449,10 +466,12 @@ class MemoryController:
         free_after = None if free_now is None else free_now + freed_here
         needed = estimate.total_bytes
         fits = free_after is not None and needed <= free_after
+        if mode is Mode.VLLM and not blockers:
+            needed, fits, vllm_blocker = self._vllm_claim(cached, profile, needed, _with_freed(snap, to_unload))
+            if vllm_blocker:
+                blockers.append(vllm_blocker)
         suggestion, max_ctx = None, None
         if not fits and free_after is not None:
-            from . import estimate as est
-
             max_ctx = est.max_context_that_fits(cached, free_after, profile, self.settings)
             adjusted = self._fit_profile(cached, profile, free_after)
             if adjusted is not None:
@@ -482,6 +501,23 @@ class MemoryController:
             blockers=tuple(blockers),
         )
 
+    def _vllm_claim(self, cached: CachedModel, profile: Profile, needed_bytes: int,
+                    snap_after: SystemSnapshot) -> tuple[int, bool, str | None]:
+        """What vLLM will claim on the target GPU (bytes), whether that fits, and a blocker if it can't run.
+
+        Uses the backend's own start plan (no Docker call), on a snapshot where the memory of what
+        will be unloaded already counts as free.
+        """
+        gpus = [g for g in snap_after.gpus if not profile.gpu_ids or g.index in profile.gpu_ids]
+        try:
+            vplan = self.vllm.plan_start(cached, profile, needed_bytes, gpus)
+        except InsufficientMemoryError as exc:
+            return exc.needed_bytes or needed_bytes, False, None
+        except MemctlError as exc:
+            return needed_bytes, False, exc.message
+        target = self._target_device(snap_after, profile)
+        return int(vplan.gpu_util * (target.total_bytes or 0)) or needed_bytes, True, None
+
     def _loaded_quick(self) -> list[LoadedModel]:
         try:
             return self.loaded()
@@ -504,8 +540,16 @@ class MemoryController:
             op_id=uuid.uuid4().hex[:12], kind=kind, params=params, started_at=time.time()
         )
         with self._state_lock:
+            if self._emergency_running:
+                self._op_lock.release()
+                raise OperationBusyError(
+                    f"an emergency clear is running; {kind} was not started",
+                    "wait a few seconds for it to finish",
+                )
             self._running = _Running(record.op_id, kind, description, record.started_at)
-            self._cancel.clear()
+            # A fresh flag per operation: workers of an abandoned operation keep theirs (still set),
+            # so a later operation can never un-cancel them.
+            self._cancel = threading.Event()
         try:
             record.memory_before = self._used_by_device()
             yield record
@@ -563,6 +607,7 @@ class MemoryController:
         deadline_s: float,
         progress: ProgressCallback | None,
         on_late_result: Callable[[Any], None] | None = None,
+        cancellable: bool = True,
     ) -> Any:
         """Run ``fn(progress_to_queue)`` on a worker; wait with a deadline, watching for cancel.
 
@@ -591,6 +636,7 @@ class MemoryController:
             finally:
                 done.set()
 
+        cancel = self._cancel  # this operation's flag
         worker = threading.Thread(target=runner, name=f"memctl-{what}", daemon=True)
         worker.start()
         end = time.monotonic() + deadline_s
@@ -603,21 +649,23 @@ class MemoryController:
                     break
             if finished:
                 break
-            if self._cancel.is_set() or time.monotonic() > end:
+            cancelled = cancellable and cancel.is_set()
+            if cancelled or time.monotonic() > end:
                 with lock:
                     finished_now = done.is_set()
                     if not finished_now:
                         abandoned.set()
                 if finished_now:
                     break
-                if self._cancel.is_set():
+                if cancelled:
                     raise OperationCancelledError(
                         f"{what} was stopped by an emergency clear",
                         "its result is discarded when it returns",
                     )
-                raise MemctlError(
+                raise OperationTimeoutError(
                     f"{what} did not finish within {deadline_s:.0f} s",
-                    "it is abandoned and cleaned up when it returns; check the logs, or raise operation_timeout_s",
+                    "it is abandoned and cleaned up when it returns; check the logs, or raise the deadline "
+                    "(operation_timeout_s / step_timeout_s)",
                 )
         if "error" in box:
             raise box["error"]
@@ -724,8 +772,10 @@ class MemoryController:
             with self._step(record, "rollback", None, plan.device_key) as st:
                 st.message = self._cleanup_after_failure(mode, cached) if prepare_started else "nothing new was loaded"
                 cancelled = self._cancel.is_set() or isinstance(exc, OperationCancelledError)
+                # after a timeout the worker still runs and holds the backend: restoring would wait on it
+                timed_out = isinstance(exc, OperationTimeoutError)
                 still_loaded = self._loaded_quick()
-                if not cancelled and previous and not still_loaded:
+                if not cancelled and not timed_out and previous and not still_loaded:
                     restored = self._restore(previous, prev_mode, record, progress)
                     st.message += f"; restored {restored}" if restored else "; the previous model was not restored"
                     still_loaded = self._loaded_quick()
@@ -830,8 +880,13 @@ class MemoryController:
     def _cleanup_after_failure(self, mode: Mode, cached: CachedModel) -> str:
         parts = []
         if self._tf is not None and self._tf.is_loaded(cached.model_id):
-            rep = self._tf.unload(cached.model_id)
-            parts.append(f"unloaded {cached.model_id} (freed {fmt_bytes(rep.freed_bytes)})")
+            tf = self._tf
+            try:
+                rep = self._await(lambda _p: tf.unload(cached.model_id), what=f"unloading {cached.model_id}",
+                                  deadline_s=self.settings.step_timeout_s, progress=None, cancellable=False)
+                parts.append(f"unloaded {cached.model_id} (freed {fmt_bytes(rep.freed_bytes)})")
+            except MemctlError as exc:
+                parts.append(f"could not unload {cached.model_id}: {exc.message}")
         if mode is Mode.VLLM:
             try:
                 from backends.vllm_docker import container_name_for
@@ -916,7 +971,18 @@ class MemoryController:
         Works while another operation runs: that one is told to stop at its next checkpoint.
         Every step is attempted even when an earlier one fails; each outcome is reported.
         """
-        self._cancel.set()
+        with self._state_lock:
+            if self._emergency_running:
+                raise OperationBusyError("an emergency clear is already running", "wait for it to finish")
+            self._emergency_running = True
+            self._cancel.set()  # the running operation's flag (stays set for its abandoned workers)
+        try:
+            return self._emergency_clear()
+        finally:
+            with self._state_lock:
+                self._emergency_running = False
+
+    def _emergency_clear(self) -> EmergencyReport:
         running = self.current_operation()
         steps: list[StepRecord] = []
         record = OperationRecord(op_id=uuid.uuid4().hex[:12], kind="emergency_clear",
@@ -938,7 +1004,9 @@ class MemoryController:
         def unload_all() -> str:
             if self._tf is None:
                 return "no Transformers model loaded"
-            reports = self._tf.unload_all()
+            # Only what is loaded now: if this step outlives its deadline, its thread must not unload a
+            # model that a later operation loads.
+            reports = [self._tf.unload(lm.model_id) for lm in self._tf.loaded()]
             return "; ".join(f"{r.model_id}: freed {fmt_bytes(r.freed_bytes)}" for r in reports) or "none loaded"
 
         def stop_all() -> str:
@@ -973,7 +1041,6 @@ class MemoryController:
         attempt("clear", lambda: ", ".join(k for k, v in self._clear_caches().items() if v), self.settings.step_timeout_s)
         self._mode = None
         self._active = None
-        self._cancel.clear()
         record.steps = steps
         record.ended_at = time.time()
         try:
@@ -1070,6 +1137,20 @@ def _run_with_deadline(fn: Callable[[], Any], deadline_s: float, what: str) -> A
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+def _with_freed(snap: SystemSnapshot, unloading: Sequence[LoadedModel]) -> SystemSnapshot:
+    """``snap`` as it will look once ``unloading`` is gone: their footprints count as free."""
+    gpus = []
+    for g in snap.gpus:
+        extra = sum(lm.footprint_bytes or 0 for lm in unloading if _same_device(lm, g))
+        gpus.append(g if not extra or g.free_bytes is None else dataclasses.replace(
+            g, free_bytes=g.free_bytes + extra, used_bytes=max(0, (g.used_bytes or 0) - extra)))
+    host = snap.host
+    extra = sum(lm.footprint_bytes or 0 for lm in unloading if _same_device(lm, host))
+    if extra and host.free_bytes is not None:
+        host = dataclasses.replace(host, free_bytes=host.free_bytes + extra)
+    return dataclasses.replace(snap, gpus=tuple(gpus), host=host)
 
 
 def _bits(p: Precision) -> int:

@@ -103,3 +103,7 @@ class OperationBusyError(MemctlError):
 
 class OperationCancelledError(MemctlError):
     """The running operation was told to stop (emergency clear)."""
+
+
+class OperationTimeoutError(MemctlError):
+    """A backend call did not finish within its deadline; it is abandoned and cleaned up when it returns."""

@@ -312,3 +312,26 @@ def test_a_context_beyond_the_models_maximum_is_a_blocker_not_a_fit(ctl):
     with pytest.raises(MemctlError, match="maximum 2048"):
         ctl.apply(plan)
     assert loaded_ids(ctl) == []
+
+
+def test_apply_without_a_profile_of_the_active_model_does_nothing(ctl):
+    ctl.apply(Mode.TRANSFORMERS, TINY_ID)
+    rec = ctl.apply(Mode.TRANSFORMERS, TINY_ID)
+    assert [s.name for s in rec.steps] == ["noop"]
+
+
+def test_a_timed_out_load_is_abandoned_not_restored_and_the_slot_is_freed(big_model, tmp_path):
+    s = big_model.settings.model_copy(update={"operation_timeout_s": 0.01, "state_dir": tmp_path / "state",
+                                              "docker_host": DEAD_DOCKER})
+    ctl = make_ctl(s)
+    try:
+        with pytest.raises(MemctlError, match="did not finish within"):
+            ctl.apply(Mode.TRANSFORMERS, big_model.model_id, cpu_profile())  # fp32: a real copy, not a map
+        assert ctl.current_operation() is None  # the slot is free again
+        deadline = time.monotonic() + 30
+        while loaded_ids(ctl) and time.monotonic() < deadline:  # the late result is unloaded when it returns
+            time.sleep(0.05)
+        assert loaded_ids(ctl) == []
+        assert ctl.history(1)[0].outcome is Outcome.ERROR
+    finally:
+        ctl.emergency_clear()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from memory_controller import MemoryController
-from memory_controller.errors import ContainerStartError, OperationCancelledError
+from memory_controller.errors import ContainerStartError, MemctlError, OperationCancelledError
 from memory_controller.types import Mode, Outcome, Precision, Profile
 from tests.fake_pynvml import scenario
 from tests.fixtures_docker import with_changes
@@ -113,3 +113,14 @@ def test_emergency_clear_during_a_slow_container_start_leaves_no_container(setti
     assert errors and isinstance(errors[0], OperationCancelledError)
     assert managed(docker_client) == []
     assert ctl.loaded() == [] and ctl.current_operation() is None
+
+
+def test_vllm_plans_count_what_vllm_claims_and_refuse_int8(settings):
+    ctl = make_ctl(settings)
+    plan = ctl.plan(Mode.VLLM, TINY_ID, GPU)
+    assert plan.fits and not plan.blockers
+    assert plan.needed_bytes > plan.estimate.total_bytes  # gpu_memory_utilization × 24 GiB, margin included
+    int8 = ctl.plan(Mode.VLLM, TINY_ID, GPU.with_(precision=Precision.INT8))
+    assert any("vLLM cannot serve int8" in b for b in int8.blockers)
+    with pytest.raises(MemctlError, match="cannot serve int8"):
+        ctl.apply(int8)
