@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .controller import MemoryController, Plan
+    from .controller import MemoryController, Plan, shared_controller
 
-__all__ = ["MemoryController", "Plan"]
+__all__ = ["MemoryController", "Plan", "shared_controller"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("MemoryController", "Plan"):
+    if name in ("MemoryController", "Plan", "shared_controller"):
         from . import controller
 
         return getattr(controller, name)

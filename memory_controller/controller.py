@@ -868,7 +868,7 @@ class MemoryController:
                     cached.model_id, "def hello():", max_new_tokens=self.settings.transformers_verify_tokens),
                 what="verify (generate)", deadline_s=self.settings.step_timeout_s, progress=None,
             )
-            return f"generated {len(text)} characters"
+            return f"the model answered ({len(text)} characters of text)"
         from backends.vllm_docker import container_name_for
 
         name = container_name_for(cached.model_id)
@@ -1200,3 +1200,29 @@ def _container_as_loaded(c: ContainerInfo, snap: SystemSnapshot) -> LoadedModel:
         port=c.port,
         health=c.health,
     )
+
+
+# ---------------------------------------------------------------------------- the process-wide instance
+_shared: MemoryController | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_controller() -> MemoryController:
+    """The one controller of this process, created from the environment on first use.
+
+    The dashboard keeps it here rather than only in ``st.cache_resource``: Streamlit's "Clear cache"
+    would otherwise build a second controller and lose track of models the first one loaded.
+    Raises SettingsError on invalid settings (nothing is kept then).
+    """
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = MemoryController()
+        return _shared
+
+
+def reset_shared_controller() -> None:
+    """Forget the process-wide controller (tests and benchmarks that change the environment)."""
+    global _shared
+    with _shared_lock:
+        _shared = None
