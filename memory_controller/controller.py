@@ -431,6 +431,8 @@ class MemoryController:
             else:
                 after = _with_freed(snap, loaded_now)
                 profile = self.recommend(cached.model_id, snapshot=after).profile.with_(mode=mode)
+                if mode is Mode.VLLM and profile.precision in (Precision.INT8, Precision.FP4):
+                    profile = profile.with_(precision=Precision.NF4)  # the quantisation vLLM can do
         profile = self._normalise_profile(mode, profile, snap)
         blockers: list[str] = []
         if mode is Mode.VLLM:
