@@ -31,7 +31,10 @@ from memory_controller.units import GIB
 from pages import ui_common as ui
 
 CHECKS = ("memory", "recommend", "switch", "clear", "emergency")
-DESTRUCTIVE = ("emergency",)  # left out of "run all" unless the user ticks the box for it
+DESTRUCTIVE = ("emergency",)  # asks for confirmation before it runs on its own
+# Left out of "run all" unless the user ticks the box for it: the mode switch unloads the loaded
+# models, the emergency clear unloads everything and stops the containers.
+OPT_IN = {"switch": "diag_include_switch", "emergency": "diag_include_emergency"}
 FREE_GIB_RANGE = (0.5, 1.0, 1.99, 2.0, 3.0, 3.99, 4.0, 5.0, 6.0, 7.0, 7.99, 8.0, 12.0, 24.0)
 STATUS_ICON = {"passed": "✅", "warning": "⚠️", "failed": "❌", "skipped": "⏭️"}
 RESULTS_KEY = "diag_results"
@@ -45,6 +48,13 @@ class CheckResult:
     lines: list[str] = field(default_factory=list)
     table: str | None = None
     error: BaseException | None = None
+
+
+def _precision_cell(precision: Any) -> str:
+    """``FP16 точность`` / ``INT8 квантизация``: the guide's wording."""
+    t = ui.tr()
+    key = "rec.quantization" if precision.is_quantized else "rec.precision"
+    return t(key, precision=precision.value.upper())
 
 
 class _Failed(Exception):
@@ -61,7 +71,7 @@ def check_memory(ctl: Any, say: Any) -> CheckResult:
         util += " " + t("diag.util_host" if dev.kind is DeviceKind.HOST else "diag.util_gpu")
         lines.append(t("diag.memory_line", device=ui.device_label(dev), total=ui.gib(dev.total_bytes),
                        used=ui.gib(dev.used_bytes), free=ui.gib(dev.free_bytes), util=util,
-                       level=ctl.level(dev).emoji, status=dev.status.value))
+                       level=ctl.level(dev).emoji))
         say(lines[-1])
     lines.append(t("diag.nvml", status=ui.nvml_text(snap)))
     if snap.nvml_hint:
@@ -78,7 +88,7 @@ def check_recommend(ctl: Any, say: Any) -> CheckResult:
     s = ctl.settings
     bands = s.bands
     rows = [f"| {t('diag.rec_free')} | {t('diag.rec_level')} | {t('diag.rec_band')} | {t('diag.rec_mode')} | "
-            f"{t('diag.rec_precision')} | {t('diag.rec_context')} | {t('diag.rec_batch')} | |",
+            f"{t('diag.rec_precision')} | {t('diag.rec_context')} | {t('diag.rec_batch')} | {t('diag.rec_ok')} |",
             "|---|---|---|---|---|---|---|---|"]
     problems = []
     for free_gib in FREE_GIB_RANGE:
@@ -97,7 +107,7 @@ def check_recommend(ctl: Any, say: Any) -> CheckResult:
         p = rec.profile
         rows.append(f"| {free_gib:g} GiB | {rec.level.emoji} | {ui.band_title(rec.band, bands)} | "
                     f"{ui.mode_label(p.mode)} | "
-                    f"{p.precision.value} | {p.context_tokens} | {p.batch} | {'✅' if ok else '❌'} |")
+                    f"{_precision_cell(p.precision)} | {p.context_tokens} | {p.batch} | {'✅' if ok else '❌'} |")
     # no GPU: Transformers on the CPU, vLLM unavailable with its reason
     host_rec = recommend(_synthetic_host(int(8 * GIB)), bands=bands, green_min_bytes=s.green_min_bytes,
                          yellow_min_bytes=s.yellow_min_bytes, cpu_half_precision=s.cpu_half_precision)
@@ -105,7 +115,7 @@ def check_recommend(ctl: Any, say: Any) -> CheckResult:
     if not host_ok:
         problems.append(t("diag.rec_host_mismatch", band=ui.band_title(host_rec.band, bands)))
     rows.append(f"| 8 GiB ({t('diag.rec_host')}) | {host_rec.level.emoji} | {ui.band_title(host_rec.band, bands)} | "
-                f"{ui.mode_label(host_rec.profile.mode)} | {host_rec.profile.precision.value} | "
+                f"{ui.mode_label(host_rec.profile.mode)} | {_precision_cell(host_rec.profile.precision)} | "
                 f"{host_rec.profile.context_tokens} | {host_rec.profile.batch} | {'✅' if host_ok else '❌'} |")
     now = ctl.recommend()
     now_dev = ctl.devices().device(now.device_key)
@@ -142,9 +152,9 @@ def check_switch(ctl: Any, say: Any, model_id: str | None, mode: str) -> CheckRe
     status = "warning" if record.outcome is Outcome.WARNING else "passed"
     if loaded[0].backend == "transformers":
         rep = ctl.unload(model_id)
-        lines.append(t("unload.report", emoji=rep.verdict.emoji, model=rep.model_id, freed=ui.gib(rep.freed_bytes),
-                       held=ui.gib(rep.still_held_bytes), expected=ui.gib(rep.expected_bytes), device=rep.device,
-                       measure=rep.measure))
+        lines.append(ui.unload_report_text(rep))
+        if rep.message:
+            lines.append(f"{ui.english_label()}{rep.message}")
         if rep.verdict is Outcome.ERROR:
             status = "failed"
         elif rep.verdict is Outcome.WARNING:
@@ -161,8 +171,8 @@ def check_switch(ctl: Any, say: Any, model_id: str | None, mode: str) -> CheckRe
 def check_clear(ctl: Any, say: Any) -> CheckResult:
     t = ui.tr()
     rep = ctl.clear_memory()
-    lines = [t("diag.clear_line", device=k, before=ui.gib(v), after=ui.gib(rep.after.get(k)),
-               freed=ui.gib(rep.freed.get(k))) for k, v in rep.before.items()]
+    lines = [t("diag.clear_line", device=ui.device_key_label(k), before=ui.gib(v), after=ui.gib(rep.after.get(k)),
+               freed=ui.freed_text(rep.freed.get(k))) for k, v in rep.before.items()]
     for line in lines:
         say(line)
     return CheckResult("passed", 0.0, 0.0, lines)
@@ -258,13 +268,16 @@ def render_results(results: dict[str, CheckResult]) -> None:
 
 def _request(names: tuple[str, ...]) -> None:
     st.session_state["diag_pending"] = list(names)
+    st.session_state["diag_skipped"] = []
     st.session_state["diag_confirm_emergency"] = False
 
 
 def _request_all() -> None:
-    """Every check; the emergency clear only when its box is ticked (it unloads everything)."""
-    include = st.session_state.get("diag_include_emergency", False)
-    _request(tuple(n for n in CHECKS if include or n not in DESTRUCTIVE))
+    """Every check; the mode switch and the emergency clear only when their boxes are ticked (they
+    unload the user's models). A check left out is shown as skipped, saying why."""
+    run = tuple(n for n in CHECKS if n not in OPT_IN or st.session_state.get(OPT_IN[n], False))
+    _request(run)
+    st.session_state["diag_skipped"] = [n for n in CHECKS if n not in run]
 
 
 def _ask_emergency() -> None:
@@ -288,6 +301,7 @@ def render() -> None:
     catalog = ui.run_safely(ctl.models)
     ids = [m.model_id for m in catalog.models] if catalog is not None else []
     snap = ctl.devices()
+    ui.remember_devices(snap)
     vllm_ok, _reason = ctl.vllm_status(snap)
     c1, c2 = st.columns([3, 2])
     if ids:
@@ -301,10 +315,14 @@ def render() -> None:
         c2.caption(ui.vllm_unavailable_text(snap, docker))
     st.caption(t("diag.warning"))
 
+    st.checkbox(t("diag.include_switch"), key="diag_include_switch")
     st.checkbox(t("diag.include_emergency"), key="diag_include_emergency")
     st.button(t("diag.run_all"), key="diag_run_all", type="primary", on_click=_request_all)
-    cols = st.columns(len(CHECKS))
-    for col, name in zip(cols, CHECKS, strict=True):
+    # Buttons side by side at their natural width (wrapping to a new row): in five equal columns
+    # the labels were cut short ("Переключение режи…").
+    row = st.container(horizontal=True)
+    for name in CHECKS:
+        col = row
         if name in DESTRUCTIVE:  # asks first, as on the dashboard
             col.button(t(f"diag.check_{name}"), key=f"diag_run_{name}", on_click=_ask_emergency)
         else:
@@ -317,6 +335,9 @@ def render() -> None:
         b2.button(t("emergency.cancel"), key="diag_emergency_cancel", width="stretch", on_click=_cancel_emergency)
 
     pending = st.session_state.pop("diag_pending", None) or []
+    for name in st.session_state.pop("diag_skipped", None) or []:
+        results[name] = CheckResult("skipped", 0.0, time.time(), [t("diag.skipped_opt_in", box=t(
+            "diag.include_switch" if name == "switch" else "diag.include_emergency"))])
     if pending:
         live = st.empty()  # the running checks' progress; cleared once they end, the results show below
         with live.container():

@@ -58,11 +58,14 @@ _CHILD = textwrap.dedent(r"""
     # fresh app state in the warm process: new controller, board, catalog scan, estimates
     import streamlit as st
     from memory_controller import estimate
+    from memory_controller.controller import reset_shared_controller
     st.cache_resource.clear()
+    reset_shared_controller()
     estimate._spec_cache.clear()
     fresh = []
     for _ in range(5):
         st.cache_resource.clear()
+        reset_shared_controller()
         estimate._spec_cache.clear()
         at2 = AppTest.from_file(APP, default_timeout=120)
         t0 = time.perf_counter(); at2.run(); wall = time.perf_counter() - t0

@@ -152,6 +152,19 @@ def _prefill(model: CachedModel | None, dev: DeviceSnapshot, mode: Mode, snap: S
     st.session_state["_prefill_for"] = key
     st.session_state["_prefill_codes"] = list(rec.note_codes)  # rendered in the page's language
     st.session_state["_prefill_problem"] = problem
+    st.session_state["_prefill_values"] = (rec.profile.precision.value, int(rec.profile.context_tokens),
+                                           int(rec.profile.batch))
+
+
+def _fields_as_prefilled() -> bool:
+    """True while precision, context and batch still hold the recommendation's values."""
+    now = (st.session_state.get("f_precision"), st.session_state.get("f_context"), st.session_state.get("f_batch"))
+    return st.session_state.get("_prefill_values") == now
+
+
+def _sentence(text: str) -> str:
+    """``text`` with its first letter capitalised (notes are written to follow a comma)."""
+    return text[:1].upper() + text[1:]
 
 
 # ============================================================================ fragments
@@ -172,8 +185,12 @@ def live_panel(device_key: str, sidebar_box: Any) -> None:
     op = ctl.current_operation()
     if op is not None:
         ev = op.get("last_event")
-        st.info(t("live.running", kind=op["kind"], description=op["description"],
-                  since=ui.fmt_time(op["started_at"]), event=getattr(ev, "message", "…")))
+        kind = op["kind"]
+        st.info(t("live.running", kind=t(f"opkind.{kind}") if t.has(f"opkind.{kind}") else kind,
+                  description=op["description"], since=ui.fmt_time(op["started_at"]),
+                  step=ui.step_label(ev.stage) if ev is not None else "…"))
+        if ev is not None and getattr(ev, "message", None):  # the backend's own (English) progress
+            st.caption(f"{ui.english_label()}{ev.message}")
     _chart(device_key)
     _processes(dev)
     st.session_state["_perf_live_panel_s"] = time.perf_counter() - t0
@@ -284,7 +301,9 @@ def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel
         model = None
     else:
         if st.session_state.get("f_model") not in by_id:
-            st.session_state["f_model"] = models[0].model_id
+            # A new tab starts on the model that is loaded, so it never proposes replacing it by default.
+            active = [lm.model_id for lm in loaded if lm.model_id in by_id]
+            st.session_state["f_model"] = active[0] if active else models[0].model_id
         model = by_id[st.session_state["f_model"]]
     _prefill(model, dev, mode, snap)
     field_errors = _field_errors()
@@ -295,10 +314,15 @@ def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel
     if models:
         verdicts = {m.model_id: (_fit_verdict(m, profile, available)[0] if profile is not None else "—")
                     for m in models}
+        # Short labels (name without the organisation, the verdict's mark only): the sidebar's
+        # dropdown cut a long label before the verdict. The full id shows when names collide.
+        shorts = [mid.rsplit("/", 1)[-1] for mid in by_id]
+        short_of = {mid: (sh if shorts.count(sh) == 1 else mid) for mid, sh in zip(by_id, shorts, strict=True)}
         st.selectbox(
             t("controls.model"), list(by_id),
-            format_func=lambda mid: f"{mid} · {ui.gib(by_id[mid].size_on_disk_bytes)} · {verdicts[mid]}",
-            key="f_model",
+            format_func=lambda mid: (f"{short_of[mid]} · {ui.gib(by_id[mid].size_on_disk_bytes)} · "
+                                     f"{verdicts[mid].split(' ', 1)[0]}"),
+            key="f_model", help=t("controls.model_help"),
         )
 
     # profile fields
@@ -313,12 +337,13 @@ def sidebar(snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel
                     help=t("controls.range_help", low=BATCH_RANGE[0], high=BATCH_RANGE[1]))
     for err in field_errors:
         st.error(f"⛔ {err}")
-    codes = st.session_state.get("_prefill_codes") or []
-    notes = [ui.note_text(c, ctl.settings.bands) for c in codes]
-    st.caption(t("controls.prefilled") + ("" if not notes else " " + "; ".join(notes)))
-    problem = st.session_state.get("_prefill_problem")
-    if problem:
-        st.caption(f"⚠️ {ui.english_label()}{problem}")
+    if _fields_as_prefilled():  # once the user changed a field, the values are no longer the recommendation
+        codes = st.session_state.get("_prefill_codes") or []
+        notes = [ui.note_text(c, ctl.settings.bands) for c in codes]
+        st.caption(t("controls.prefilled") + ("" if not notes else " " + _sentence("; ".join(notes)) + "."))
+        problem = st.session_state.get("_prefill_problem")
+        if problem:
+            st.caption(f"⚠️ {ui.english_label()}{problem}")
     st.button(t("controls.reset_profile"), key="btn_reset_profile", on_click=_reset_profile)
 
     # the plan, shown before anything runs
@@ -386,7 +411,7 @@ def _render_plan(plan: Any, snap: SystemSnapshot, docker: tuple[bool, str | None
             f"- {t('plan.unload')}: {unload}" + (
                 f" ({t('plan.frees', freed=ui.gib(plan.expected_freed_bytes))})" if plan.expected_freed_bytes else ""),
             f"- {t('plan.needed')}: **{ui.gib(plan.needed_bytes)}**",
-            f"- {t('plan.free_now', device=plan.device_key)}: {ui.gib(plan.free_bytes_now)}",
+            f"- {t('plan.free_now', device=ui.device_key_label(plan.device_key))}: {ui.gib(plan.free_bytes_now)}",
             f"- {t('plan.free_after')}: {ui.gib(plan.free_bytes_after_unload)}",
         ]
         st.markdown("\n".join(lines))
@@ -394,7 +419,9 @@ def _render_plan(plan: Any, snap: SystemSnapshot, docker: tuple[bool, str | None
             e = plan.estimate
             st.caption(t("plan.breakdown", weights=ui.gib(e.weights_bytes), kv=ui.gib(e.kv_cache_bytes),
                          act=ui.gib(e.activation_bytes), ctx=ui.gib(e.cuda_context_bytes)))
-        if plan.fits:
+        if plan.blockers:
+            pass  # the blocker above is the verdict: never a ✅ "fits" next to a ⛔
+        elif plan.fits:
             st.success(t("plan.fits"))
         else:
             msg = t("plan.does_not_fit")
@@ -464,7 +491,10 @@ def recommendation_card(snap: SystemSnapshot, dev: DeviceSnapshot, model: Cached
             if exact and band.name == rec.band:
                 st.success(f"**{heading}** — {t('rec.current')}\n\n{body}")
             elif band.name == rec.band:
-                st.info(f"**{heading}** — {t('rec.base')}\n\n{body}")
+                p = rec.profile
+                same = (p.mode is band.mode and p.precision is band.precision
+                        and p.context_tokens == band.context_tokens and p.batch == band.batch)
+                st.info(f"**{heading}** — {t('rec.base_same' if same else 'rec.base')}\n\n{body}")
             elif band.name == natural.name:
                 with st.container(border=True):
                     st.markdown(f"**{heading}** — {t('rec.by_free_unavailable')}\n\n{body}")
@@ -569,6 +599,7 @@ def log_section() -> None:
 def main() -> None:
     t = ui.tr()
     snap = ctl.devices()
+    ui.remember_devices(snap)
     selectable = list(snap.gpus) if snap.gpus else [snap.host]
     keys = [d.key for d in selectable]
     if st.session_state.get("device_key") not in keys:

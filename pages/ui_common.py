@@ -45,11 +45,12 @@ ADVICE_KEYS = ("out_of_memory", "model_not_loading", "container_not_stopping")
 
 
 # ============================================================================ shared resources
-@st.cache_resource(show_spinner=False)
 def _controller() -> Any:
-    from memory_controller.controller import MemoryController
+    """The process-wide controller (``shared_controller``): survives Streamlit's "Clear cache",
+    which would otherwise build a second controller that knows nothing of the loaded models."""
+    from memory_controller.controller import shared_controller
 
-    return MemoryController()
+    return shared_controller()
 
 
 def controller() -> Any:
@@ -136,7 +137,7 @@ def _has_session() -> bool:
 
 
 def _on_language_change() -> None:
-    st.session_state[LANG_KEY] = st.session_state["_lang_widget"]
+    st.session_state[LANG_KEY] = st.session_state.get("_lang_widget", st.session_state.get(LANG_KEY, "ru"))
 
 
 def language_switch() -> None:
@@ -211,9 +212,31 @@ def gib_number(n_bytes: int) -> str:
 
 def device_label(dev: DeviceSnapshot) -> str:
     t = tr()
+    _device_names[dev.key] = dev.name
     if dev.kind is DeviceKind.HOST:
         return t("device.host", name=dev.name)
     return t("device.gpu", index=dev.index, name=dev.name)
+
+
+_device_names: dict[str, str] = {}  # device key → label, from the last snapshot any page painted
+
+
+def remember_devices(snap: SystemSnapshot) -> None:
+    """Keep each device's name so tables keyed by ``host``/``gpu:1`` can name the device."""
+    for dev in snap.devices:
+        _device_names[dev.key] = dev.name
+
+
+def device_key_label(key: str) -> str:
+    """``host`` → ``Оперативная память хоста``; ``gpu:1`` → ``GPU 1 (NVIDIA …)`` (the name when known)."""
+    t = tr()
+    if key in ("host", "cpu"):  # an unload report names the host "cpu"
+        return t("device.host_plain")
+    if key.startswith("gpu:"):
+        index = key.split(":", 1)[1]
+        name = _device_names.get(key)
+        return t("device.gpu_named", index=index, name=name) if name else t("device.gpu_plain", index=index)
+    return key
 
 
 def precision_label(p: Precision | str) -> str:
@@ -464,19 +487,24 @@ def memory_change_text(memory_before: dict[str, int | None], memory_after: dict[
         after = memory_after.get(key)
         if before is None and after is None:
             continue
-        parts.append(f"{key}: {gib(before)} → {gib(after)}")
+        parts.append(f"{device_key_label(key)}: {gib(before)} → {gib(after)}")
     return "; ".join(parts)
 
 
-def unload_report(rep: UnloadReport) -> None:
+def unload_report_text(rep: UnloadReport) -> str:
+    """``✅ Выгружено: model — 270 KiB из 270 KiB вернулось, удерживается 0 B (…)``, from the report's numbers."""
     t = tr()
-    text = t("unload.report", emoji=rep.verdict.emoji, model=rep.model_id, freed=gib(rep.freed_bytes),
-             held=gib(rep.still_held_bytes), expected=gib(rep.expected_bytes), device=rep.device,
-             measure=t(f"unload.measure_{rep.measure}") if t.has(f"unload.measure_{rep.measure}") else rep.measure)
+    measure = t(f"unload.measure_{rep.measure}") if t.has(f"unload.measure_{rep.measure}") else rep.measure
+    return t("unload.report", emoji=rep.verdict.emoji, model=rep.model_id, freed=gib(rep.freed_bytes),
+             held=gib(rep.still_held_bytes), expected=gib(rep.expected_bytes),
+             device=device_key_label(rep.device), measure=measure)
+
+
+def unload_report(rep: UnloadReport) -> None:
     show = {Outcome.SUCCESS: st.success, Outcome.WARNING: st.warning, Outcome.ERROR: st.error}[rep.verdict]
-    show(text)
-    if rep.message:
-        st.caption(rep.message)
+    show(unload_report_text(rep))
+    if rep.message:  # the controller's own (English) account, under the Russian headline
+        st.caption(f"{english_label()}{rep.message}")
 
 
 def clear_report(rep: Any) -> None:
@@ -485,7 +513,7 @@ def clear_report(rep: Any) -> None:
             "|---|---|---|---|"]
     freed = rep.freed
     for key, before in rep.before.items():
-        rows.append(f"| {key} | {gib(before)} | {gib(rep.after.get(key))} | {freed_text(freed.get(key))} |")
+        rows.append(f"| {device_key_label(key)} | {gib(before)} | {gib(rep.after.get(key))} | {freed_text(freed.get(key))} |")
     st.success(t("clear.done"))
     st.markdown("\n".join(rows))
     actions = [k for k, v in (rep.actions or {}).items() if v]
@@ -666,8 +694,8 @@ def loaded_row_text(lm: LoadedModel) -> str:
     prof = lm.profile
     parts = [f"**{lm.model_id}**", lm.device, gib(lm.footprint_bytes)]
     if prof is not None:
-        parts.append(f"{prof.precision.value}, {t.count('unit.tokens', prof.context_tokens)}, "
-                     f"{t('rec.batch', batch=prof.batch)}")
+        parts.append(f"{prof.precision.value.upper()}, {t.count('unit.tokens', prof.context_tokens)}, "
+                     f"{t('rec.batch_inline', batch=prof.batch)}")
     if lm.loaded_at:
         parts.append(t("loaded.since", time=fmt_time(lm.loaded_at)))
     return " · ".join(parts)

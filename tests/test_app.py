@@ -8,6 +8,7 @@ idle, then reruns, as the page's own poll would.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -182,7 +183,9 @@ def test_two_gpus_get_a_selector_defaulting_to_the_one_with_most_free_memory(das
 def test_cached_models_show_size_and_fit_verdict_and_the_plan_before_applying(dashboard, hf_cache):
     at = dashboard("library_missing", hub=hf_cache)
     options = at.selectbox(key="f_model").options
-    assert any(o.startswith(f"{TINY_ID} · ") and o.endswith("✅ помещается") for o in options), options
+    # short label (no organisation, the verdict's mark only): the sidebar cut the long one before the verdict
+    short = TINY_ID.rsplit("/", 1)[-1]
+    assert any(o.startswith(f"{short} · ") and o.endswith(" · ✅") for o in options), options
     # the profile is prefilled from the recommendation (CPU: bf16 instead of fp16)
     assert at.selectbox(key="f_precision").value == "bf16"
     assert at.number_input(key="f_context").value == 1024
@@ -199,7 +202,7 @@ def test_a_profile_change_is_rechecked_and_a_model_that_does_not_fit_is_refused_
     at.number_input(key="f_context").set_value(2048).run()
     page = texts(at)
     assert "Не помещается" in page
-    assert any(o.endswith("❌ не помещается") for o in at.selectbox(key="f_model").options)
+    assert any(o.endswith(" · ❌") for o in at.selectbox(key="f_model").options)
     assert "f_force" in {c.key for c in at.checkbox}
     buttons(at)["btn_apply"].click().run()
     settle(at)
@@ -242,7 +245,9 @@ def test_unload_button_unloads_and_shows_freed_and_still_held(dashboard, hf_cach
     buttons(at)[f"unload::{TINY_ID}"].click().run()
     settle(at)
     page = texts(at)
-    assert f"{TINY_ID} выгружена (cpu): освобождено" in page and "всё ещё занято" in page
+    # a Russian headline from the report's numbers; the controller's English text under "Подробности (англ.)"
+    assert f"Выгружено: {TINY_ID} (Оперативная память хоста) — " in page and "вернулось" in page
+    assert "удерживается" in page and "Подробности (англ.):" in page
     assert f"unload::{TINY_ID}" not in buttons(at)
     assert "Нет загруженных моделей." in page
 
@@ -253,7 +258,8 @@ def test_clear_memory_reports_used_memory_before_and_after_per_device(dashboard)
     settle(at)
     page = texts(at)
     assert "Память очищена." in page
-    assert "| gpu:0 |" in page and "| host |" in page
+    assert "| GPU 0 (" in page and "| Оперативная память хоста |" in page  # names, not gpu:0 / host
+    assert "| gpu:0 |" not in page and "| host |" not in page
 
 
 def test_emergency_clear_asks_for_confirmation_before_running(dashboard, hf_cache):
@@ -274,7 +280,7 @@ def test_emergency_clear_asks_for_confirmation_before_running(dashboard, hf_cach
     # its steps measure no memory: the table has no column of dashes, the operation's figures follow it
     table = next(m.value for m in at.markdown if "| Шаг |" in m.value and "Выгрузка моделей Transformers" in m.value)
     assert "Память до → после" not in table.splitlines()[0]
-    assert any(str(c.value).startswith("Память до → после: host: ") for c in at.caption)
+    assert any(str(c.value).startswith("Память до → после: Оперативная память хоста: ") for c in at.caption)
 
 
 def test_a_long_operation_keeps_the_page_live_and_a_second_tab_sees_it(dashboard, hf_cache):
@@ -302,7 +308,7 @@ def test_a_long_operation_keeps_the_page_live_and_a_second_tab_sees_it(dashboard
             assert buttons(page_at)["btn_apply"].disabled and buttons(page_at)["btn_clear"].disabled
             assert not buttons(page_at)["btn_emergency"].disabled
             assert metrics(page_at)["Доступно"].endswith("GiB")  # the live panel still paints
-            assert "Идет операция «apply»" in texts(page_at)
+            assert "Идет операция «Применение изменений»" in texts(page_at)
     finally:
         release.set()
         _controller().step_hook = None
@@ -378,6 +384,39 @@ def test_a_context_above_the_models_maximum_is_a_russian_blocker_and_apply_is_di
     errors = [str(e.value) for e in at.sidebar.error]
     assert any("Контекст 4096 больше максимума модели (2048 токенов)" in e for e in errors), errors
     assert buttons(at)["btn_apply"].disabled
+    # the blocker is the verdict: never "✅ Помещается" next to the ⛔
+    assert not [s for s in at.sidebar.success if "Помещается" in str(s.value)]
+    # the user changed a field: the values are no longer "filled in by the recommendation"
+    assert not [c for c in at.sidebar.caption if "Поля заполнены по рекомендации" in str(c.value)]
+
+
+def test_the_prefilled_note_starts_its_sentences_with_a_capital_letter(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    note = next(str(c.value) for c in at.sidebar.caption if "Поля заполнены по рекомендации" in str(c.value))
+    assert not re.search(r"\. [а-яa-z]", note), note
+
+
+def test_the_controller_survives_streamlits_clear_cache(dashboard):
+    import streamlit as st
+
+    dashboard("library_missing")
+    before = _controller()
+    st.cache_resource.clear()  # the "Clear cache" menu item
+    assert _controller() is before
+
+
+def test_a_new_tab_preselects_the_loaded_model_not_the_first_cached_one(dashboard, hf_cache):
+    at = dashboard("library_missing", hub=hf_cache)
+    cached = [m.model_id for m in _controller().models().models]
+    assert at.selectbox(key="f_model").value == cached[0]  # nothing loaded: the first cached model
+    other = cached[1]
+    at.selectbox(key="f_model").set_value(other).run()
+    buttons(at)["btn_apply"].click().run()
+    settle(at)
+    assert any(lm.model_id == other for lm in _controller().loaded())
+    new_tab = AppTest.from_file(APP, default_timeout=30).run()
+    assert new_tab.selectbox(key="f_model").value == other
+    assert "уже загружена с этим профилем" in texts(new_tab)  # nothing to replace by default
 
 
 def test_utilisation_says_what_it_measures_for_the_host_and_for_a_gpu(dashboard):

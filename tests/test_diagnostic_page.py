@@ -25,12 +25,14 @@ def result_rows(at) -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_run_all_leaves_out_the_emergency_clear_unless_its_box_is_ticked(diag, hf_cache):
+def test_run_all_leaves_out_the_mode_switch_and_emergency_clear_unless_their_boxes_are_ticked(diag, hf_cache):
     at = diag("library_missing", hub=hf_cache)
     buttons(at)["diag_run_all"].click().run()
     rows = result_rows(at)
-    assert rows["🚨 Экстренная очистка"][0] == "⬜"  # not run: it unloads everything
+    assert rows["🚨 Экстренная очистка"][0] == "⏭️"  # not run: it unloads everything
+    assert rows["Переключение режимов"][0] == "⏭️"  # not run: it unloads the user's loaded model
     assert rows["Текущий статус памяти"][0] == "✅"
+    assert "Не запускалась из «Запустить все проверки»" in texts(at)
 
 
 def test_the_emergency_check_asks_for_confirmation_first(diag):
@@ -59,6 +61,7 @@ def test_all_checks_run_and_each_is_marked_with_its_time(diag, hf_cache):
     assert at.title[0].value == "🧪 Тестирование системы контроля памяти"
     assert at.selectbox(key="diag_model").value == TINY_ID
     at.checkbox(key="diag_include_emergency").check().run()
+    at.checkbox(key="diag_include_switch").check().run()
     buttons(at)["diag_run_all"].click().run()
     rows = result_rows(at)
     assert rows["Текущий статус памяти"][0] == "✅"
@@ -70,7 +73,7 @@ def test_all_checks_run_and_each_is_marked_with_its_time(diag, hf_cache):
         assert re.fullmatch(r"\d+(\.\d)? (ms|s)", took), took
     page = texts(at)
     assert f"✅ {TINY_ID} в списке загруженных" in page
-    assert f"{TINY_ID} выгружена (cpu): освобождено" in page
+    assert f"Выгружено: {TINY_ID} (Оперативная память хоста) — " in page
     assert "Выгрузка моделей Transformers" in page
     assert not [lm for lm in controller().loaded() if lm.backend == "transformers"]
 
@@ -90,7 +93,7 @@ def test_recommendation_check_walks_the_guides_table_at_its_edges(diag):
     }
     for free, (level, band) in expect.items():
         assert f"| {free} | {level} | {band} |" in table, free
-    assert "| 8 GiB (без GPU) | 🟢 | При 4-6 GB свободной памяти | Transformers | bf16 |" in table
+    assert "| 8 GiB (без GPU) | 🟢 | При 4-6 GB свободной памяти | Transformers | BF16 точность |" in table
     assert "transformers_" not in texts(at) and "vllm_full" not in texts(at)  # no internal band ids
 
 

@@ -33,7 +33,10 @@ logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").set
 
 def reset_shared_state() -> None:
     """Forget the previous test's controller/job board and the NVML scenario read at import."""
+    from memory_controller.controller import reset_shared_controller
+
     st.cache_resource.clear()
+    reset_shared_controller()
     sys.modules.pop("tests.fake_pynvml", None)
 
 
