@@ -161,7 +161,7 @@ def _user_path(page, browser, server: str) -> None:
     # choose the tiny model and apply
     sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель").get_by_role("button", name="Open").click()
     # (no "/" in the pattern: Playwright's role selector does not escape it)
-    page.get_by_role("option", name=re.compile(r"^memctl-test.tiny-llama ·")).click()
+    page.get_by_role("option", name=re.compile(r"^tiny-llama · .+ · ✅$")).click()  # short label, mark visible
     expect(sidebar.get_by_text("Помещается", exact=True)).to_be_visible()  # ✅ becomes the icon
     expect(page.get_by_text("Сейчас рекомендуется:", exact=False)).to_be_visible()
 
@@ -191,7 +191,7 @@ def _user_path(page, browser, server: str) -> None:
 
     # unload it with 🗑️ and read the report
     unload.click()
-    expect(page.get_by_text(re.compile(rf"{re.escape(TINY_ID)} выгружена \(cpu\): освобождено .+, всё ещё занято")))\
+    expect(page.get_by_text(re.compile(rf"Выгружено: {re.escape(TINY_ID)} \(Оперативная память хоста\) — .+ вернулось, удерживается")))\
         .to_be_visible(timeout=60_000)
     expect(page.get_by_role("button", name="🗑️")).to_have_count(0)
     expect(page.get_by_text("Нет загруженных моделей.")).to_be_visible()
