@@ -63,6 +63,7 @@ from .types import (
     StepRecord,
     SystemSnapshot,
     UnloadReport,
+    to_jsonable,
 )
 from .units import fmt_bytes
 
@@ -181,7 +182,6 @@ class MemoryController:
         self._catalog: tuple[float, CatalogResult] | None = None
         self._mode: Mode | None = None
         self._active: tuple[str, Profile] | None = None  # what the last apply made active
-        self._unloaded_tf_in_step1 = False
 
     # ================================================================== parts (lazy)
     @property
@@ -713,7 +713,7 @@ class MemoryController:
                force: bool, progress: ProgressCallback | None) -> OperationRecord:
         plan = self.plan(mode, cached, profile)
         profile = plan.profile
-        record.params.update({"profile": _profile_dict(profile), "device": plan.device_key,
+        record.params.update({"profile": to_jsonable(profile), "device": plan.device_key,
                               "needed_bytes": plan.needed_bytes})
         if plan.already_active:
             record.steps.append(StepRecord("noop", Outcome.SUCCESS, 0.0,
@@ -734,11 +734,11 @@ class MemoryController:
         try:
             # (1) unload current models and stop managed containers
             with self._step(record, "unload", progress, plan.device_key) as st:
-                st.message = self._unload_everything(progress)
+                st.message, unloaded_tf = self._unload_everything(progress)
             self._check_cancel()
             # (2) clear GPU memory
             with self._step(record, "clear", progress, plan.device_key) as st:
-                if self._unloaded_tf_in_step1:
+                if unloaded_tf:
                     # each Transformers unload already ran gc, empty_cache, ipc_collect and malloc_trim
                     st.message = "caches were cleared by each unload in step 1"
                 else:
@@ -809,11 +809,15 @@ class MemoryController:
             free_bytes=free,
         )
 
-    def _unload_everything(self, progress: ProgressCallback | None) -> str:
+    def _unload_everything(self, progress: ProgressCallback | None) -> tuple[str, bool]:
+        """Unload every Transformers model and stop every managed container.
+
+        Returns the step's message and whether a Transformers model was unloaded (its unload
+        already cleared the caches, so the next step need not repeat it)."""
         parts: list[str] = []
-        self._unloaded_tf_in_step1 = False
+        unloaded_tf = False
         if self._tf is not None and self._tf.loaded():
-            self._unloaded_tf_in_step1 = True
+            unloaded_tf = True
             reports: list[UnloadReport] = self._await(
                 lambda _p: self.transformers.unload_all(), what="unload", deadline_s=self.settings.step_timeout_s,
                 progress=progress,
@@ -828,7 +832,7 @@ class MemoryController:
                 raise ContainerError("could not stop managed containers: " + "; ".join(failed),
                                      "use 🚨 emergency clear, or check Docker")
             parts += [f"stopped {n}" for n, _g, _m in results]
-        return "; ".join(parts) or "nothing was loaded"
+        return "; ".join(parts) or "nothing was loaded", unloaded_tf
 
     def _clear_caches(self) -> dict[str, Any]:
         if self._tf is not None:
@@ -1059,8 +1063,6 @@ class MemoryController:
     # ================================================================== status for the CLI
     def status(self) -> dict:
         """Devices, the recommendation, and why there is no GPU / vLLM, as JSON-ready data."""
-        from .types import to_jsonable
-
         snap = self.devices()
         rec = self.recommend(snapshot=snap)
         vllm_ok, vllm_reason = self.vllm_status(snap)
@@ -1163,12 +1165,6 @@ def _same_device(lm: LoadedModel, target: DeviceSnapshot) -> bool:
     if target.kind is DeviceKind.HOST:
         return lm.device == "cpu"
     return str(target.index) in lm.device.replace("cuda:", "").split(",")
-
-
-def _profile_dict(profile: Profile) -> dict:
-    from .types import to_jsonable
-
-    return to_jsonable(profile)
 
 
 def _container_as_loaded(c: ContainerInfo, snap: SystemSnapshot) -> LoadedModel:

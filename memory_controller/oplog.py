@@ -56,15 +56,12 @@ class OperationLog:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                with os.fdopen(fd, "a", encoding="utf-8") as fh:
-                    if fh.tell() > 0 and not self._ends_with_newline():
-                        fh.write("\n")  # a torn line from a crash: start ours on a fresh line
-                    fh.write(line + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except BaseException:
-                raise
+            with os.fdopen(fd, "a", encoding="utf-8") as fh:
+                if fh.tell() > 0 and not self._ends_with_newline():
+                    fh.write("\n")  # a torn line from a crash: start ours on a fresh line
+                fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as fh:

@@ -16,15 +16,7 @@ from memory_controller.cli import _print_error
 from memory_controller.errors import MemctlError
 from memory_controller.types import DeviceKind, DeviceSnapshot, Mode, Precision, Profile
 from tests.conftest import ROOT, subprocess_env
-from tests.fixtures_docker import (  # noqa: F401
-    docker_client,
-    docker_engine,
-    docker_host,
-    fake_vllm_image,
-    free_port,
-    make_cached_model,
-    vllm_settings,
-)
+from tests.fixtures_docker import free_port, make_cached_model  # fixtures come from conftest's pytest_plugins
 
 GIB = 1024**3
 FP16 = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=1024, batch=2)

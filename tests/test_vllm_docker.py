@@ -1,5 +1,4 @@
 """vLLM Docker backend: pure sizing/arguments, and a real Docker engine running the fake vLLM image."""
-# ruff: noqa: F811  (fixtures are imported explicitly and then named as test arguments)
 
 from __future__ import annotations
 
@@ -33,15 +32,9 @@ from memory_controller.errors import (
 )
 from memory_controller.settings import load_settings
 from memory_controller.types import DeviceKind, DeviceSnapshot, DeviceStatus, Mode, Precision, Profile
-from tests.fixtures_docker import (  # noqa: F401
-    docker_client,
-    docker_engine,
-    docker_host,
-    fake_vllm_image,
+from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plugins
     free_port,
     make_cached_model,
-    user_network,
-    vllm_settings,
     with_changes,
 )
 
