@@ -1,0 +1,245 @@
+"""The one interface every backend implements, and the values it speaks in.
+
+The controller holds a registry ``{backend id: Backend}`` built from ``config/defaults.toml``
+(``[backends]``: id -> "package.module:Class") and never branches on which backend it has.
+Adding a backend is one module implementing :class:`Backend` plus one config line.
+
+Contract per call (all sizes in bytes, device keys are ``"gpu:N"`` or ``"host"``):
+
+* ``capabilities`` — static: precisions, devices, the fit ladder, whether it serves HTTP itself
+  or generates in-process.
+* ``availability(snapshot)`` — cheap (cached), never raises: can it run here, and why not.
+* ``claim(model, profile, estimate, snapshot)`` — pure of side effects: how much each device will
+  hold once it runs (vLLM claims ``gpu_memory_utilization × total``; in-process backends claim the
+  estimate) and blockers that forbid it. ``snapshot`` already counts what a plan unloads as free.
+* ``deployments()`` — what runs now; never blocks on a slow engine (answers from a cache and
+  refreshes it in the background when needed).
+* ``start(model, profile, claim, progress, cancel)`` — all or nothing: returns a READY
+  :class:`Deployment` or raises a ``MemctlError`` leaving nothing of its own behind.
+* ``stop(handle)`` — idempotent (a handle that is gone is a success with nothing freed); returns a
+  measured :class:`ReleaseReport`. Touches only what this backend owns.
+* ``verify(deployment)`` — a quick check it answers; returns a short English detail or raises.
+* ``clear_caches()`` — allocator/gc caches; returns {action: done?}.
+
+In-process backends (``capabilities.generates_in_process``) also implement
+:class:`InProcessGenerator`; HTTP backends give ``Deployment.endpoint`` and the server proxies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .types import (
+    CachedModel,
+    MemoryEstimate,
+    Outcome,
+    Precision,
+    Profile,
+    ProgressCallback,
+    SystemSnapshot,
+)
+
+
+# --------------------------------------------------------------------------- messages as codes
+@dataclass(frozen=True)
+class Message:
+    """A user-facing statement as a code and arguments; ``text`` is the English rendering.
+
+    The UI and CLI translate by ``code`` (config/strings.*.toml: ``msg.<code>``) with ``args``;
+    nothing parses ``text``.
+    """
+
+    code: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or self.code
+
+
+def msg(code: str, text: str, **args: Any) -> Message:
+    return Message(code=code, args=dict(args), text=text)
+
+
+# --------------------------------------------------------------------------- capabilities
+@dataclass(frozen=True)
+class Capabilities:
+    precisions: tuple[Precision, ...]
+    devices: tuple[str, ...]  # "cuda", "cpu"
+    # precisions the fit ladder steps down to, in order, when the chosen one does not fit
+    fit_ladder: tuple[Precision, ...]
+    serves_http: bool  # runs its own OpenAI-compatible server (Deployment.endpoint)
+    generates_in_process: bool  # implements InProcessGenerator
+    needs_gpu: bool
+    label: str = ""  # human name, e.g. "vLLM (Docker)"
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: Message | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a start would hold per device, and what forbids it."""
+
+    bytes_by_device: Mapping[str, int]
+    blockers: tuple[Message, ...] = ()
+    notes: tuple[Message, ...] = ()
+    detail: Mapping[str, Any] = field(default_factory=dict)  # backend's own (e.g. gpu_util)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_device.values())
+
+
+# --------------------------------------------------------------------------- deployments
+class DeploymentState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+_TRANSITIONS: dict[DeploymentState, frozenset[DeploymentState]] = {
+    DeploymentState.STARTING: frozenset({DeploymentState.READY, DeploymentState.FAILED, DeploymentState.STOPPING}),
+    DeploymentState.READY: frozenset({DeploymentState.STOPPING, DeploymentState.FAILED}),
+    DeploymentState.STOPPING: frozenset({DeploymentState.STOPPED, DeploymentState.FAILED}),
+    DeploymentState.FAILED: frozenset({DeploymentState.STOPPING, DeploymentState.STOPPED}),
+    DeploymentState.STOPPED: frozenset(),
+}
+
+
+class InvalidTransitionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Whatever runs: an in-process model, a container, ...; the one value UI, CLI, log and server use."""
+
+    backend_id: str
+    handle: str  # the backend's own id (model id in-process; container id for Docker)
+    model_id: str
+    profile: Profile | None
+    state: DeploymentState
+    memory_bytes: Mapping[str, int]  # device key -> bytes this deployment holds (or claims)
+    endpoint: str | None = None  # OpenAI base URL ("http://127.0.0.1:8000/v1") when it serves HTTP
+    started_at: float = 0.0
+    name: str | None = None  # a human name (container name)
+    device: str = ""  # where it runs, as the backend says it: "cpu", "cuda:0", "cuda:0,1"
+    warnings: tuple[Message, ...] = ()  # e.g. unreadable labels
+    detail: Mapping[str, Any] = field(default_factory=dict)  # backend-specific facts (image, health…)
+
+    @property
+    def footprint_bytes(self) -> int:
+        return sum(self.memory_bytes.values())
+
+    @property
+    def context_tokens(self) -> int | None:
+        return self.profile.context_tokens if self.profile else None
+
+    def to(self, state: DeploymentState, **changes: Any) -> Deployment:
+        """The same deployment in ``state``; raises InvalidTransitionError for a transition the
+        lifecycle does not allow (e.g. STOPPED -> READY)."""
+        if state is not self.state and state not in _TRANSITIONS[self.state]:
+            raise InvalidTransitionError(f"{self.backend_id}:{self.handle}: {self.state.value} -> {state.value}")
+        return dataclasses.replace(self, state=state, **changes)
+
+
+@dataclass(frozen=True)
+class ReleaseReport:
+    """What a stop gave back, measured (not assumed)."""
+
+    backend_id: str
+    handle: str
+    model_id: str
+    device: str
+    expected_bytes: int  # what the deployment held
+    freed_bytes: int  # measured
+    still_held_bytes: int  # max(0, expected - freed)
+    measure: str  # "nvml_used" | "rss_anon" | "docker" | "memory" ...
+    verdict: Outcome
+    message: Message
+
+    @property
+    def already_gone(self) -> bool:
+        return self.message.code == "release.already_gone"
+
+
+# --------------------------------------------------------------------------- generation (serving)
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request for an in-process backend. ``messages`` (chat, OpenAI shape, may hold tool calls
+    and ``role: tool`` messages) or ``prompt`` (completions)."""
+
+    messages: tuple[Mapping[str, Any], ...] | None = None
+    prompt: str | None = None
+    tools: tuple[Mapping[str, Any], ...] | None = None
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of generated text; the last chunk has ``finish_reason`` ("stop" | "length")
+    and the token counts."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@runtime_checkable
+class InProcessGenerator(Protocol):
+    def prompt_tokens(self, deployment: Deployment, request: GenerationRequest) -> int:
+        """Tokens the request's prompt takes once templated (the context guard uses it).
+        Raises MemctlError (e.g. no chat template)."""
+
+    def generate_stream(self, deployment: Deployment, request: GenerationRequest,
+                        cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        """Yield text as it is generated; stop early (finish_reason "cancelled") when ``cancel()``."""
+
+    def model_family(self, deployment: Deployment) -> str | None:
+        """Tool-call family ("qwen", "llama3", "mistral") or None when unknown."""
+
+
+# --------------------------------------------------------------------------- the protocol
+@runtime_checkable
+class Backend(Protocol):
+    id: str
+    capabilities: Capabilities
+
+    def availability(self, snapshot: SystemSnapshot) -> Availability: ...
+
+    def claim(self, model: CachedModel, profile: Profile, estimate: MemoryEstimate,
+              snapshot: SystemSnapshot) -> Claim: ...
+
+    def check_model(self, model: CachedModel, profile: Profile) -> tuple[Message, ...]:
+        """Blockers this backend sees in the model itself (no tokenizer, no chat template...)."""
+
+    def deployments(self) -> list[Deployment]: ...
+
+    def start(self, model: CachedModel, profile: Profile, claim: Claim, *,
+              progress: ProgressCallback | None = None,
+              cancel: Callable[[], bool] | None = None) -> Deployment: ...
+
+    def stop(self, handle: str) -> ReleaseReport: ...
+
+    def verify(self, deployment: Deployment) -> str: ...
+
+    def clear_caches(self) -> dict[str, Any]: ...
+
+
+BackendFactory = Callable[..., Backend]
+"""How the registry builds one: ``factory(settings, probe)``."""
