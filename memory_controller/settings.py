@@ -121,6 +121,21 @@ class Settings(BaseSettings):
     # Binding container ports beyond loopback exposes the model API to the network: opt in explicitly.
     allow_non_loopback_bind: bool = False
 
+    # Backend registry: id -> "package.module:Factory" (factory(settings, probe) -> Backend).
+    backends: dict[str, str] = Field(default_factory=dict)
+
+    # The memctl server (OpenAI-compatible API for the IDE + the control API of the owner process).
+    serve_port: int = Field(8765, ge=1, le=65535)
+    serve_api_key: SecretStr | None = None  # required on /v1 when bind_address is not loopback
+    serve_on_demand: bool = True  # a request for a cached model that is not running loads it
+    serve_idle_unload_s: float = Field(0, ge=0, le=7 * 86_400)  # 0 = never
+    serve_heartbeat_s: float = Field(5.0, gt=0, le=60)  # SSE comment heartbeat while a model loads
+    ide_min_context: int = Field(32768, ge=256, le=10_000_000)  # IDE-aware sizing's floor
+
+    # Other holders of GPU memory.
+    ollama_host: str = "127.0.0.1:11434"  # OLLAMA_HOST form: host:port or a URL
+    emergency_unloads_ollama: bool = True
+
     @field_validator("bind_address")
     @classmethod
     def _check_bind(cls, v: str) -> str:
