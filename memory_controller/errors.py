@@ -11,12 +11,17 @@ class MemctlError(Exception):
     """
 
     advice_key: str | None = None
+    code: str = "error"  # machine-readable kind; UIs translate by it (strings: err.<code>)
 
-    def __init__(self, message: str, hint: str | None = None, *, details: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, details: str | None = None,
+                 code: str | None = None, args: dict | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.details = details
+        if code is not None:
+            self.code = code
+        self.args_ = dict(args or {})  # arguments for the translated message
 
     def __str__(self) -> str:  # one line a user can read
         return f"{self.message} — {self.hint}" if self.hint else self.message
@@ -28,6 +33,8 @@ class MemctlError(Exception):
             "hint": self.hint,
             "details": self.details,
             "advice": self.advice_key,
+            "code": self.code,
+            "args": self.args_,
         }
 
 
@@ -107,3 +114,15 @@ class OperationCancelledError(MemctlError):
 
 class OperationTimeoutError(MemctlError):
     """A backend call did not finish within its deadline; it is abandoned and cleaned up when it returns."""
+
+
+class CorruptDataError(MemctlError):
+    """Data read from outside (a file, a container label, an HTTP body) is malformed or over a limit."""
+
+    code = "corrupt_data"
+
+
+class StalePlanError(MemctlError):
+    """``apply(plan)``: what is loaded or free memory changed since the plan was made; nothing was touched."""
+
+    code = "stale_plan"
