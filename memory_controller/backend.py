@@ -42,27 +42,12 @@ from .types import (
     ProgressCallback,
     SystemSnapshot,
 )
-
-
-# --------------------------------------------------------------------------- messages as codes
-@dataclass(frozen=True)
-class Message:
-    """A user-facing statement as a code and arguments; ``text`` is the English rendering.
-
-    The UI and CLI translate by ``code`` (config/strings.*.toml: ``msg.<code>``) with ``args``;
-    nothing parses ``text``.
-    """
-
-    code: str
-    args: Mapping[str, Any] = field(default_factory=dict)
-    text: str = ""
-
-    def __str__(self) -> str:
-        return self.text or self.code
-
-
-def msg(code: str, text: str, **args: Any) -> Message:
-    return Message(code=code, args=dict(args), text=text)
+from .types import (
+    Message as Message,  # re-exported: backends build messages from here
+)
+from .types import (
+    msg as msg,
+)
 
 
 # --------------------------------------------------------------------------- capabilities

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,27 @@ class Outcome(str, enum.Enum):
     @property
     def emoji(self) -> str:
         return {"success": "✅", "warning": "⚠️", "error": "❌"}[self.value]
+
+
+# --------------------------------------------------------------------------- messages as codes
+@dataclass(frozen=True)
+class Message:
+    """A user-facing statement as a code and arguments; ``text`` is the English rendering.
+
+    The UI and CLI translate by ``code`` (config/strings.*.toml: ``msg.<code>``) with ``args``;
+    nothing parses ``text``.
+    """
+
+    code: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or self.code
+
+
+def msg(code: str, text: str, **args: Any) -> Message:
+    return Message(code=code, args=dict(args), text=text)
 
 
 # --------------------------------------------------------------------------- devices
