@@ -8,8 +8,6 @@ import time
 import pytest
 
 from memory_controller import MemoryController
-from memory_controller.planning import APPLY_STEPS
-from memory_controller.probe import DeviceProbe
 from memory_controller.errors import (
     InsufficientMemoryError,
     MemctlError,
@@ -17,6 +15,8 @@ from memory_controller.errors import (
     OperationBusyError,
     OperationCancelledError,
 )
+from memory_controller.planning import APPLY_STEPS
+from memory_controller.probe import DeviceProbe
 from memory_controller.types import Outcome, Precision, Profile
 from tests.fake_pynvml import scenario
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID

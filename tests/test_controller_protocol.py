@@ -13,7 +13,13 @@ import time
 import pytest
 
 from memory_controller import MemoryController
-from memory_controller.backend import Backend, Deployment, DeploymentState, GenerationRequest, InvalidTransitionError
+from memory_controller.backend import (
+    Backend,
+    Deployment,
+    DeploymentState,
+    GenerationRequest,
+    InvalidTransitionError,
+)
 from memory_controller.errors import (
     InsufficientMemoryError,
     MemctlError,
