@@ -78,7 +78,7 @@ def validate_model_name(name: object) -> str:
     if len(name) > 350:
         raise InvalidOllamaNameError(f"Ollama model name is too long ({len(name)} characters): {shown}…",
                                      "copy the name from `memctl ollama ps`", args={"name": shown})
-    if not _NAME_RE.match(name) or ".." in name:
+    if not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidOllamaNameError(
             f"not an Ollama model name: {shown!r}",
             "a name is [host/][namespace/]model[:tag] of letters, digits, '.', '_', '-' (e.g. gpt-oss:20b); "
