@@ -336,10 +336,13 @@ def remaining_by_device(snapshot: SystemSnapshot, holders: Sequence[MemoryHolder
         known = sum(h.bytes or 0 for h in mine)
         unknown_bytes = any(h.bytes is None for h in mine)
         rest = None if gpu.used_bytes is None or unknown_bytes else max(0, gpu.used_bytes - known)
-        advice = [h.advice for h in mine if h.advice is not None]
+        advice: dict[str, Message] = {}
+        for h in mine:
+            if h.advice is not None:
+                advice.setdefault(h.advice.text, h.advice)
         if rest and not mine:
-            advice.append(advice_for("unattributed"))
-        out.append(DeviceHolders(gpu.key, gpu.used_bytes, mine, rest, tuple(dict.fromkeys(advice))))
+            advice.setdefault("unattributed", advice_for("unattributed"))
+        out.append(DeviceHolders(gpu.key, gpu.used_bytes, mine, rest, tuple(advice.values())))
     return out
 
 
