@@ -273,7 +273,8 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
     if others:
         who = ", ".join(f"{h.name} {fmt_bytes(h.bytes)}" for h in here if h.bytes)
         notes.append(msg("plan.held_by_others", f"held by others on {device_key}: {fmt_bytes(others)} ({who})",
-                         device=device_key, bytes=others, holders=[h.name for h in here if h.bytes]))
+                         device=device_key, bytes=others, size=fmt_bytes(others), who=who,
+                         holders=[h.name for h in here if h.bytes]))
     if shortfall_bytes <= 0:
         return HolderFit(shortfall_bytes, others, notes=tuple(notes))
     runners = [h for h in here if h.freeable_by == "ollama"]
@@ -285,7 +286,7 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
             h.bytes or 0 for h in runners if set(h.models) & set(chosen_models))
         label = ", ".join(chosen_models)
         step = msg("plan.unload_ollama", f"also unload from Ollama: {label}, {fmt_bytes(nbytes)}",
-                   models=list(chosen_models), bytes=nbytes)
+                   models=list(chosen_models), names=label, bytes=nbytes, size=fmt_bytes(nbytes))
         return HolderFit(shortfall_bytes, others, chosen_models, nbytes, True, notes=tuple(notes), step=step)
     rest = [h for h in here if h.freeable_by is None and h.bytes]
     need = shortfall_bytes - freeable
@@ -301,8 +302,8 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
     names = ", ".join(f"{h.name} (PID {h.pid}, {fmt_bytes(h.bytes)})" for h in blocking)
     blocker = msg("plan.blocked_by_holder",
                   f"fits only if {names} stopped; memctl never stops a process it did not start",
-                  device=device_key, holders=[{"name": h.name, "pid": h.pid, "bytes": h.bytes, "kind": h.kind}
-                                              for h in blocking])
+                  device=device_key, names=names,
+                  holders=[{"name": h.name, "pid": h.pid, "bytes": h.bytes, "kind": h.kind} for h in blocking])
     return HolderFit(shortfall_bytes, others, blocking=tuple(blocking), notes=tuple(notes), blockers=(blocker,))
 
 

@@ -189,7 +189,8 @@ def test_fits_only_with_ollama_unloaded_offers_the_step():
     fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=10 * GIB, ollama_models=[OModel("gpt-oss:20b", int(13.1 * GIB))])
     assert fit.fits_with_ollama and fit.ollama_models == ("gpt-oss:20b",) and not fit.blockers
     assert fit.step.code == "plan.unload_ollama" and fit.step.text == "also unload from Ollama: gpt-oss:20b, 13.10 GiB"
-    assert fit.step.args == {"models": ["gpt-oss:20b"], "bytes": int(13.1 * GIB)}
+    assert fit.step.args == {"models": ["gpt-oss:20b"], "names": "gpt-oss:20b", "bytes": int(13.1 * GIB),
+                             "size": "13.10 GiB"}
     # 15 GiB short: both Ollama models
     fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=15 * GIB)
     assert fit.ollama_models == ("gpt-oss:20b", "codellama:7b")

@@ -310,14 +310,16 @@ class OllamaClient:
         if not gone:
             return OllamaUnloadReport(n, target.size_vram, False, freed, waited, Outcome.ERROR, msg(
                 "ollama.unload.still_loaded", f"Ollama still lists {n} after {waited:.1f} s",
-                model=n, waited_s=waited))
+                model=n, waited_s=round(waited, 1)))
         if freed is not None and freed < want:
             return OllamaUnloadReport(n, target.size_vram, True, freed, waited, Outcome.WARNING, msg(
                 "ollama.unload.memory_slow", f"{n} unloaded, but only {fmt_bytes(freed)} of {size} came back "
-                f"within {waited:.1f} s", model=n, freed_bytes=freed, size_bytes=target.size_vram, waited_s=waited))
+                f"within {waited:.1f} s", model=n, freed_bytes=freed, size_bytes=target.size_vram, waited_s=round(waited, 1),
+                freed=fmt_bytes(freed), size=size))
         text = f"{n} unloaded from Ollama" + (f": {fmt_bytes(freed)} back (of {size})" if freed is not None else "")
         return OllamaUnloadReport(n, target.size_vram, True, freed, waited, Outcome.SUCCESS, msg(
-            "ollama.unload.done", text, model=n, freed_bytes=freed, size_bytes=target.size_vram, waited_s=waited))
+            "ollama.unload.done", text, model=n, freed_bytes=freed, size_bytes=target.size_vram,
+            waited_s=round(waited, 1), freed=fmt_bytes(freed), size=size))
 
     def unload_all(self, wait_s: float = 10.0) -> list[OllamaUnloadReport]:
         """Unload every loaded model, one after another (the emergency clear's Ollama step). A model whose
