@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .types import Message, SystemSnapshot, msg
+from .types import Message, Outcome, SystemSnapshot, msg
 from .units import fmt_bytes
 
 KINDS = ("memctl_self", "memctl_other", "managed_container", "foreign_container", "ollama_server",
@@ -203,7 +203,7 @@ def _one(key: str, pid: int, used: int | None, nvml_name: str | None, info: Proc
                             detail="not visible to memctl (exited, or in another PID namespace)",
                             advice=advice_for("process", pid=pid))
     if info.is_memctl:
-        return MemoryHolder(**base, kind="memctl_other", name=f"memctl (PID {pid})", detail=command,
+        return MemoryHolder(**base, kind="memctl_other", name="another memctl", detail=command,
                             advice=advice_for("memctl_other", pid=pid))
     if is_desktop(info.argv, info.name):
         return MemoryHolder(**base, kind="desktop", name=command or shorten(info.name or "desktop"),
@@ -345,6 +345,35 @@ def remaining_by_device(snapshot: SystemSnapshot, holders: Sequence[MemoryHolder
             advice.setdefault("unattributed", advice_for("unattributed"))
         out.append(DeviceHolders(gpu.key, gpu.used_bytes, mine, rest, tuple(advice.values())))
     return out
+
+
+BENIGN_KINDS = frozenset({"desktop", "ollama_server"})
+
+
+def _benign(h: MemoryHolder) -> bool:
+    """Expected to stay after a clear: the screen, Ollama's idle server, this process's bare CUDA context."""
+    return h.kind in BENIGN_KINDS or (h.kind == "memctl_self" and not h.models)
+
+
+def after_emergency(remaining: Sequence[DeviceHolders]) -> tuple[Outcome, Message]:
+    """The emergency clear's verdict from what still holds memory: SUCCESS only when nothing but the desktop,
+    Ollama's idle server and this process's bare CUDA context is left; else WARNING naming every holder
+    per GPU (another memctl process included: it is never reported as "nothing loaded")."""
+    lines, left = [], False
+    for dev in remaining:
+        parts = [f"{h.name} (PID {h.pid}{', ' + h.user if h.user else ''}) {fmt_bytes(h.bytes)}" for h in dev.holders]
+        if dev.unattributed_bytes:
+            parts.append(f"unattributed {fmt_bytes(dev.unattributed_bytes)}")
+        if parts:
+            lines.append(f"{dev.device_key}: " + "; ".join(parts))
+        left = left or any(not _benign(h) for h in dev.holders) or bool(dev.unattributed_bytes and not dev.holders)
+    text = " | ".join(lines)
+    if left:
+        return Outcome.WARNING, msg("emergency.still_held", f"memory is still held: {text}", holders=text)
+    if lines:
+        return Outcome.SUCCESS, msg("emergency.freed_rest_expected", f"freed; what remains is expected: {text}",
+                                    holders=text)
+    return Outcome.SUCCESS, msg("emergency.all_free", "freed: nothing holds GPU memory")
 
 
 def holder_rows(holders: Sequence[MemoryHolder]) -> list[dict[str, Any]]:

@@ -94,7 +94,7 @@ def holders_of(models=(OModel("gpt-oss:20b", int(13.1 * GIB)),), procs=PROCS):
     (12, "foreign_container", "container trainer", None, ()),
     (13, "ollama_server", "Ollama server", None, ()),
     (14, "ollama_runner", "Ollama runner", "ollama", ("gpt-oss:20b",)),
-    (15, "memctl_other", "memctl (PID 15)", None, ()),
+    (15, "memctl_other", "another memctl", None, ()),
     (16, "desktop", "Xorg vt2 -displayfd 3", None, ()),
     (17, "process", "python finetune.py --lr 3e-4", None, ()),
     (GONE, "process", f"PID {GONE}", None, ()),
@@ -286,3 +286,27 @@ def test_a_plan_short_of_memory_fits_once_ollama_unloads_its_model():
         assert snap.gpus[0].free_bytes >= needed
         hs = classify(snap, procs, {}, client.ps(), [], ME)
         assert hs == [] and not fit_with_holders(hs, "gpu:0", needed - snap.gpus[0].free_bytes).blockers
+
+
+def test_emergency_verdict_never_says_all_free_while_another_memctl_holds_memory():
+    from memory_controller.holders import after_emergency
+    from memory_controller.types import Outcome
+
+    g = FakeGpu(total_bytes=24 * GIB, used_bytes=int(1.7 * GIB),
+                processes=[FakeProcess(15, int(1.2 * GIB)), FakeProcess(16, GIB // 2)])
+    snap = snapshot(g)
+    outcome, message = after_emergency(remaining_by_device(snap, classify(snap, PROCS, {}, None, [], ME)))
+    assert outcome is Outcome.WARNING and message.code == "emergency.still_held"
+    assert "another memctl (PID 15, alice) 1.20 GiB" in message.text and "Xorg" in message.text
+    # only the desktop and this process's bare CUDA context left: a success that still names them
+    g = FakeGpu(total_bytes=24 * GIB, used_bytes=GIB, processes=[FakeProcess(ME, GIB // 2), FakeProcess(16, GIB // 2)])
+    snap = snapshot(g)
+    outcome, message = after_emergency(remaining_by_device(snap, classify(snap, PROCS, {}, None, [], ME)))
+    assert outcome is Outcome.SUCCESS and "Xorg" in message.text and "memctl (this process)" in message.text
+    # nothing at all
+    snap = snapshot(FakeGpu(used_bytes=0))
+    assert after_emergency(remaining_by_device(snap, []))[1].code == "emergency.all_free"
+    # memory no process is reported for is not "all free"
+    snap = snapshot(FakeGpu(used_bytes=3 * GIB))
+    outcome, message = after_emergency(remaining_by_device(snap, []))
+    assert outcome is Outcome.WARNING and "unattributed 3.00 GiB" in message.text

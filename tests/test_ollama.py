@@ -14,6 +14,7 @@ import pytest
 from backends.ollama import (
     InvalidOllamaNameError,
     OllamaClient,
+    OllamaError,
     OllamaMalformedError,
     OllamaRefusedError,
     OllamaTimeoutError,
@@ -237,3 +238,25 @@ def test_cli_bad_name_exits_2_and_ollama_down_exits_1(gpu_setup, capsys):
     down = SimpleNamespace(settings=load_settings(ollama_host=f"127.0.0.1:{_free_port()}"), probe=None)
     code, out, err = _run(down, ["ollama", "ps", "--json"], capsys)
     assert code == 1 and json.loads(out)["code"] == "ollama.down" and "hint:" in err
+
+
+def test_loaded_never_raises_caches_and_remembers_why(gpu_setup):
+    client = gpu_setup.client
+    assert [m.name for m in client.loaded()] == ["gpt-oss:20b", "codellama:7b"]
+    asked = len(gpu_setup.fake.requests)
+    client.loaded()
+    assert len(gpu_setup.fake.requests) == asked  # answered from the cache
+    down = OllamaClient(f"http://127.0.0.1:{_free_port()}")
+    assert down.loaded() is None and isinstance(down.last_error, OllamaUnavailableError)
+
+
+def test_emergency_unload_frees_everything_or_says_what_stayed(gpu_setup):
+    summary = gpu_setup.client.emergency_unload(wait_s=5)
+    assert "gpt-oss:20b unloaded" in summary and "codellama:7b unloaded" in summary
+    assert gpu_setup.gpu.used_bytes == GIB and gpu_setup.gpu.processes == []
+    assert "had no model loaded" in gpu_setup.client.emergency_unload()
+    gpu_setup.fake.models.append(FakeOllamaModel("stuck:1b", GIB))
+    gpu_setup.fake.fail["unload"] = "keep"
+    with pytest.raises(OllamaError) as err:
+        gpu_setup.client.emergency_unload(wait_s=0.5)
+    assert "stuck:1b" in err.value.message and err.value.args_ == {"models": ["stuck:1b"]}

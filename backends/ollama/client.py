@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -208,6 +209,9 @@ class OllamaClient:
         self._free_bytes = free_bytes
         self._sleep = sleep
         self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: tuple[float, list[OllamaModel] | None] | None = None
+        self.last_error: OllamaError | None = None
 
     # ------------------------------------------------------------------ HTTP
     def _request(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None) -> Any:
@@ -270,6 +274,24 @@ class OllamaClient:
         """Loaded models, largest in VRAM first."""
         return sorted(parse_ps(self._request("GET", "/api/ps")), key=lambda m: -m.size_vram)
 
+    def loaded(self, max_age_s: float = 5.0) -> list[OllamaModel] | None:
+        """:meth:`ps` that never raises, for the live panel and plans: the last answer while younger than
+        ``max_age_s``; None when Ollama did not answer (``last_error`` says why; asked again after
+        ``max_age_s``, so a stopped Ollama costs one refused connection per period)."""
+        with self._lock:
+            cached = self._cache
+        if cached is not None and self._clock() - cached[0] < max_age_s:
+            return cached[1]
+        try:
+            models: list[OllamaModel] | None = self.ps()
+            error = None
+        except OllamaError as exc:
+            models, error = None, exc
+        with self._lock:
+            self._cache = (self._clock(), models)
+            self.last_error = error
+        return models
+
     def _free(self) -> int | None:
         if self._free_bytes is None:
             return None
@@ -306,6 +328,8 @@ class OllamaClient:
                 break
             self._sleep(POLL_INTERVAL_S)
         waited = self._clock() - t0
+        with self._lock:
+            self._cache = None
         n, size = target.name, fmt_bytes(target.size_vram)
         if not gone:
             return OllamaUnloadReport(n, target.size_vram, False, freed, waited, Outcome.ERROR, msg(
@@ -320,6 +344,21 @@ class OllamaClient:
         return OllamaUnloadReport(n, target.size_vram, True, freed, waited, Outcome.SUCCESS, msg(
             "ollama.unload.done", text, model=n, freed_bytes=freed, size_bytes=target.size_vram,
             waited_s=round(waited, 1), freed=fmt_bytes(freed), size=size))
+
+    def emergency_unload(self, wait_s: float = 10.0) -> str:
+        """The emergency clear's Ollama step: unload every model; a one-line summary of what came back.
+        Raises OllamaError when Ollama does not answer or a model could not be unloaded."""
+        reports = self.unload_all(wait_s)
+        with self._lock:
+            self._cache = None
+        if not reports:
+            return f"Ollama at {self.base_url} had no model loaded"
+        failed = [r for r in reports if r.outcome is Outcome.ERROR]
+        summary = "; ".join(r.message.text for r in reports)
+        if failed:
+            raise OllamaError(summary, "unload them with `ollama stop NAME` or restart the Ollama service",
+                              code="ollama.unload.failed", args={"models": [r.name for r in failed]})
+        return summary
 
     def unload_all(self, wait_s: float = 10.0) -> list[OllamaUnloadReport]:
         """Unload every loaded model, one after another (the emergency clear's Ollama step). A model whose
