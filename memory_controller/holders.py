@@ -300,9 +300,10 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
     if covered < need:  # even stopping everything else would not make room: the plain "does not fit"
         return HolderFit(shortfall_bytes, others, notes=tuple(notes))
     names = ", ".join(f"{h.name} (PID {h.pid}, {fmt_bytes(h.bytes)})" for h in blocking)
+    also = " and Ollama's models were unloaded" if freeable else ""
     blocker = msg("plan.blocked_by_holder",
-                  f"fits only if {names} stopped; memctl never stops a process it did not start",
-                  device=device_key, names=names,
+                  f"fits only if {names} stopped{also}; memctl never stops a process it did not start",
+                  device=device_key, names=names, with_ollama=bool(freeable),
                   holders=[{"name": h.name, "pid": h.pid, "bytes": h.bytes, "kind": h.kind} for h in blocking])
     return HolderFit(shortfall_bytes, others, blocking=tuple(blocking), notes=tuple(notes), blockers=(blocker,))
 

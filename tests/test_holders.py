@@ -203,7 +203,7 @@ def test_fits_only_if_a_foreign_process_stopped_is_a_blocker_naming_it():
     assert not fit.fits_with_ollama and [h.pid for h in fit.blocking] == [7]
     (b,) = fit.blockers
     assert b.code == "plan.blocked_by_holder" and "python finetune.py (PID 7, 6.00 GiB)" in b.text
-    assert "never stops" in b.text
+    assert "never stops" in b.text and "and Ollama's models were unloaded" in b.text and b.args["with_ollama"]
 
 
 def test_too_big_even_if_everything_stopped_adds_no_blocker():
