@@ -42,7 +42,8 @@ def client_for(ctl: Any) -> Any:
     if callable(maker):
         return maker()
     module, _, attr = OLLAMA_FACTORY.partition(":")
-    return getattr(importlib.import_module(module), attr)(ctl.settings, getattr(ctl, "probe", None))
+    settings = getattr(ctl, "settings", ctl)  # a Settings works too (then no memory wait)
+    return getattr(importlib.import_module(module), attr)(settings, getattr(ctl, "probe", None))
 
 
 def _fail(exc: MemctlError, as_json: bool) -> int:

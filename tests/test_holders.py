@@ -139,12 +139,13 @@ def test_an_ollama_runner_in_a_container_is_still_ollamas():
 
 def test_names_are_escaped_and_shortened():
     argv = ["/opt/bin/evil\x1b[2J", "--x=" + "y" * 500, "\u2028"]
-    assert "\x1b" not in short_command(argv) and short_command(argv).startswith("evil\\x1b[2J --x=")
+    assert "\x1b" not in short_command(argv) and short_command(argv).startswith("evil\\x1b[2J --x=")  # an escape, not the byte
     assert len(short_command(argv)) == 120 and short_command(argv).endswith("…")
     procs = {7: P(7, *argv)}
     (h,) = classify(snapshot(FakeGpu(processes=[FakeProcess(7, GIB)])), procs,
                     {7: Container("d" * 64, "bad\nname", "img\x07", False, None)}, None, [], ME)
-    assert "\n" not in h.name and "\\x0a" in h.name and "\\x07" in h.detail
+    assert "\n" not in h.name and "bad\\" in h.name  # shown as an escape (\\n or \\x0a)
+    assert "\x07" not in h.detail and "img\\" in h.detail
 
 
 def test_each_gpu_gets_its_own_rows():
