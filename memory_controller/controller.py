@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import applying, maintenance, planning
 from .backend import Availability, Backend, Deployment, DeploymentState, ReleaseReport
 from .errors import InvalidModelIdError, MemctlError, ModelLoadError, ModelNotFoundError
+from .holders import holder_rows
 from .oplog import OperationLog
 from .planning import Plan
 from .recommend import level_for, recommend
@@ -247,15 +248,30 @@ class MemoryController:
 
     # ================================================================== planning
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
-             purpose: str = "switch") -> Plan:
+             purpose: str = "switch", unload_ollama: bool = False) -> Plan:
         """A dry run: steps (data), what stops and is freed, what is needed, whether it fits, blockers.
 
         Without ``profile``: the running profile when this model already runs on this backend, else
         the recommendation for the model sized for the memory free after the unload (``purpose="ide"``:
-        IDE-aware sizing, see memory_controller/servesize.py). Raises InvalidModelIdError /
-        ModelNotFoundError for a bad model id, SettingsError for an unknown backend.
+        IDE-aware sizing, see memory_controller/servesize.py). Other holders of the GPU are counted: the
+        plan notes who holds memory, offers ``ollama_offer`` when it fits only with Ollama's models unloaded
+        (``unload_ollama=True`` adds that step) and is blocked when only a foreign process stopping would
+        make room. Raises InvalidModelIdError / ModelNotFoundError for a bad model id, SettingsError for an
+        unknown backend.
         """
-        return applying.make_plan(self, str(backend_id), self.resolve(model), profile, purpose)
+        return applying.make_plan(self, str(backend_id), self.resolve(model), profile, purpose, unload_ollama)
+
+    def holders(self, snapshot: SystemSnapshot | None = None) -> list:
+        """Who holds GPU memory, named (holders.MemoryHolder), per process NVML reports."""
+        from . import holding
+
+        return holding.holders(self, snapshot)
+
+    def ollama(self):
+        """The Ollama client (backends/ollama), or None when it cannot be built."""
+        from . import holding
+
+        return holding.ollama_client(self)
 
     # ================================================================== operations
     def apply(self, plan_or_backend: Plan | str, model: str | CachedModel | None = None,
@@ -448,8 +464,20 @@ class MemoryController:
             "vllm": {"available": vllm["available"], "reason": vllm["reason"]},
             "backends": backends,
             "deployments": [to_jsonable(d) for d in self.deployments()],
+            "holders": holder_rows(self.holders(snap)) if snap.gpus else [],
+            "ollama": self._ollama_status(),
             "recommendation": to_jsonable(rec),
         }
+
+    def _ollama_status(self) -> dict:
+        client = self.ollama()
+        if client is None:
+            return {"answered": False, "error": "the Ollama client is not available", "models": []}
+        models = client.loaded(max_age_s=5.0)
+        err = getattr(client, "last_error", None)
+        return {"host": self.settings.ollama_host, "answered": models is not None,
+                "error": err.message if models is None and err is not None else None,
+                "models": [to_jsonable(m) for m in models or ()]}
 
 
 # ---------------------------------------------------------------------------- the process-wide instance

@@ -349,6 +349,8 @@ def remaining_by_device(snapshot: SystemSnapshot, holders: Sequence[MemoryHolder
 
 
 BENIGN_KINDS = frozenset({"desktop", "ollama_server"})
+# Used memory no process accounts for, up to this much, is the driver's own reserve (seen at 0.3-1 GiB).
+DRIVER_RESERVE_BYTES = 1024**3
 
 
 def _benign(h: MemoryHolder) -> bool:
@@ -367,7 +369,8 @@ def after_emergency(remaining: Sequence[DeviceHolders]) -> tuple[Outcome, Messag
             parts.append(f"unattributed {fmt_bytes(dev.unattributed_bytes)}")
         if parts:
             lines.append(f"{dev.device_key}: " + "; ".join(parts))
-        left = left or any(not _benign(h) for h in dev.holders) or bool(dev.unattributed_bytes and not dev.holders)
+        left = left or any(not _benign(h) for h in dev.holders) or bool(
+            dev.unattributed_bytes and dev.unattributed_bytes > DRIVER_RESERVE_BYTES and not dev.holders)
     text = " | ".join(lines)
     if left:
         return Outcome.WARNING, msg("emergency.still_held", f"memory is still held: {text}", holders=text)
