@@ -27,6 +27,7 @@ from memory_controller.backend import (
 )
 from memory_controller.errors import (
     ContainerError,
+    InsufficientMemoryError,
     MemctlError,
     OperationCancelledError,
     QuantizationUnavailableError,
@@ -67,6 +68,11 @@ FIRST_REFRESH_WAIT_S = 2.0  # the very first deployments() waits this long for D
 RELEASE_POLL_S = 0.25  # after a stop, NVML is read every 0.25 s until the memory is back or 5 s pass
 RELEASE_WAIT_S = 5.0
 VERIFY_TIMEOUT_S = 2.0
+_BLOCKER_ERRORS: dict[str, type[MemctlError]] = {
+    "backend.precision_unsupported": QuantizationUnavailableError,
+    "backend.over_util_cap": InsufficientMemoryError,
+    "backend.gpu_memory_unknown": InsufficientMemoryError,
+}
 
 
 class VllmDockerBackend:
@@ -208,7 +214,7 @@ class VllmDockerBackend:
         emit = launch.emitter(progress, t0)
         if claim.blockers:
             b = claim.blockers[0]
-            err = QuantizationUnavailableError if b.code == "backend.precision_unsupported" else ContainerError
+            err = _BLOCKER_ERRORS.get(b.code, ContainerError)
             raise err(b.text or b.code, "choose another profile or backend")
         gpu_util = claim.detail.get("gpu_util")
         if not isinstance(gpu_util, float) or not 0 < gpu_util <= 1 or not claim.bytes_by_device:
