@@ -304,7 +304,7 @@ class VllmDockerBackend:
                 self._stopping.discard(c.id)
             self._remember(None, forget=c.id)
         seconds = time.monotonic() - t0
-        after = self._wait_released(before, info.claim_bytes)
+        after = self._wait_released(before, info.claim_bytes if info.readable else {})
         return release_report(c.id, c.name, info, before, after, seconds)
 
     def _wait_released(self, before: dict[str, int | None], claim: dict[str, int]) -> dict[str, int | None]:

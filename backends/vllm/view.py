@@ -82,7 +82,9 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
         state = DeploymentState.STARTING
     else:
         state = DeploymentState.FAILED
-    gpu_keys = sorted(info.claim_bytes, key=lambda k: int(k[4:]))
+    # An unreadable container is not vouched for: none of its numbers are used.
+    claim = dict(info.claim_bytes) if info.readable else {}
+    gpu_keys = sorted(claim, key=lambda k: int(k[4:]))
     warnings = (unreadable_warning(name, info),) if not info.readable else ()
     detail = {
         "container_id": c.id, "image": escape_text(str((attrs.get("Config") or {}).get("Image") or "")),
@@ -94,7 +96,7 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
         detail["raw_labels"] = dict(info.raw)  # raw values only here, never in name/model_id
     return Deployment(
         backend_id=BACKEND_ID, handle=c.id, model_id=info.model_id or "(unknown)", profile=info.profile,
-        state=state, memory_bytes=dict(info.claim_bytes), endpoint=endpoint_for(settings, info.port),
+        state=state, memory_bytes=claim, endpoint=endpoint_for(settings, info.port),
         started_at=parse_docker_time(state_d.get("StartedAt")) or 0.0, name=name,
         device="cuda:" + ",".join(k[4:] for k in gpu_keys) if gpu_keys else "cuda", warnings=warnings,
         detail=detail)
@@ -110,8 +112,9 @@ def release_report(handle: str, name: str, info: LabelInfo, before: dict[str, in
                    after: dict[str, int | None], seconds: float) -> ReleaseReport:
     """Freed = NVML used before − after on the claimed GPUs; when NVML says nothing, the claim
     (measure "docker": Docker removed the container, so its memory went with it)."""
-    expected = sum(info.claim_bytes.values())
-    keys = list(info.claim_bytes)
+    claim = dict(info.claim_bytes) if info.readable else {}  # an unreadable container's numbers are not used
+    expected = sum(claim.values())
+    keys = list(claim)
     measured = bool(keys) and all(before.get(k) is not None and after.get(k) is not None for k in keys)
     if measured:
         freed = sum(max(0, (before[k] or 0) - (after[k] or 0)) for k in keys)
