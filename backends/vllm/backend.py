@@ -8,7 +8,6 @@ and can still be stopped. A container without memctl's label is never stopped or
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -52,9 +51,9 @@ from .args import (
     tool_parser_for,
     validate_container_name,
 )
-from .holders import ContainerHolder, holders_for_pids
+from .holders import ContainerHolder, docker_lookup, holders_for_pids
 from .labels import MANAGED_LABEL, is_managed, read_labels
-from .view import BACKEND_ID, gone_report, probe_health, release_report, to_deployment
+from .view import BACKEND_ID, gone_report, probe_health, release_report, to_deployment, wait_released
 
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.devices import DeviceProbe
@@ -65,8 +64,6 @@ log = logging.getLogger(__name__)
 AVAILABILITY_TTL_S = 5.0
 REFRESH_INTERVAL_S = 2.0  # deployments(): a cache older than this is refreshed in the background
 FIRST_REFRESH_WAIT_S = 2.0  # the very first deployments() waits this long for Docker's answer
-RELEASE_POLL_S = 0.25  # after a stop, NVML is read every 0.25 s until the memory is back or 5 s pass
-RELEASE_WAIT_S = 5.0
 VERIFY_TIMEOUT_S = 2.0
 _BLOCKER_ERRORS: dict[str, type[MemctlError]] = {
     "backend.precision_unsupported": QuantizationUnavailableError,
@@ -93,6 +90,7 @@ class VllmDockerBackend:
         self._docker_status: tuple[float, dc.DockerUnavailableError | None] | None = None
         self._cache: dict[str, Deployment] | None = None
         self._cache_at = 0.0
+        self._generation = 0  # bumped by start/stop: a refresh begun before them is out of date
         self._refresher: threading.Thread | None = None
         self._starting: set[str] = set()
         self._stopping: set[str] = set()
@@ -165,6 +163,8 @@ class VllmDockerBackend:
         return self._refresher
 
     def _refresh(self) -> None:
+        with self._lock:
+            generation = self._generation
         try:
             found = self.list_managed(probe=True)
         except MemctlError as exc:
@@ -174,6 +174,8 @@ class VllmDockerBackend:
             log.exception("vLLM container refresh failed")
             found = []
         with self._lock:
+            if generation != self._generation and self._cache is not None:
+                return  # a start/stop finished meanwhile: keep what it recorded; the next call refreshes
             self._cache = {d.handle: d for d in found}
             self._cache_at = time.monotonic()
 
@@ -191,6 +193,7 @@ class VllmDockerBackend:
 
     def _remember(self, dep: Deployment | None, forget: str | None = None) -> None:
         with self._lock:
+            self._generation += 1
             if self._cache is None:
                 self._cache = {}
             if forget is not None:
@@ -304,22 +307,8 @@ class VllmDockerBackend:
                 self._stopping.discard(c.id)
             self._remember(None, forget=c.id)
         seconds = time.monotonic() - t0
-        after = self._wait_released(before, info.claim_bytes if info.readable else {})
+        after = wait_released(self._gpu_used, before, info.claim_bytes if info.readable else {})
         return release_report(c.id, c.name, info, before, after, seconds)
-
-    def _wait_released(self, before: dict[str, int | None], claim: dict[str, int]) -> dict[str, int | None]:
-        """NVML used bytes after a stop, polled until 75% of the claim is back or RELEASE_WAIT_S pass."""
-        after = self._gpu_used()
-        keys = [k for k in claim if before.get(k) is not None]
-        if not keys:
-            return after
-        deadline = time.monotonic() + RELEASE_WAIT_S
-        while True:
-            freed = sum(max(0, (before[k] or 0) - (after.get(k) or 0)) for k in keys)
-            if freed >= 0.75 * sum(claim[k] for k in keys) or time.monotonic() >= deadline:
-                return after
-            time.sleep(RELEASE_POLL_S)
-            after = self._gpu_used()
 
     def stop_all_managed(self, timeout_s: float | None = None) -> list[ReleaseReport]:
         """Stop and remove every memctl container (emergency); one report each, failures as ERROR.
@@ -366,18 +355,7 @@ class VllmDockerBackend:
     def containers_for_pids(self, pids: Iterable[int], timeout_s: float = 2.0) -> dict[int, ContainerHolder]:
         """Host PID -> the container it runs in (managed or not); never waits more than ``timeout_s``."""
 
-        def lookup(ids: set[str]) -> dict[str, Any]:
-            client = self.access.new_client(timeout_s)
-            try:
-                out = {}
-                for cid in ids:
-                    with contextlib.suppress(Exception):
-                        out[cid] = client.containers.get(cid)
-                return out
-            finally:
-                client.close()
-
-        return holders_for_pids(pids, lookup, timeout_s)
+        return holders_for_pids(pids, docker_lookup(self.access, timeout_s), timeout_s)
 
     def clear_caches(self) -> dict[str, Any]:
         return {}  # vLLM's memory lives in its container: nothing to clear in this process

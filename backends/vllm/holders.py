@@ -6,6 +6,7 @@ cgroup v2 (systemd driver): ``0::/system.slice/docker-<64 hex>.scope``; cgroupfs
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -81,3 +82,20 @@ def holders_for_pids(pids: Iterable[int], lookup: Callable[[set[str]], dict[str,
         out[pid] = ContainerHolder(cid, escape_text(str(c.name)), escape_text(str(image)), managed,
                                    escape_text(model) if isinstance(model, str) else None)
     return out
+
+
+def docker_lookup(access: Any, timeout_s: float) -> Callable[[set[str]], dict[str, Any]]:
+    """A lookup for :func:`holders_for_pids` on its own short-timeout client (``access``: DockerAccess)."""
+
+    def lookup(ids: set[str]) -> dict[str, Any]:
+        client = access.new_client(timeout_s)
+        try:
+            out = {}
+            for cid in ids:
+                with contextlib.suppress(Exception):  # gone meanwhile: reported with its id only
+                    out[cid] = client.containers.get(cid)
+            return out
+        finally:
+            client.close()
+
+    return lookup

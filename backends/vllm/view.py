@@ -4,6 +4,8 @@ memctl's own bind address), and the measured :class:`ReleaseReport` of a stop.""
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,8 @@ BACKEND_ID = "vllm"
 HEALTH_PROBE_TIMEOUT_S = 0.5
 # A release counts as complete when at most this share of the claim is still held.
 STILL_HELD_TOLERANCE = 0.10
+RELEASE_POLL_S = 0.25  # after a stop, NVML is read every 0.25 s until the memory is back or 5 s pass
+RELEASE_WAIT_S = 5.0
 
 
 def parse_docker_time(value: Any) -> float | None:
@@ -89,7 +93,8 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
     detail = {
         "container_id": c.id, "image": escape_text(str((attrs.get("Config") or {}).get("Image") or "")),
         "docker_state": status, "health": health, "port": info.port, "gpu_util": info.gpu_util,
-        "served_name": info.served_name, "tool_parser": info.tool_parser,
+        "served_name": info.raw_served_name,  # the exact name vLLM serves (None unless plain text)
+        "tool_parser": info.tool_parser,
         "tools_parsed": info.tool_parser is not None,
     }
     if not info.readable:
@@ -133,3 +138,20 @@ def release_report(handle: str, name: str, info: LabelInfo, before: dict[str, in
     return ReleaseReport(BACKEND_ID, handle, model, device, expected, freed, still, measure, Outcome.SUCCESS,
                          msg("release.freed", f"{name} stopped and removed in {seconds:.1f} s, "
                              f"{fmt_bytes(freed)} freed ({measure})", **args))
+
+
+def wait_released(used: Callable[[], dict[str, int | None]], before: dict[str, int | None],
+                  claim: dict[str, int]) -> dict[str, int | None]:
+    """NVML used bytes after a stop, read again every RELEASE_POLL_S until 75% of the claim is
+    back or RELEASE_WAIT_S pass (the driver frees a dead process's memory with a delay)."""
+    after = used()
+    keys = [k for k in claim if before.get(k) is not None]
+    if not keys:
+        return after
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while True:
+        freed = sum(max(0, (before[k] or 0) - (after.get(k) or 0)) for k in keys)
+        if freed >= 0.75 * sum(claim[k] for k in keys) or time.monotonic() >= deadline:
+            return after
+        time.sleep(RELEASE_POLL_S)
+        after = used()
