@@ -189,7 +189,7 @@ def test_the_backend_implements_the_protocol_and_importing_it_does_not_load_dock
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
     assert out == ["False", "False"]
-    b = create(load_settings(docker_host=f"unix://{tmp_path}/none.sock"), fake_probe())
+    b = create(load_settings(docker_host=f"unix://{tmp_path}/none.sock", vllm_tag="v0.27.1"), fake_probe())
     assert isinstance(b, Backend) and b.id == "vllm"
     caps = b.capabilities
     assert caps.precisions == (Precision.FP16, Precision.BF16, Precision.NF4) and caps.fit_ladder == (Precision.NF4,)
@@ -382,3 +382,34 @@ def test_socket_permission_denied_is_reported(docker_host):
     os.close(r)
     assert not ok and "permission denied" in reason and "docker group" in reason
 
+
+
+@pytest.mark.parametrize("tag,nf4", [("v0.27.1", True), ("v0.11.0", True), ("v0.28.0", False), ("v0.33.0", False),
+                                     ("latest", False), ("my-custom-build", True)])
+def test_nf4_is_offered_only_by_images_that_still_quantize_in_flight(tmp_path, tag, nf4):
+    # vLLM removed in-flight bitsandbytes in v0.28.0 (quantization/bitsandbytes.py is in the 0.27.1 wheel,
+    # not in 0.28.0 or 0.33.0): --quantization bitsandbytes would fail at start.
+    settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=tmp_path, vllm_tag=tag)
+    b = VllmDockerBackend(settings)
+    assert (Precision.NF4 in b.capabilities.precisions) is nf4
+    assert b.capabilities.fit_ladder == ((Precision.NF4,) if nf4 else ())
+    model = make_cached_model(settings)
+    nf4_profile = FP16.with_(precision=Precision.NF4)
+    claim = b.claim(model, nf4_profile, estimate_of(model.model_id, nf4_profile, GIB), snapshot_with(gpu()))
+    assert [m.code for m in claim.blockers] == ([] if nf4 else ["backend.precision_unsupported"])
+    if not nf4:
+        assert "v0.28" in claim.blockers[0].text and claim.blockers[0].args["image_tag"] == tag
+        assert [m.code for m in b.check_model(model, nf4_profile)] == ["backend.precision_unsupported"]
+        with pytest.raises(QuantizationUnavailableError):
+            b.start(model, nf4_profile, claim)
+
+
+def test_the_default_image_is_vllm_v0_33_0_without_in_flight_nf4():
+    settings = load_settings()
+    assert settings.vllm_tag == "v0.33.0"
+    assert Precision.NF4 not in VllmDockerBackend(settings).capabilities.precisions
+
+
+def test_an_image_refusing_the_quantization_gets_a_plain_words_cause():
+    key, words = classify_failure(["vllm serve: error: argument --quantization/-q: invalid choice: 'bitsandbytes'"])
+    assert key == "quantization_unsupported" and "v0.27" in words

@@ -251,7 +251,30 @@ class GpuClaim:
     bytes_by_device: dict[str, int]
 
 
-def precision_blocker(precision: Precision) -> Message | None:
+# vLLM quantizes in flight to bitsandbytes 4-bit (NF4) up to v0.27.x; v0.28.0 removed it (read from
+# the wheels on PyPI: quantization/bitsandbytes.py is in 0.27.1, absent from 0.28.0 and 0.33.0).
+_LAST_WITH_BNB = (0, 27)
+
+
+def inflight_nf4_supported(image_tag: str) -> bool | None:
+    """Whether the vLLM image ``vX.Y.Z`` can quantize to NF4 in flight; None for a tag that names no
+    version (a custom build: it is tried, and a refusal shows in the start's log tail)."""
+    tag = image_tag.strip().lower()
+    if tag in ("latest", "nightly"):
+        return False
+    m = re.match(r"^v?(\d+)\.(\d+)(?:\.|$|-)", tag)
+    if not m:
+        return None
+    return (int(m.group(1)), int(m.group(2))) <= _LAST_WITH_BNB
+
+
+def precision_blocker(precision: Precision, image_tag: str | None = None) -> Message | None:
+    """Why vLLM (image ``image_tag``) cannot serve ``precision``, or None."""
+    if precision is Precision.NF4 and image_tag is not None and inflight_nf4_supported(image_tag) is False:
+        return msg("backend.precision_unsupported",
+                   f"vLLM {image_tag} cannot quantize to nf4 in flight (bitsandbytes was removed in v0.28); "
+                   "use fp16/bf16, a pre-quantized (AWQ/GPTQ) checkpoint, the Transformers backend for nf4, "
+                   "or set vllm_tag to v0.27.1", backend="vllm", precision=precision.value, image_tag=image_tag)
     if precision in SERVABLE:
         return None
     return msg("backend.precision_unsupported",
@@ -325,7 +348,7 @@ def compute_claim(settings: Settings, model: CachedModel, profile: Profile, esti
     notes: list[Message] = []
     bytes_by_device: dict[str, int] = {}
     detail: dict[str, Any] = {}
-    if (b := precision_blocker(profile.precision)) is not None:
+    if (b := precision_blocker(profile.precision, settings.vllm_tag)) is not None:
         blockers.append(b)
     chosen, b = chosen_gpus(profile, snapshot.gpus)
     if b is not None:

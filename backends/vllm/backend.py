@@ -8,6 +8,7 @@ and can still be stopped. A container without memctl's label is never stopped or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -46,6 +47,7 @@ from . import launch
 from .args import (
     check_free,
     compute_claim,
+    inflight_nf4_supported,
     model_family,
     precision_blocker,
     tool_parser_for,
@@ -76,6 +78,7 @@ class VllmDockerBackend:
     """Starts, lists, verifies and stops memctl's vLLM containers. Thread-safe."""
 
     id = BACKEND_ID
+    # What an image that still quantizes in flight (<= v0.27) can do; an instance narrows it to its image.
     capabilities = Capabilities(
         precisions=(Precision.FP16, Precision.BF16, Precision.NF4), devices=("cuda",), fit_ladder=(Precision.NF4,),
         serves_http=True, generates_in_process=False, needs_gpu=True, label="vLLM (Docker)")
@@ -86,6 +89,9 @@ class VllmDockerBackend:
         self.probe = probe
         self.network = network if network is not None else settings.vllm_network
         self.access = dc.DockerAccess(settings.docker_host)
+        if inflight_nf4_supported(settings.vllm_tag) is False:  # v0.28+: no bitsandbytes in flight
+            self.capabilities = dataclasses.replace(VllmDockerBackend.capabilities,
+                                                    precisions=(Precision.FP16, Precision.BF16), fit_ladder=())
         self._lock = threading.RLock()
         self._docker_status: tuple[float, dc.DockerUnavailableError | None] | None = None
         self._cache: dict[str, Deployment] | None = None
@@ -134,7 +140,7 @@ class VllmDockerBackend:
         if not Path(model.path).is_dir():
             out.append(msg("backend.model_missing", f"{model.model_id}: {model.path} is missing; rescan the models",
                            model=model.model_id))
-        blocker = precision_blocker(profile.precision)
+        blocker = precision_blocker(profile.precision, self.settings.vllm_tag)
         return (*out, blocker) if blocker else tuple(out)
 
     def claim(self, model: CachedModel, profile: Profile, estimate: MemoryEstimate,

@@ -36,6 +36,8 @@ _CAUSES: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (re.compile(r"less than desired GPU memory utilization|Free memory on device", re.I), "gpu_memory_busy",
      "less GPU memory was free than --gpu-memory-utilization asks for (other processes hold it)"),
     (re.compile(r"Address already in use", re.I), "port_in_use", "the server port is already in use"),
+    (re.compile(r"--quantization.*invalid choice|Unknown quantization method", re.I), "quantization_unsupported",
+     "this vLLM image does not know the quantization memctl asked for (nf4 needs vLLM v0.27 or older)"),
 )
 
 CAUSE_HINTS = {
@@ -44,6 +46,7 @@ CAUSE_HINTS = {
     "max_model_len_too_large": "lower the context (max_model_len) or the batch, or use a smaller model",
     "gpu_memory_busy": "stop other programs using the GPU, or lower the context or batch",
     "port_in_use": "stop what listens on that port or set MEMCTL_VLLM_PORT to a free one",
+    "quantization_unsupported": "use fp16/bf16 with this image, or the Transformers backend for 4-bit",
 }
 
 
