@@ -29,6 +29,7 @@ TOOL_PARSER_LABEL = "memctl.tool_parser"
 LABEL_MAX_BYTES = 64 * 1024
 LABEL_MAX_DEPTH = 8
 TEXT_MAX_CHARS = 300
+RAW_MAX_CHARS = 4096  # raw label values kept for diagnosis (Deployment.detail) are cut to this
 _MAX_CONTEXT = 16 * 1024 * 1024
 _MAX_BATCH = 65_536
 _MAX_CLAIM_BYTES = 1 << 50  # 1 PiB per device: anything above is nonsense
@@ -92,7 +93,7 @@ class LabelInfo:
     def raw_served_name(self) -> str | None:
         """The served name as written (used to match /v1/models), only when it is plain text."""
         v = self.raw.get(SERVED_NAME_LABEL) or self.raw.get(MODEL_LABEL)
-        return v if v is not None and escape_text(v) == v else None
+        return v if v is not None and len(v) <= TEXT_MAX_CHARS and escape_text(v) == v else None
 
 
 def _int_in(value: Any, lo: int, hi: int) -> int | None:
@@ -153,8 +154,8 @@ def read_labels(labels: Any) -> LabelInfo:
     """Validate a container's labels. Never raises; every malformed value is a problem."""
     if not isinstance(labels, dict):
         return LabelInfo(None, None, None, None, None, problems=("labels are not a mapping",))
-    raw = {k: (v[:LABEL_MAX_BYTES] if isinstance(v, str) else repr(v)[:200])
-           for k, v in labels.items() if isinstance(k, str) and k.startswith("memctl.")}
+    raw = {k[:100]: (v[:RAW_MAX_CHARS] if isinstance(v, str) else repr(v)[:200])
+           for k, v in list(labels.items())[:64] if isinstance(k, str) and k.startswith("memctl.")}
     problems: list[str] = []
 
     def text(key: str) -> str | None:
