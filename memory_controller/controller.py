@@ -103,14 +103,21 @@ class MemoryController:
             return Availability(False, msg("backend.import_failed", exc.message, backend=backend_id))
         return b.availability(snapshot or self.probe.snapshot())
 
-    def deployments(self) -> list[Deployment]:
-        """What runs now, every backend together (never blocks on a slow engine)."""
+    def deployments(self, *, fresh: bool = False) -> list[Deployment]:
+        """What runs now, every backend together. By default it never blocks on a slow engine (a backend
+        it cannot reach contributes nothing); ``fresh`` asks backends that manage an outside engine for a
+        listing straight from it (their optional ``list_managed()``) and raises when one cannot be reached."""
         out: list[Deployment] = []
         for b in self.backends().values():
+            listing = getattr(b, "list_managed", None) if fresh else None
+            if listing is not None:
+                out.extend(listing())
+                continue
             try:
                 out.extend(b.deployments())
             except MemctlError:
-                continue
+                if fresh:
+                    raise
         return out
 
     @property

@@ -3,7 +3,7 @@
 Glue between the pure classifier (holders.py) and what can only be asked at run time. Ollama is not a
 backend memctl starts models on: it is another holder memctl may ask to unload, reached through the
 client named by :data:`OLLAMA_CLIENT` (imported by name: the core never imports ``backends``). A
-backend that can map PIDs to what it runs offers ``holders_for_pids(pids, timeout_s)``.
+backend that can map PIDs to what it runs offers ``containers_for_pids(pids, timeout_s)``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def holders(ctl: MemoryController, snap: SystemSnapshot | None = None) -> list[M
     containers: dict = {}
     backends = ctl.backends()
     for b in backends.values():
-        mapper = getattr(b, "holders_for_pids", None)
+        mapper = getattr(b, "containers_for_pids", None)
         if mapper is None:
             continue
         try:

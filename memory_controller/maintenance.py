@@ -87,7 +87,8 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
                 raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
                                   "check it by hand", code="emergency.backend_unreachable",
                                   args={"backend": bid, "reason": reason})
-            deps = b.deployments()
+            listing = getattr(b, "list_managed", None)  # straight from an outside engine: nothing missed
+            deps = listing() if listing is not None else b.deployments()
             reports, failed = [], []
             for d in deps:
                 try:

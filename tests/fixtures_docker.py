@@ -163,7 +163,7 @@ GIB = 1024**3
 
 def fake_probe(*gpus: tuple[float, float]):
     """A DeviceProbe over the fake NVML with one GPU per ``(total_gib, free_gib)`` (default one 24/23 GiB)."""
-    from memory_controller.devices import DeviceProbe
+    from memory_controller.probe import DeviceProbe
     from tests.fake_pynvml import FakeGpu, FakeNvml
 
     specs = gpus or ((24, 23),)

@@ -301,7 +301,7 @@ def test_construction_does_not_connect(tmp_path):
 
 
 def test_no_gpu_makes_it_unavailable_with_a_code(tmp_path):
-    from memory_controller.devices import DeviceProbe
+    from memory_controller.probe import DeviceProbe
 
     snap = DeviceProbe(nvml_module_name="no_such_nvml_module").snapshot()
     av = VllmDockerBackend(load_settings(docker_host=f"unix://{tmp_path}/none.sock")).availability(snap)

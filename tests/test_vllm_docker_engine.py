@@ -346,7 +346,7 @@ class _EngineGpu:
 
 
 def test_stop_measures_the_memory_given_back_on_nvml(vllm_settings, docker_client):
-    from memory_controller.devices import DeviceProbe
+    from memory_controller.probe import DeviceProbe
     from tests.fake_pynvml import FakeGpu, FakeNvml
 
     engine_gpu = _EngineGpu(docker_client, 1 * GIB)

@@ -58,7 +58,7 @@ from .labels import MANAGED_LABEL, is_managed, read_labels
 from .view import BACKEND_ID, gone_report, probe_health, release_report, to_deployment, wait_released
 
 if TYPE_CHECKING:  # pragma: no cover
-    from memory_controller.devices import DeviceProbe
+    from memory_controller.probe import DeviceProbe
     from memory_controller.settings import Settings
 
 log = logging.getLogger(__name__)

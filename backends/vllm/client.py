@@ -77,7 +77,7 @@ class DockerAccess:
         return self.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
     def new_client(self, timeout_s: float) -> Any:
-        import docker  # noqa: TID251 - this package owns Docker
+        import docker
 
         if self.docker_host:
             return docker.DockerClient(base_url=self.docker_host, timeout=timeout_s)
@@ -155,7 +155,7 @@ class DockerAccess:
 
         The original docker-py exception stays as ``__cause__`` (see :func:`is_not_found`).
         """
-        import docker.errors  # noqa: TID251
+        import docker.errors
         import requests.exceptions
 
         try:
@@ -174,13 +174,13 @@ class DockerAccess:
 
 def is_not_found(exc: BaseException) -> bool:
     """True when ``exc`` (a ContainerError from :meth:`DockerAccess.errors`) came from a 404."""
-    import docker.errors  # noqa: TID251
+    import docker.errors
 
     return isinstance(exc.__cause__, docker.errors.NotFound)
 
 
 def is_image_not_found(exc: BaseException) -> bool:
-    import docker.errors  # noqa: TID251
+    import docker.errors
 
     return isinstance(exc.__cause__, docker.errors.ImageNotFound)
 
@@ -192,19 +192,19 @@ def is_conflict(exc: BaseException) -> bool:
 
 
 def not_found_type() -> type[BaseException]:
-    import docker.errors  # noqa: TID251
+    import docker.errors
 
     return docker.errors.NotFound
 
 
 def docker_exception_type() -> type[BaseException]:
-    import docker.errors  # noqa: TID251
+    import docker.errors
 
     return docker.errors.DockerException
 
 
 def device_request(gpu_ids: Sequence[int] | None) -> Any:
-    import docker.types  # noqa: TID251
+    import docker.types
 
     if gpu_ids is None:
         return docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
