@@ -280,19 +280,8 @@ def served_context(ctl: Any, model_id: str | None) -> tuple[str, int, tuple[Any,
 
 
 def default_backend_id(ctl: Any, model_id: str) -> str:
-    """The backend an on-demand load would use: the controller's own choice when it has one."""
-    for name in ("default_backend_id", "default_backend"):
-        fn = getattr(ctl, name, None)
-        if callable(fn):
-            value = fn(model_id) if name == "default_backend_id" else fn()
-            return value if isinstance(value, str) else value.id
-    backends = getattr(ctl, "backends", None)
-    ids = list(backends()) if callable(backends) else []
-    if hasattr(ctl, "recommend"):
-        mode = ctl.recommend(model_id).profile.mode.value
-        if not ids or mode in ids:
-            return mode
-    return ids[0] if ids else "transformers"
+    """The backend an on-demand load of ``model_id`` would use (the server's choice)."""
+    return str(ctl.serving_backend_id())
 
 
 def _text(m: Any) -> str:

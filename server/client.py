@@ -60,7 +60,13 @@ def from_jsonable(tp: Any, data: Any) -> Any:
                   for f in dataclasses.fields(tp) if f.init and f.name in data}
         return tp(**kwargs)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(data)
+        try:
+            return tp(data)
+        except ValueError:
+            # Profile.mode holds a backend id ("inmem") where the hint says Mode: keep the string
+            if issubclass(tp, str) and isinstance(data, str):
+                return data
+            raise
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -68,6 +74,9 @@ def from_jsonable(tp: Any, data: Any) -> Any:
         if args:
             return tuple(from_jsonable(a, x) for a, x in zip(args, data, strict=True))
         return tuple(data)
+    if origin in (set, frozenset, collections.abc.Set):
+        (arg,) = typing.get_args(tp) or (Any,)
+        return (frozenset if origin is frozenset else set)(from_jsonable(arg, x) for x in data)
     if origin in (list, collections.abc.Sequence, collections.abc.Iterable):
         (arg,) = typing.get_args(tp) or (Any,)
         return [from_jsonable(arg, x) for x in data]
@@ -86,8 +95,8 @@ def from_jsonable(tp: Any, data: Any) -> Any:
     return data
 
 
-_TYPE_MODULES = ("memory_controller.controller", "memory_controller.types", "memory_controller.backend",
-                 "memory_controller.plan", "memory_controller.reports")
+_TYPE_MODULES = ("memory_controller.types", "memory_controller.backend", "memory_controller.planning",
+                 "memory_controller.reports", "memory_controller.controller")
 
 
 def _find_type(name: str) -> type | None:
@@ -114,6 +123,22 @@ def decode(type_name: str, data: Any) -> Any:
         return data
 
 
+def to_json(value: Any) -> Any:
+    """``to_jsonable`` plus sets (a plan's basis) as lists: what httpx can send."""
+    from memory_controller.types import to_jsonable
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (set, frozenset)):
+            return [plain(x) for x in sorted(v, key=repr)]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(to_jsonable(value))
+
+
 def error_from_body(body: Any, status_code: int) -> errors.MemctlError:
     """The MemctlError (same class when known) the owner raised, from its JSON error body."""
     err = body.get("error") if isinstance(body, dict) else None
@@ -137,7 +162,8 @@ def error_from_body(body: Any, status_code: int) -> errors.MemctlError:
 class RemoteController:
     """The owner's controller, seen from another process. Same method names and results as
     :class:`~memory_controller.MemoryController` for: devices, deployments, models, plan, apply,
-    unload, clear_memory, emergency_clear, history, status, current_operation, in_flight; plus
+    unload, clear_memory, emergency_clear, history, status, current_operation, in_flight,
+    serving_backend_id; plus
     ``serve_status()`` (the server's per-model queue and idle-unload countdown) and ``owner``.
     """
 
@@ -212,29 +238,25 @@ class RemoteController:
                                                   timeout_s=max(self._timeout_s, 60.0)))
 
     def plan(self, backend_id: str, model: Any, profile: Any = None, *, purpose: str = "switch") -> Any:
-        from memory_controller.types import to_jsonable
-
-        body = {"backend_id": backend_id, "model_id": _model_id(model),
-                "profile": to_jsonable(profile), "purpose": purpose}
+        body = {"backend_id": backend_id, "model_id": _model_id(model), "profile": to_json(profile),
+                "purpose": purpose}
         return decode("Plan", self._call("POST", "/plan", json=body, timeout_s=max(self._timeout_s, 60.0)))
 
-    def apply(self, plan_or_backend: Any, model: Any = None, profile: Any = None, progress: Any = None, *,
-              purpose: str = "switch") -> Any:
-        """``apply(plan)`` — the owner re-plans and runs it only when its steps are the same
-        (else StalePlanError, nothing touched); ``apply(backend_id, model, profile)`` — plan + apply.
-        ``progress`` is not called across processes (the owner's ``current_operation()`` shows it)."""
-        from memory_controller.types import to_jsonable
-
+    def apply(self, plan_or_backend: Any, model: Any = None, profile: Any = None, force: bool = False,
+              progress: Any = None, cancel_generation: bool = False) -> Any:
+        """``apply(plan)`` runs exactly that plan in the owner (StalePlanError when it no longer holds,
+        nothing touched); ``apply(backend_id, model, profile)`` plans and applies there. ``progress``
+        is not called across processes (the owner's ``current_operation()`` shows it)."""
+        opts = {"force": force, "cancel_generation": cancel_generation}
         if isinstance(plan_or_backend, str):
-            body = {"backend_id": plan_or_backend, "model_id": _model_id(model),
-                    "profile": to_jsonable(profile), "purpose": purpose}
+            body = {"backend_id": plan_or_backend, "model_id": _model_id(model), "profile": to_json(profile),
+                    **opts}
         else:
-            plan = plan_or_backend
-            get = plan.get if isinstance(plan, dict) else (lambda k, d=None: getattr(plan, k, d))
-            body = {"backend_id": get("backend_id"), "model_id": get("model_id"),
-                    "profile": to_jsonable(get("profile")), "purpose": get("purpose", purpose) or purpose,
-                    "expect_steps": to_jsonable(get("steps"))}
+            body = {"plan": to_json(plan_or_backend), **opts}
         return decode("OperationRecord", self._call("POST", "/apply", json=body, timeout_s=self._long_s))
+
+    def serving_backend_id(self) -> str:
+        return str(self._call("GET", "/serving_backend")["backend_id"])
 
     def unload(self, model: Any) -> Any:
         model_id = getattr(model, "model_id", None) or getattr(model, "handle", None) or str(model)

@@ -62,9 +62,14 @@ class PlanBody(BaseModel):
     purpose: str = Field("switch", pattern=r"^[a-z_]{1,32}$")
 
 
-class ApplyBody(PlanBody):
-    # the steps the client's plan showed; when the owner's plan now differs, 409 stale_plan
-    expect_steps: list[Any] | None = None
+class ApplyBody(BaseModel):
+    # either a plan as the client got it from /plan (run exactly, or 409 stale_plan), or what to plan
+    plan: dict[str, Any] | None = None
+    backend_id: str | None = Field(None, min_length=1, max_length=200)
+    model_id: str | None = Field(None, min_length=1, max_length=1000)
+    profile: dict[str, Any] | None = None
+    force: bool = False
+    cancel_generation: bool = False
 
 
 class UnloadBody(BaseModel):
@@ -79,6 +84,16 @@ def _profile(data: dict[str, Any] | None) -> Profile | None:
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.MemctlError(f"invalid profile: {exc}", "send a profile as `memctl` prints it",
                                  code="invalid_profile") from None
+
+
+def _plan(data: dict[str, Any]) -> Any:
+    from memory_controller.planning import Plan
+
+    try:
+        return from_jsonable(Plan, data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise errors.MemctlError(f"invalid plan: {exc}", "send the plan as /control/plan returned it",
+                                 code="invalid_plan") from None
 
 
 def make_control_router(ctl: Any, token: str, *,
@@ -118,13 +133,17 @@ def make_control_router(ctl: Any, token: str, *,
 
     @router.post("/apply")
     def apply(body: ApplyBody) -> Any:
-        fresh = ctl.plan(body.backend_id, body.model_id, _profile(body.profile), purpose=body.purpose)
-        if body.expect_steps is not None and to_jsonable(fresh.steps) != body.expect_steps:
-            raise errors.StalePlanError(
-                "what is loaded or free memory changed since the plan was shown; nothing was touched",
-                "look at the new plan and apply it again",
-            )
-        return to_jsonable(ctl.apply(fresh))
+        opts = {"force": body.force, "cancel_generation": body.cancel_generation}
+        if body.plan is not None:
+            return to_jsonable(ctl.apply(_plan(body.plan), **opts))
+        if body.backend_id is None or body.model_id is None:
+            raise errors.MemctlError("apply needs a plan, or a backend_id and a model_id",
+                                     "send the plan /plan returned", code="invalid_request")
+        return to_jsonable(ctl.apply(body.backend_id, body.model_id, _profile(body.profile), **opts))
+
+    @router.get("/serving_backend")
+    def serving_backend() -> Any:
+        return {"backend_id": ctl.serving_backend_id()}
 
     @router.post("/unload")
     def unload(body: UnloadBody) -> Any:
