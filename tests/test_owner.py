@@ -44,8 +44,8 @@ sys.exit(args.func(args, load_settings()))
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return subprocess_env(MEMCTL_STATE_DIR=str(tmp_path / "state"),
-                          MEMCTL_CONFIG_FILE=os.environ["MEMCTL_CONFIG_FILE"], HF_HUB_OFFLINE="1", **extra)
+    return subprocess_env(**{"MEMCTL_STATE_DIR": str(tmp_path / "state"), "HF_HUB_OFFLINE": "1",
+                             "MEMCTL_CONFIG_FILE": os.environ["MEMCTL_CONFIG_FILE"], **extra})
 
 
 def start_owner(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:
