@@ -12,6 +12,7 @@ the running one instead of waiting. Generation (``generating``) never takes the 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import applying, maintenance, planning
 from .backend import Availability, Backend, Deployment, DeploymentState, ReleaseReport
-from .errors import MemctlError, ModelLoadError, ModelNotFoundError
+from .errors import InvalidModelIdError, MemctlError, ModelLoadError, ModelNotFoundError
 from .oplog import OperationLog
 from .planning import Plan
 from .recommend import level_for, recommend
@@ -44,11 +45,13 @@ from .types import (
     msg,
     to_jsonable,
 )
+from .units import escape_text
 
 if TYPE_CHECKING:
     from .probe import DeviceProbe
 
 _CATALOG_TTL_S = 10.0
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,255}$")
 
 
 class MemoryController:
@@ -200,13 +203,31 @@ class MemoryController:
         from . import estimate as est
 
         model_max = est.read_model_spec(cached.path).max_position_embeddings
-        if model_max and profile.context_tokens > model_max:
+        clamped = bool(model_max and profile.context_tokens > model_max)
+        if clamped:
             profile = profile.with_(context_tokens=model_max)
-        return planning.fit_profile(
+
+        def max_context(p: Profile) -> int:
+            return est.max_context_that_fits(cached, free_bytes, p, self.settings)
+
+        fitted = planning.fit_profile(
             profile, free_bytes, ladder=self._ladder(profile.mode),
             total_bytes=lambda p: est.estimate(cached, p, self.settings).total_bytes,
-            max_context=lambda p: est.max_context_that_fits(cached, free_bytes, p, self.settings),
-            model_id=cached.model_id)
+            max_context=max_context, model_id=cached.model_id)
+        if fitted is None:
+            return None
+        p, notes = fitted
+        # The band's context is a floor, not a ceiling: offer the largest that fits, up to the model's maximum.
+        grown = min(max_context(p), model_max or p.context_tokens)
+        if grown > p.context_tokens:
+            rule = "model_max" if grown == model_max else "memory"
+            text = (f"context {grown} tokens: the model's maximum" if rule == "model_max"
+                    else f"context {grown} tokens: the largest that fits in free memory")
+            return p.with_(context_tokens=grown), (*notes, msg("rec.context_rule", text, rule=rule, tokens=grown))
+        if clamped:
+            notes = (*notes, msg("rec.context_rule", f"context {p.context_tokens} tokens: the model's maximum",
+                                 rule="model_max", tokens=p.context_tokens))
+        return p, notes
 
     def history(self, limit: int | None = 50) -> list[OperationRecord]:
         """Finished operations, newest first (read back from the log: survives restarts)."""
@@ -318,6 +339,13 @@ class MemoryController:
         return self._wait(op, progress)
 
     def find_deployment(self, key: str) -> Deployment | None:
+        """The deployment whose handle, name or model id is ``key``. Raises InvalidModelIdError for a
+        malformed key ('', '/', '../x', control characters) before any backend is asked."""
+        if not isinstance(key, str) or not _KEY.match(key) or ".." in key or "//" in key:
+            shown = escape_text(repr(key))
+            raise InvalidModelIdError(f"{shown} is not a model id, handle or container name",
+                                      "use a name as `memctl ps` or `memctl containers` shows it",
+                                      code="invalid_name", args={"name": shown})
         deps = self.deployments()
         return next((d for d in deps if key in (d.handle, d.name)), None) or next(
             (d for d in deps if d.model_id == key), None)
