@@ -13,6 +13,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
@@ -209,3 +210,46 @@ class ServerHandle:
             self._server.run(sockets=[self._sock])
         finally:
             self._cleanup()
+
+
+# --------------------------------------------------------------------------- the dashboard's one call
+class Ownership:
+    """What :func:`own_or_connect` found: ``ctl`` (a local controller or a client of the owner),
+    ``handle`` (this process's server when it became the owner) and ``error`` (why it serves
+    nothing although it owns the controller, e.g. the port is taken)."""
+
+    def __init__(self, ctl: Any, handle: ServerHandle | None, error: MemctlError | None = None) -> None:
+        self.ctl, self.handle, self.error = ctl, handle, error
+
+    @property
+    def is_owner(self) -> bool:
+        return not getattr(self.ctl, "remote", False)
+
+
+def own_or_connect(settings: Settings, make_controller: Any, *, port: int | None = None) -> Ownership:
+    """A client of the live owner; else become the owner: ``make_controller()`` plus the server on a
+    background thread. Two processes racing: the loser connects to the winner.
+
+    A port already taken by something else leaves this process with its own controller, no server and
+    ``error`` set (the dashboard shows it); OwnerUnreachableError (a live owner that does not answer)
+    is raised, so nothing acts on memory behind that owner's back.
+    """
+    from .owner import connect
+
+    for _ in range(3):
+        client = connect(settings)
+        if client is not None:
+            return Ownership(client, None)
+        ctl = make_controller()
+        try:
+            return Ownership(ctl, ServerHandle(ctl, settings, port=port).start())
+        except OwnerExistsError:
+            owner = read_owner(settings, wait_s=3.0)
+            if owner is not None and owner.pid == os.getpid():
+                raise OwnerExistsError("this process already runs the memctl server",
+                                       "reuse the controller it was started with") from None
+            continue  # another process won the race: connect to it
+        except PortBusyError as exc:
+            return Ownership(ctl, None, exc)
+    raise OwnerExistsError("another memctl process keeps taking and dropping the owner lock",
+                           "stop the other memctl processes and start again")

@@ -213,3 +213,48 @@ def test_unreachable_owner_is_a_clear_error(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         handle.stop()
+
+
+def test_own_or_connect_becomes_the_owner_or_a_client_of_the_live_one(tmp_path):
+    from server.runner import own_or_connect
+
+    settings = load_settings()
+    made: list[object] = []
+
+    def make() -> _Ctl:
+        made.append(_Ctl())
+        return made[-1]
+
+    # a live owner in another process: this one becomes its client and builds no controller
+    proc = start_owner(tmp_path)
+    try:
+        info = wait_published(settings, proc)
+        got = own_or_connect(settings, make, port=0)
+        assert not got.is_owner and got.handle is None and got.ctl.owner.pid == info.pid and made == []
+        got.ctl.close()
+    finally:
+        stop(proc)
+    # none (the owner was killed): this process becomes the owner, server on a thread
+    got = own_or_connect(settings, make, port=0)
+    try:
+        assert got.is_owner and got.ctl is made[-1] and got.error is None
+        assert read_owner(settings).pid == os.getpid()
+        assert httpx.get(got.handle.url + "/health", timeout=5).status_code == 200
+        with pytest.raises(OwnerExistsError, match="this process already"):
+            own_or_connect(settings, make, port=0)
+    finally:
+        got.handle.stop()
+
+
+def test_own_or_connect_with_the_port_taken_keeps_a_local_controller_and_says_why(tmp_path):
+    from server.runner import own_or_connect
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    try:
+        got = own_or_connect(load_settings(), _Ctl, port=blocker.getsockname()[1])
+        assert got.is_owner and got.handle is None and isinstance(got.error, PortBusyError)
+        assert not lock_is_held(load_settings())
+    finally:
+        blocker.close()
