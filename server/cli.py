@@ -231,6 +231,9 @@ def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
                       "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory, flight,
                       _fmt_idle(r["idle_unload_in_s"])])
     print(_table(table))
+    for r in rows:
+        if r["tools_parsed"] is False:
+            print(f"note: {r['model']}: tool calls are not parsed (unknown model family); text comes back as is")
     return 0
 
 
@@ -309,8 +312,8 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
         print(f"note: {_text(note)}", file=sys.stderr)
     if ctx < settings.ide_min_context:
         print(f"warning: {model_id} is served with a {ctx}-token context, below the {settings.ide_min_context} "
-              "tokens an IDE assistant needs: it may fail (\"Roo is having trouble\"); free memory or pick a "
-              "smaller model", file=sys.stderr)
+              "tokens an IDE assistant needs: it may fail (\"Roo is having trouble\"); free memory, or pick a "
+              "model that fits a longer context", file=sys.stderr)
     if args.ide == "roo":
         print(json.dumps(roo_settings(base_url, model_id, ctx, key), ensure_ascii=False, indent=2))
     else:
