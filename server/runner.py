@@ -59,6 +59,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _make_server(config: Any, on_shutdown: Any) -> Any:
+    import asyncio
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                await asyncio.to_thread(on_shutdown)
+            except Exception:  # shutting down: say it, go on
+                log.warning("stopping the running work failed", exc_info=True)
+            await super().shutdown(sockets)
+
+    return _Server(config)
+
+
 def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     if ipaddress.ip_address(host).is_unspecified:  # 0.0.0.0 listens everywhere; clients use loopback
@@ -85,6 +101,7 @@ class ServerHandle:
         self._server: Any = None  # uvicorn.Server
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._app_closed = False
         self.url: str | None = None
 
     # ------------------------------------------------------------------ setup
@@ -115,7 +132,15 @@ class ServerHandle:
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level=self._log_level,
                                 log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        self._server = uvicorn.Server(config)
+        self._server = _make_server(config, self._on_shutdown)
+
+    def _on_shutdown(self) -> None:
+        """Before uvicorn waits for open requests: stop generations (the app's close) and cancel the
+        running operation (a load rolls back what it started), so requests end within the grace period."""
+        self._close_app()
+        runner = getattr(self.ctl, "runner", None)
+        for op in (runner.running() if runner is not None else ()):
+            op.cancel.set()
 
     @property
     def token(self) -> str:
@@ -175,11 +200,15 @@ class ServerHandle:
             self._lock.release()
 
     def _close_app(self) -> None:
-        app = self._server.config.app if self._server is not None else None
-        close = getattr(getattr(app, "state", None), "memctl_close", None)
+        if self._app_closed or self._server is None:
+            return
+        self._app_closed = True
+        close = getattr(getattr(self._server.config.app, "state", None), "memctl_close", None)
         if close is not None:
-            with contextlib.suppress(Exception):
+            try:
                 close()
+            except Exception:  # shutting down: say it, go on
+                log.warning("closing the OpenAI-compatible API failed", exc_info=True)
 
     # ------------------------------------------------------------------ foreground (memctl serve)
     def serve_forever(self, *, on_ready: Any = None) -> None:

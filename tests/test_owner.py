@@ -258,3 +258,59 @@ def test_own_or_connect_with_the_port_taken_keeps_a_local_controller_and_says_wh
         assert not lock_is_held(load_settings())
     finally:
         blocker.close()
+
+
+SLOW_OWNER_SCRIPT = """
+import sys
+from memory_controller import MemoryController
+from memory_controller.settings import load_settings
+from server.runner import ServerHandle
+from tests.inmemory_backend import InMemoryBackend
+settings = load_settings()
+backend = InMemoryBackend(settings)
+backend.start_delay_s = 120
+ctl = MemoryController(settings, backends={"inmem": backend})
+try:
+    ServerHandle(ctl, settings, port=0).serve_forever(on_ready=lambda url: print("ready", url, flush=True))
+except KeyboardInterrupt:  # uvicorn hands Ctrl-C on once it has stopped, as `memctl serve` expects
+    pass
+"""
+
+
+def test_ctrl_c_during_a_load_cancels_it_and_the_client_gets_a_clean_error(tmp_path, hf_cache):
+    import threading
+
+    from memory_controller.errors import OperationCancelledError
+    from tests.fixtures_models import TINY_ID
+    from tests.model_factory import hf_env
+
+    settings = load_settings()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_OWNER_SCRIPT], cwd=ROOT, env=_env(tmp_path, **hf_env(hf_cache)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_published(settings, proc)
+        client = connect(settings)
+        got: list[BaseException | object] = []
+        worker = threading.Thread(target=lambda: got.append(_catch(lambda: client.apply("inmem", TINY_ID))))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while client.current_operation() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.current_operation()["kind"] == "apply"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        worker.join(15)
+        assert isinstance(got[0], OperationCancelledError), got
+        assert proc.wait(15) == 0
+        assert time.monotonic() - t0 < 10
+        assert "Traceback" not in proc.stderr.read()
+        client.close()
+    finally:
+        stop(proc)
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        return exc
