@@ -1,19 +1,25 @@
 """Catalog of models the user can load: the Hugging Face cache plus local model directories.
 
-The HF cache is read through ``huggingface_hub.scan_cache_dir()`` (its layout is not ours to
-re-implement). Corrupt entries come back as warnings beside the list, never as an exception, and a
-missing cache is an empty list with a warning. Nothing here downloads anything.
+The HF cache layout (``models--org--name/{refs,snapshots,blobs}``) is read folder by folder:
+``huggingface_hub.scan_cache_dir()`` gives up on the whole cache for one bad entry (a snapshot that
+is a symlink loop) and stats every file of every revision, which is slow with thousands of models.
+Corrupt entries come back as one warning each beside the list, never as an exception, and a missing
+cache is an empty list with a warning. Every config is read with size and depth limits. Nothing
+here downloads anything.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
 import re
+import stat
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InvalidModelIdError, ModelLoadError, ModelNotFoundError
+from .errors import CorruptDataError, InvalidModelIdError, ModelLoadError, ModelNotFoundError
+from .safejson import loads_bounded
 from .types import CachedModel, CatalogResult
 
 if TYPE_CHECKING:
@@ -76,18 +82,48 @@ def validate_model_id(model_id: str, settings: Settings | None = None) -> str:
 
 # --------------------------------------------------------------------------- entries
 
+_CONFIG_MAX_BYTES = 4 * 1024 * 1024
+_REF_MAX_BYTES = 256
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# (path, mtime_ns, size, inode) -> architecture: a rescan of an unchanged cache reads no config
+_arch_cache: dict[tuple[str, int, int, int], str | None] = {}
+_arch_lock = threading.Lock()
+
+
+class _CorruptEntry(Exception):
+    """One cache entry cannot be listed; the message says why (becomes one warning)."""
+
 
 def _architecture(config_path: Path) -> str | None:
-    """``architectures[0]`` (or ``model_type``) of a config; raises ValueError/OSError when unreadable."""
-    with open(config_path, encoding="utf-8") as fh:
-        cfg = json.load(fh)
-    if not isinstance(cfg, dict):
-        raise ValueError("not a JSON object")
+    """``architectures[0]`` (or ``model_type``) of a config, read with limits and cached by file signature.
+
+    Raises ValueError/OSError/CorruptDataError when unreadable or malformed.
+    """
+    fd = os.open(config_path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        key = (str(config_path), st.st_mtime_ns, st.st_size, st.st_ino)
+        with _arch_lock:
+            if key in _arch_cache:
+                return _arch_cache[key]
+        if st.st_size > _CONFIG_MAX_BYTES:
+            raise ValueError(f"{st.st_size} bytes is over the {_CONFIG_MAX_BYTES}-byte limit")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            raw = fh.read(_CONFIG_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    cfg = loads_bounded(raw, what="config.json", max_bytes=_CONFIG_MAX_BYTES, expect=dict)
     archs = cfg.get("architectures")
-    if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        return archs[0]
     mt = cfg.get("model_type")
-    return mt if isinstance(mt, str) else None
+    arch = archs[0][:200] if isinstance(archs, list) and archs and isinstance(archs[0], str) else (
+        mt[:200] if isinstance(mt, str) else None)
+    with _arch_lock:
+        if len(_arch_cache) > 100_000:
+            _arch_cache.clear()
+        _arch_cache[key] = arch
+    return arch
 
 
 def _describe_dir(
@@ -99,8 +135,10 @@ def _describe_dir(
     if has_config:
         try:
             architecture = _architecture(path / "config.json")
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            warnings.append(f"{model_id}: config.json is unreadable ({exc}); download the model again")
+        except (OSError, ValueError, CorruptDataError) as exc:
+            why = exc.message if isinstance(exc, CorruptDataError) else (
+                getattr(exc, "strerror", None) or str(exc))
+            warnings.append(f"{model_id}: config.json is unreadable ({why}); download the model again")
             has_config = False
     return CachedModel(
         model_id=model_id,
@@ -114,34 +152,105 @@ def _describe_dir(
     )
 
 
-def _scan_hf(cache_dir: Path) -> tuple[list[CachedModel], list[str]]:
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+def _read_ref(path: Path) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, _REF_MAX_BYTES).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return text if _COMMIT_RE.match(text) else None
 
+
+def _snapshot_files(snapshot: Path) -> set[str]:
+    """Names of the snapshot's top-level non-folder entries; raises OSError when it is no readable folder."""
+    with os.scandir(snapshot) as it:
+        return {e.name for e in it if not e.is_dir()}
+
+
+def _blobs_bytes(repo_dir: Path) -> int:
+    """Bytes of the repo's blobs: one stat per blob (every revision's files live there once)."""
+    total = 0
+    try:
+        with os.scandir(repo_dir / "blobs") as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    except OSError:
+        pass
+    return total
+
+
+def _scan_repo(repo_dir: Path, warnings: list[str]) -> CachedModel:
+    """The newest usable snapshot of one ``models--org--name`` folder; raises _CorruptEntry."""
+    repo_id = repo_dir.name.removeprefix("models--").replace("--", "/")
+    if not _HF_ID_RE.match(repo_id) or ".." in repo_id:
+        raise _CorruptEntry(f"{repo_dir.name[:120]!r} is not a valid model folder name")
+    snapshots = repo_dir / "snapshots"
+    try:
+        with os.scandir(snapshots) as it:
+            names = [e.name for e in it]
+    except OSError as exc:
+        raise _CorruptEntry(f"snapshots folder is missing or unreadable ({exc.strerror or exc})") from None
+    main = _read_ref(repo_dir / "refs" / "main")
+
+    def order(name: str) -> tuple[bool, float]:
+        try:
+            mtime = os.stat(snapshots / name).st_mtime
+        except OSError:
+            mtime = 0.0
+        return (name == main, mtime)
+
+    problems = []
+    for name in sorted(names, key=order, reverse=True):
+        snap = snapshots / name
+        try:
+            top = _snapshot_files(snap)
+        except OSError as exc:
+            problems.append(f"snapshot {name[:40]} is not a readable folder ({exc.strerror or exc})")
+            continue
+        if problems:
+            warnings.append(f"{repo_id}: {'; '.join(problems)}; using snapshot {name[:40]}")
+        return _describe_dir(repo_id, snap, name, _blobs_bytes(repo_dir), top, "hf_cache", warnings)
+    raise _CorruptEntry("; ".join(problems) or "no snapshots")
+
+
+def _scan_hf(cache_dir: Path) -> tuple[list[CachedModel], list[str]]:
+    """Every model folder of the HF cache; one corrupt folder is one warning, never the whole list.
+
+    Reads the cache layout (``models--org--name/{refs,snapshots,blobs}``) directly: per folder a
+    listing, a stat per blob and the config's architecture (cached by file signature).
+    """
     models: list[CachedModel] = []
     warnings: list[str] = []
     try:
-        info = scan_cache_dir(cache_dir)
-    except CacheNotFound:
+        with os.scandir(cache_dir) as it:
+            repos = sorted(e.name for e in it if e.name.startswith("models--"))
+    except FileNotFoundError:
         return [], [f"the Hugging Face cache {cache_dir} does not exist yet: no cached models there"]
-    except (ValueError, OSError) as exc:
-        return [], [f"cannot read the Hugging Face cache {cache_dir}: {exc}"]
-    warnings.extend(f"corrupt cache entry skipped: {w}" for w in info.warnings)
-    for repo in info.repos:
-        if repo.repo_type != "model" or not repo.revisions:
-            continue
-        revs = sorted(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified), reverse=True)
-        rev = revs[0]
-        top = {f.file_name for f in rev.files if f.file_path.parent == rev.snapshot_path}
-        models.append(
-            _describe_dir(repo.repo_id, rev.snapshot_path, rev.commit_hash, rev.size_on_disk, top, "hf_cache", warnings)
-        )
+    except OSError as exc:
+        return [], [f"cannot read the Hugging Face cache {cache_dir}: {exc.strerror or exc}"]
+    for name in repos:
+        try:
+            models.append(_scan_repo(cache_dir / name, warnings))
+        except _CorruptEntry as exc:
+            warnings.append(f"corrupt cache entry skipped: {cache_dir / name}: {exc}")
+        except OSError as exc:
+            warnings.append(f"corrupt cache entry skipped: {cache_dir / name}: {exc.strerror or exc}")
     return models, warnings
 
 
 def _dir_size(path: Path) -> int:
     total = 0
-    for root, _dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):  # does not follow folder symlinks: no loops
         for f in files:
             try:
                 total += os.stat(os.path.join(root, f)).st_size
@@ -152,13 +261,15 @@ def _dir_size(path: Path) -> int:
 
 def _looks_like_model(path: Path) -> bool:
     try:
-        return any(e.name == "config.json" or e.name.endswith(_WEIGHT_SUFFIXES) for e in os.scandir(path))
+        with os.scandir(path) as it:
+            return any(e.name == "config.json" or e.name.endswith(_WEIGHT_SUFFIXES) for e in it)
     except OSError:
         return False
 
 
 def _local_entry(path: Path, warnings: list[str]) -> CachedModel:
-    top = {e.name for e in os.scandir(path) if e.is_file()}
+    with os.scandir(path) as it:
+        top = {e.name for e in it if not e.is_dir()}
     return _describe_dir(str(path), path, None, _dir_size(path), top, "local_dir", warnings)
 
 
@@ -166,18 +277,23 @@ def _scan_local(dirs: list[Path]) -> tuple[list[CachedModel], list[str]]:
     models: list[CachedModel] = []
     warnings: list[str] = []
     for d in dirs:
-        if not d.is_dir():
-            warnings.append(f"local model dir {d} does not exist or is not a folder")
-            continue
         try:
+            if not d.is_dir():
+                warnings.append(f"local model dir {d} does not exist or is not a folder")
+                continue
             if _looks_like_model(d):
                 models.append(_local_entry(d, warnings))
                 continue
-            for child in sorted(d.iterdir()):
+            children = sorted(d.iterdir())
+        except OSError as exc:
+            warnings.append(f"cannot read local model dir {d}: {exc.strerror or exc}")
+            continue
+        for child in children:
+            try:
                 if child.is_dir() and _looks_like_model(child):
                     models.append(_local_entry(child, warnings))
-        except OSError as exc:
-            warnings.append(f"cannot read local model dir {d}: {exc}")
+            except OSError as exc:
+                warnings.append(f"cannot read local model folder {child}: {exc.strerror or exc}")
     return models, warnings
 
 
@@ -215,30 +331,49 @@ def resolve_model(model_id: str, settings: Settings) -> CachedModel:
             )
         return _local_entry(path, [])
     cache_dir = settings.resolved_hf_cache_dir
-    models, warnings = _scan_hf(cache_dir)
-    for m in models:
-        if m.model_id == mid:
-            return m
     folder = "models--" + mid.replace("/", "--")
-    for w in warnings:
-        if folder in w:
-            raise ModelLoadError(f"{mid} is in the Hugging Face cache but corrupt: {w}",
-                                 f"delete {cache_dir / folder} and download the model again")
+    repo_dir = cache_dir / folder
+    if os.path.lexists(repo_dir):  # only this folder is read, however large the cache
+        try:
+            return _scan_repo(repo_dir, [])
+        except (_CorruptEntry, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ModelLoadError(f"{mid} is in the Hugging Face cache but corrupt: {why}",
+                                 f"delete {repo_dir} and download the model again") from None
     for d in _local_dirs(settings):
         candidate = d / mid
         if candidate.is_dir() and _looks_like_model(candidate):
             return _local_entry(candidate, [])
-    close = [m.model_id for m in models if m.model_id.lower() == mid.lower()]
     dirs = ", ".join(str(d) for d in _local_dirs(settings)) or "none configured"
     offline = " (offline: HF_HUB_OFFLINE is set)" if _offline() else ""
-    hint = (
-        f"did you mean {close[0]}? Model ids are case-sensitive"
-        if close
-        else f"memctl never downloads{offline}: fetch it where there is internet (`hf download {mid}`), "
-        "or point MEMCTL_HF_CACHE_DIR at the cache that holds it; `memctl models` lists what is cached"
-    )
+    cached = _cached_ids(cache_dir)
+    same_but_case = [c for c in cached if c.lower() == mid.lower()]
+    by_lower = {c.lower(): c for c in cached}
+    close = same_but_case or [by_lower[c] for c in difflib.get_close_matches(mid.lower(), list(by_lower), n=3,
+                                                                             cutoff=0.8)]
+    fetch = (f"memctl never downloads{offline}: fetch it where there is internet (`hf download {mid}`), "
+             "or point MEMCTL_HF_CACHE_DIR at the cache that holds it; `memctl models` lists what is cached")
+    if same_but_case:
+        hint = f"did you mean {same_but_case[0]}? Model ids are case-sensitive"
+    elif close:
+        hint = f"did you mean {' or '.join(close)}? (cached, with a similar name) Otherwise: {fetch}"
+    else:
+        hint = fetch
     raise ModelNotFoundError(
         f"model {mid} is not in the Hugging Face cache at {cache_dir} (looked for {folder}) "
         f"nor in the local model dirs ({dirs})",
         hint,
+        code="model_not_found",
+        args={"model": mid, "suggestions": close},
     )
+
+
+def _cached_ids(cache_dir: Path) -> list[str]:
+    """Model ids of the cache's folders, from their names alone (one listing, nothing opened)."""
+    try:
+        with os.scandir(cache_dir) as it:
+            names = [e.name for e in it if e.name.startswith("models--")]
+    except OSError:
+        return []
+    ids = (n.removeprefix("models--").replace("--", "/") for n in names)
+    return sorted(i for i in ids if _HF_ID_RE.match(i))
