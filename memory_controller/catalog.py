@@ -3,13 +3,13 @@
 The HF cache layout (``models--org--name/{refs,snapshots,blobs}``) is read folder by folder:
 ``huggingface_hub.scan_cache_dir()`` gives up on the whole cache for one bad entry (a snapshot that
 is a symlink loop) and stats every file of every revision, which is slow with thousands of models.
-Corrupt entries come back as one warning each beside the list, never as an exception, and a missing
-cache is an empty list with a warning. Every config is read with size and depth limits. Nothing
-here downloads anything.
+Corrupt entries come back as one warning each beside the list, never as an exception; a missing cache
+is an empty list with a warning. Configs are read with size and depth limits. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CorruptDataError, InvalidModelIdError, ModelLoadError, ModelNotFoundError
+from .estimate.spec import read_regular_file
 from .safejson import loads_bounded
 from .types import CachedModel, CatalogResult
 
@@ -90,6 +91,14 @@ _arch_cache: dict[tuple[str, int, int, int], str | None] = {}
 _arch_lock = threading.Lock()
 
 
+def _shown(text: object) -> str:
+    """``text`` for a one-line message: control characters escaped, so a file name cannot forge lines."""
+    t = str(text)
+    if any(ord(c) < 32 or ord(c) == 127 for c in t):
+        return t.encode("unicode_escape").decode("ascii")
+    return t
+
+
 class _CorruptEntry(Exception):
     """One cache entry cannot be listed; the message says why (becomes one warning)."""
 
@@ -99,24 +108,14 @@ def _architecture(config_path: Path) -> str | None:
 
     Raises ValueError/OSError/CorruptDataError when unreadable or malformed.
     """
-    fd = os.open(config_path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        key = (str(config_path), st.st_mtime_ns, st.st_size, st.st_ino)
-        with _arch_lock:
-            if key in _arch_cache:
-                return _arch_cache[key]
-        if st.st_size > _CONFIG_MAX_BYTES:
-            raise ValueError(f"{st.st_size} bytes is over the {_CONFIG_MAX_BYTES}-byte limit")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            raw = fh.read(_CONFIG_MAX_BYTES + 1)
-    finally:
-        os.close(fd)
-    cfg = loads_bounded(raw, what="config.json", max_bytes=_CONFIG_MAX_BYTES, expect=dict)
-    archs = cfg.get("architectures")
-    mt = cfg.get("model_type")
+    st = os.stat(config_path)
+    key = (str(config_path), st.st_mtime_ns, st.st_size, st.st_ino)
+    with _arch_lock:
+        if key in _arch_cache:
+            return _arch_cache[key]
+    cfg = loads_bounded(read_regular_file(config_path, _CONFIG_MAX_BYTES), what="config.json",
+                        max_bytes=_CONFIG_MAX_BYTES, expect=dict)
+    archs, mt = cfg.get("architectures"), cfg.get("model_type")
     arch = archs[0][:200] if isinstance(archs, list) and archs and isinstance(archs[0], str) else (
         mt[:200] if isinstance(mt, str) else None)
     with _arch_lock:
@@ -140,86 +139,105 @@ def _describe_dir(
                 getattr(exc, "strerror", None) or str(exc))
             warnings.append(f"{model_id}: config.json is unreadable ({why}); download the model again")
             has_config = False
-    return CachedModel(
-        model_id=model_id,
-        revision=revision,
-        size_on_disk_bytes=size_bytes,
-        has_safetensors=any(f.endswith(".safetensors") for f in top_files),
-        has_config=has_config,
-        architecture=architecture,
-        path=str(path),
-        source=source,
-    )
+    return CachedModel(model_id=model_id, revision=revision, size_on_disk_bytes=size_bytes,
+                       has_safetensors=any(f.endswith(".safetensors") for f in top_files), has_config=has_config,
+                       architecture=architecture, path=str(path), source=source)
 
 
 def _read_ref(path: Path) -> str | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
+        text = read_regular_file(path, _REF_MAX_BYTES).decode("ascii", "replace").strip()
+    except (OSError, ValueError):
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, _REF_MAX_BYTES).decode("ascii", "replace").strip()
-    finally:
-        os.close(fd)
     return text if _COMMIT_RE.match(text) else None
 
 
-def _snapshot_files(snapshot: Path) -> set[str]:
-    """Names of the snapshot's top-level non-folder entries; raises OSError when it is no readable folder."""
+def _snapshot_files(snapshot: str) -> set[str]:
+    """Names of the snapshot's top-level entries that are no real folder (a symlink counts as a file:
+    no stat per entry); raises OSError when the snapshot is no readable folder."""
     with os.scandir(snapshot) as it:
-        return {e.name for e in it if not e.is_dir()}
+        return {e.name for e in it if not e.is_dir(follow_symlinks=False)}
 
 
-def _blobs_bytes(repo_dir: Path) -> int:
+def _blobs_bytes(repo_dir: str) -> int:
     """Bytes of the repo's blobs: one stat per blob (every revision's files live there once)."""
     total = 0
-    try:
-        with os.scandir(repo_dir / "blobs") as it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), os.scandir(os.path.join(repo_dir, "blobs")) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                st = e.stat(follow_symlinks=False)
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return total
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _repo_signature(repo_dir: str, snapshot: str) -> tuple:
+    """What changes when a download adds or replaces anything the listing shows (folder mtimes change
+    when entries come and go; the config's own signature catches an edit in place)."""
+    paths = ("snapshots", "blobs", os.path.join("refs", "main"))
+    return (*(_stat_key(os.path.join(repo_dir, p)) for p in paths), _stat_key(snapshot),
+            _stat_key(os.path.join(snapshot, "config.json")))
+
+
+# repo folder -> (signature, entry, warnings): an unchanged folder costs five stats on a rescan
+_repo_cache: dict[str, tuple[tuple, CachedModel, tuple[str, ...]]] = {}
 
 
 def _scan_repo(repo_dir: Path, warnings: list[str]) -> CachedModel:
     """The newest usable snapshot of one ``models--org--name`` folder; raises _CorruptEntry."""
-    repo_id = repo_dir.name.removeprefix("models--").replace("--", "/")
+    repo = str(repo_dir)
+    with _arch_lock:
+        hit = _repo_cache.get(repo)
+    if hit is not None and _repo_signature(repo, hit[1].path) == hit[0]:
+        warnings.extend(hit[2])
+        return hit[1]
+    own: list[str] = []
+    model = _scan_repo_uncached(repo, own)
+    with _arch_lock:
+        if len(_repo_cache) > 100_000:
+            _repo_cache.clear()
+        _repo_cache[repo] = (_repo_signature(repo, model.path), model, tuple(own))
+    warnings.extend(own)
+    return model
+
+
+def _scan_repo_uncached(repo: str, warnings: list[str]) -> CachedModel:
+    name = os.path.basename(repo)
+    repo_id = name.removeprefix("models--").replace("--", "/")
     if not _HF_ID_RE.match(repo_id) or ".." in repo_id:
-        raise _CorruptEntry(f"{repo_dir.name[:120]!r} is not a valid model folder name")
-    snapshots = repo_dir / "snapshots"
+        raise _CorruptEntry("the folder name is not a valid model id")
+    snapshots = os.path.join(repo, "snapshots")
     try:
         with os.scandir(snapshots) as it:
             names = [e.name for e in it]
     except OSError as exc:
         raise _CorruptEntry(f"snapshots folder is missing or unreadable ({exc.strerror or exc})") from None
-    main = _read_ref(repo_dir / "refs" / "main")
+    main = _read_ref(Path(repo, "refs", "main"))
 
-    def order(name: str) -> tuple[bool, float]:
-        try:
-            mtime = os.stat(snapshots / name).st_mtime
-        except OSError:
-            mtime = 0.0
-        return (name == main, mtime)
+    def order(snap_name: str) -> tuple[bool, float]:
+        if snap_name == main:
+            return (True, 0.0)
+        key = _stat_key(os.path.join(snapshots, snap_name))
+        return (False, key[0] if key else 0.0)
 
     problems = []
-    for name in sorted(names, key=order, reverse=True):
-        snap = snapshots / name
+    for snap_name in sorted(names, key=order, reverse=True):
+        snap = os.path.join(snapshots, snap_name)
         try:
             top = _snapshot_files(snap)
         except OSError as exc:
-            problems.append(f"snapshot {name[:40]} is not a readable folder ({exc.strerror or exc})")
+            problems.append(f"snapshot {_shown(snap_name[:40])} is not a readable folder ({exc.strerror or exc})")
             continue
         if problems:
-            warnings.append(f"{repo_id}: {'; '.join(problems)}; using snapshot {name[:40]}")
-        return _describe_dir(repo_id, snap, name, _blobs_bytes(repo_dir), top, "hf_cache", warnings)
+            warnings.append(f"{repo_id}: {'; '.join(problems)}; using snapshot {_shown(snap_name[:40])}")
+        return _describe_dir(repo_id, Path(snap), snap_name, _blobs_bytes(repo), top, "hf_cache", warnings)
     raise _CorruptEntry("; ".join(problems) or "no snapshots")
 
 
@@ -242,9 +260,9 @@ def _scan_hf(cache_dir: Path) -> tuple[list[CachedModel], list[str]]:
         try:
             models.append(_scan_repo(cache_dir / name, warnings))
         except _CorruptEntry as exc:
-            warnings.append(f"corrupt cache entry skipped: {cache_dir / name}: {exc}")
+            warnings.append(f"corrupt cache entry skipped: {_shown(cache_dir / name)}: {_shown(exc)}")
         except OSError as exc:
-            warnings.append(f"corrupt cache entry skipped: {cache_dir / name}: {exc.strerror or exc}")
+            warnings.append(f"corrupt cache entry skipped: {_shown(cache_dir / name)}: {exc.strerror or exc}")
     return models, warnings
 
 
@@ -290,10 +308,13 @@ def _scan_local(dirs: list[Path]) -> tuple[list[CachedModel], list[str]]:
             continue
         for child in children:
             try:
+                if any(ord(c) < 32 or ord(c) == 127 for c in child.name):
+                    warnings.append(f"local model folder {_shown(child)} skipped: its name has control characters")
+                    continue
                 if child.is_dir() and _looks_like_model(child):
                     models.append(_local_entry(child, warnings))
             except OSError as exc:
-                warnings.append(f"cannot read local model folder {child}: {exc.strerror or exc}")
+                warnings.append(f"cannot read local model folder {_shown(child)}: {exc.strerror or exc}")
     return models, warnings
 
 
