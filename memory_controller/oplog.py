@@ -61,19 +61,15 @@ def _number(value: Any, what: str, *, optional: bool = False) -> float | None:
 
 
 def _text(value: Any, what: str, *, optional: bool = False, max_len: int = 100_000) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or len(value) > max_len:
-        raise ValueError(f"{what} is not a string")
-    return value
+    if (value is None and optional) or (isinstance(value, str) and len(value) <= max_len):
+        return value
+    raise ValueError(f"{what} is not a string")
 
 
 def _byte_count(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} is not a byte count")
-    return value
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"{what} is not a byte count")
 
 
 def _memory(value: Any, what: str) -> dict[str, int | None]:
@@ -160,12 +156,8 @@ def _owner() -> dict[str, Any]:
 
 def _owner_alive(owner: Any) -> bool:
     """Whether the process that wrote a ``started`` line still runs (same boot, same process)."""
-    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int) or isinstance(owner.get("pid"), bool):
-        return False
-    if owner.get("boot") != _boot_id():
-        return False
-    pid = owner["pid"]
-    if pid <= 0:
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or owner.get("boot") != _boot_id():
         return False
     start = _process_start(pid)
     return start is not None and start == owner.get("start")
