@@ -235,3 +235,36 @@ def test_an_operation_killed_mid_run_is_marked_interrupted_on_the_next_start(tmp
 def test_the_hostile_number_lines_really_carry_the_hostile_numbers():
     assert '"started_at": NaN' in HOSTILE_LINES["started_at NaN"]
     assert '"ended_at": 1e400' in HOSTILE_LINES["ended_at 1e400"]
+
+
+def _try(cmd: list[str]) -> bool:
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def test_a_read_only_state_dir_is_named_as_not_writable(tmp_path):
+    state = tmp_path / "ro"
+    state.mkdir()
+    if not _try(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(state)]):
+        pytest.skip("cannot mount a read-only file system here (needs root)")
+    try:
+        log = OperationLog(state)
+        assert log.append_started(rec(0, outcome=None)) is False
+        assert log.append(rec(0)) is False
+        assert "is not writable" in log.write_errors()[-1] and "Read-only" in log.write_errors()[-1]
+        assert log.read() == [] and len(log.write_errors()) == 2
+    finally:
+        _try(["umount", str(state)])
+
+
+def test_an_immutable_state_dir_is_named_as_not_writable(tmp_path):
+    state = tmp_path / "immutable"
+    state.mkdir()
+    if not _try(["chattr", "+i", str(state)]):
+        pytest.skip("chattr +i is not available here (needs root and ext4)")
+    try:
+        log = OperationLog(state)
+        assert log.append(rec(0)) is False
+        assert "is not writable" in log.write_errors()[0]
+    finally:
+        _try(["chattr", "-i", str(state)])
+    assert log.append(rec(1)) is True and log.write_errors() == []
