@@ -297,7 +297,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
             parts.append("invalid settings: " + msg.removeprefix("Value error, "))
             continue
         shown = "" if value is None else f" = {value!r}"
-        parts.append(f"invalid setting {loc} ({where}){shown}: {msg}")
+        parts.append(f"invalid setting {loc} ({where}){shown}: {msg.removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

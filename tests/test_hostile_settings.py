@@ -166,7 +166,8 @@ def test_the_cli_exits_2_with_one_message_naming_the_field(tmp_path, env):
     cfg.write_text("")
     proc = subprocess.run([sys.executable, "-m", "memory_controller.cli", "models"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60,
-                          env=subprocess_env(**{"MEMCTL_CONFIG_FILE": str(cfg), "MEMCTL_STATE_DIR": str(tmp_path), **env}))
+                          env=subprocess_env(**{"MEMCTL_CONFIG_FILE": str(cfg), "MEMCTL_STATE_DIR": str(tmp_path),
+                                             "MEMCTL_TEST_SEAMS": "0", **env}))
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     field = next(iter(env)).removeprefix("MEMCTL_").lower()
