@@ -34,7 +34,8 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from .errors import SettingsError
+from .errors import CorruptDataError, SettingsError
+from .safejson import _depth_ok, loads_bounded
 from .types import Mode, Precision, ProfileBand
 from .units import gib_to_bytes
 
@@ -301,9 +302,30 @@ def _describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _check_nesting() -> None:
+    """JSON in MEMCTL_* values and the user TOML file are parsed by recursive parsers: refuse a value
+    nested too deep before they see it (a RecursionError would be a traceback)."""
+    for key, value in os.environ.items():
+        if key.upper().startswith("MEMCTL_") and value.lstrip()[:1] in ("[", "{"):
+            try:
+                loads_bounded(value, what="its JSON value", max_bytes=1 << 20)
+            except CorruptDataError as exc:
+                if "nested deeper" in exc.message or "over the" in exc.message:
+                    raise SettingsError(f"invalid setting {key}: {exc.message}", "give a plain JSON list or map") from None
+    user_file = user_config_file()
+    try:
+        text = user_file.read_text(encoding="utf-8", errors="replace") if user_file.is_file() else ""
+    except OSError:
+        return  # the TOML source reports it
+    if not _depth_ok(text.replace("{", "[").replace("}", "]"), 64):
+        raise SettingsError(f"could not read settings: {user_file} is nested deeper than 64 levels",
+                            f"check {user_file} is a plain memctl config")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings; raise :class:`SettingsError` with field, value and what is allowed."""
     try:
+        _check_nesting()
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(

@@ -172,3 +172,23 @@ def test_the_cli_exits_2_with_one_message_naming_the_field(tmp_path, env):
     assert "Traceback" not in proc.stderr
     field = next(iter(env)).removeprefix("MEMCTL_").lower()
     assert field in proc.stderr and proc.stderr.count("error:") == 1
+
+
+@pytest.mark.parametrize(("env", "value"), [
+    ("MEMCTL_LOCAL_MODEL_DIRS", "[" * 20_000 + "]" * 20_000),
+    ("MEMCTL_BACKENDS", '{"a": ' * 3000 + "1" + "}" * 3000),
+    ("MEMCTL_PROFILES", "[" + "{" * 100 + "}" * 100 + "]"),
+])
+def test_json_values_nested_too_deep_are_a_settings_error_not_a_recursion_error(monkeypatch, env, value):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert env in info.value.message and "nested deeper" in info.value.message
+
+
+def test_a_toml_file_nested_too_deep_is_a_settings_error(monkeypatch, tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("local_model_dirs = " + "[" * 5000 + "]" * 5000 + "\n")
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(cfg))
+    with pytest.raises(SettingsError, match="nested deeper"):
+        load_settings()
