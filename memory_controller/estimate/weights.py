@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from memory_controller.errors import MemctlError
 from memory_controller.types import Precision
 
@@ -54,11 +56,32 @@ def _quantised_linear_bytes(t: TensorInfo, precision: Precision, double_quant: b
     return packed + blocks + 4 * blocks2 + _BNB_DQ_CODE_BYTES + _BNB_4BIT_CODE_BYTES + 4  # + fp32 offset
 
 
+# (id(spec), precision, double_quant) -> (spec, result): read_model_spec hands out the same spec object
+# while a model's files are unchanged, so a dashboard rerun that estimates every model walks no tensors.
+_memo: dict[tuple[int, Precision, bool], tuple[ModelSpec, tuple[int, int, tuple[str, ...]]]] = {}
+_memo_lock = threading.Lock()
+
+
 def weights_bytes(spec: ModelSpec, precision: Precision, double_quant: bool = False) -> tuple[int, int, tuple[str, ...]]:
     """Bytes the loaded weights hold (parameters + buffers + quantisation state).
 
-    Returns ``(bytes, parameters, notes)``. Only 4-bit precisions use ``double_quant``.
+    Returns ``(bytes, parameters, notes)``. Only 4-bit precisions use ``double_quant``. Memoised per
+    spec object (pure: the same spec always gives the same answer).
     """
+    key = (id(spec), precision, bool(double_quant))
+    with _memo_lock:
+        hit = _memo.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    result = _weights_bytes(spec, precision, double_quant)
+    with _memo_lock:
+        if len(_memo) > 20_000:
+            _memo.clear()
+        _memo[key] = (spec, result)
+    return result
+
+
+def _weights_bytes(spec: ModelSpec, precision: Precision, double_quant: bool) -> tuple[int, int, tuple[str, ...]]:
     dense = dense_bytes_per_element(precision)
     notes: list[str] = []
     if spec.source != "safetensors_headers":
