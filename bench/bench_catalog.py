@@ -1,4 +1,4 @@
-"""Cost of a catalog scan (``scan_models``) with 2,000 cached models vs 10.
+"""Cost of a catalog scan (``scan_models``) with 2,000 cached models vs 10, and of estimating each.
 
 Issue 11 item 12: the dashboard's reruns with 2,000 models took 0.8-1.5 s. The models are built
 in the Hugging Face cache layout (blobs, snapshots of symlinks, refs/main) with a config, a small
@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memory_controller import catalog  # noqa: E402
+from memory_controller import estimate as est  # noqa: E402
 from memory_controller.settings import load_settings  # noqa: E402
+from memory_controller.types import Mode, Precision, Profile  # noqa: E402
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 
@@ -55,6 +57,22 @@ def build_cache(hub: Path, count: int) -> None:
             blob = hashlib.sha256(data).hexdigest()
             (blobs / blob).write_bytes(data)
             os.symlink(f"../../blobs/{blob}", snap / name)
+
+
+def estimate_all_ms(hub: Path) -> float:
+    """Warm: estimate every listed model once (what a page that shows a verdict per model pays)."""
+    settings = load_settings(hf_cache_dir=hub, local_model_dirs=[])
+    models = catalog.scan_models(settings).models
+    profile = Profile(Mode.TRANSFORMERS, Precision.BF16, 1024, 1, device="cpu")
+    for m in models:
+        est.estimate(m, profile, settings)
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for m in models:
+            est.estimate(m, profile, settings)
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
 
 
 def scan_ms(hub: Path) -> tuple[float, float, int]:
@@ -90,11 +108,12 @@ def main() -> None:
             build_cache(hub, count)
             cold, warm, n = scan_ms(hub)
             assert n == count
-            rows[count] = (cold, warm, hf_scan_ms(hub))
+            rows[count] = (cold, warm, hf_scan_ms(hub), estimate_all_ms(hub))
     print("# bench_catalog: scan_models() over the HF cache layout (4 files per model)")
-    for count, (cold, warm, hf) in rows.items():
+    for count, (cold, warm, hf, each) in rows.items():
         print(f"models={count:<5} first scan {cold:8.1f} ms ({cold / count:.3f} ms/model), "
-              f"rescan {warm:8.1f} ms ({warm / count:.3f} ms/model); huggingface_hub.scan_cache_dir {hf:8.1f} ms")
+              f"rescan {warm:8.1f} ms ({warm / count:.3f} ms/model); huggingface_hub.scan_cache_dir {hf:8.1f} ms; "
+              f"estimate every model (warm) {each:8.1f} ms")
     print(f"ratio 2000/10: first scan {rows[2000][0] / rows[10][0]:.0f}x, rescan {rows[2000][1] / rows[10][1]:.0f}x "
           "(the work is per model; the dashboard keeps the result between reruns)")
 

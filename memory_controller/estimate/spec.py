@@ -107,7 +107,10 @@ _spec_cache: dict[str, tuple[tuple, ModelSpec]] = {}
 def _listing(path: Path) -> list[tuple[str, os.stat_result | None]]:
     out = []
     try:
-        entries = list(os.scandir(path))
+        with os.scandir(path) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelLoadError(f"model directory {path} does not exist", "pick a model from `memctl models`") from None
     except OSError as exc:
         raise ModelLoadError(f"cannot read the model directory {path} ({exc.strerror or exc})",
                              "check the folder exists and is readable") from None
@@ -132,21 +135,17 @@ def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
     negative or non-whole dimensions, an unknown dtype or offsets outside the file.
     """
     p = Path(path).expanduser()
-    try:
-        is_dir = p.is_dir()
-        key = str(p.resolve())
-    except (OSError, RuntimeError):  # a symlink loop on the way
-        is_dir, key = False, str(p)
-    if not is_dir:
-        raise ModelLoadError(f"model directory {p} does not exist", "pick a model from `memctl models`")
-    listing = _listing(p)
-    signature = tuple((n, None if st is None else (st.st_mtime_ns, st.st_size)) for n, st in listing)
+    listing = _listing(p)  # one listing + a stat per model file: the cache check costs no more
+    signature = tuple((n, None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)) for n, st in listing)
+    key = str(p)
     with _cache_lock:
         hit = _spec_cache.get(key)
     if hit is not None and hit[0] == signature:
         return hit[1]
     spec = _read_spec(p, listing)
     with _cache_lock:
+        if len(_spec_cache) > 20_000:
+            _spec_cache.clear()
         _spec_cache[key] = (signature, spec)
     return spec
 
