@@ -268,3 +268,33 @@ def test_an_immutable_state_dir_is_named_as_not_writable(tmp_path):
     finally:
         _try(["chattr", "-i", str(state)])
     assert log.append(rec(1)) is True and log.write_errors() == []
+
+
+_WRITER = """
+import sys
+sys.path.insert(0, {root!r})
+from memory_controller.oplog import OperationLog
+from memory_controller.types import OperationRecord, Outcome
+log = OperationLog({state!r}, max_bytes=20_000, keep=3)
+for i in range(150):
+    r = OperationRecord(op_id=f"{{sys.argv[1]}}-{{i}}", kind="apply", params={{"model": "m" * 50}},
+                        started_at=1000.0 + i, outcome=None)
+    assert log.append_started(r)
+    r.outcome = Outcome.SUCCESS
+    r.ended_at = 1001.0 + i
+    assert log.append(r)
+"""
+
+
+def test_processes_appending_at_once_through_rotations_tear_no_line(tmp_path):
+    code = _WRITER.format(root=str(ROOT), state=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"w{n}"]) for n in range(3)]
+    assert [p.wait(120) for p in procs] == [0, 0, 0]
+    log = OperationLog(tmp_path, max_bytes=20_000, keep=3)
+    records = log.read()
+    assert log.warnings == []  # no torn or interleaved line anywhere
+    assert len(list(tmp_path.glob(LOG_NAME + ".*"))) >= 3  # it did rotate (.1 .. .3 and the lock)
+    assert all(r.outcome is Outcome.SUCCESS for r in records)  # a start is shadowed by its finish
+    newest = {w: max(int(r.op_id.split("-")[1]) for r in records if r.op_id.startswith(w + "-")) for w in
+              ("w0", "w1", "w2")}
+    assert newest == {"w0": 149, "w1": 149, "w2": 149}
