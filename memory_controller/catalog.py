@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CorruptDataError, InvalidModelIdError, ModelLoadError, ModelNotFoundError
-from .estimate.spec import read_regular_file
+from .estimate.files import read_regular_file
 from .safejson import loads_bounded
 from .types import CachedModel, CatalogResult
 

@@ -6,10 +6,11 @@ few hundred tensors is described in a few milliseconds whatever its size.
 
 The package is split by responsibility:
 
-* :mod:`.spec` — reading a model directory into a :class:`ModelSpec` (config, index, validated
-  safetensors headers; cached by path and file signatures). Every JSON from disk is parsed with
-  depth and size limits; a malformed file raises :class:`CorruptModelFileError` (both a
+* :mod:`.files` — model files as untrusted data: bounded reads, JSON with depth and size limits,
+  validated safetensors headers; a malformed file raises :class:`CorruptModelFileError` (both a
   ``CorruptDataError`` and a ``ModelLoadError``).
+* :mod:`.spec` — reading a model directory into a :class:`ModelSpec` (config, index, headers;
+  cached by path and file signatures).
 * :mod:`.weights` — bytes the loaded weights hold per precision, and the KV cache formula.
 * :mod:`.totals` — the full estimate (activations, CUDA context), the largest context that fits,
   and the one-line description.
@@ -32,14 +33,8 @@ honouring grouped-query attention (``num_key_value_heads``) and an explicit ``he
 
 from __future__ import annotations
 
-from .spec import (
-    CorruptModelFileError,
-    ModelSpec,
-    TensorInfo,
-    clear_spec_cache,
-    read_model_spec,
-    read_safetensors_header,
-)
+from .files import CorruptModelFileError, TensorInfo, read_safetensors_header
+from .spec import ModelSpec, clear_spec_cache, read_model_spec
 from .totals import describe, estimate, max_context_that_fits
 from .weights import dense_bytes_per_element, kv_cache_bytes, weights_bytes
 

@@ -7,7 +7,8 @@ import threading
 from memory_controller.errors import MemctlError
 from memory_controller.types import Precision
 
-from .spec import ModelSpec, TensorInfo
+from .files import TensorInfo
+from .spec import ModelSpec
 
 # config "dtype"/"torch_dtype" -> bytes per element (for the no-safetensors fallback)
 _CONFIG_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8}
