@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CorruptDataError, InvalidModelIdError, ModelLoadError, ModelNotFoundError
+from .estimate.files import printable as _shown
 from .estimate.files import read_regular_file
 from .safejson import loads_bounded
 from .types import CachedModel, CatalogResult
@@ -91,14 +92,6 @@ _arch_cache: dict[tuple[str, int, int, int], str | None] = {}
 _arch_lock = threading.Lock()
 
 
-def _shown(text: object) -> str:
-    """``text`` for a one-line message: control characters escaped, so a file name cannot forge lines."""
-    t = str(text)
-    if any(ord(c) < 32 or ord(c) == 127 for c in t):
-        return t.encode("unicode_escape").decode("ascii")
-    return t
-
-
 class _CorruptEntry(Exception):
     """One cache entry cannot be listed; the message says why (becomes one warning)."""
 
@@ -116,8 +109,9 @@ def _architecture(config_path: Path) -> str | None:
     cfg = loads_bounded(read_regular_file(config_path, _CONFIG_MAX_BYTES), what="config.json",
                         max_bytes=_CONFIG_MAX_BYTES, expect=dict)
     archs, mt = cfg.get("architectures"), cfg.get("model_type")
-    arch = archs[0][:200] if isinstance(archs, list) and archs and isinstance(archs[0], str) else (
-        mt[:200] if isinstance(mt, str) else None)
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else (
+        mt if isinstance(mt, str) else None)
+    arch = None if arch is None else _shown(arch[:200])  # shown in tables: no control characters
     with _arch_lock:
         if len(_arch_cache) > 100_000:
             _arch_cache.clear()

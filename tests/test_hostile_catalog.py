@@ -242,3 +242,14 @@ def test_memctl_models_lists_the_good_models_beside_corrupt_entries(good_hub):
 def test_the_caches_do_not_grow_without_bound(good_hub):
     scan_models(_settings(good_hub))
     assert len(catalog._repo_cache) <= 100_000 and len(catalog._arch_cache) <= 100_000
+
+
+@pytest.mark.parametrize("field", ["architectures", "model_type"])
+def test_a_config_cannot_forge_lines_in_the_listing(good_hub, field):
+    value = ["Llama\nwarning: forged\x1b[31m"] if field == "architectures" else "llama\r\nwarning: forged"
+    _snapshot_with_config(good_hub, "forger", json.dumps({field: value}))
+    result = scan_models(_settings(good_hub))
+    forger = next(m for m in result.models if m.model_id == f"{mf.TEST_ORG}/forger")
+    assert forger.architecture is not None and "forged" in forger.architecture
+    assert not any(ord(c) < 32 for c in forger.architecture)
+    assert result.warnings == ()

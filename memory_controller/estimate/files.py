@@ -32,6 +32,14 @@ _MAX_DIM = 1 << 48  # one dimension; a real one is far smaller
 REDOWNLOAD_HINT = "the file is corrupt: delete this model from the cache and download it again"
 
 
+def printable(text: object) -> str:
+    """``text`` for a one-line message: control characters escaped, so a name from disk cannot forge lines."""
+    t = str(text)
+    if any(ord(c) < 32 or ord(c) == 127 for c in t):
+        return t.encode("unicode_escape").decode("ascii")
+    return t
+
+
 class CorruptModelFileError(CorruptDataError, ModelLoadError):
     """A model file (config, index, safetensors header) is malformed: corrupt data that stops a load."""
 

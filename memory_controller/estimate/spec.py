@@ -12,7 +12,14 @@ from typing import Any
 
 from memory_controller.errors import ModelLoadError
 
-from .files import REDOWNLOAD_HINT, CorruptModelFileError, TensorInfo, read_json_file, read_safetensors_header
+from .files import (
+    REDOWNLOAD_HINT,
+    CorruptModelFileError,
+    TensorInfo,
+    printable,
+    read_json_file,
+    read_safetensors_header,
+)
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _MAX_CONFIG_INT = 1 << 40  # a layer count, head count or position limit above this is not a model
@@ -193,13 +200,14 @@ def _read_spec(p: Path, listing: list[tuple[str, os.stat_result | None]]) -> Mod
     if not (layers and kv_heads and head_dim):
         notes.append("config lacks layers/heads: KV cache cannot be estimated and is counted as 0")
     archs = cfg.get("architectures")
-    architecture = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    architecture = printable(archs[0][:200]) if isinstance(archs, list) and archs and isinstance(archs[0], str) \
+        else None
     tie = cfg.get("tie_word_embeddings", arch_cfg.get("tie_word_embeddings", True))
     stored = cfg.get("dtype") or cfg.get("torch_dtype") or arch_cfg.get("dtype") or arch_cfg.get("torch_dtype")
     qc = cfg.get("quantization_config")
     prequant = None
     if isinstance(qc, dict):
-        prequant = str(qc.get("quant_method") or "unknown")[:40]
+        prequant = printable(str(qc.get("quant_method") or "unknown")[:40])
         notes.append(f"checkpoint is already quantised ({prequant}): weights counted as stored")
     has_rope = any(k in arch_cfg for k in ("rope_theta", "rope_parameters", "rope_scaling"))
     return ModelSpec(
