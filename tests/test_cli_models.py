@@ -62,11 +62,12 @@ def test_models_with_no_cache_says_so_and_succeeds(tmp_path, capsys):
 
 
 def test_estimate_json_matches_the_estimator(hf_settings, capsys):
-    code, out = _run(["estimate", TINY_UNTIED_ID, "--dtype", "nf4", "--double-quant", "--context", "4096",
+    # context 2048: the model's own maximum (over it is an argument error, exit 2)
+    code, out = _run(["estimate", TINY_UNTIED_ID, "--dtype", "nf4", "--double-quant", "--context", "2048",
                       "--batch", "2", "--device", "cpu", "--json"], hf_settings, capsys)
     assert code == 0
     data = json.loads(out)
-    profile = Profile(Mode.TRANSFORMERS, Precision.NF4, 4096, 2, double_quant=True, device="cpu")
+    profile = Profile(Mode.TRANSFORMERS, Precision.NF4, 2048, 2, double_quant=True, device="cpu")
     expected = est.estimate(resolve_model(TINY_UNTIED_ID, hf_settings), profile, hf_settings)
     for key in ("weights_bytes", "kv_cache_bytes", "activation_bytes", "cuda_context_bytes", "total_bytes"):
         assert data[key] == getattr(expected, key)
