@@ -182,6 +182,15 @@ def _describe_write_error(path: Path, exc: OSError) -> str:
             "set MEMCTL_STATE_DIR to a writable folder (or fix this one)")
 
 
+# Write failures of every log in this process (the CLI reports them after any command), by log path.
+_PROCESS_WRITE_ERRORS: dict[str, list[str]] = {}
+
+
+def process_write_errors() -> list[str]:
+    """Log writes that failed in this process and were not followed by a successful one."""
+    return [e for errs in list(_PROCESS_WRITE_ERRORS.values()) for e in errs]
+
+
 class OperationLog:
     """Append-only JSON-lines log with rotation. Thread-safe; several processes may append."""
 
@@ -229,8 +238,10 @@ class OperationLog:
             except OSError as exc:
                 self._write_errors.append(_describe_write_error(self.path, exc))
                 del self._write_errors[:-_MAX_WARNINGS]
+                _PROCESS_WRITE_ERRORS[str(self.path)] = list(self._write_errors)
                 return False
             self._write_errors.clear()
+            _PROCESS_WRITE_ERRORS.pop(str(self.path), None)
             return True
 
     def _write_line(self, line: bytes) -> None:

@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     host_memory_budget_bytes: int | None = Field(None, ge=0, le=1 << 60)
 
     vllm_image: str = Field("vllm/vllm-openai", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
-    vllm_tag: str = Field("v0.11.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    vllm_tag: str = Field("v0.33.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
     vllm_port: int = Field(8000, ge=1, le=65535)
     bind_address: str = "127.0.0.1"
     docker_host: str | None = None  # None: DOCKER_HOST or the default socket

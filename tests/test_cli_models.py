@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_controller import cli_models
+from memctl_cli import models as cli_models
 from memory_controller import estimate as est
 from memory_controller.catalog import resolve_model
 from memory_controller.errors import InvalidModelIdError, ModelNotFoundError
@@ -114,7 +114,7 @@ def test_bad_arguments_exit_with_code_2(argv):
 
 def _memctl(args: list[str], hub: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, **mf.hf_env(hub)}
-    return subprocess.run([sys.executable, "-m", "memory_controller.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "memctl_cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

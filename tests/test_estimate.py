@@ -231,7 +231,7 @@ def test_estimate_takes_under_50ms_for_a_half_billion_parameter_layout(tmp_path,
 def test_catalog_estimator_cli_and_backend_import_without_torch(hf_cache):
     code = (
         "import sys, json\n"
-        "import memory_controller.catalog as c, memory_controller.estimate as e, memory_controller.cli_models\n"
+        "import memory_controller.catalog as c, memory_controller.estimate as e, memctl_cli.models\n"
         "import backends.transformers_backend\n"
         "from memory_controller.settings import load_settings\n"
         "from memory_controller.types import Profile, Mode, Precision\n"

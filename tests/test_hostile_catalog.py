@@ -229,7 +229,7 @@ def test_memctl_models_lists_the_good_models_beside_corrupt_entries(good_hub):
         make(good_hub)
     env = {**os.environ, **mf.hf_env(good_hub), "PYTHONPATH": str(ROOT)}
     env = {k: v for k, v in env.items() if k != "MEMCTL_STATE_DIR"}
-    proc = subprocess.run([sys.executable, "-m", "memory_controller.cli", "models"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "memctl_cli", "models"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "No models found" not in proc.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_controller import cli_models
+from memctl_cli import models as cli_models
 from tests import model_factory as mf
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 
@@ -27,7 +27,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _memctl(args: list[str], hub: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, **mf.hf_env(hub), "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "memory_controller.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "memctl_cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -177,7 +177,7 @@ def test_memctl_estimate_of_a_negative_shape_fails_cleanly(tmp_path):
     _write_safetensors(src / "model.safetensors", json.dumps({"w": HOSTILE_ENTRIES["negative dimension"]}))
     mf.add_to_hf_cache(src, hub, f"{mf.TEST_ORG}/bad-shape")
     env = {**os.environ, **mf.hf_env(hub), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "memory_controller.cli", "estimate", f"{mf.TEST_ORG}/bad-shape",
+    proc = subprocess.run([sys.executable, "-m", "memctl_cli", "estimate", f"{mf.TEST_ORG}/bad-shape",
                            "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "parameters" not in proc.stdout and "negative" in proc.stderr

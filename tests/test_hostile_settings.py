@@ -164,7 +164,7 @@ def test_real_settings_and_harness_variables_give_no_warning(monkeypatch):
 def test_the_cli_exits_2_with_one_message_naming_the_field(tmp_path, env):
     cfg = tmp_path / "empty.toml"
     cfg.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "memory_controller.cli", "models"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "memctl_cli", "models"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60,
                           env=subprocess_env(**{"MEMCTL_CONFIG_FILE": str(cfg), "MEMCTL_STATE_DIR": str(tmp_path),
                                              "MEMCTL_TEST_SEAMS": "0", **env}))

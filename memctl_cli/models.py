@@ -14,16 +14,16 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .errors import MemctlError
-from .types import Mode, Precision, Profile, to_jsonable
-from .units import GIB, fmt_bytes
+from memory_controller.errors import MemctlError
+from memory_controller.types import Mode, Precision, Profile, to_jsonable
+from memory_controller.units import GIB, fmt_bytes
 
 MAX_CONTEXT_TOKENS = 1_048_576  # the dashboard's context field range ends here too
 MAX_BATCH = 256  # the dashboard's batch field range
 MAX_FREE_GIB = 1_048_576.0  # 1 PiB: more is a typo
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from memory_controller.settings import Settings
 
 
 def _whole_number(high: int):
@@ -92,7 +92,7 @@ def recommendation_lines(rec: dict[str, Any]) -> list[str]:
 
 def _default_device(settings: Settings) -> str:
     """cuda when the probe sees a GPU, else cpu (so a CPU-only machine gets no CUDA reserve)."""
-    from .probe import DeviceProbe
+    from memory_controller.probe import DeviceProbe
 
     snap = DeviceProbe(nvml_module_name=settings.nvml_module).snapshot()
     return "cuda" if snap.has_gpu else "cpu"
@@ -123,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     """List the catalog; warnings (corrupt entries, missing cache) go beside the list. Exit 0."""
-    from .catalog import scan_models
+    from memory_controller.catalog import scan_models
 
     result = scan_models(settings)
     if args.json:
@@ -153,8 +153,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
     """Print the estimate's breakdown (and the max context for ``--free-gib``). Raises project errors."""
-    from . import estimate as est
-    from .catalog import resolve_model
+    from memory_controller import estimate as est
+    from memory_controller.catalog import resolve_model
 
     model = resolve_model(args.model, settings)
     max_positions = est.read_model_spec(model.path).max_position_embeddings
