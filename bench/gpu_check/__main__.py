@@ -7,6 +7,7 @@ did, 2 when the check could not start (e.g. the models could not be built).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="gpu-check", description="memctl's GPU acceptance check")
     ap.add_argument("--small", action="store_true", help="small model shapes on a GPU too (a quick run)")
     ap.add_argument("--out", type=Path, help="also write the table to this file")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (models, operation log)")
     args = ap.parse_args(argv)
 
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         if args.out:
             args.out.write_text("\n".join(head) + "\n" + table + "\n")
+        if args.json:
+            args.json.write_text(json.dumps({"gpu": gpu, "head": head, "rows": [
+                {"check": r.check, "expected": r.expected, "measured": r.measured, "verdict": r.verdict.value,
+                 "reason": r.reason} for r in rows]}, indent=2))
         return table_exit_code(rows)
     finally:
         if args.keep:
