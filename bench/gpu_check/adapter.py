@@ -36,9 +36,10 @@ def make_controller(settings: Settings) -> MemoryController:
     return MemoryController(settings)
 
 
-def profile(precision: str, context_tokens: int, device: str, gpu_index: int | None = None) -> Profile:
+def profile(precision: str, context_tokens: int, device: str, gpu_index: int | None = None,
+            double_quant: bool = False) -> Profile:
     return Profile(mode=Mode.TRANSFORMERS, precision=Precision(precision), context_tokens=context_tokens, batch=1,
-                   device=device, gpu_ids=None if gpu_index is None else (gpu_index,))
+                   device=device, gpu_ids=None if gpu_index is None else (gpu_index,), double_quant=double_quant)
 
 
 def devices(ctl: MemoryController):

@@ -50,11 +50,12 @@ def guide_band(free_bytes: int, vllm_available: bool, on_cpu: bool, cpu_half: st
 def lowered(ctl: Any, model_id: str, start: Expected, free_bytes: int, device: str,
             gpu_index: int | None) -> tuple[str, int] | None:
     """The model-aware lowering as issue 14 states it: keep the band's precision and lower the context
-    (not below min(256, band context)); when that does not fit, step down to int8, then nf4."""
+    (not below min(256, band context)); when that does not fit, step down to int8, then nf4 (4-bit with
+    double quantisation, as memctl loads it)."""
     bits = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "nf4": 4}
     ladder = [start.precision] + [p for p in QUANTISED if bits[p] < bits[start.precision]]
     for precision in ladder:
-        prof = A.profile(precision, start.context, device, gpu_index)
+        prof = A.profile(precision, start.context, device, gpu_index, double_quant=precision == "nf4")
         ctx = A.max_context(ctl, model_id, prof, free_bytes)
         if ctx >= min(256, start.context):
             return precision, min(ctx, start.context)
