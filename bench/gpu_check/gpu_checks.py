@@ -61,12 +61,17 @@ def context_rows(g: Gpu, settings: Any, have_bnb: bool) -> list[Row]:
         (a @ a).sum().item()
         q = torch.randn(1, 4, 128, 64, device=g.device, dtype=dt)
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().item()
+    bnb_note = ""
     if have_bnb:
-        import bitsandbytes.functional as F
+        try:
+            import bitsandbytes.functional as F
 
-        x = torch.randn(64, 64, device=g.device, dtype=torch.float16)
-        F.int8_vectorwise_quant(x)
-        F.quantize_4bit(x, quant_type="nf4")
+            x = torch.randn(64, 64, device=g.device, dtype=torch.float16)
+            F.int8_vectorwise_quant(x)
+            F.quantize_4bit(x, quant_type="nf4")
+            bnb_note = ", bitsandbytes"
+        except Exception as exc:  # noqa: BLE001 - API drift: the loads will load its kernels themselves
+            bnb_note = f"; bitsandbytes warm-up failed: {type(exc).__name__}"
     torch.cuda.synchronize(g.index)
     a = q = x = None  # noqa: F841 - drop the warm-up tensors before emptying the cache
     torch.cuda.empty_cache()
@@ -74,7 +79,7 @@ def context_rows(g: Gpu, settings: Any, have_bnb: bool) -> list[Row]:
     context = g.floor - g.used0
     reserve = A.cuda_context_reserve_bytes(settings)
     return [Row("CUDA context: the estimator's reserve covers this process's", f"reserve {b(reserve)} >= context",
-                f"context {b(context)} (CUDA, cuBLAS, attention{', bitsandbytes' if have_bnb else ''} kernels)",
+                f"context {b(context)} (CUDA, cuBLAS, attention kernels{bnb_note})",
                 verdict(reserve >= context))]
 
 
@@ -129,7 +134,8 @@ def precision_rows(ctl: Any, g: Gpu, shape: ArchShape, precision: str) -> list[R
     took = after - before
     rows = [Row(f"{name} {precision}: weights estimate vs NVML-measured load", f"{b(est.weights_bytes)} ±2%",
                 f"{b(took)} ({pct(took, est.weights_bytes)}); torch allocated "
-                f"{b(torch.cuda.memory_allocated(g.index))}; load {load_s:.1f} s",
+                f"{b(torch.cuda.memory_allocated(g.index))}, reserved {b(torch.cuda.memory_reserved(g.index))}; "
+                f"load {load_s:.1f} s",
                 verdict(within(took, est.weights_bytes, rel=WEIGHTS_REL)))]
     prompt = A.prompt_of_tokens(A.model_path(ctl, mid), CONTEXT - 1)
     with PeakSampler(g.nv.used) as sampler:
