@@ -23,7 +23,6 @@ GPU_ONLY_ROWS = (
     ("largest context that fits: forward pass without OOM", "no OOM"),
     ("unload: NVML back within the controller's wait", "max(64 MiB, 2%)"),
     ("clear / emergency clear: nothing of ours left (NVML)", "context only"),
-    ("streamed chat through the memctl server", "a streamed answer"),
 )
 
 

@@ -160,4 +160,56 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 120) -
     return proc.returncode, data, proc.stderr
 
 
+def serve_chat(ctl: MemoryController, settings: Settings, model_id: str, timeout_s: float = 300) -> tuple[int, bool, str]:
+    """A streamed chat completion through the memctl server's OpenAI API on 127.0.0.1 (a free port):
+    (content chunks, whether ``[DONE]`` came, the text). Needs ``server/`` (the serving issue) and
+    fastapi/uvicorn/httpx; raises ImportError without them."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+    from server.openai_api import OpenAIService
+
+    service = OpenAIService(ctl, settings)
+    app = FastAPI()
+    app.include_router(service.router)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="gpu-check-server", daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 15
+        while not server.started and thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.05)
+        body = {"model": model_id, "stream": True, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "Write a Python function that adds two numbers."}]}
+        chunks, done, text = 0, False, ""
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+                          timeout=timeout_s) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data.strip() == "[DONE]":
+                    done = True
+                    break
+                obj = json.loads(data)
+                for choice in obj.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        chunks += 1
+                        text += piece
+        return chunks, done, text
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.close()
+
+
 __all__ = ["MemctlError"]

@@ -10,7 +10,7 @@ from typing import Any
 from memory_controller.units import GIB, MIB
 
 from . import adapter as A
-from .table import Row, Verdict, b, verdict
+from .table import Row, Verdict, b, not_run, verdict
 
 # The user's guide (seeds/memory-control-guide.ru.md), "Рекомендации системы": free memory -> band.
 GUIDE_BANDS = (  # (min free GiB, band, mode, precision, context, batch)
@@ -137,3 +137,19 @@ def bnb_available() -> tuple[bool, str]:
     except Exception as exc:  # noqa: BLE001 - ImportError or a broken native library
         return False, f"bitsandbytes not installed ({type(exc).__name__})"
     return True, ""
+
+
+def server_rows(ctl: Any, settings: Any, model_id: str, prof: Any) -> list[Row]:
+    """A streamed chat through the memctl server, with ``model_id`` running under ``prof``."""
+    check, expected = f"streamed chat through the memctl server ({prof.device})", "content chunks, then [DONE]"
+    if not (A.ROOT / "server").is_dir():
+        return [not_run(check, expected, "no server/ in this checkout (the serving issue has not landed)")]
+    for mod in ("fastapi", "uvicorn", "httpx"):
+        try:
+            __import__(mod)
+        except ImportError:
+            return [not_run(check, expected, f"{mod} not installed")]
+    A.apply(ctl, A.plan(ctl, model_id, prof))
+    chunks, done, text = A.serve_chat(ctl, settings, model_id)
+    return [Row(check, expected, f"{chunks} chunks, done={done}, {len(text)} characters", verdict(chunks > 0 and done))]
+

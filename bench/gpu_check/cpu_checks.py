@@ -9,7 +9,15 @@ from typing import Any
 from memory_controller.units import MIB
 
 from . import adapter as A
-from .common import QUANTISED, bnb_available, cli_rows, guarded, reclaim_tolerance, recommendation_rows
+from .common import (
+    QUANTISED,
+    bnb_available,
+    cli_rows,
+    guarded,
+    reclaim_tolerance,
+    recommendation_rows,
+    server_rows,
+)
 from .measure import meminfo_available_bytes, meminfo_total_bytes, process_resident_bytes
 from .models import LLAMA_SMALL, QWEN2_SMALL, ArchShape
 from .table import Row, b, not_run, pct, verdict, within
@@ -128,6 +136,8 @@ def run(settings: Any) -> list[Row]:
     guarded(rows, "plan refusal (host)", lambda: refusal_rows(settings, QWEN2_SMALL), lambda: None)
     # estimates only (nothing loads): runs without bitsandbytes too
     guarded(rows, "recommendation (host)", lambda: recommendation_cpu_rows(settings, LLAMA_SMALL), lambda: None)
+    guarded(rows, "memctl server", lambda: server_rows(ctl, settings, QWEN2_SMALL.model_id,
+                                                    A.profile("bf16", CONTEXT, "cpu")), lambda: _cleanup(ctl))
     return rows
 
 

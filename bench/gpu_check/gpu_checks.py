@@ -15,7 +15,15 @@ from typing import Any
 from memory_controller.units import GIB, MIB
 
 from . import adapter as A
-from .common import QUANTISED, bnb_available, cli_rows, guarded, reclaim_tolerance, recommendation_rows
+from .common import (
+    QUANTISED,
+    bnb_available,
+    cli_rows,
+    guarded,
+    reclaim_tolerance,
+    recommendation_rows,
+    server_rows,
+)
 from .measure import Ballast, Nvml, PeakSampler
 from .models import ArchShape
 from .table import Row, Verdict, b, covers_peak, not_run, pct, verdict, within
@@ -256,13 +264,6 @@ def clear_rows(ctl: Any, g: Gpu, shape: ArchShape) -> list[Row]:
     return rows
 
 
-def server_rows() -> list[Row]:
-    check, expected = "streamed chat through the memctl server", "a streamed answer"
-    if not (A.ROOT / "server").is_dir():
-        return [not_run(check, expected, "no server/ in this checkout (the serving issue has not landed)")]
-    return [not_run(check, expected, "server/ exists, but this check does not drive it yet")]
-
-
 def run(settings: Any, nv: Nvml, shapes: list[ArchShape]) -> list[Row]:
     small, large = shapes[0], shapes[-1]
     g = Gpu(nv, 0, nv.settle())
@@ -285,5 +286,6 @@ def run(settings: Any, nv: Nvml, shapes: list[ArchShape]) -> list[Row]:
     guarded(rows, "largest context", lambda: max_context_rows(ctl, g, small), lambda: _cleanup(ctl))
     guarded(rows, "recommendation (GPU)", lambda: recommendation_gpu_rows(ctl, g, large), lambda: None)
     guarded(rows, "clear / emergency clear", lambda: clear_rows(ctl, g, small), lambda: _cleanup(ctl))
-    rows.extend(server_rows())
+    guarded(rows, "memctl server", lambda: server_rows(ctl, settings, small.model_id,
+                                                    A.profile("bf16", CONTEXT, "cuda", g.index)), lambda: _cleanup(ctl))
     return rows

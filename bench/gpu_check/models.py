@@ -23,6 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ORG = "memctl-gpucheck"
+# A ChatML template (Qwen's shape), so the chat endpoint can render messages for the random models.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,9 @@ def build(shape: ArchShape, hub_dir: Path, device: str) -> Path:
         model.eval()
         model.save_pretrained(tmp)
         del model
-        train_tokenizer().save_pretrained(tmp)
+        tok = train_tokenizer()
+        tok.chat_template = CHAT_TEMPLATE  # the server's chat endpoint renders messages with it
+        tok.save_pretrained(tmp)
         return add_to_hf_cache(Path(tmp), hub_dir, shape.model_id)
 
 
