@@ -112,7 +112,18 @@ for p in sys.path:
     # bitsandbytes' own dependencies (torch, numpy, packaging) are the machine's: never from the folder
     if [[ "$pkg" == bitsandbytes ]]; then no_deps+=" $pkg"; else with_deps+=" $pkg"; fi
   done
-  pip_in() { "$VPY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" "$@"; }
+  PIP=("$VPY" -m pip)
+  if ! "$VPY" -m pip --version >/dev/null 2>&1; then
+    # no pip anywhere: a pip wheel runs as a zip (scripts/gpu-wheels.sh fetches one)
+    pip_whl=$(compgen -G "$WHEELS/pip-*.whl" | head -n1 || true)
+    if [[ -z "$pip_whl" ]]; then
+      echo "error: $PY has no pip, and $WHEELS holds no pip wheel" >&2
+      echo "hint: install python3-pip, or refill the folder with scripts/gpu-wheels.sh" >&2
+      exit 2
+    fi
+    PIP=("$VPY" "$pip_whl/pip")
+  fi
+  pip_in() { "${PIP[@]}" install -q --disable-pip-version-check --no-index --find-links "$WHEELS" "$@"; }
   # shellcheck disable=SC2086 # the package names are single words
   if ! { [[ -z "$with_deps" ]] || pip_in $with_deps; } || ! { [[ -z "$no_deps" ]] || pip_in --no-deps $no_deps; }; then
     echo "error: installing$installable from $WHEELS failed (see above)" >&2

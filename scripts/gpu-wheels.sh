@@ -32,7 +32,8 @@ for tag in manylinux_2_28 manylinux_2_24 manylinux_2_17 manylinux2014; do
   PLATFORMS+=(--platform "${tag}_${ARCH}")
 done
 # Versions as in pyproject.toml. Pure-Python wheels are shared; pydantic-core is one per version.
-REQS=("pydantic>=2.10" "pydantic-settings>=2.10" "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27")
+# pip itself too: gpu-check.sh runs it from its wheel when the machine's Python has no pip.
+REQS=("pydantic>=2.10" "pydantic-settings>=2.10" "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27" "pip")
 for v in $VERSIONS; do
   echo "== wheels for Python $v ($ARCH)"
   "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: \
@@ -40,6 +41,7 @@ for v in $VERSIONS; do
 done
 
 size_bytes() { du -sb "$1" | cut -f1; }
+rm -f "$DEST"/bitsandbytes-*.whl  # a refill decides afresh whether it fits
 before=$(size_bytes "$DEST")
 echo "== bitsandbytes (one py3-none wheel for all CUDA versions)"
 TMP="$(mktemp -d)"
