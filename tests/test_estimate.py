@@ -120,7 +120,9 @@ def test_activation_allowance_is_a_fraction_of_weights_and_kv_with_a_floor(hf_ca
     model = resolve_model(TINY_ID, load_settings(hf_cache_dir=hf_cache))
     frac = load_settings(hf_cache_dir=hf_cache, activation_overhead_fraction=0.5, activation_overhead_min_mib=0)
     e = est.estimate(model, _profile(), frac)
-    assert e.activation_bytes == int(0.5 * (e.weights_bytes + e.kv_cache_bytes))
+    spec = est.read_model_spec(model.path)
+    prefill = est.prefill_bytes(spec, e.profile.context_tokens, e.profile.batch, e.profile.precision)
+    assert e.activation_bytes == max(int(0.5 * (e.weights_bytes + e.kv_cache_bytes)), prefill)
     floor = load_settings(hf_cache_dir=hf_cache, activation_overhead_fraction=0.5, activation_overhead_min_mib=64)
     assert est.estimate(model, _profile(), floor).activation_bytes == 64 * MIB
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from .files import CorruptModelFileError, TensorInfo, read_safetensors_header
 from .spec import ModelSpec, clear_spec_cache, read_model_spec
-from .totals import describe, estimate, max_context_that_fits
+from .totals import describe, estimate, max_context_that_fits, prefill_bytes
 from .weights import dense_bytes_per_element, kv_cache_bytes, weights_bytes
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "estimate",
     "kv_cache_bytes",
     "max_context_that_fits",
+    "prefill_bytes",
     "read_model_spec",
     "read_safetensors_header",
     "weights_bytes",

@@ -47,6 +47,7 @@ class ModelSpec:
     tensors: tuple[TensorInfo, ...]
     weight_files: tuple[tuple[str, int], ...]  # (file name, size in bytes)
     notes: tuple[str, ...] = field(default=())
+    intermediate_size: int | None = None  # the MLP width (prefill working memory grows with it)
 
     @property
     def weight_file_bytes(self) -> int:
@@ -220,6 +221,7 @@ def _read_spec(p: Path, listing: list[tuple[str, os.stat_result | None]]) -> Mod
         head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=_first_int(arch_cfg, "vocab_size"),
+        intermediate_size=_first_int(arch_cfg, "intermediate_size", "ffn_dim", "n_inner"),
         tie_word_embeddings=tie if isinstance(tie, bool) else tie is not None,
         max_position_embeddings=_first_int(arch_cfg, "max_position_embeddings", "n_positions", "seq_length"),
         stored_dtype=stored if isinstance(stored, str) else None,

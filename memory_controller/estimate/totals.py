@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from memory_controller.errors import MemctlError
-from memory_controller.types import CachedModel, MemoryEstimate, Profile
+from memory_controller.types import CachedModel, MemoryEstimate, Precision, Profile
 from memory_controller.units import MIB, fmt_bytes
 
-from .spec import read_model_spec
+from .spec import ModelSpec, read_model_spec
 from .weights import dense_bytes_per_element, kv_cache_bytes, weights_bytes
 
 if TYPE_CHECKING:  # settings import pydantic; only the type is needed here
@@ -30,11 +30,24 @@ def _gpu_count(profile: Profile) -> int:
     return max(1, len(profile.gpu_ids)) if profile.gpu_ids else 1
 
 
-def _totals(weights: int, kv: int, profile: Profile, settings: Settings) -> tuple[int, int, int]:
-    """(activation, cuda_context, total) for given weights and KV bytes."""
+def prefill_bytes(spec: ModelSpec, context_tokens: int, batch: int, precision: Precision) -> int:
+    """Working memory of a prefill over the whole context, one layer at a time: the MLP's gate, up and
+    activated tensors (3 x intermediate) plus hidden states, residual and attention in/out (4 x hidden) per
+    token, in the compute dtype (fp32 for fp32, else 16-bit), plus the last token's logits in fp32."""
+    if not spec.hidden_size:
+        return 0
+    width = 3 * (spec.intermediate_size or 4 * spec.hidden_size) + 4 * spec.hidden_size
+    act = 4 if precision is Precision.FP32 else 2
+    return batch * context_tokens * width * act + batch * (spec.vocab_size or 0) * 4
+
+
+def _totals(weights: int, kv: int, profile: Profile, settings: Settings, prefill: int = 0) -> tuple[int, int, int]:
+    """(activation, cuda_context, total) for given weights, KV and prefill bytes: activations are the
+    larger of the configured allowance and the prefill's working memory."""
     activation = max(
         int((weights + kv) * settings.activation_overhead_fraction),
         settings.activation_overhead_min_mib * MIB,
+        prefill,
     )
     cuda = settings.cuda_context_reserve_bytes * _gpu_count(profile) if profile.device == "cuda" else 0
     return activation, cuda, weights + kv + activation + cuda
@@ -45,7 +58,7 @@ def estimate(model: CachedModel, profile: Profile, settings: Settings) -> Memory
 
     The CUDA context reserve (``settings.cuda_context_reserve_bytes`` per GPU in ``profile.gpu_ids``,
     one when unset) is added only when ``profile.device == "cuda"``. Activations are
-    ``max(fraction x (weights + KV), min MiB)`` from settings.
+    ``max(fraction x (weights + KV), min MiB, prefill working memory)`` (see :func:`prefill_bytes`).
     Raises :class:`ModelLoadError` (missing/corrupt files; ``CorruptModelFileError`` for malformed
     ones) or :class:`MemctlError` (invalid profile).
     """
@@ -57,7 +70,8 @@ def estimate(model: CachedModel, profile: Profile, settings: Settings) -> Memory
     weights, params, wnotes = weights_bytes(spec, profile.precision, profile.double_quant)
     notes.extend(wnotes)
     kv = kv_cache_bytes(spec, profile.context_tokens, profile.batch, dense_bytes_per_element(profile.precision))
-    activation, cuda, total = _totals(weights, kv, profile, settings)
+    prefill = prefill_bytes(spec, profile.context_tokens, profile.batch, profile.precision)
+    activation, cuda, total = _totals(weights, kv, profile, settings, prefill)
     if spec.max_position_embeddings and profile.context_tokens > spec.max_position_embeddings:
         notes.append(
             f"context {profile.context_tokens} exceeds the model's maximum {spec.max_position_embeddings} tokens"
@@ -88,7 +102,8 @@ def max_context_that_fits(model: CachedModel, free_bytes: int, profile: Profile,
     bpe = dense_bytes_per_element(profile.precision)
 
     def total(ctx: int) -> int:
-        return _totals(weights, kv_cache_bytes(spec, ctx, profile.batch, bpe), profile, settings)[2]
+        kv = kv_cache_bytes(spec, ctx, profile.batch, bpe)
+        return _totals(weights, kv, profile, settings, prefill_bytes(spec, ctx, profile.batch, profile.precision))[2]
 
     cap = spec.max_position_embeddings or 1 << 20
     if total(1) > free_bytes:
