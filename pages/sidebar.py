@@ -134,17 +134,24 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
         precision = precisions[0]
     context = int(rec.profile.context_tokens)
     model_max = _model_max(model) if model is not None else None
-    capped = model_max is not None and context > model_max
-    if capped:
+    if model_max is not None and context > model_max:
         context = int(model_max)
     set_field("f_precision", precision)
     set_field("f_context", context)
     set_field("f_batch", int(rec.profile.batch))
     bands = ctl.settings.bands
-    rule = [t("controls.rule_band", tokens=t.count("unit.tokens", context),
-              band=rec_card.band_title(rec.band, bands))]
-    if capped:
-        rule.append(t("controls.rule_model_max", max=t.count("unit.tokens", model_max)))
+    band = next((b for b in bands if b.name == rec.band), None)
+    band_ctx = band.context_tokens if band is not None else context
+    band_name = rec_card.band_title(rec.band, bands)
+    rule: list[str] = []
+    if any(n.code == "rec.context_rule" for n in rec.notes):
+        pass  # the recommendation names its own rule (rendered with the notes below)
+    elif model_max is not None and context == model_max and context < band_ctx:
+        rule.append(t("controls.rule_model_max", tokens=t.count("unit.tokens", context),
+                      max=t.count("unit.tokens", model_max), band=band_name,
+                      band_tokens=t.count("unit.tokens", band_ctx)))
+    elif context == band_ctx:
+        rule.append(t("controls.rule_band", tokens=t.count("unit.tokens", context), band=band_name))
     rule += [rec_card.note_text(n, bands) for n in rec.notes]
     st.session_state["_prefill_for"] = key
     st.session_state["_prefill_rule"] = "; ".join(rule)
