@@ -22,7 +22,7 @@ def _unload(handle: str) -> None:
 def deployment_row(ctl: Any, d: Deployment) -> str:
     t = ui.tr()
     parts = [f"**{d.model_id}**", ui.backend_label(ctl, d.backend_id)]
-    if d.device:
+    if d.device and (len(d.memory_bytes) != 1 or d.device == "cpu"):  # where it runs, unless the memory says it
         parts.append(ui.device_key_label(d.device) if d.device.startswith("cuda") else d.device)
     memory = ", ".join(f"{ui.device_key_label(k)}: {ui.gib(v)}" for k, v in d.memory_bytes.items())
     if memory:
