@@ -16,6 +16,9 @@ ADVICE_BY_KIND = {"apply": "model_not_loading", "emergency_clear": "container_no
 def log_problems(ctl: Any) -> None:
     """A failed log write is the user's business: their history is not being kept."""
     problems = list(getattr(ctl, "log_warnings", []) or [])
+    write_errors = getattr(ctl, "log_write_errors", None)  # kept apart by newer controllers
+    if callable(write_errors):
+        problems += [p for p in write_errors() if p not in problems]
     if not problems:
         return
     t = ui.tr()
