@@ -32,7 +32,8 @@ def _dynamic_keys() -> set[str]:
                                    "stop_backend", "stop_inmem", "stop_transformers", "stop_vllm")}
     keys |= {f"state.{s.value}" for s in DeploymentState}
     keys |= {f"msg.{c}" for c in MESSAGE_CODES} | {f"err.{c}" for c in ERROR_CODES}
-    keys |= {f"stage.{s}" for s in ("config", "weights", "placing", "warm-up", "ready")}
+    keys |= {f"stage.{s}" for s in ("config", "weights", "placing", "warm-up", "ready",  # Transformers
+                                    "checking", "pulling", "creating", "waiting")}  # vLLM
     keys |= {f"rule.{r}" for r in ("model_max", "memory")}
     keys |= {f"precision.{p.value}" for p in Precision} | {f"mode.{m.value}" for m in Mode}
     keys |= {f"rec.mode_{m.value}" for m in Mode}
