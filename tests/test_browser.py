@@ -227,3 +227,33 @@ def _user_path(page, browser, server: str) -> None:
     expect(sidebar.get_by_text("🔧 Modes and memory")).to_be_visible()
     expect(sidebar.get_by_role("button", name="🔄 Apply changes")).to_be_visible()
     _shot(page, "05-english")
+
+
+def test_an_invalid_batch_never_changes_the_chosen_model_in_the_browser(server, browser):
+    """Issue 12.1: with the second model chosen, batch 0 then 1 leaves the selector (and the plan) on it."""
+    from playwright.sync_api import expect
+
+    page = _open(browser, server)
+    try:
+        sidebar = page.locator("[data-testid=stSidebar]")
+        model = sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель")
+        model.get_by_role("button", name="Open").click()
+        page.get_by_role("option", name=re.compile(r"^tiny-llama-untied · ")).click()
+        chosen = model.get_by_role("combobox")
+        expect(chosen).to_have_value(re.compile(r"^tiny-llama-untied · .+ · ✅$"))
+        batch = sidebar.get_by_role("spinbutton", name="Батч размер")
+        for value in ("0", "1"):
+            batch.fill(value)
+            batch.press("Enter")
+            page.wait_for_timeout(1500)
+            expect(chosen).to_have_value(re.compile(r"^tiny-llama-untied · "))
+        expect(sidebar.get_by_text(re.compile("вне допустимого диапазона"))).to_have_count(0)
+        # issue 12.2: the closed selector's mark is the plan's verdict for the profile on screen
+        expect(chosen).to_have_value(re.compile(r" · ✅$"))
+        expect(sidebar.get_by_text("Помещается", exact=True)).to_be_visible()  # ✅ becomes the icon
+        _no_traceback(page)
+    except BaseException:
+        _shot(page, "failure-12-1")
+        raise
+    finally:
+        page.close()
