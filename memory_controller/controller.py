@@ -319,13 +319,16 @@ class MemoryController(ServingMixin, StatusMixin):
 
     def unload(self, model: str, *, progress: ProgressCallback | None = None) -> ReleaseReport:
         """Stop one deployment (by model id, handle or name) and measure what came back."""
+        return self._wait(self.submit_unload(model), progress)
+
+    def submit_unload(self, model: str):
+        """Like :meth:`unload` but returns the running Operation at once (the dashboard polls it)."""
         dep = self.find_deployment(model)
         if dep is None:
             raise ModelNotFoundError(f"{model} is not loaded", "see the list of what runs", code="not_loaded",
                                      args={"model": model})
-        op = self.runner.submit("unload", dep.model_id, lambda ctx: maintenance.run_unload(self, ctx, dep),
-                                {"model": dep.model_id, "backend": dep.backend_id, "handle": dep.handle})
-        return self._wait(op, progress)
+        return self.runner.submit("unload", dep.model_id, lambda ctx: maintenance.run_unload(self, ctx, dep),
+                                  {"model": dep.model_id, "backend": dep.backend_id, "handle": dep.handle})
 
     def find_deployment(self, key: str) -> Deployment | None:
         """The deployment whose handle, name or model id is ``key``. Raises InvalidModelIdError for a
@@ -341,8 +344,11 @@ class MemoryController(ServingMixin, StatusMixin):
 
     def clear_memory(self, *, progress: ProgressCallback | None = None) -> ClearReport:
         """gc and every backend's caches; used bytes per device before and after."""
-        op = self.runner.submit("clear_memory", "clear caches", lambda ctx: maintenance.run_clear(self, ctx), {})
-        return self._wait(op, progress)
+        return self._wait(self.submit_clear(), progress)
+
+    def submit_clear(self):
+        """Like :meth:`clear_memory` but returns the running Operation at once."""
+        return self.runner.submit("clear_memory", "clear caches", lambda ctx: maintenance.run_clear(self, ctx), {})
 
     def emergency_clear(self, *, progress: ProgressCallback | None = None) -> EmergencyReport:
         """Stop every deployment of every backend, cancel generation and the running operation, clear caches.

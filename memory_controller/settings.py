@@ -168,6 +168,7 @@ class Settings(BaseSettings):
 
     # The memctl server (OpenAI-compatible API for the IDE + the control API of the owner process).
     serve_port: int = Field(8765, ge=1, le=65535)
+    dashboard_serves: bool = True  # the dashboard starts the server (and owns the machine) when none runs
     serve_api_key: SecretStr | None = None  # required on /v1 when bind_address is not loopback
     serve_on_demand: bool = True  # a request for a cached model that is not running loads it
     serve_idle_unload_s: float = Field(0, ge=0, le=7 * 86_400)  # 0 = never
