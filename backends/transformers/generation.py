@@ -253,14 +253,20 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest, cancel: Calla
     n_done = 0
     worker.start()
     try:
-        while True:
+        ended = False
+        while not ended:
             item = streamer.queue.get()
-            if item is _END:
-                break
-            if finish is not None:
-                continue  # a stop string was found; drain until the worker ends
-            n_done += len(item)
-            pending += detok.add(item)
+            ended = item is _END
+            new: list[int] = [] if ended else list(item)
+            while not ended and not streamer.queue.empty():  # behind the worker: catch up in one decode
+                item = streamer.queue.get()
+                ended = item is _END
+                if not ended:
+                    new.extend(item)
+            if finish is not None or not new:
+                continue  # a stop string was found: drain until the worker ends
+            n_done += len(new)
+            pending += detok.add(new)
             if stops:
                 hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
                 if hit >= 0:
