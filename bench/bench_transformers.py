@@ -71,7 +71,7 @@ def raw_read_s(files: list[Path]) -> float:
 
 
 STREAM_TOKENS = 64
-STREAM_ROUNDS = 5
+STREAM_ROUNDS = 9
 
 
 def bench_stream(settings, models: list[tuple[str, Precision]]) -> None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from backends.transformers import TransformersBackend, create, loading
+from backends.transformers import TransformersBackend, checks, create
 from backends.transformers.memory import model_footprint_bytes, process_private_bytes
 from memory_controller import estimate as est
 from memory_controller.backend import Backend, DeploymentState, GenerationRequest, InProcessGenerator
@@ -280,7 +280,7 @@ def test_claim_is_the_estimate_on_the_target_device(backend, tiny, hf_settings):
 
 
 def test_quantisation_on_cuda_without_a_gpu_is_refused_before_loading(backend, tiny):
-    assert not loading.cuda_available()
+    assert not checks.cuda_available()
     with pytest.raises(QuantizationUnavailableError) as info:
         backend.start(tiny, _profile(Precision.NF4, device="cuda"), None)
     assert "CUDA" in info.value.message
@@ -297,7 +297,7 @@ def test_missing_bitsandbytes_is_said_before_loading(backend, tiny, hf_settings,
         backend.start(tiny, profile, claim)
     assert "bitsandbytes" in info.value.message and "install" in info.value.hint
     assert backend.deployments() == []
-    loading.check_quantization(Precision.BF16, "cpu")  # unquantised precisions never need it
+    checks.check_quantization(Precision.BF16, "cpu")  # unquantised precisions never need it
 
 
 def test_cuda_profile_without_a_gpu_is_refused_before_loading(backend, tiny):

@@ -32,12 +32,9 @@ from memory_controller.backend import (
     msg,
 )
 from memory_controller.errors import (
-    CorruptDataError,
     ModelLoadError,
     ModelNotFoundError,
-    QuantizationUnavailableError,
 )
-from memory_controller.safejson import loads_bounded
 from memory_controller.types import (
     CachedModel,
     MemoryEstimate,
@@ -50,8 +47,8 @@ from memory_controller.types import (
 from memory_controller.types import SystemSnapshot as Snapshot
 from memory_controller.units import MIB, fmt_bytes
 
+from . import checks, loading
 from . import generation as gen
-from . import loading
 from . import memory as mem
 
 BACKEND_ID = "transformers"
@@ -61,8 +58,6 @@ RECLAIM_TOLERANCE_FRACTION = 0.05
 # After a stop on GPU, poll used memory (as Ollama does) until it is back or this much time passed.
 GPU_RECLAIM_POLL_S = 0.25
 GPU_RECLAIM_WAIT_S = 5.0
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json", "spiece.model",
-                   "vocab.txt", "sentencepiece.bpe.model")
 VERIFY_PROMPT = "def hello():"
 
 
@@ -121,38 +116,20 @@ class TransformersBackend:
     def claim(self, model: CachedModel, profile: Profile, estimate: MemoryEstimate, snapshot: Snapshot) -> Claim:
         """The estimate on the target device, and what forbids the start (checked without loading)."""
         key = self.device_key(profile)
-        blockers: list[Message] = []
         precision = Precision(profile.precision)
-        if precision not in self.capabilities.precisions:
-            blockers.append(msg("backend.precision_unsupported", f"{self.id} cannot serve {precision.value}",
-                                backend=self.id, precision=precision.value))
-        if profile.device not in self.capabilities.devices:
-            blockers.append(msg("backend.device_unsupported", f"{self.id} runs on cpu or cuda, not {profile.device}",
-                                backend=self.id, device=profile.device))
-        elif profile.device == "cuda" and snapshot.device(key) is None:
-            blockers.append(msg("backend.no_gpu", f"the profile asks for {key}, but there is no such GPU",
-                                backend=self.id, device=key))
-        if precision.is_quantized and not blockers:
-            if not loading.bitsandbytes_installed():
-                blockers.append(msg("quant.bitsandbytes_missing", f"{precision.value} needs bitsandbytes, which "
-                                    f"is not installed; {loading.BNB_HINT}", precision=precision.value))
-            else:
-                try:
-                    loading.check_quantization(precision, profile.device)
-                except QuantizationUnavailableError as exc:
-                    blockers.append(Message(exc.code, exc.args_, str(exc)))
-        return Claim({key: estimate.total_bytes}, tuple(blockers), detail={"precision": precision.value})
+        blockers = checks.claim_blockers(self.id, self.capabilities, profile, key, snapshot)
+        return Claim({key: estimate.total_bytes}, blockers, detail={"precision": precision.value})
 
     def check_model(self, model: CachedModel, profile: Profile) -> tuple[Message, ...]:
         """``model.no_tokenizer`` when the snapshot has no tokenizer files (it would load, then fail to
         answer); ``model.no_chat_template`` when its tokenizer has no chat template (a blocker only when
         chat is needed: the controller decides)."""
         folder = Path(model.path)
-        if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        if not checks.has_tokenizer_files(folder):
             return (msg("model.no_tokenizer", f"{model.model_id} has no tokenizer files in its folder, so it "
                         "cannot take text; download the tokenizer (tokenizer.json, tokenizer_config.json) too",
                         model=model.model_id),)
-        if _has_chat_template(folder):
+        if checks.has_chat_template(folder):
             return ()
         return (msg("model.no_chat_template", f"{model.model_id} has no chat template: it can complete text but "
                     "not hold a chat (pick an instruct/chat model for an IDE)", model=model.model_id),)
@@ -331,8 +308,7 @@ class TransformersBackend:
     def model_family(self, deployment: Deployment) -> str | None:
         entry = self._entry(deployment)
         with entry.gen_lock:
-            tok = self._tokenizer(entry) if any((Path(entry.cached.path) / n).is_file() for n in TOKENIZER_FILES) \
-                else None
+            tok = self._tokenizer(entry) if checks.has_tokenizer_files(Path(entry.cached.path)) else None
             return gen.model_family(getattr(entry.model, "config", None), gen.chat_template_of(tok))
 
 
@@ -360,23 +336,6 @@ def _held(expected: int, now: int, start: int | None, before: int | None) -> int
     if before is not None:
         candidates.append(now - before)
     return max(0, min(candidates)) if candidates else expected
-
-
-def _has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    extra = folder / "additional_chat_templates"
-    if extra.is_dir() and any(extra.glob("*.jinja")):
-        return True
-    cfg = folder / "tokenizer_config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = loads_bounded(cfg.read_bytes(), what=f"{cfg}", max_bytes=64 * MIB, expect=dict)
-    except (CorruptDataError, OSError):
-        return False
-    tpl = data.get("chat_template")
-    return bool(tpl) and isinstance(tpl, (str, list))
 
 
 def _input_device(model: Any) -> Any:
