@@ -222,3 +222,20 @@ def test_stop_during_a_generation_ends_it_and_frees_the_model(chat_settings, cha
     assert not t.is_alive()
     assert result[-1].finish_reason == "cancelled" and result[-1].completion_tokens < 2000
     assert report.message.code == "release.freed" and be.deployments() == []
+
+
+def test_stop_while_a_consumer_sits_between_two_chunks_still_frees_the_model(chat_settings, chat_models,
+                                                                             monkeypatch):
+    from backends.transformers import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "GEN_STOP_WAIT_S", 0.5)
+    be = TransformersBackend(chat_settings)
+    dep = be.start(resolve_model(chat_models["llama3"], chat_settings), PROFILE, None)
+    paused = be.generate_stream(dep, GenerationRequest(messages=CHAT, max_new_tokens=2000), NEVER)
+    next(paused)  # the consumer takes one chunk, then does nothing (holds the model's generation lock)
+    t0 = time.perf_counter()
+    report = be.stop(dep.handle)
+    assert time.perf_counter() - t0 < 5
+    assert report.message.code == "release.freed" and be.deployments() == []
+    rest = list(paused)  # when it resumes, it learns the generation was cancelled
+    assert rest[-1].finish_reason == "cancelled" and rest[-1].completion_tokens < 2000

@@ -58,6 +58,7 @@ RECLAIM_TOLERANCE_FRACTION = 0.05
 # After a stop on GPU, poll used memory (as Ollama does) until it is back or this much time passed.
 GPU_RECLAIM_POLL_S = 0.25
 GPU_RECLAIM_WAIT_S = 5.0
+GEN_STOP_WAIT_S = 10.0  # how long a stop waits for a running generation to leave
 VERIFY_PROMPT = "def hello():"
 
 
@@ -72,6 +73,7 @@ class _Entry:
     tokenizer: Any | None = None
     closing: bool = False
     gen_lock: threading.Lock = field(default_factory=threading.Lock)
+    worker: threading.Thread | None = None  # the running generation's thread
 
 
 class TransformersBackend:
@@ -184,7 +186,13 @@ class TransformersBackend:
                 return ReleaseReport(self.id, handle, handle, "", 0, 0, 0, "none", Outcome.SUCCESS,
                                      msg("release.already_gone", f"{handle} was not loaded", handle=handle))
             entry.closing = True
-            with entry.gen_lock:  # a generation stops at its next token (closing) and leaves
+            # A generation stops at its next token (closing). Its consumer may sit between two chunks
+            # and hold the lock: past GEN_STOP_WAIT_S the worker thread itself is joined instead.
+            locked = entry.gen_lock.acquire(timeout=GEN_STOP_WAIT_S)
+            worker = entry.worker
+            if worker is not None:
+                worker.join(GEN_STOP_WAIT_S)
+            try:
                 dep, gpus = entry.deployment, entry.gpu_indices
                 expected_gpu = sum(v for k, v in dep.memory_bytes.items() if k.startswith("gpu:"))
                 expected_host = dep.memory_bytes.get("host", 0)
@@ -197,6 +205,9 @@ class TransformersBackend:
                     pass
                 del model_obj
                 mem.clear_caches()
+            finally:
+                if locked:
+                    entry.gen_lock.release()
             held_host = _held(expected_host, mem.process_private_bytes(), anon_start, entry.anon_before)
             measures = ["rss_anon"] if not gpus or expected_host else []
             held_gpu = 0
@@ -303,7 +314,7 @@ class TransformersBackend:
                 return
             yield from gen.stream(entry.model, self._tokenizer(entry), request, cancel,
                                   model_id=entry.cached.model_id, input_device=_input_device(entry.model),
-                                  closing=lambda: entry.closing)
+                                  closing=lambda: entry.closing, on_worker=lambda t: setattr(entry, "worker", t))
 
     def model_family(self, deployment: Deployment) -> str | None:
         entry = self._entry(deployment)

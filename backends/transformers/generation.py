@@ -213,7 +213,8 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 def stream(model: Any, tokenizer: Any, request: GenerationRequest, cancel: Callable[[], bool],
-           *, model_id: str, input_device: Any, closing: Callable[[], bool]) -> Iterator[GenerationChunk]:
+           *, model_id: str, input_device: Any, closing: Callable[[], bool],
+           on_worker: Callable[[threading.Thread], None] | None = None) -> Iterator[GenerationChunk]:
     """Yield the text as it is generated; the last chunk has finish_reason and token counts.
 
     The caller serialises calls on one model. When the generator is closed early, the worker thread is
@@ -253,6 +254,8 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest, cancel: Calla
             streamer.end()
 
     worker = threading.Thread(target=work, name=f"generate:{model_id}", daemon=True)
+    if on_worker is not None:
+        on_worker(worker)  # lets a stop join it even while the consumer sits between two chunks
     detok = _Detokenizer(tokenizer)
     emitted = ""  # text yielded so far
     pending = ""  # decoded, not yet yielded (may begin a stop string)
