@@ -239,3 +239,20 @@ def test_stop_while_a_consumer_sits_between_two_chunks_still_frees_the_model(cha
     assert report.message.code == "release.freed" and be.deployments() == []
     rest = list(paused)  # when it resumes, it learns the generation was cancelled
     assert rest[-1].finish_reason == "cancelled" and rest[-1].completion_tokens < 2000
+
+
+def test_long_openai_tool_call_ids_fit_mistral_templates(chat_backend):
+    be, deps = chat_backend
+    messages = (
+        {"role": "user", "content": "Read main.py"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0123456789abcdef", "type": "function",
+             "function": {"name": "read_file", "arguments": '{"path": "main.py"}'}}]},
+        {"role": "tool", "tool_call_id": "call_0123456789abcdef", "content": "print('hi')"},
+    )
+    from backends.transformers.generation import prompt_ids
+
+    tok = be._tokenizer(be._entries[deps["mistral"].handle])
+    prompt = tok.decode(prompt_ids(tok, GenerationRequest(messages=messages, tools=TOOLS), deps["mistral"].model_id))
+    ids = {prompt[m.end():m.end() + 9] for m in __import__("re").finditer(r'"(?:id|call_id)": "', prompt)}
+    assert len(ids) == 1 and len(next(iter(ids))) == 9 and next(iter(ids)).isalnum()  # one id, both places

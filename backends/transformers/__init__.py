@@ -1,8 +1,9 @@
 """In-process Hugging Face Transformers backend (registry id ``transformers``).
 
-Files: :mod:`.memory` (host/GPU accounting, malloc), :mod:`.loading` (config, from_pretrained,
-quantisation, device maps, error mapping), :mod:`.generation` (chat templates, streaming),
-:mod:`.backend` (the class). torch, transformers, bitsandbytes and accelerate are imported only
+Files: :mod:`.memory` (host/GPU accounting, malloc), :mod:`.checks` (quantisation, placement and
+model files, before loading), :mod:`.loading` (config, from_pretrained, the all-or-nothing load, error
+mapping), :mod:`.templates` (requests, chat templates, tool-call family), :mod:`.generation`
+(streaming), :mod:`.backend` (the class). torch, transformers, bitsandbytes and accelerate are imported only
 inside functions: importing this package costs nothing, and the dashboard paints without them.
 """
 
