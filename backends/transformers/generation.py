@@ -1,6 +1,6 @@
 """Generation for serving: token streaming, stop strings, cancellation (templates: :mod:`.templates`).
 
-``generate`` runs on a worker thread and hands each new token id to a queue; the caller's thread
+``generate`` runs on a worker thread and hands each new token id to a buffer; the caller's thread
 decodes incrementally (a prefix/read offset pair, as vLLM does, so each token costs O(1) decoding),
 looks for stop strings, and yields text. A StoppingCriteria polled after every token ends the
 generation when the caller cancels, a stop string was found, or the consumer went away.
@@ -9,8 +9,8 @@ generation when the caller cancels, a stop string was found, or the consumer wen
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,27 +28,51 @@ from .templates import (  # noqa: F401 - re-exported: generation is where caller
 
 log = logging.getLogger(__name__)
 
-_END = object()
+WAKE_INTERVAL_S = 0.002
 
 
 # --------------------------------------------------------------------------- streaming
 
 
-class _QueueStreamer:
-    """A ``generate(streamer=...)`` target: token ids go to a queue (the prompt's are skipped)."""
+class _TokenStreamer:
+    """A ``generate(streamer=...)`` target: new token ids are buffered for the consumer (the prompt's are
+    skipped). The consumer is woken at most every ``WAKE_INTERVAL_S``: with a model slower than that per
+    token (any real one) every token wakes it at once; a tiny fast model hands over a few tokens per
+    wake-up instead of paying a thread switch per token."""
 
     def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._ids: list[int] = []
+        self._ended = False
         self._prompt_seen = False
+        self._last_wake = 0.0
 
     def put(self, value: Any) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self.queue.put(value.reshape(-1).tolist())
+        with self._lock:
+            self._ids.extend(value.reshape(-1).tolist())
+        now = time.perf_counter()
+        if now - self._last_wake >= WAKE_INTERVAL_S:
+            self._last_wake = now
+            self._ready.set()
 
     def end(self) -> None:
-        self.queue.put(_END)
+        with self._lock:
+            self._ended = True
+        self._ready.set()
+
+    def take(self) -> tuple[list[int], bool]:
+        """(new ids, whether generation ended); blocks until there is something."""
+        while True:
+            self._ready.wait()  # a token that did not wake us comes with the next one (or the end)
+            with self._lock:
+                self._ready.clear()
+                ids, self._ids = self._ids, []
+                if ids or self._ended:
+                    return ids, self._ended
 
 
 def _make_stop_criteria(should_stop: Callable[[], bool]) -> Any:
@@ -117,7 +141,7 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest, cancel: Calla
     stops = tuple(s for s in request.stop if s)
     ids = prompt_ids(tokenizer, request, model_id)
     n_prompt = len(ids)
-    streamer = _QueueStreamer()
+    streamer = _TokenStreamer()
     halt = threading.Event()
     criteria = _make_stop_criteria(lambda: halt.is_set() or cancel() or closing())
     eos = _eos_ids(model, tokenizer)
@@ -156,14 +180,7 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest, cancel: Calla
     try:
         ended = False
         while not ended:
-            item = streamer.queue.get()
-            ended = item is _END
-            new: list[int] = [] if ended else list(item)
-            while not ended and not streamer.queue.empty():  # behind the worker: catch up in one decode
-                item = streamer.queue.get()
-                ended = item is _END
-                if not ended:
-                    new.extend(item)
+            new, ended = streamer.take()
             if finish is not None or not new:
                 continue  # a stop string was found: drain until the worker ends
             n_done += len(new)
