@@ -359,3 +359,22 @@ def test_footprint_counts_tied_weights_once(backend, tiny):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     naive = sum(p.nbytes for _n, p in model.named_parameters(remove_duplicate=False))
     assert model_footprint_bytes(model) < naive
+
+
+def test_a_claim_for_a_quantised_profile_imports_no_torch(hf_settings):
+    """The dashboard may draw a plan on its first paint: claim() must not pull torch in."""
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from backends.transformers import create; "
+            "from memory_controller.settings import load_settings; from memory_controller.catalog import resolve_model; "
+            "from memory_controller.devices import DeviceProbe; from memory_controller import estimate as est; "
+            "from memory_controller.types import Mode, Precision, Profile; "
+            f"s = load_settings(hf_cache_dir=Path({str(hf_settings.hf_cache_dir)!r}), local_model_dirs=[]); "
+            f"m = resolve_model({TINY_ID!r}, s); p = Profile(Mode.TRANSFORMERS, Precision.NF4, 256, 1, device='cpu'); "
+            "c = create(s, None).claim(m, p, est.estimate(m, p, s), DeviceProbe().snapshot()); "
+            "print(c.blockers == (), 'torch' in sys.modules, 'bitsandbytes' in sys.modules)")
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(root),
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "False"]

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 from memory_controller.backend import Capabilities, Message, msg
@@ -187,7 +188,7 @@ def check_offload(offload_folder: str | None) -> str | None:
 def claim_blockers(backend_id: str, caps: Capabilities, profile: Profile, key: str,
                    snapshot: SystemSnapshot) -> tuple[Message, ...]:
     """What forbids a start, found without loading: precision/device the backend cannot serve, a GPU that
-    is not there, bitsandbytes missing or unable to quantise here."""
+    is not there, bitsandbytes missing, or (once torch is imported) unable to quantise here."""
     blockers: list[Message] = []
     precision = Precision(profile.precision)
     if precision not in caps.precisions:
@@ -203,8 +204,8 @@ def claim_blockers(backend_id: str, caps: Capabilities, profile: Profile, key: s
         if not bitsandbytes_installed():
             blockers.append(msg("quant.bitsandbytes_missing", f"{precision.value} needs bitsandbytes, which "
                                 f"is not installed; {BNB_HINT}", precision=precision.value))
-        else:
-            try:
+        elif "torch" in sys.modules:  # the deep check (a test quantisation) only once torch is loaded anyway:
+            try:  # a plan drawn on the dashboard's first paint must not import torch (start() checks it all)
                 check_quantization(precision, profile.device)
             except QuantizationUnavailableError as exc:
                 blockers.append(Message(exc.code, exc.args_, str(exc)))
