@@ -256,3 +256,20 @@ def test_long_openai_tool_call_ids_fit_mistral_templates(chat_backend):
     prompt = tok.decode(prompt_ids(tok, GenerationRequest(messages=messages, tools=TOOLS), deps["mistral"].model_id))
     ids = {prompt[m.end():m.end() + 9] for m in __import__("re").finditer(r'"(?:id|call_id)": "', prompt)}
     assert len(ids) == 1 and len(next(iter(ids))) == 9 and next(iter(ids)).isalnum()  # one id, both places
+
+
+def test_prompt_tokens_answers_while_the_model_generates(chat_backend):
+    be, deps = chat_backend
+    gen = be.generate_stream(deps["qwen"], GenerationRequest(messages=CHAT, max_new_tokens=300), NEVER)
+    next(gen)  # a generation holds the model
+    answers: list = []
+    asker = threading.Thread(target=lambda: answers.extend([
+        be.prompt_tokens(deps["qwen"], GenerationRequest(messages=CHAT)), be.model_family(deps["qwen"])]))
+    try:
+        asker.start()
+        asker.join(5)
+        assert not asker.is_alive(), "prompt_tokens waited for the generation"
+        assert answers[0] > 0 and answers[1] == "qwen"
+    finally:
+        gen.close()
+        asker.join(30)

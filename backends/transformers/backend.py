@@ -72,7 +72,8 @@ class _Entry:
     gpu_before: int | None
     tokenizer: Any | None = None
     closing: bool = False
-    gen_lock: threading.Lock = field(default_factory=threading.Lock)
+    gen_lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    tok_lock: threading.Lock = field(default_factory=threading.Lock)  # tokenizer loading and counting
     worker: threading.Thread | None = None  # the running generation's thread
 
 
@@ -280,6 +281,11 @@ class TransformersBackend:
         return entry
 
     def _tokenizer(self, entry: _Entry) -> Any:
+        with entry.tok_lock:
+            return self._tokenizer_locked(entry)
+
+    @staticmethod
+    def _tokenizer_locked(entry: _Entry) -> Any:
         if entry.tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -296,9 +302,10 @@ class TransformersBackend:
         return entry.tokenizer
 
     def prompt_tokens(self, deployment: Deployment, request: GenerationRequest) -> int:
+        """Counted apart from generation: answers while another request on the model generates."""
         entry = self._entry(deployment)
-        with entry.gen_lock:
-            return len(gen.prompt_ids(self._tokenizer(entry), request, entry.cached.model_id))
+        with entry.tok_lock:
+            return len(gen.prompt_ids(self._tokenizer_locked(entry), request, entry.cached.model_id))
 
     def generate_stream(self, deployment: Deployment, request: GenerationRequest,
                         cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
@@ -318,9 +325,8 @@ class TransformersBackend:
 
     def model_family(self, deployment: Deployment) -> str | None:
         entry = self._entry(deployment)
-        with entry.gen_lock:
-            tok = self._tokenizer(entry) if checks.has_tokenizer_files(Path(entry.cached.path)) else None
-            return gen.model_family(getattr(entry.model, "config", None), gen.chat_template_of(tok))
+        tok = self._tokenizer(entry) if checks.has_tokenizer_files(Path(entry.cached.path)) else None
+        return gen.model_family(getattr(entry.model, "config", None), gen.chat_template_of(tok))
 
 
 def create(settings: Any, probe: Any) -> TransformersBackend:
