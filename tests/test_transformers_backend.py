@@ -222,7 +222,7 @@ def test_quantised_loads_generate_and_stop(backend, hf_settings, precision, doub
 def test_disk_offload_with_max_memory_loads_and_generates(backend, tiny, tmp_path):
     dep = start(backend, tiny, _profile(Precision.FP32), device_map="auto", max_memory={"cpu": 100_000},
                 offload_folder=str(tmp_path / "offload"))
-    assert "disk" in dep.device
+    assert dep.device == "cpu+disk"
     assert dep.footprint_bytes < est.read_model_spec(tiny.path).weight_file_bytes  # weights stay on disk
     assert isinstance(generate(backend, dep, "def", max_new_tokens=2), str)
     assert backend.stop(TINY_ID).verdict is Outcome.SUCCESS

@@ -273,7 +273,7 @@ def bytes_by_device(tensors: list[Any], weight_files: list[Path]) -> tuple[dict[
 
 
 def device_summary(model: Any, tensors: list[Any]) -> tuple[str, tuple[int, ...]]:
-    """("cuda:0,1+cpu" / "cpu" / ..., GPU indices) of a loaded model."""
+    """("cpu", "cuda:0", "cuda:0,1", "cuda:0+cpu", "cpu+disk"..., GPU indices) of a loaded model."""
     dm = getattr(model, "hf_device_map", None)
     places: set[str] = set()
     if isinstance(dm, dict) and dm:
@@ -283,11 +283,11 @@ def device_summary(model: Any, tensors: list[Any]) -> tuple[str, tuple[int, ...]
         places.update(str(t.device) for t in tensors)
     gpus = sorted({int(p.split(":")[1]) if ":" in p else 0 for p in places if p.startswith("cuda")})
     parts = [f"cuda:{','.join(str(g) for g in gpus)}"] if gpus else []
-    if "cpu" in places and gpus:
+    if "cpu" in places or not gpus:
         parts.append("cpu")
     if "disk" in places:
         parts.append("disk")
-    return ("+".join(parts) if parts else "cpu"), tuple(gpus)
+    return "+".join(parts), tuple(gpus)
 
 
 def drop_tensors(model: Any) -> None:
