@@ -9,7 +9,12 @@ then in one process:
    and both against a raw read of the weight file (warm page cache: the physical floor);
 2. the unload reclaim reports (private fp32 weights, and memory-mapped bf16 weights);
 3. estimator accuracy: estimate versus the bytes the loaded model holds, per dtype and model;
-4. estimator time versus accelerate's ``init_empty_weights`` + ``compute_module_sizes`` route.
+4. estimator time versus accelerate's ``init_empty_weights`` + ``compute_module_sizes`` route;
+5. generation throughput: tokens/s through ``generate_stream`` (worker thread, streamer, stop checks,
+   incremental decoding) versus plain ``model.generate`` on the same prompt, greedy, interleaved.
+
+``--stream-only`` runs part 5 alone (2-3 minutes); its figures go to stdout and to
+``bench/results/transformers_stream.txt``.
 
 Figures go to stdout and to ``bench/results/transformers.txt``.
 """
@@ -30,13 +35,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from backends.transformers_backend import (  # noqa: E402
-    TransformersBackend,
-    model_footprint_bytes,
-    process_private_bytes,
-    touch_weights,
-)
+from backends.transformers import TransformersBackend  # noqa: E402
+from backends.transformers.memory import model_footprint_bytes, process_private_bytes, touch_weights  # noqa: E402
 from memory_controller import estimate as est  # noqa: E402
+from memory_controller.backend import GenerationRequest  # noqa: E402
 from memory_controller.catalog import resolve_model  # noqa: E402
 from memory_controller.settings import load_settings  # noqa: E402
 from memory_controller.types import Mode, Precision, Profile  # noqa: E402
@@ -69,6 +71,98 @@ def raw_read_s(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+STREAM_TOKENS = 64
+STREAM_ROUNDS = 9
+
+
+def bench_stream(settings, models: list[tuple[str, Precision]]) -> None:
+    """Part 5: tokens/s through generate_stream versus plain model.generate, same prompt and tokens."""
+
+    out(f"5. Generation throughput, greedy, {STREAM_TOKENS} new tokens, {STREAM_ROUNDS} interleaved rounds, medians")
+    out("   plain = model.generate with the same prompt ids, run on a worker thread as generate_stream runs it")
+    out("   (under load, generate on the main thread was measured 3-4x slower than on any other thread with")
+    out("   a 63 M model: an OpenMP effect, not streaming; the main-thread figure is shown too). Goal >= 0.95.")
+    out(f"   {'model':<28} {'dtype':<5} {'plain tok/s':>11} {'(main thr)':>10} {'stream tok/s':>12} {'ratio':>6}")
+    for mid, precision in models:
+        rates = _stream_rates(settings, mid, precision)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        paired = statistics.median(s_ / p_ for s_, p_ in zip(rates["stream"], rates["plain"], strict=True))
+        out(f"   {mid:<28} {precision.value:<5} {med['plain']:>11.1f} {med['main']:>10.1f} {med['stream']:>12.1f}"
+            f" {med['stream'] / med['plain']:>6.3f}   (median of paired ratios {paired:.3f})")
+    out()
+
+
+def _stream_rates(settings, mid: str, precision: Precision) -> dict[str, list[float]]:
+    """tok/s samples: plain generate on a worker thread, on the main thread, and generate_stream."""
+    import threading
+
+    import torch
+
+    from backends.transformers.generation import prompt_ids
+
+    backend = TransformersBackend(settings)
+    dep = backend.start(resolve_model(mid, settings), profile(precision), None)
+    entry = backend._entries[mid]
+    tok = backend._tokenizer(entry)
+    if tok.chat_template is not None:
+        request = GenerationRequest(messages=({"role": "user", "content": "Write a function that adds two numbers."},),
+                                    max_new_tokens=STREAM_TOKENS, temperature=0.0)
+    else:
+        request = GenerationRequest(prompt="def add(a, b):\n    return", max_new_tokens=STREAM_TOKENS,
+                                    temperature=0.0)
+    ids = torch.tensor([prompt_ids(tok, request, mid)])
+
+    def main_thread() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            o = entry.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=STREAM_TOKENS, pad_token_id=tok.pad_token_id)
+        return (o.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+
+    def plain() -> float:
+        box: list[float] = []
+        worker = threading.Thread(target=lambda: box.append(main_thread()))
+        worker.start()
+        worker.join()
+        return box[0]
+
+    def streamed() -> float:
+        t = time.perf_counter()
+        last = list(backend.generate_stream(dep, request, lambda: False))[-1]
+        return last.completion_tokens / (time.perf_counter() - t)
+
+    fns = {"plain": plain, "stream": streamed, "main": main_thread}
+    for fn in fns.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(STREAM_ROUNDS):
+        order = list(fns) if i % 2 == 0 else list(fns)[::-1]
+        for k in order:
+            rates[k].append(fns[k]())
+    backend.stop(mid)
+    return rates
+
+
+def stream_only() -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="memctl-bench-"))
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hub = tmp / "hub"
+        ids = mf.build_chat_cache(hub)
+        mf.build_into_cache(hub, "medium-llama", mf.BIG, seed=7)
+        settings = load_settings(hf_cache_dir=hub, local_model_dirs=[])
+        with open("/proc/loadavg") as fh:
+            out(f"memctl Transformers streaming bench (load average {fh.read().split()[0]} on {os.cpu_count()} CPUs)")
+        bench_stream(settings, [(ids["qwen"], Precision.FP32), ("memctl-test/medium-llama", Precision.FP32)])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (RESULTS.parent / "transformers_stream.txt").write_text("\n".join(_lines) + "\n")
+    return 0
+
+
 def main() -> int:
     t_start = time.perf_counter()
     import torch
@@ -87,6 +181,7 @@ def main() -> int:
         mf.build_into_cache(hub, "tiny-llama-untied", mf.TINY_UNTIED, seed=1)
         mf.build_into_cache(hub, "medium-llama", mf.BIG, seed=7)
         mf.build_into_cache(hub, "half-b-llama", mf.BENCH_05B, seed=11)
+        chat_ids = mf.build_chat_cache(hub)
         build_s = time.perf_counter() - t0
         settings = load_settings(hf_cache_dir=hub, local_model_dirs=[])
         big = resolve_model("memctl-test/half-b-llama", settings)
@@ -109,9 +204,9 @@ def main() -> int:
         def backend_load() -> tuple[float, float]:
             events = []
             t, c = time.perf_counter(), time.process_time()
-            backend.load(big, prof, progress=events.append)
+            backend.start(big, prof, None, progress=events.append)
             dt, dc = time.perf_counter() - t, time.process_time() - c
-            backend.unload(big.model_id)
+            backend.stop(big.model_id)
             first = {}
             for e in events:
                 first.setdefault(e.stage, e.elapsed_s)
@@ -164,21 +259,22 @@ def main() -> int:
         out()
 
         # ---------------------------------------------------------------- 2. reclaim
-        out("2. Unload reclaim (process memory measured before load and after unload)")
+        out("2. Stop reclaim (private memory measured before load and after stop; mapped file pages counted apart)")
         medium = resolve_model("memctl-test/medium-llama", settings)
         for model, precision, why in ((medium, Precision.FP32, "bf16 file -> fp32: private memory"),
                                       (big, Precision.BF16, "bf16 file, bf16 load: memory-mapped")):
             before = process_private_bytes()
-            lm = backend.load(model, profile(precision))
+            dep = backend.start(model, profile(precision), None)
             during = process_private_bytes()
-            report = backend.unload(model.model_id)
+            report = backend.stop(model.model_id)
             after = process_private_bytes()
-            out(f"   {model.model_id} {precision.value} ({why}), footprint {fmt_bytes(lm.footprint_bytes)}")
+            out(f"   {model.model_id} {precision.value} ({why}), host footprint {fmt_bytes(dep.footprint_bytes)},"
+                f" mapped {fmt_bytes(dep.detail['mapped_bytes'])}")
             out(f"     RssAnon before {fmt_bytes(before)}, loaded {fmt_bytes(during)}, after unload {fmt_bytes(after)}"
                 f" (delta {fmt_bytes(after - before)})")
             out(f"     report: {report.verdict.value}, measure {report.measure}, expected {fmt_bytes(report.expected_bytes)},"
                 f" freed {fmt_bytes(report.freed_bytes)}, still held {fmt_bytes(report.still_held_bytes)}")
-            out(f"     \"{report.message}\"")
+            out(f"     \"{report.message.text}\"")
         out()
 
         # ---------------------------------------------------------------- 3. accuracy
@@ -191,10 +287,10 @@ def main() -> int:
             for precision in (Precision.FP32, Precision.BF16, Precision.INT8, Precision.NF4):
                 e = est.estimate(model, profile(precision), settings)
                 t = time.perf_counter()
-                backend.load(model, profile(precision))
+                backend.start(model, profile(precision), None)
                 load_s = time.perf_counter() - t
                 real = model_footprint_bytes(backend._entries[mid].model)
-                backend.unload(mid)
+                backend.stop(mid)
                 err = (e.weights_bytes - real) / real
                 worst = max(worst, abs(err))
                 out(f"   {mid:<30} {precision.value:<6} {e.weights_bytes:>14,} {real:>14,} {err:>+8.3%} {load_s:>7.2f}")
@@ -238,6 +334,9 @@ def main() -> int:
             f"(difference {bf16_bytes - acc_bytes:+,} B = the tied lm_head, which accelerate counts twice;"
             " the loaded model holds it once)")
         out()
+
+        # ---------------------------------------------------------------- 5. generation throughput
+        bench_stream(settings, [(chat_ids["qwen"], Precision.FP32), ("memctl-test/medium-llama", Precision.FP32)])
         out(f"total bench time {time.perf_counter() - t_start:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,4 +346,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stream_only() if "--stream-only" in sys.argv[1:] else main())

@@ -73,3 +73,23 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> mf.BuiltModel:
     hub.mkdir()
     snap = mf.build_into_cache(hub, "big-llama", mf.BIG, seed=7)
     return mf.BuiltModel(BIG_ID, hub, snap, mf.weight_bytes(snap), _settings(hub))
+
+
+@pytest.fixture(scope="session")
+def chat_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hub with tiny chat models of the three tool-call families and a model without tokenizer files
+    (``model_factory.build_chat_cache``); ``{name: model_id}`` in ids.json beside it."""
+    hub = tmp_path_factory.mktemp("hf_home_chat") / "hub"
+    ids = mf.build_chat_cache(hub)
+    (hub.parent / "ids.json").write_text(json.dumps(ids))
+    return hub
+
+
+@pytest.fixture(scope="session")
+def chat_models(chat_hf_cache: Path) -> dict[str, str]:
+    return json.loads((chat_hf_cache.parent / "ids.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def chat_settings(chat_hf_cache: Path) -> Settings:
+    return _settings(chat_hf_cache)

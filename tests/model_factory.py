@@ -344,3 +344,212 @@ def write_sparse_llama(out_dir: Path, shape: LlamaShape, *, store_tied_head: boo
         fh.truncate(8 + len(raw) + offset)
     (out_dir / "config.json").write_text(json.dumps(llama_config_dict(shape), indent=2))
     return out_dir
+
+
+# --------------------------------------------------------------------------- chat models (three tool-call families)
+# Templates modelled on the real ones (Qwen2.5-Instruct, Llama-3.1-Instruct, Mistral-7B-Instruct-v0.3),
+# kept to what a tiny model needs: tools in the prompt, assistant tool calls, tool results.
+
+QWEN_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}{{- '\n' + message.content }}{%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\n<tool_response>\n' }}{{- message.content }}{{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
+
+LLAMA3_TEMPLATE = r"""{{- bos_token }}
+{%- if not tools is defined %}{%- set tools = none %}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}{{- "Environment: ipython\n" }}{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" }}
+{{- system_message }}{{- "<|eot_id|>" }}
+{%- if tools is not none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+    {%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}. Do not use variables.\n\n' }}
+    {%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\n\n" }}{%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}{{- raise_exception("This model only supports single tool-calls at once!") }}{%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", "parameters": ' }}{{- tool_call.arguments | tojson }}{{- "}<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}{{- message.content }}{{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}
+"""
+
+MISTRAL_TEMPLATE = r"""{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}{%- set tools = none %}{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS] [" }}
+            {%- for tool in tools %}
+                {{- '{"type": "function", "function": ' + tool.function|tojson + '}' }}
+                {%- if not loop.last %}{{- ", " }}{%- else %}{{- "]" }}{%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+        {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\n\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}{{- ", " }}{%- else %}{{- "]" + eos_token }}{%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"]|trim + eos_token}}
+    {%- elif message["role"] == "tool" %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """A tiny chat model's architecture, special tokens and template."""
+
+    arch: str  # "qwen2" | "llama" | "mistral"
+    template: str
+    specials: tuple[str, ...]  # special tokens; the first four are unk, bos, eos, pad
+    extra_tokens: tuple[str, ...] = ()  # added (not special) tokens, e.g. <tool_call>
+
+
+CHAT_FAMILIES = {
+    "qwen": ChatFamily("qwen2", QWEN_TEMPLATE, ("<unk>", "<|endoftext|>", "<|im_end|>", "<|pad|>", "<|im_start|>"),
+                       ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")),
+    "llama3": ChatFamily("llama", LLAMA3_TEMPLATE, ("<unk>", "<|begin_of_text|>", "<|eot_id|>", "<|pad|>",
+                                                    "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>")),
+    "mistral": ChatFamily("mistral", MISTRAL_TEMPLATE, ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]",
+                                                        "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                                                        "[TOOL_RESULTS]", "[/TOOL_RESULTS]")),
+}
+_CHAT_CORPUS = _CORPUS + [
+    "Hello! How can I help you today? Read the file and list the functions.",
+    '{"name": "read_file", "arguments": {"path": "src/main.py"}}',
+    "You are a helpful assistant. The user asks about code.",
+]
+
+
+def chat_tokenizer(family: str, vocab_size: int = 400):
+    """A byte-level BPE tokenizer with ``family``'s special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    fam = CHAT_FAMILIES[family]
+    tok = Tokenizer(models.BPE(unk_token=fam.specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam.specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CHAT_CORPUS * 20, trainer)
+    unk, bos, eos, pad = fam.specials[:4]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
+                                   additional_special_tokens=list(fam.specials[4:]))
+    if fam.extra_tokens:
+        fast.add_tokens(list(fam.extra_tokens))
+    fast.chat_template = fam.template
+    return fast
+
+
+def build_chat_model(out_dir: Path, family: str, *, seed: int = 0) -> Path:
+    """A tiny random-weight chat model of ``family`` ("qwen", "llama3", "mistral") with its template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fam = CHAT_FAMILIES[family]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = chat_tokenizer(family)
+    ids = tok.convert_tokens_to_ids(list(fam.specials[1:4]))
+    cfg = AutoConfig.for_model(fam.arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                               max_position_embeddings=2048, tie_word_embeddings=False,
+                               bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config.eos_token_id = ids[1]
+    model.generation_config.pad_token_id = ids[2]
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_chat_cache(hub_dir: Path) -> dict[str, str]:
+    """``{name: model_id}``: ``qwen``, ``llama3``, ``mistral`` (chat models with tool templates) and
+    ``no_tokenizer`` (a model whose snapshot has no tokenizer files)."""
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    ids: dict[str, str] = {}
+    for i, family in enumerate(CHAT_FAMILIES):
+        with tempfile.TemporaryDirectory(dir=hub_dir.parent) as tmp:
+            build_chat_model(Path(tmp), family, seed=10 + i)
+            add_to_hf_cache(Path(tmp), hub_dir, f"{TEST_ORG}/tiny-{family}-chat")
+        ids[family] = f"{TEST_ORG}/tiny-{family}-chat"
+    build_into_cache(hub_dir, "no-tokenizer", TINY, seed=20, tokenizer=False)
+    ids["no_tokenizer"] = f"{TEST_ORG}/no-tokenizer"
+    return ids

@@ -40,11 +40,11 @@ def _local(path: Path) -> CachedModel:
 
 @pytest.fixture(scope="module")
 def backend(hf_settings):
-    from backends.transformers_backend import TransformersBackend
+    from backends.transformers import TransformersBackend
 
     be = TransformersBackend(hf_settings)
     yield be
-    be.unload_all()
+    be.stop_all()
 
 
 CASES = [
@@ -57,19 +57,19 @@ CASES = [
 @pytest.mark.parametrize(("precision", "double_quant"), CASES, ids=[f"{p.value}{'-dq' if d else ''}" for p, d in CASES])
 def test_weights_estimate_is_within_1pct_of_what_the_loaded_model_holds(model_id, precision, double_quant,
                                                                          hf_settings, backend):
-    from backends.transformers_backend import model_footprint_bytes
+    from backends.transformers.memory import model_footprint_bytes
 
     model = resolve_model(model_id, hf_settings)
     profile = _profile(precision, double_quant=double_quant)
     estimate = est.estimate(model, profile, hf_settings)
-    backend.load(model, profile)
+    backend.start(model, profile, None)
     try:
         real = model_footprint_bytes(backend._entries[model_id].model)
         if precision is Precision.FP32:
             params = sum(p.numel() for p in backend._entries[model_id].model.parameters())
             assert estimate.parameters == params
     finally:
-        backend.unload(model_id)
+        backend.stop(model_id)
     assert abs(estimate.weights_bytes - real) <= 0.01 * real, (estimate.weights_bytes, real)
 
 
@@ -234,7 +234,7 @@ def test_catalog_estimator_cli_and_backend_import_without_torch(hf_cache):
     code = (
         "import sys, json\n"
         "import memory_controller.catalog as c, memory_controller.estimate as e, memctl_cli.models\n"
-        "import backends.transformers_backend\n"
+        "import backends.transformers\n"
         "from memory_controller.settings import load_settings\n"
         "from memory_controller.types import Profile, Mode, Precision\n"
         f"s = load_settings(hf_cache_dir={str(hf_cache)!r})\n"

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bench.gpu_check.common import guide_band, reclaim_tolerance
 from bench.gpu_check.table import Row, Verdict, covers_peak, exit_code, not_run, render, verdict, within
+
 from memory_controller.units import GIB, MIB
 
 ROOT = Path(__file__).resolve().parents[1]

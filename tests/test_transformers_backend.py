@@ -1,25 +1,20 @@
-"""Transformers backend on real tiny models: load, generate, unload and reclaim, quantised loads, bad input."""
+"""Transformers backend on real tiny models, through the Backend protocol: start, deployments, stop and
+its measured ReleaseReport, claim blockers, check_model, quantised loads, bad input."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from backends.transformers_backend import (
-    TransformersBackend,
-    model_footprint_bytes,
-    process_private_bytes,
-    process_resident_bytes,
-)
+from backends.transformers import TransformersBackend, checks, create
+from backends.transformers.memory import model_footprint_bytes, process_private_bytes
 from memory_controller import estimate as est
+from memory_controller.backend import Backend, DeploymentState, GenerationRequest, InProcessGenerator
 from memory_controller.catalog import resolve_model
+from memory_controller.devices import DeviceProbe
 from memory_controller.errors import (
     MemctlError,
     ModelLoadError,
@@ -27,10 +22,9 @@ from memory_controller.errors import (
     OperationCancelledError,
     QuantizationUnavailableError,
 )
-from memory_controller.types import LoadedModel, Mode, Outcome, Precision, Profile
-from tests.fixtures_models import BIG_ID, TINY_ID, TINY_UNTIED_ID
+from memory_controller.types import Mode, Outcome, Precision, Profile
+from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 
-ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
 
 
@@ -38,11 +32,26 @@ def _profile(precision: Precision = Precision.BF16, device: str = "cpu", double_
     return Profile(Mode.TRANSFORMERS, precision, 256, 1, double_quant=double_quant, device=device)
 
 
+def start(be: TransformersBackend, model, profile: Profile, **kwargs):
+    """start() as the controller calls it: with the claim made from the estimate and a snapshot."""
+    claim = be.claim(model, profile, est.estimate(model, profile, be.settings), SNAPSHOT())
+    return be.start(model, profile, claim, **kwargs)
+
+
+def SNAPSHOT():  # noqa: N802 - a probe of this machine (no NVML here: host only)
+    return DeviceProbe().snapshot()
+
+
+def generate(be, dep, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0) -> str:
+    req = GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    return "".join(c.text for c in be.generate_stream(dep, req, lambda: False))
+
+
 @pytest.fixture
 def backend(hf_settings):
-    be = TransformersBackend(hf_settings)
+    be = create(hf_settings, DeviceProbe())
     yield be
-    be.unload_all()
+    be.stop_all()
 
 
 @pytest.fixture
@@ -50,32 +59,67 @@ def tiny(hf_settings):
     return resolve_model(TINY_ID, hf_settings)
 
 
-def test_load_generate_unload_round_trip(backend, tiny, hf_settings):
+def test_the_backend_implements_the_protocol_and_importing_it_loads_no_torch(backend):
+    import subprocess
+
+    assert isinstance(backend, Backend) and isinstance(backend, InProcessGenerator)
+    assert backend.id == "transformers"
+    caps = backend.capabilities
+    assert set(caps.precisions) == set(Precision) and caps.devices == ("cuda", "cpu")
+    assert caps.fit_ladder == (Precision.INT8, Precision.NF4)
+    assert (caps.serves_http, caps.generates_in_process, caps.needs_gpu) == (False, True, False)
+    assert backend.availability(SNAPSHOT()).ok
+    code = ("import sys, backends.transformers as t; t.create(None, None); "
+            "print(sorted(m for m in ('torch', 'transformers', 'bitsandbytes', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_start_generate_stop_round_trip(backend, tiny, hf_settings):
     events = []
-    lm = backend.load(tiny, _profile(Precision.BF16), progress=events.append)
-    assert isinstance(lm, LoadedModel)
-    assert (lm.model_id, lm.backend, lm.device, lm.state) == (TINY_ID, "transformers", "cpu", "ready")
-    assert lm.footprint_bytes == est.estimate(tiny, _profile(Precision.BF16), hf_settings).weights_bytes
-    assert backend.loaded() == [lm] and backend.is_loaded(TINY_ID)
+    dep = start(backend, tiny, _profile(Precision.BF16), progress=events.append)
+    assert (dep.model_id, dep.handle, dep.backend_id, dep.device, dep.state) == (
+        TINY_ID, TINY_ID, "transformers", "cpu", DeploymentState.READY)
+    assert dep.endpoint is None and set(dep.memory_bytes) == {"host"}
+    # fp32 file loaded as bf16: a converted copy, all private memory
+    assert dep.footprint_bytes == est.estimate(tiny, _profile(Precision.BF16), hf_settings).weights_bytes
+    assert dep.detail["mapped_bytes"] == 0 and dep.detail["tensor_bytes"] == dep.footprint_bytes
+    assert backend.deployments() == [dep]
 
-    text = backend.generate(TINY_ID, "def add(a, b):", max_new_tokens=6)
+    text = generate(backend, dep, "def add(a, b):", max_new_tokens=6)
     assert isinstance(text, str) and text
-    assert backend.generate(TINY_ID, "def add(a, b):", max_new_tokens=6) == text  # greedy is deterministic
-    sampled = backend.generate(TINY_ID, "def add(a, b):", max_new_tokens=6, temperature=0.8, top_p=0.9)
+    assert generate(backend, dep, "def add(a, b):", max_new_tokens=6) == text  # greedy is deterministic
+    sampled = generate(backend, dep, "def add(a, b):", max_new_tokens=6, temperature=0.8, top_p=0.9)
     assert isinstance(sampled, str)
+    assert backend.verify(dep).startswith("generated 1 token")
 
-    report = backend.unload(TINY_ID)
-    assert report.model_id == TINY_ID and report.expected_bytes == lm.footprint_bytes
-    assert report.verdict is Outcome.SUCCESS
+    report = backend.stop(TINY_ID)
+    assert report.model_id == TINY_ID and report.expected_bytes == dep.footprint_bytes
+    assert report.verdict is Outcome.SUCCESS and report.message.code == "release.freed"
+    assert report.measure == "rss_anon"
     assert report.freed_bytes + report.still_held_bytes == report.expected_bytes
-    assert backend.loaded() == [] and not backend.is_loaded(TINY_ID)
+    assert report.message.args["freed_bytes"] == report.freed_bytes
+    assert report.message.args["still_held_bytes"] == report.still_held_bytes
+    assert backend.deployments() == []
     with pytest.raises(ModelNotFoundError):
-        backend.generate(TINY_ID, "hi")
+        generate(backend, dep, "hi")
+
+
+def test_stop_is_idempotent(backend, tiny):
+    start(backend, tiny, _profile())
+    assert backend.stop(TINY_ID).message.code == "release.freed"
+    again = backend.stop(TINY_ID)
+    assert again.already_gone and again.verdict is Outcome.SUCCESS
+    assert (again.expected_bytes, again.freed_bytes, again.still_held_bytes) == (0, 0, 0)
+    never = backend.stop("memctl-test/never-loaded")
+    assert never.already_gone and never.handle == "memctl-test/never-loaded"
 
 
 def test_progress_reports_every_stage_in_order_with_growing_fractions(backend, tiny):
     events = []
-    backend.load(tiny, _profile(), progress=events.append)
+    start(backend, tiny, _profile(), progress=events.append)
     stages = [e.stage for e in events]
     firsts = [s for i, s in enumerate(stages) if s not in stages[:i]]
     assert firsts == ["config", "weights", "placing", "warm-up", "ready"]
@@ -88,41 +132,41 @@ def test_a_failing_progress_callback_does_not_break_the_load(backend, tiny):
     def broken(_event):
         raise RuntimeError("display went away")
 
-    backend.load(tiny, _profile(), progress=broken)
-    assert backend.is_loaded(TINY_ID)
+    start(backend, tiny, _profile(), progress=broken)
+    assert [d.model_id for d in backend.deployments()] == [TINY_ID]
 
 
 @pytest.mark.parametrize("stage", ["config", "weights", "placing", "warm-up"])
 def test_cancel_at_a_stage_boundary_leaves_nothing_loaded(backend, tiny, stage):
     seen: list[str] = []
     with pytest.raises(OperationCancelledError) as info:
-        backend.load(tiny, _profile(), progress=lambda e: seen.append(e.stage), cancel=lambda: stage in seen)
+        start(backend, tiny, _profile(), progress=lambda e: seen.append(e.stage), cancel=lambda: stage in seen)
     assert "nothing is left loaded" in info.value.message
-    assert backend.loaded() == []
-    backend.load(tiny, _profile())  # and the backend is still usable
-    assert backend.is_loaded(TINY_ID)
+    assert backend.deployments() == []
+    start(backend, tiny, _profile())  # and the backend is still usable
+    assert [d.model_id for d in backend.deployments()] == [TINY_ID]
 
 
 def test_loading_twice_is_refused_and_keeps_the_first(backend, tiny):
-    first = backend.load(tiny, _profile())
+    first = start(backend, tiny, _profile())
     with pytest.raises(ModelLoadError) as info:
-        backend.load(tiny, _profile(Precision.FP32))
+        start(backend, tiny, _profile(Precision.FP32))
     assert "already loaded" in info.value.message
-    assert backend.loaded() == [first]
+    assert backend.deployments() == [first]
 
 
-def test_two_models_load_side_by_side_and_unload_all_reports_each(backend, tiny, hf_settings):
+def test_two_models_load_side_by_side_and_stop_all_reports_each(backend, tiny, hf_settings):
     untied = resolve_model(TINY_UNTIED_ID, hf_settings)
-    backend.load(tiny, _profile())
-    backend.load(untied, _profile(Precision.FP32))
-    assert {m.model_id for m in backend.loaded()} == {TINY_ID, TINY_UNTIED_ID}
-    reports = backend.unload_all()
+    start(backend, tiny, _profile())
+    start(backend, untied, _profile(Precision.FP32))
+    assert {d.model_id for d in backend.deployments()} == {TINY_ID, TINY_UNTIED_ID}
+    reports = backend.stop_all()
     assert sorted(r.model_id for r in reports) == [TINY_ID, TINY_UNTIED_ID]
     assert all(r.verdict is Outcome.SUCCESS for r in reports)
-    assert backend.loaded() == [] and backend.unload_all() == []
+    assert backend.deployments() == [] and backend.stop_all() == []
 
 
-def test_loaded_answers_at_once_while_a_load_runs(backend, tiny):
+def test_deployments_answer_at_once_while_a_load_runs(backend, tiny):
     reached, gate = threading.Event(), threading.Event()
 
     def progress(event):
@@ -130,17 +174,17 @@ def test_loaded_answers_at_once_while_a_load_runs(backend, tiny):
             reached.set()
             gate.wait(20)
 
-    worker = threading.Thread(target=backend.load, args=(tiny, _profile()), kwargs={"progress": progress})
+    worker = threading.Thread(target=start, args=(backend, tiny, _profile()), kwargs={"progress": progress})
     worker.start()
     try:
         assert reached.wait(20)
         t0 = time.perf_counter()
-        assert backend.loaded() == [] and not backend.is_loaded(TINY_ID)
+        assert backend.deployments() == []
         assert time.perf_counter() - t0 < 0.1
     finally:
         gate.set()
         worker.join(30)
-    assert backend.is_loaded(TINY_ID)
+    assert [d.model_id for d in backend.deployments()] == [TINY_ID]
 
 
 def test_concurrent_loads_of_one_model_yield_one_model(backend, tiny):
@@ -148,7 +192,7 @@ def test_concurrent_loads_of_one_model_yield_one_model(backend, tiny):
 
     def run():
         try:
-            results.append(backend.load(tiny, _profile()))
+            results.append(start(backend, tiny, _profile()))
         except ModelLoadError as exc:
             results.append(exc)
 
@@ -157,29 +201,31 @@ def test_concurrent_loads_of_one_model_yield_one_model(backend, tiny):
         t.start()
     for t in threads:
         t.join(60)
-    assert sum(isinstance(r, LoadedModel) for r in results) == 1
+    assert sum(not isinstance(r, ModelLoadError) for r in results) == 1
     assert sum(isinstance(r, ModelLoadError) for r in results) == 2
-    assert len(backend.loaded()) == 1
+    assert len(backend.deployments()) == 1
 
 
 @pytest.mark.parametrize(("precision", "double_quant"), [(Precision.INT8, False), (Precision.NF4, True),
                                                          (Precision.FP4, False)])
-def test_quantised_loads_generate_and_unload(backend, hf_settings, precision, double_quant):
+def test_quantised_loads_generate_and_stop(backend, hf_settings, precision, double_quant):
     model = resolve_model(TINY_UNTIED_ID, hf_settings)
     profile = _profile(precision, double_quant=double_quant)
-    lm = backend.load(model, profile)
-    assert lm.footprint_bytes == est.estimate(model, profile, hf_settings).weights_bytes
-    assert isinstance(backend.generate(TINY_UNTIED_ID, "for i in", max_new_tokens=3), str)
-    assert backend.unload(TINY_UNTIED_ID).verdict is Outcome.SUCCESS
+    dep = start(backend, model, profile)
+    assert dep.detail["tensor_bytes"] == est.estimate(model, profile, hf_settings).weights_bytes
+    # bf16 tensors the quantiser leaves alone may stay mapped from the file: counted apart, once
+    assert dep.footprint_bytes + dep.detail["mapped_bytes"] == dep.detail["tensor_bytes"]
+    assert isinstance(generate(backend, dep, "for i in", max_new_tokens=3), str)
+    assert backend.stop(TINY_UNTIED_ID).verdict is Outcome.SUCCESS
 
 
 def test_disk_offload_with_max_memory_loads_and_generates(backend, tiny, tmp_path):
-    lm = backend.load(tiny, _profile(Precision.FP32), device_map="auto", max_memory={"cpu": 100_000},
-                      offload_folder=str(tmp_path / "offload"))
-    assert "disk" in lm.device
-    assert lm.footprint_bytes < est.read_model_spec(tiny.path).weight_file_bytes  # weights stay on disk
-    assert isinstance(backend.generate(TINY_ID, "def", max_new_tokens=2), str)
-    assert backend.unload(TINY_ID).verdict is Outcome.SUCCESS
+    dep = start(backend, tiny, _profile(Precision.FP32), device_map="auto", max_memory={"cpu": 100_000},
+                offload_folder=str(tmp_path / "offload"))
+    assert dep.device == "cpu+disk"
+    assert dep.footprint_bytes < est.read_model_spec(tiny.path).weight_file_bytes  # weights stay on disk
+    assert isinstance(generate(backend, dep, "def", max_new_tokens=2), str)
+    assert backend.stop(TINY_ID).verdict is Outcome.SUCCESS
 
 
 @pytest.mark.parametrize(("kind", "words"), [
@@ -190,60 +236,77 @@ def test_broken_models_fail_with_a_clear_message_and_leave_nothing_loaded(kind, 
     backend = TransformersBackend(bad_settings)
     model = resolve_model(bad_models[kind], bad_settings)
     with pytest.raises(ModelLoadError) as info:
-        backend.load(model, _profile())
+        backend.start(model, _profile(), None)
     assert words in info.value.message and info.value.hint
-    assert backend.loaded() == []
+    assert backend.deployments() == []
 
 
 def test_model_with_only_a_pytorch_bin_still_loads(bad_settings, bad_models):
     backend = TransformersBackend(bad_settings)
     model = resolve_model(bad_models["bin_only"], bad_settings)
-    lm = backend.load(model, _profile())
-    assert lm.footprint_bytes > 0
-    assert backend.unload(model.model_id).verdict is Outcome.SUCCESS
+    dep = backend.start(model, _profile(), None)
+    assert dep.footprint_bytes > 0
+    assert backend.stop(model.model_id).verdict is Outcome.SUCCESS
 
 
-def test_unknown_models_cannot_be_unloaded_or_used(backend):
+def test_unknown_models_cannot_be_used(backend, tiny):
+    dep = start(backend, tiny, _profile())
+    backend.stop(TINY_ID)
     with pytest.raises(ModelNotFoundError):
-        backend.unload("memctl-test/never-loaded")
+        generate(backend, dep, "hi")
     with pytest.raises(ModelNotFoundError):
-        backend.generate("memctl-test/never-loaded", "hi")
+        backend.prompt_tokens(dep, GenerationRequest(prompt="hi"))
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"max_new_tokens": 0}, {"max_new_tokens": 10_000}, {"temperature": -1.0}, {"top_p": 0.0}, {"prompt": ""},
+    {"max_new_tokens": 0}, {"max_new_tokens": 100_000}, {"temperature": -1.0}, {"top_p": 0.0}, {"prompt": ""},
+    {"prompt": None},
 ])
 def test_generate_rejects_bad_arguments(backend, tiny, kwargs):
-    backend.load(tiny, _profile())
+    dep = start(backend, tiny, _profile())
     args = {"prompt": "hi", **kwargs}
     with pytest.raises(MemctlError):
-        backend.generate(TINY_ID, **args)
+        backend.generate_stream(dep, GenerationRequest(**args), lambda: False)
+
+
+def test_claim_is_the_estimate_on_the_target_device(backend, tiny, hf_settings):
+    profile = _profile()
+    estimate = est.estimate(tiny, profile, hf_settings)
+    claim = backend.claim(tiny, profile, estimate, SNAPSHOT())
+    assert dict(claim.bytes_by_device) == {"host": estimate.total_bytes} and claim.blockers == ()
+    gpu = backend.claim(tiny, _profile(Precision.FP16, device="cuda"), estimate, SNAPSHOT())
+    assert list(gpu.bytes_by_device) == ["gpu:0"]
+    assert [b.code for b in gpu.blockers] == ["backend.no_gpu"]  # this machine has no GPU
 
 
 def test_quantisation_on_cuda_without_a_gpu_is_refused_before_loading(backend, tiny):
-    assert not backend.cuda_available()
+    assert not checks.cuda_available()
     with pytest.raises(QuantizationUnavailableError) as info:
-        backend.load(tiny, _profile(Precision.NF4, device="cuda"))
+        backend.start(tiny, _profile(Precision.NF4, device="cuda"), None)
     assert "CUDA" in info.value.message
-    assert backend.loaded() == []
+    assert backend.deployments() == []
 
 
-def test_missing_bitsandbytes_is_said_before_loading(backend, tiny, monkeypatch):
+def test_missing_bitsandbytes_is_said_before_loading(backend, tiny, hf_settings, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when absent
+    profile = _profile(Precision.INT8)
+    claim = backend.claim(tiny, profile, est.estimate(tiny, profile, hf_settings), SNAPSHOT())
+    assert [b.code for b in claim.blockers] == ["quant.bitsandbytes_missing"]
+    assert "bitsandbytes" in claim.blockers[0].text
     with pytest.raises(QuantizationUnavailableError) as info:
-        backend.load(tiny, _profile(Precision.INT8))
+        backend.start(tiny, profile, claim)
     assert "bitsandbytes" in info.value.message and "install" in info.value.hint
-    assert backend.loaded() == []
-    backend.check_quantization(Precision.BF16, "cpu")  # unquantised precisions never need it
+    assert backend.deployments() == []
+    checks.check_quantization(Precision.BF16, "cpu")  # unquantised precisions never need it
 
 
 def test_cuda_profile_without_a_gpu_is_refused_before_loading(backend, tiny):
     with pytest.raises(ModelLoadError) as info:
-        backend.load(tiny, _profile(Precision.FP16, device="cuda"))
+        backend.start(tiny, _profile(Precision.FP16, device="cuda"), None)
     assert "CUDA" in info.value.message
     with pytest.raises(ModelLoadError):
-        backend.load(tiny, _profile(), device_map="cuda:0")
-    assert backend.loaded() == []
+        backend.start(tiny, _profile(), None, device_map="cuda:0")
+    assert backend.deployments() == []
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -252,14 +315,24 @@ def test_cuda_profile_without_a_gpu_is_refused_before_loading(backend, tiny):
 ])
 def test_invalid_placement_arguments_are_refused(backend, tiny, kwargs):
     with pytest.raises(ModelLoadError):
-        backend.load(tiny, _profile(), **kwargs)
-    assert backend.loaded() == []
+        backend.start(tiny, _profile(), None, **kwargs)
+    assert backend.deployments() == []
+
+
+def test_check_model_names_a_missing_tokenizer_and_a_missing_chat_template(backend, tiny, chat_settings,
+                                                                            chat_models):
+    no_tok = resolve_model(chat_models["no_tokenizer"], chat_settings)
+    assert [m.code for m in backend.check_model(no_tok, _profile())] == ["model.no_tokenizer"]
+    assert [m.code for m in backend.check_model(tiny, _profile())] == ["model.no_chat_template"]
+    assert "chat template" in backend.check_model(tiny, _profile())[0].text
+    for family in ("qwen", "llama3", "mistral"):
+        assert backend.check_model(resolve_model(chat_models[family], chat_settings), _profile()) == ()
 
 
 def test_fp16_on_cpu_is_loaded_literally(backend, tiny):
     import torch
 
-    backend.load(tiny, _profile(Precision.FP16))
+    start(backend, tiny, _profile(Precision.FP16))
     assert backend._entries[TINY_ID].model.dtype == torch.float16
 
 
@@ -280,98 +353,28 @@ def test_process_private_bytes_follows_real_allocations():
     assert process_private_bytes() < grown - 50 * MB
 
 
-@pytest.mark.slow
-def test_unload_gives_private_memory_back_on_a_100mb_model(big_model):
-    backend = TransformersBackend(big_model.settings)
-    model = resolve_model(BIG_ID, big_model.settings)
-    profile = _profile(Precision.FP32)  # bf16 file -> fp32 copies: every byte is private memory
-    start = process_private_bytes()
-    backend.load(model, profile)
-    backend.unload(BIG_ID)
-    first_load_overhead = process_private_bytes() - start  # imports, kernels, thread pools: measured apart
-
-    before = process_private_bytes()
-    lm = backend.load(model, profile)
-    during = process_private_bytes()
-    report = backend.unload(BIG_ID)
-    after = process_private_bytes()
-
-    model_bytes = lm.footprint_bytes
-    tolerance = max(50 * MB, 0.05 * model_bytes)
-    assert model_bytes >= 100 * MB
-    assert during - before >= 0.5 * model_bytes  # the weights really were private memory
-    assert after - before <= tolerance, (after - before, first_load_overhead)
-    assert report.measure == "rss_anon" and report.verdict is Outcome.SUCCESS
-    assert report.expected_bytes == model_bytes and report.freed_bytes >= model_bytes - tolerance
-    assert "came back" in report.message
-
-
-@pytest.mark.slow
-def test_unload_of_a_memory_mapped_model_measures_the_mapped_pages(big_model):
-    backend = TransformersBackend(big_model.settings)
-    model = resolve_model(BIG_ID, big_model.settings)
-    anon0, file0 = process_resident_bytes()
-    lm = backend.load(model, _profile(Precision.BF16))  # same dtype as the file: weights stay mapped
-    anon1, file1 = process_resident_bytes()
-    assert file1 - file0 >= 0.9 * lm.footprint_bytes  # touched during warm-up: resident now
-    assert anon1 - anon0 < 0.5 * lm.footprint_bytes
-    report = backend.unload(BIG_ID)
-    anon2, file2 = process_resident_bytes()
-    assert report.measure == "rss_anon+rss_file" and report.verdict is Outcome.SUCCESS
-    assert file1 - file2 >= 0.9 * lm.footprint_bytes
-
-
-@pytest.mark.slow
-def test_out_of_memory_during_load_frees_partial_state_and_says_needed_vs_free(big_model):
-    """A real allocation failure: the load runs under RLIMIT_DATA in a child process."""
-    code = f"""
-import json, resource, sys
-sys.path.insert(0, {str(ROOT)!r})
-from pathlib import Path
-import torch, transformers  # imported before the limit: only the load itself is starved
-from transformers import AutoConfig, AutoModelForCausalLM
-from backends.transformers_backend import TransformersBackend, process_private_bytes
-from memory_controller.catalog import resolve_model
-from memory_controller.errors import InsufficientMemoryError
-from memory_controller.settings import load_settings
-from memory_controller.types import Mode, Precision, Profile
-s = load_settings(hf_cache_dir=Path({str(big_model.hub_dir)!r}))
-be = TransformersBackend(s)
-m = resolve_model({BIG_ID!r}, s)
-profile = Profile(Mode.TRANSFORMERS, Precision.FP32, 256, 1, device="cpu")
-be.load(m, profile)  # the first load's one-time overhead (imports, thread pools) is measured apart
-be.unload(m.model_id)
-before = process_private_bytes()
-data = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData")][0]
-resource.setrlimit(resource.RLIMIT_DATA, (data + 100 * 2**20, resource.RLIM_INFINITY))
-out = {{}}
-try:
-    be.load(m, profile)
-    out["error"] = None
-except InsufficientMemoryError as exc:
-    out.update(error=type(exc).__name__, message=exc.message, needed=exc.needed_bytes, free=exc.free_bytes,
-               context=exc.__context__ is not None)
-finally:
-    resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-out["loaded"] = len(be.loaded())
-out["held"] = process_private_bytes() - before
-print(json.dumps(out))
-"""
-    env = {**os.environ, **big_model.env()}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["error"] == "InsufficientMemoryError", out
-    assert "needs about" in out["message"] and "was free" in out["message"]
-    assert out["needed"] >= 250 * MB and out["free"] is not None and out["free"] < out["needed"]
-    assert out["context"] is False  # raised outside the except block: no traceback keeps the partial model
-    assert out["loaded"] == 0
-    assert out["held"] < 50 * MB, out
-
-
 def test_footprint_counts_tied_weights_once(backend, tiny):
-    backend.load(tiny, _profile(Precision.FP32))
+    start(backend, tiny, _profile(Precision.FP32))
     model = backend._entries[TINY_ID].model
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     naive = sum(p.nbytes for _n, p in model.named_parameters(remove_duplicate=False))
     assert model_footprint_bytes(model) < naive
+
+
+def test_a_claim_for_a_quantised_profile_imports_no_torch(hf_settings):
+    """The dashboard may draw a plan on its first paint: claim() must not pull torch in."""
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from backends.transformers import create; "
+            "from memory_controller.settings import load_settings; from memory_controller.catalog import resolve_model; "
+            "from memory_controller.devices import DeviceProbe; from memory_controller import estimate as est; "
+            "from memory_controller.types import Mode, Precision, Profile; "
+            f"s = load_settings(hf_cache_dir=Path({str(hf_settings.hf_cache_dir)!r}), local_model_dirs=[]); "
+            f"m = resolve_model({TINY_ID!r}, s); p = Profile(Mode.TRANSFORMERS, Precision.NF4, 256, 1, device='cpu'); "
+            "c = create(s, None).claim(m, p, est.estimate(m, p, s), DeviceProbe().snapshot()); "
+            "print(c.blockers == (), 'torch' in sys.modules, 'bitsandbytes' in sys.modules)")
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(root),
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "False"]

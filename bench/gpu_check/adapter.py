@@ -171,6 +171,7 @@ def serve_chat(ctl: MemoryController, settings: Settings, model_id: str, timeout
     import httpx
     import uvicorn
     from fastapi import FastAPI
+
     from server.openai_api import OpenAIService
 
     service = OpenAIService(ctl, settings)

@@ -1,0 +1,36 @@
+"""In-process Hugging Face Transformers backend (registry id ``transformers``).
+
+Files: :mod:`.memory` (host/GPU accounting, malloc), :mod:`.checks` (quantisation, placement and
+model files, before loading), :mod:`.loading` (config, from_pretrained, the all-or-nothing load, error
+mapping), :mod:`.templates` (requests, chat templates, tool-call family), :mod:`.generation`
+(streaming), :mod:`.backend` (the class). torch, transformers, bitsandbytes and accelerate are imported only
+inside functions: importing this package costs nothing, and the dashboard paints without them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backend import TransformersBackend
+
+__all__ = ["TransformersBackend", "create"]
+
+
+def create(settings: Any, probe: Any) -> TransformersBackend:
+    """Registry factory (``[backends] transformers = "backends.transformers:create"``).
+
+    ``probe`` is a ``memory_controller.devices.DeviceProbe`` (``gpu_used_bytes(index)`` measures a
+    release on GPU) or None.
+    """
+    from .backend import TransformersBackend
+
+    return TransformersBackend(settings, probe)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TransformersBackend":
+        from .backend import TransformersBackend
+
+        return TransformersBackend
+    raise AttributeError(name)
