@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from memory_controller.devices import DeviceProbe  # noqa: E402
+from memory_controller.probe.devices import DeviceProbe  # noqa: E402
 from tests.fake_pynvml import FakeGpu, FakeNvml, FakeProcess  # noqa: E402
 
 REPEATS = 2000

@@ -40,7 +40,7 @@ def _non_negative_float(text: str) -> float:
 
 def _default_device(settings: Settings) -> str:
     """cuda when the probe sees a GPU, else cpu (so a CPU-only machine gets no CUDA reserve)."""
-    from .devices import DeviceProbe
+    from .probe import DeviceProbe
 
     snap = DeviceProbe(nvml_module_name=settings.nvml_module).snapshot()
     return "cuda" if snap.has_gpu else "cpu"

@@ -13,18 +13,20 @@ from .types import (
     DeviceKind,
     DeviceSnapshot,
     Level,
+    Message,
     Mode,
     Precision,
     Profile,
     ProfileBand,
     Recommendation,
     SystemSnapshot,
+    msg,
 )
 from .units import fmt_bytes
 
 # A model-aware adjuster: given a profile, return one that fits the model (maybe with a lower
 # context or a quantised precision) plus notes, or None when nothing fits.
-FitCheck = Callable[[Profile, int], tuple[Profile, tuple[str, ...]] | None]
+FitCheck = Callable[[Profile, int], tuple[Profile, tuple[Message, ...]] | None]
 
 
 def level_for(free_bytes: int | None, green_min_bytes: int, yellow_min_bytes: int) -> Level:
@@ -83,14 +85,13 @@ def recommend(
     the CPU, with fp16 mapped to ``cpu_half_precision``. ``fit`` (the model-aware seam) may lower
     the profile further for a chosen model.
 
-    ``notes`` explain each adjustment in English (CLI, JSON); ``note_codes`` say the same as
-    codes a translated UI renders (see :class:`memory_controller.types.Recommendation`).
+    ``notes`` explain each adjustment as :class:`Message` codes (a translated UI renders them; ``text`` is
+    the English for the CLI and JSON).
     """
     dev = pick_device(snapshot, device_key)
     free = dev.free_bytes if dev.free_bytes is not None else 0
     level = level_for(dev.free_bytes, green_min_bytes, yellow_min_bytes)
-    notes: list[str] = []
-    codes: list[str] = []
+    notes: list[Message] = []
 
     if dev.kind is DeviceKind.HOST:
         vllm_ok = False
@@ -104,8 +105,9 @@ def recommend(
     band = band_for(free, bands, transformers_only=not vllm_ok)
     natural = band_for(free, bands)
     if natural.name != band.name:
-        notes.append(f"the table says {natural.name}, but vLLM is unavailable: {band.name} instead")
-        codes.append(f"vllm_unavailable_fallback:{natural.name}:{band.name}")
+        notes.append(msg("rec.vllm_unavailable_fallback",
+                         f"the table says {natural.name}, but vLLM is unavailable: {band.name} instead",
+                         table=natural.name, used=band.name))
 
     precision = band.precision
     device = "cuda"
@@ -116,8 +118,8 @@ def recommend(
         if precision is Precision.FP16:
             precision = Precision(cpu_half_precision)
             if precision is not Precision.FP16:
-                notes.append(f"fp16 is slow on the CPU: {precision.value} instead")
-                codes.append(f"cpu_half_precision:{precision.value}")
+                notes.append(msg("rec.cpu_half_precision", f"fp16 is slow on the CPU: {precision.value} instead",
+                                 precision=precision.value))
 
     profile = Profile(
         mode=band.mode,
@@ -133,16 +135,11 @@ def recommend(
     if fit is not None:
         fitted = fit(profile, free)
         if fitted is None:
-            notes.append("the chosen model does not fit in any profile on this device")
-            codes.append("model_does_not_fit")
+            notes.append(msg("rec.model_does_not_fit", "the chosen model does not fit in any profile on this device"))
             level = Level.RED
         else:
             fitted_profile, fit_notes = fitted
             notes.extend(fit_notes)
-            if fitted_profile.precision is not profile.precision:
-                codes.append(f"fit_precision:{profile.precision.value}:{fitted_profile.precision.value}")
-            if fitted_profile.context_tokens < profile.context_tokens:
-                codes.append(f"fit_context:{fitted_profile.context_tokens}")
             profile = fitted_profile
 
     return Recommendation(
@@ -155,5 +152,4 @@ def recommend(
         vllm_reason=vllm_reason,
         reason=reason,
         notes=tuple(notes),
-        note_codes=tuple(codes),
     )

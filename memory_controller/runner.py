@@ -248,7 +248,11 @@ class OperationRunner:
     def run(self, kind: str, title: str, body: Callable[[OperationContext], Any],
             params: dict[str, Any] | None = None, progress: ProgressCallback | None = None) -> Any:
         """Submit and wait; progress events reach ``progress`` on this (the caller's) thread."""
-        op = self.submit(kind, title, body, params)
+        return self.run_existing(self.submit(kind, title, body, params), progress)
+
+    @staticmethod
+    def run_existing(op: Operation, progress: ProgressCallback | None = None) -> Any:
+        """Wait for ``op``, handing its progress events to ``progress`` on this thread; its result or error."""
         while True:
             finished = op.wait(0.05)
             while progress is not None:

@@ -198,11 +198,7 @@ class Recommendation:
     vllm_available: bool
     vllm_reason: str | None  # why vLLM is unavailable (no GPU, no Docker...)
     reason: str  # one sentence: why this profile
-    notes: tuple[str, ...] = ()  # e.g. "context lowered to 1024 to fit the model"
-    # Machine-readable twins of ``notes`` for translated UIs: "code" or "code:arg:arg", e.g.
-    # "vllm_unavailable_fallback:vllm_full:transformers_fp16", "cpu_half_precision:bf16",
-    # "fit_precision:fp16:int8", "fit_context:512", "model_does_not_fit".
-    note_codes: tuple[str, ...] = ()
+    notes: tuple[Message, ...] = ()  # each adjustment, as a code + args (text: English)
 
 
 # --------------------------------------------------------------------------- models

@@ -9,7 +9,7 @@ import pytest
 
 from memory_controller import MemoryController
 from memory_controller.controller import APPLY_STEPS
-from memory_controller.devices import DeviceProbe
+from memory_controller.probe.devices import DeviceProbe
 from memory_controller.errors import (
     InsufficientMemoryError,
     MemctlError,

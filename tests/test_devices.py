@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from memory_controller.devices import DeviceProbe
+from memory_controller.probe.devices import DeviceProbe
 from memory_controller.types import DeviceKind, DeviceStatus, NvmlStatus
 from tests.fake_pynvml import GIB, FakeGpu, FakeNvml, FakeProcess, scenario
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memory_controller.devices import DeviceProbe
+from memory_controller.probe.devices import DeviceProbe
 from memory_controller.recommend import band_for, level_for, recommend
 from memory_controller.settings import load_settings
 from memory_controller.types import Level, Mode, Precision

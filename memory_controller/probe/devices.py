@@ -20,7 +20,14 @@ from typing import Any
 
 import psutil
 
-from .types import DeviceKind, DeviceSnapshot, DeviceStatus, NvmlStatus, ProcessMemory, SystemSnapshot
+from memory_controller.types import (
+    DeviceKind,
+    DeviceSnapshot,
+    DeviceStatus,
+    NvmlStatus,
+    ProcessMemory,
+    SystemSnapshot,
+)
 
 _HINTS = {
     NvmlStatus.LIBRARY_NOT_FOUND: (

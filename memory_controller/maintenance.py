@@ -1,0 +1,97 @@
+"""Bodies of the maintenance operations: unload one deployment, clear caches, emergency clear."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .backend import Deployment, ReleaseReport
+from .errors import MemctlError
+from .reports import ClearReport, EmergencyReport
+from .runner import Operation, call_with_deadline
+from .types import Outcome, StepRecord
+from .units import fmt_bytes
+
+if TYPE_CHECKING:
+    from .controller import MemoryController
+    from .runner import OperationContext
+
+
+def run_unload(ctl: MemoryController, ctx: OperationContext, dep: Deployment) -> ReleaseReport:
+    handles = {(dep.backend_id, dep.handle)}
+    ctl.cancel_generation(handles, "unload")
+    t0 = time.perf_counter()
+    backend = ctl.backend(dep.backend_id)
+    report: ReleaseReport = ctx.call(lambda _p: backend.stop(dep.handle), what=f"unloading {dep.model_id}",
+                                     deadline_s=ctl.settings.step_timeout_s + ctl.settings.vllm_stop_timeout_s * 4)
+    ctx.record.steps.append(StepRecord("unload", report.verdict, time.perf_counter() - t0, report.message.text))
+    ctx.record.params["release"] = {"expected_bytes": report.expected_bytes, "freed_bytes": report.freed_bytes,
+                                    "measure": report.measure}
+    return report
+
+
+def clear_caches(ctl: MemoryController) -> dict[str, object]:
+    done: dict[str, object] = {"gc_collect": gc.collect() >= 0}
+    for b in ctl.registry.made().values():
+        done.update(b.clear_caches())
+    return done
+
+
+def run_clear(ctl: MemoryController, ctx: OperationContext) -> ClearReport:
+    before = ctl.used_by_device()
+    t0 = time.perf_counter()
+    actions = ctx.call(lambda _p: clear_caches(ctl), what="clear", deadline_s=ctl.settings.step_timeout_s)
+    report = ClearReport(before=before, after=ctl.used_by_device(), actions=actions)
+    freed = {k: v for k, v in report.freed.items() if v}
+    ctx.record.steps.append(StepRecord(
+        "clear", Outcome.SUCCESS, time.perf_counter() - t0,
+        ", ".join(f"{k}: {fmt_bytes(v)}" for k, v in freed.items()) or "no change in used memory"))
+    return report
+
+
+def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operation | None) -> EmergencyReport:
+    """Every step is attempted even when an earlier one fails; each has its own deadline."""
+    steps = ctx.record.steps
+
+    def attempt(name: str, fn: Callable[[], str], deadline_s: float) -> None:
+        t0 = time.perf_counter()
+        ctx.emit(name, f"{name}…", 0.0)
+        try:
+            message = call_with_deadline(lambda _p: fn(), what=name, deadline_s=deadline_s)
+            steps.append(StepRecord(name, Outcome.SUCCESS, time.perf_counter() - t0, message))
+        except BaseException as exc:  # noqa: BLE001 - the next step must run anyway
+            steps.append(StepRecord(name, Outcome.ERROR, time.perf_counter() - t0, str(exc)))
+        ctx.emit(name, steps[-1].message, 1.0, steps[-1].duration_s)
+
+    def wait_running() -> str:
+        if running is None:
+            return "nothing was running"
+        running.cancel.set()
+        if not running.wait(30):
+            raise MemctlError(f"{running.kind} is still finishing", "its result is discarded when it returns")
+        return f"{running.kind} stopped"
+
+    attempt("cancel", wait_running, 35)
+    for bid, backend in ctl.backends().items():
+        def stop_all(b=backend) -> str:
+            deps = b.deployments()
+            reports, failed = [], []
+            for d in deps:
+                try:
+                    r = b.stop(d.handle)
+                    reports.append(f"{d.model_id}: freed {fmt_bytes(r.freed_bytes)}")
+                except MemctlError as exc:
+                    failed.append(f"{d.model_id}: {exc.message}")
+            if failed:
+                raise MemctlError("; ".join(failed), "check it by hand")
+            return "; ".join(reports) or "nothing was running"
+
+        attempt(f"stop_{bid}", stop_all, ctl.settings.step_timeout_s + ctl.settings.vllm_stop_timeout_s * 4 + 30)
+    attempt("clear", lambda: ", ".join(k for k, v in clear_caches(ctl).items() if v), ctl.settings.step_timeout_s)
+    errors = [s for s in steps if s.outcome is Outcome.ERROR]
+    ctx.record.outcome = Outcome.WARNING if errors else Outcome.SUCCESS
+    ctx.record.error = "; ".join(f"{s.name}: {s.message}" for s in errors) or None
+    return EmergencyReport(steps=list(steps), outcome=ctx.record.outcome,
+                           cancelled_operation=running.kind if running else None)

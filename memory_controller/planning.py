@@ -1,0 +1,227 @@
+"""Planning: what a switch will do, as data, before anything is touched.
+
+``make_plan`` is pure: it takes the snapshot, what runs, the model, the chosen backend and its
+claim, and returns a :class:`Plan` whose ``steps`` are exactly what ``apply(plan)`` executes
+(huggingface_hub's plan-then-execute). ``check_still_holds`` is what apply runs first: when what
+runs or free memory changed so that the plan no longer holds, it raises :class:`StalePlanError`
+and nothing is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .backend import Claim, Deployment
+from .errors import StalePlanError
+from .types import (
+    CachedModel,
+    DeviceKind,
+    DeviceSnapshot,
+    MemoryEstimate,
+    Message,
+    Precision,
+    Profile,
+    SystemSnapshot,
+    msg,
+)
+from .units import fmt_bytes
+
+APPLY_STEPS = ("unload", "clear", "check", "switch", "prepare", "verify")
+MIN_CONTEXT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One step of a plan. ``kind`` is one of :data:`APPLY_STEPS`."""
+
+    kind: str
+    targets: tuple[Deployment, ...] = ()  # unload: what is stopped
+    bytes_by_device: Mapping[str, int] = dataclasses.field(default_factory=dict)  # check: needed per device
+    backend_id: str | None = None  # switch / prepare / verify
+    model_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dry run: shown to the user, then executed exactly by ``apply(plan)``."""
+
+    backend_id: str
+    model_id: str
+    profile: Profile
+    device_key: str  # where most of the claim lands
+    steps: tuple[PlanStep, ...]
+    to_stop: tuple[Deployment, ...]
+    expected_freed_bytes: int  # on device_key
+    needed_bytes: int  # on device_key
+    free_bytes_now: int | None
+    free_bytes_after_unload: int | None
+    fits: bool
+    already_active: bool
+    estimate: MemoryEstimate | None
+    claim: Claim | None = None
+    suggestion: Message | None = None
+    max_context_that_fits: int | None = None
+    blockers: tuple[Message, ...] = ()
+    notes: tuple[Message, ...] = ()
+    purpose: str = "switch"  # "switch" | "ide"
+    basis: frozenset[tuple[str, str]] = frozenset()  # (backend id, handle) of what ran when planned
+    made_at: float = 0.0
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        return tuple(s.kind for s in self.steps)
+
+    @property
+    def runnable(self) -> bool:
+        return not self.blockers and (self.fits or self.already_active)
+
+
+# --------------------------------------------------------------------------- devices and memory
+def target_device(snap: SystemSnapshot, profile: Profile) -> DeviceSnapshot:
+    """The device a profile lands on: the host on the CPU, else the named GPU or the one with most free."""
+    if profile.device == "cpu" or not snap.gpus:
+        return snap.host
+    if profile.gpu_ids:
+        dev = snap.device(f"gpu:{profile.gpu_ids[0]}")
+        if dev is not None:
+            return dev
+    readable = [g for g in snap.gpus if g.free_bytes is not None]
+    return max(readable, key=lambda g: g.free_bytes or 0) if readable else snap.host
+
+
+def freed_by(deployments: Sequence[Deployment], device_key: str) -> int:
+    return sum(int(d.memory_bytes.get(device_key, 0)) for d in deployments)
+
+
+def with_freed(snap: SystemSnapshot, stopping: Sequence[Deployment]) -> SystemSnapshot:
+    """``snap`` as it will look once ``stopping`` is gone: what they hold counts as free."""
+
+    def adjust(dev: DeviceSnapshot) -> DeviceSnapshot:
+        extra = freed_by(stopping, dev.key)
+        if not extra or dev.free_bytes is None:
+            return dev
+        used = None if dev.used_bytes is None else max(0, dev.used_bytes - extra)
+        return dataclasses.replace(dev, free_bytes=dev.free_bytes + extra, used_bytes=used)
+
+    return dataclasses.replace(snap, gpus=tuple(adjust(g) for g in snap.gpus), host=adjust(snap.host))
+
+
+def normalise_profile(backend_id: str, profile: Profile, snap: SystemSnapshot, devices: Sequence[str]) -> Profile:
+    """The profile as the backend can run it here: its id as the mode, a device it supports."""
+    changes: dict = {}
+    if profile.mode != backend_id:
+        changes["mode"] = backend_id
+    if profile.device not in devices and devices:
+        changes["device"] = devices[0]
+    if profile.device == "cuda" and not snap.has_gpu and "cpu" in devices:
+        changes["device"] = "cpu"
+    if changes.get("device", profile.device) == "cpu":
+        changes["gpu_ids"] = None
+    return profile.with_(**changes) if changes else profile
+
+
+# --------------------------------------------------------------------------- fitting
+def bits(p: Precision) -> int:
+    return {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "nf4": 4, "fp4": 4}[p.value]
+
+
+def fit_profile(profile: Profile, free_bytes: int, *, ladder: Sequence[Precision],
+                total_bytes: Callable[[Profile], int], max_context: Callable[[Profile], int],
+                model_id: str) -> tuple[Profile, tuple[Message, ...]] | None:
+    """Lower context, then quantise down ``ladder``, until the estimate fits ``free_bytes``."""
+    if total_bytes(profile) <= free_bytes:
+        return profile, ()
+    precisions = [profile.precision] + [p for p in ladder if p is not profile.precision and bits(p) < bits(profile.precision)]
+    for precision in precisions:
+        candidate = profile.with_(precision=precision, double_quant=precision.is_4bit)
+        ctx = max_context(candidate)
+        if ctx >= min(MIN_CONTEXT_TOKENS, profile.context_tokens):
+            ctx = min(ctx, profile.context_tokens)
+            notes: list[Message] = []
+            if precision is not profile.precision:
+                notes.append(msg("fit.precision", f"{profile.precision.value} does not fit: {precision.value} instead",
+                                 was=profile.precision.value, now=precision.value))
+            if ctx < profile.context_tokens:
+                notes.append(msg("fit.context", f"context lowered to {ctx} tokens to fit {model_id}",
+                                 tokens=ctx, model=model_id))
+            return candidate.with_(context_tokens=ctx), tuple(notes)
+    return None
+
+
+# --------------------------------------------------------------------------- the plan
+def make_plan(*, backend_id: str, model: CachedModel, profile: Profile, snap: SystemSnapshot,
+              running: Sequence[Deployment], estimate: MemoryEstimate, claim_for: Callable[[SystemSnapshot], Claim],
+              blockers: Sequence[Message], notes: Sequence[Message], purpose: str,
+              suggest: Callable[[int], tuple[int | None, Message | None]]) -> Plan:
+    """Build the plan. ``claim_for(snapshot_after_unload)`` asks the backend what it will hold;
+    ``suggest(free_after)`` gives (largest context, a suggestion) when it does not fit."""
+    already = any(d.backend_id == backend_id and d.model_id == model.model_id and d.profile == profile
+                  for d in running)
+    to_stop = () if already else tuple(running)
+    after = with_freed(snap, to_stop)
+    claim = claim_for(after)
+    all_blockers = tuple(blockers) + tuple(claim.blockers)
+    claimed = dict(claim.bytes_by_device) or {target_device(snap, profile).key: estimate.total_bytes}
+    device_key = max(claimed, key=lambda k: claimed[k])
+    target = snap.device(device_key) or target_device(snap, profile)
+    free_now = target.free_bytes
+    freed_here = freed_by(to_stop, device_key)
+    free_after = None if free_now is None else free_now + freed_here
+    fits = True
+    for key, need in claimed.items():
+        dev = after.device(key)
+        if dev is None or dev.free_bytes is None or need > dev.free_bytes:
+            fits = False
+    suggestion, max_ctx = None, None
+    if not fits and free_after is not None:
+        max_ctx, suggestion = suggest(free_after)
+    steps: tuple[PlanStep, ...] = ()
+    if not already:
+        steps = (
+            PlanStep("unload", targets=to_stop),
+            PlanStep("clear"),
+            PlanStep("check", bytes_by_device=claimed),
+            PlanStep("switch", backend_id=backend_id, model_id=model.model_id),
+            PlanStep("prepare", backend_id=backend_id, model_id=model.model_id),
+            PlanStep("verify", backend_id=backend_id, model_id=model.model_id),
+        )
+    return Plan(
+        backend_id=backend_id, model_id=model.model_id, profile=profile, device_key=device_key, steps=steps,
+        to_stop=to_stop, expected_freed_bytes=freed_here, needed_bytes=claimed[device_key],
+        free_bytes_now=free_now, free_bytes_after_unload=free_after, fits=fits, already_active=already,
+        estimate=estimate, claim=claim, suggestion=suggestion, max_context_that_fits=max_ctx,
+        blockers=all_blockers, notes=tuple(notes) + tuple(claim.notes), purpose=purpose,
+        basis=frozenset((d.backend_id, d.handle) for d in running), made_at=time.time(),
+    )
+
+
+def check_still_holds(plan: Plan, snap: SystemSnapshot, running: Sequence[Deployment]) -> None:
+    """Raise StalePlanError (touching nothing) when the plan no longer holds."""
+    now = frozenset((d.backend_id, d.handle) for d in running)
+    if now != plan.basis:
+        gone = sorted(h for _b, h in plan.basis - now)
+        new = sorted(h for _b, h in now - plan.basis)
+        what = "; ".join(p for p in (f"stopped since: {', '.join(gone)}" if gone else "",
+                                     f"started since: {', '.join(new)}" if new else "") if p)
+        raise StalePlanError(
+            f"what runs changed since the plan was made ({what}); nothing was touched",
+            "look at the new plan and apply it", code="stale_plan.deployments", args={"gone": gone, "new": new})
+    if plan.already_active or not plan.fits or plan.claim is None:
+        return
+    after = with_freed(snap, plan.to_stop)
+    for key, need in plan.claim.bytes_by_device.items():
+        dev = after.device(key)
+        free = None if dev is None else dev.free_bytes
+        if free is not None and need > free:
+            raise StalePlanError(
+                f"free memory on {key} changed since the plan was made: {fmt_bytes(need)} needed, "
+                f"{fmt_bytes(free)} would be free now; nothing was touched",
+                "look at the new plan (something else took memory), clear memory or choose a lighter profile",
+                code="stale_plan.memory", args={"device": key, "needed_bytes": need, "free_bytes": free})
+
+
+def host_or_gpu(dev: DeviceSnapshot) -> str:
+    return "host" if dev.kind is DeviceKind.HOST else "gpu"
