@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .errors import InvalidModelIdError, MemctlError, SettingsError
 from .settings import Settings, load_settings
-from .units import fmt_bytes
+from .units import escape_text, fmt_bytes
 
 # Modules that add subcommands: each has register(subparsers) setting func(args, settings) -> int.
 _SUBCOMMAND_MODULES = ("memory_controller.cli_models", "memory_controller.cli_containers")
@@ -44,12 +44,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
               f"used {fmt_bytes(d['used_bytes'])}, free {fmt_bytes(d['free_bytes'])}, util {util}{status}")
     rec = data["recommendation"]
     p = rec["profile"]
-    print(f"Recommended: {rec['band']} — {p['mode']}, {p['precision']}, {p['context_tokens']} tokens, "
-          f"batch {p['batch']}, on {p['device']} ({rec['reason']})")
+    print(f"Recommended: backend {p['mode']}, precision {p['precision']}, context {p['context_tokens']} tokens, "
+          f"batch {p['batch']}, on {p['device']} (the guide's band {rec['band']!r}; {rec['reason']})")
     for note in rec["notes"]:
-        print(f"  note: {note}")
-    if not data["vllm"]["available"]:
-        print(f"vLLM unavailable: {data['vllm']['reason']}")
+        print(f"  note: {note['text']}")
+    for bid, b in data["backends"].items():
+        if not b["available"]:
+            print(f"{bid} unavailable: {b['reason']}")
+    for d in data["deployments"]:
+        mem = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in d["memory_bytes"].items()) or "—"
+        print(f"running: {escape_text(d['model_id'])} ({d['backend_id']}, {d['state']}) {mem}"
+              + (f" at {d['endpoint']}" if d["endpoint"] else ""))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""``memctl containers [--json]``, ``memctl stop NAME``, ``memctl stop-all``: memctl's vLLM containers.
+"""``memctl containers [--json]``, ``memctl stop NAME``, ``memctl stop-all``: what runs outside this process.
 
-Only containers labelled ``memctl.managed=true`` are listed, stopped or removed. Each command
-returns 0 on success and 1 on failure (message and hint on stderr).
+Everything goes through the controller: stops take the operation slot and are logged like any other
+operation, and only deployments a backend owns (memctl's labelled containers) are listed or stopped.
+Exit codes: 0 ok, 1 a stop failed, 2 a malformed name.
 """
 
 from __future__ import annotations
@@ -11,37 +12,41 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from .backend import Deployment
 from .errors import MemctlError
-from .types import ContainerInfo, to_jsonable
+from .types import to_jsonable
+from .units import escape_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from backends.vllm_docker import VllmDockerBackend
-
+    from .controller import MemoryController
     from .settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``containers``, ``stop`` and ``stop-all`` to memctl's sub-command parser."""
-    p = subparsers.add_parser("containers", help="memctl's vLLM containers: state, model, port, uptime, health")
+    p = subparsers.add_parser("containers", help="memctl's containers (vLLM): state, model, endpoint, uptime")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_containers)
 
-    p = subparsers.add_parser("stop", help="stop and remove one memctl vLLM container")
-    p.add_argument("name", help="container name, as `memctl containers` shows it (memctl-vllm-...)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="seconds to wait after SIGTERM before SIGKILL (default: vllm_stop_timeout_s)")
+    p = subparsers.add_parser("stop", help="stop one deployment (container name, handle or model id)")
+    p.add_argument("name", help="as `memctl containers` or `memctl ps` shows it")
     p.set_defaults(func=cmd_stop)
 
-    p = subparsers.add_parser("stop-all", help="stop and remove every memctl vLLM container")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="seconds to wait after SIGTERM before SIGKILL, per container")
+    p = subparsers.add_parser("stop-all", help="stop every memctl container")
     p.set_defaults(func=cmd_stop_all)
 
 
-def _backend(settings: Settings) -> VllmDockerBackend:
-    from backends.vllm_docker import VllmDockerBackend
+def _controller(settings: Settings) -> MemoryController:
+    from .controller import MemoryController
 
-    return VllmDockerBackend(settings)
+    return MemoryController(settings)
+
+
+def out_of_process(ctl: MemoryController) -> list[Deployment]:
+    """Deployments of backends that run their own server (containers), not models in this process."""
+    backends = ctl.backends()
+    return [d for d in ctl.deployments()
+            if d.backend_id in backends and backends[d.backend_id].capabilities.serves_http]
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -56,47 +61,49 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{s}s"
 
 
-def format_table(infos: list[ContainerInfo]) -> str:
-    """A plain-text table of containers (one line per container, with a header)."""
-    rows = [("NAME", "STATE", "HEALTH", "MODEL", "PORT", "UPTIME")]
-    for c in infos:
-        rows.append((c.name, c.state, c.health, c.model_id or "—", "—" if c.port is None else str(c.port),
-                     fmt_duration(c.uptime_s)))
+def format_table(deps: list[Deployment], now: float) -> str:
+    """A plain-text table (one line per deployment, with a header); label text is escaped."""
+    rows = [("NAME", "STATE", "MODEL", "ENDPOINT", "UPTIME", "NOTE")]
+    for d in deps:
+        note = "; ".join(w.text for w in d.warnings)
+        rows.append((escape_text(d.name or d.handle), d.state.value, escape_text(d.model_id), d.endpoint or "—",
+                     fmt_duration(now - d.started_at if d.started_at else None), escape_text(note)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def cmd_containers(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        infos = _backend(settings).list()
-    except MemctlError:
-        raise  # cli.main prints message + hint (and JSON with --json)
+    import time
+
+    deps = out_of_process(_controller(settings))
     if args.json:
-        print(json.dumps([to_jsonable(c) for c in infos], ensure_ascii=False, indent=2))
-    elif not infos:
+        print(json.dumps([to_jsonable(d) for d in deps], ensure_ascii=False, indent=2))
+    elif not deps:
         print("No memctl containers.")
     else:
-        print(format_table(infos))
+        print(format_table(deps, time.time()))
     return 0
 
 
 def cmd_stop(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        _backend(settings).stop(args.name, args.timeout)
-    except MemctlError:
-        raise  # cli.main prints message + hint (and JSON with --json)
-    print(f"stopped and removed {args.name}")
+    ctl = _controller(settings)
+    report = ctl.unload(args.name)
+    print(f"stopped {escape_text(report.model_id)}: {report.message.text}")
     return 0
 
 
 def cmd_stop_all(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        results = _backend(settings).stop_all_managed(args.timeout)
-    except MemctlError:
-        raise  # cli.main prints message + hint (and JSON with --json)
-    if not results:
+    ctl = _controller(settings)
+    deps = out_of_process(ctl)
+    if not deps:
         print("No memctl containers to stop.")
         return 0
-    for name, ok, message in results:
-        print(f"{'stopped' if ok else 'FAILED '} {name}: {message}", file=sys.stdout if ok else sys.stderr)
-    return 0 if all(ok for _, ok, _ in results) else 1
+    failed = 0
+    for d in deps:
+        try:
+            report = ctl.unload(d.handle)
+            print(f"stopped {escape_text(d.name or d.handle)}: {report.message.text}")
+        except MemctlError as exc:
+            failed += 1
+            print(f"FAILED  {escape_text(d.name or d.handle)}: {exc}", file=sys.stderr)
+    return 1 if failed else 0

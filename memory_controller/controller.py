@@ -12,6 +12,7 @@ the running one instead of waiting. Generation (``generating``) never takes the 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import applying, maintenance, planning
 from .backend import Availability, Backend, Deployment, DeploymentState, ReleaseReport
-from .errors import MemctlError, ModelLoadError, ModelNotFoundError
+from .errors import InvalidModelIdError, MemctlError, ModelLoadError, ModelNotFoundError
 from .oplog import OperationLog
 from .planning import Plan
 from .recommend import level_for, recommend
@@ -44,11 +45,13 @@ from .types import (
     msg,
     to_jsonable,
 )
+from .units import escape_text
 
 if TYPE_CHECKING:
     from .probe import DeviceProbe
 
 _CATALOG_TTL_S = 10.0
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,255}$")
 
 
 class MemoryController:
@@ -318,6 +321,13 @@ class MemoryController:
         return self._wait(op, progress)
 
     def find_deployment(self, key: str) -> Deployment | None:
+        """The deployment whose handle, name or model id is ``key``. Raises InvalidModelIdError for a
+        malformed key ('', '/', '../x', control characters) before any backend is asked."""
+        if not isinstance(key, str) or not _KEY.match(key) or ".." in key or "//" in key:
+            shown = escape_text(repr(key))
+            raise InvalidModelIdError(f"{shown} is not a model id, handle or container name",
+                                      "use a name as `memctl ps` or `memctl containers` shows it",
+                                      code="invalid_name", args={"name": shown})
         deps = self.deployments()
         return next((d for d in deps if key in (d.handle, d.name)), None) or next(
             (d for d in deps if d.model_id == key), None)

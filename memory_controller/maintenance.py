@@ -74,8 +74,17 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
         return f"{running.kind} stopped"
 
     attempt("cancel", wait_running, 35)
+    snap = ctl.probe.snapshot()
     for bid, backend in ctl.backends().items():
-        def stop_all(b=backend) -> str:
+        def stop_all(b=backend, bid=bid) -> str:
+            avail = b.availability(snap)
+            if not avail.ok:
+                reason = avail.reason.text if avail.reason else "unavailable"
+                if b.capabilities.needs_gpu and not snap.has_gpu:
+                    return f"no GPU: nothing of {bid} can run ({reason})"
+                raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
+                                  "check it by hand", code="emergency.backend_unreachable",
+                                  args={"backend": bid, "reason": reason})
             deps = b.deployments()
             reports, failed = [], []
             for d in deps:

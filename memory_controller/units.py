@@ -31,3 +31,12 @@ def fmt_bytes(n_bytes: int | float | None) -> str:
     if n >= 1024:
         return f"{sign}{n / 1024:.0f} KiB"
     return f"{sign}{int(n)} B"
+
+
+def escape_text(text: str | None, limit: int = 200) -> str:
+    """Text from outside (labels, command lines) made safe for one line of output: control characters
+    shown as escapes (no forged lines, no terminal sequences), cut at ``limit`` characters."""
+    if text is None:
+        return "—"
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+    return out if len(out) <= limit else out[: limit - 1] + "…"

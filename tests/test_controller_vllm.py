@@ -9,15 +9,15 @@ import pytest
 
 from memory_controller import MemoryController
 from memory_controller.errors import ContainerStartError, MemctlError, OperationCancelledError
-from memory_controller.types import Mode, Outcome, Precision, Profile
+from memory_controller.types import Outcome, Precision, Profile
 from tests.fake_pynvml import scenario
 from tests.fixtures_docker import with_changes
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 
 pytestmark = pytest.mark.docker
 
-CPU = Profile(mode=Mode.TRANSFORMERS, precision=Precision.FP32, context_tokens=128, batch=1, device="cpu")
-GPU = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=512, batch=2, device="cuda", gpu_ids=(0,))
+CPU = Profile(mode="transformers", precision=Precision.FP32, context_tokens=128, batch=1, device="cpu")
+GPU = Profile(mode="vllm", precision=Precision.FP16, context_tokens=512, batch=2, device="cuda", gpu_ids=(0,))
 
 
 @pytest.fixture
@@ -36,20 +36,21 @@ def make_ctl(settings) -> MemoryController:
 def test_transformers_to_vllm_to_transformers(settings, docker_client):
     ctl = make_ctl(settings)
     try:
-        assert ctl.apply(Mode.TRANSFORMERS, TINY_ID, CPU).outcome is Outcome.SUCCESS
-        rec = ctl.apply(Mode.VLLM, TINY_ID, GPU)
+        assert ctl.apply("transformers", TINY_ID, CPU).outcome is Outcome.SUCCESS
+        rec = ctl.apply("vllm", TINY_ID, GPU)
         assert rec.outcome is Outcome.SUCCESS, rec
         assert "/v1/models" in rec.steps[-1].message
-        loaded = ctl.loaded()
-        assert [(lm.backend, lm.model_id) for lm in loaded] == [("vllm", TINY_ID)]
-        assert loaded[0].health == "ready" and loaded[0].port == settings.vllm_port
+        loaded = ctl.deployments()
+        assert [(d.backend_id, d.model_id) for d in loaded] == [("vllm", TINY_ID)]
+        assert loaded[0].state.value == "ready"
+        assert loaded[0].endpoint == f"http://{settings.bind_address}:{settings.vllm_port}/v1"
         assert len(managed(docker_client)) == 1
 
-        rec = ctl.apply(Mode.TRANSFORMERS, TINY_UNTIED_ID, CPU)
+        rec = ctl.apply("transformers", TINY_UNTIED_ID, CPU)
         assert rec.outcome is Outcome.SUCCESS
-        assert "stopped memctl-vllm-" in rec.steps[0].message
+        assert TINY_ID in rec.steps[0].message and "freed" in rec.steps[0].message
         assert managed(docker_client) == []
-        assert [lm.model_id for lm in ctl.loaded()] == [TINY_UNTIED_ID]
+        assert [d.model_id for d in ctl.deployments()] == [TINY_UNTIED_ID]
     finally:
         ctl.emergency_clear()
     assert managed(docker_client) == []
@@ -58,19 +59,19 @@ def test_transformers_to_vllm_to_transformers(settings, docker_client):
 def test_a_new_controller_finds_the_running_container_and_the_log(settings, docker_client):
     ctl = make_ctl(settings)
     try:
-        ctl.apply(Mode.VLLM, TINY_ID, GPU)
+        ctl.apply("vllm", TINY_ID, GPU)
         again = make_ctl(settings)
-        (lm,) = again.loaded()
-        assert lm.backend == "vllm" and lm.model_id == TINY_ID
+        (lm,) = again.deployments()
+        assert lm.backend_id == "vllm" and lm.model_id == TINY_ID
         assert lm.profile is not None and lm.profile.context_tokens == 512
         assert lm.device == "cuda:0" and lm.footprint_bytes > 0  # gpu_memory_utilization × 24 GiB
-        plan = again.plan(Mode.VLLM, TINY_UNTIED_ID, GPU)
+        plan = again.plan("vllm", TINY_UNTIED_ID, GPU)
         assert plan.expected_freed_bytes == lm.footprint_bytes
         assert plan.free_bytes_after_unload == plan.free_bytes_now + lm.footprint_bytes
         assert again.history(1)[0].kind == "apply"
-        again.stop_container(lm.name)
+        again.unload(lm.name)
         assert managed(docker_client) == []
-        assert again.history(1)[0].kind == "stop_container"
+        assert again.history(1)[0].kind == "unload"
     finally:
         ctl.emergency_clear()
 
@@ -78,12 +79,12 @@ def test_a_new_controller_finds_the_running_container_and_the_log(settings, dock
 def test_a_crashing_container_is_removed_and_the_previous_model_restored(settings, docker_client):
     ctl = make_ctl(with_changes(settings, vllm_tag="oom"))
     try:
-        ctl.apply(Mode.TRANSFORMERS, TINY_ID, CPU)
+        ctl.apply("transformers", TINY_ID, CPU)
         with pytest.raises(ContainerStartError) as info:
-            ctl.apply(Mode.VLLM, TINY_ID, GPU)
+            ctl.apply("vllm", TINY_ID, GPU)
         assert info.value.cause and info.value.log_tail
         assert managed(docker_client) == []
-        assert [(lm.backend, lm.model_id) for lm in ctl.loaded()] == [("transformers", TINY_ID)]
+        assert [(d.backend_id, d.model_id) for d in ctl.deployments()] == [("transformers", TINY_ID)]
         steps = ctl.history(1)[0].steps
         assert [s.name for s in steps][-2:] == ["prepare", "rollback"]
         assert "restored" in steps[-1].message
@@ -97,7 +98,7 @@ def test_emergency_clear_during_a_slow_container_start_leaves_no_container(setti
 
     def run() -> None:
         try:
-            ctl.apply(Mode.VLLM, TINY_ID, GPU)
+            ctl.apply("vllm", TINY_ID, GPU)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -112,15 +113,15 @@ def test_emergency_clear_during_a_slow_container_start_leaves_no_container(setti
     assert report.cancelled_operation == "apply"
     assert errors and isinstance(errors[0], OperationCancelledError)
     assert managed(docker_client) == []
-    assert ctl.loaded() == [] and ctl.current_operation() is None
+    assert ctl.deployments() == [] and ctl.current_operation() is None
 
 
 def test_vllm_plans_count_what_vllm_claims_and_refuse_int8(settings):
     ctl = make_ctl(settings)
-    plan = ctl.plan(Mode.VLLM, TINY_ID, GPU)
+    plan = ctl.plan("vllm", TINY_ID, GPU)
     assert plan.fits and not plan.blockers
     assert plan.needed_bytes > plan.estimate.total_bytes  # gpu_memory_utilization × 24 GiB, margin included
-    int8 = ctl.plan(Mode.VLLM, TINY_ID, GPU.with_(precision=Precision.INT8))
-    assert any("vLLM cannot serve int8" in b for b in int8.blockers)
+    int8 = ctl.plan("vllm", TINY_ID, GPU.with_(precision=Precision.INT8))
+    assert any(b.code == "backend.precision_unsupported" and "int8" in b.text for b in int8.blockers)
     with pytest.raises(MemctlError, match="cannot serve int8"):
         ctl.apply(int8)
