@@ -71,12 +71,8 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ helpers
     def _default_backend_id(self) -> str:
-        for name in ("default_backend_id", "default_backend"):
-            value = getattr(self.ctl, name, None) or getattr(self.settings, name, None)
-            if isinstance(value, str) and value:
-                return value
-        backends = self.ctl.backends()
-        return next(iter(backends))
+        """The backend on-demand loads use (the one running now, else the recommended one)."""
+        return self.ctl.serving_backend_id()
 
     def _check_auth(self, request: Request) -> None:
         if _is_loopback(str(self.settings.bind_address)):
@@ -260,8 +256,11 @@ class OpenAIService:
                     yield "error", from_exception(ev.error)
                     return
                 elif ev.kind == "end" and (ev.cancelled_by_controller or finish == "cancelled"):
-                    yield "error", ApiError(503, f"generation stopped: {req.model} was unloaded or an emergency "
-                                                 "clear ran", type_="server_error", code="generation_cancelled")
+                    why = {"emergency_clear": "an emergency clear ran", "unload": f"{req.model} was unloaded",
+                           "switch": "another model is being loaded in its place"}.get(
+                        ev.reason or "", f"{req.model} was unloaded or an emergency clear ran")
+                    yield "error", ApiError(503, f"generation stopped: {why}", type_="server_error",
+                                            code="generation_cancelled", headers={"x-should-retry": "false"})
                     return
         finally:
             run.finish()

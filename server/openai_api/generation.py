@@ -29,6 +29,7 @@ class Event:
     max_new_tokens: int = 0
     family: str | None = None
     cancelled_by_controller: bool = False
+    reason: str | None = None  # why the controller cancelled: "emergency_clear", "unload", "switch"
     error: BaseException | None = None
 
 
@@ -115,7 +116,8 @@ class Run:
                     self._post(Event("chunk", chunk=chunk))
                     if self._client_gone.is_set():
                         break
-                self._post(Event("end", cancelled_by_controller=bool(slot.cancelled())))
+                self._post(Event("end", cancelled_by_controller=bool(slot.cancelled()),
+                                 reason=getattr(slot, "reason", None)))
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, mapped to an HTTP error there
             self._post(Event("error", error=exc))
 

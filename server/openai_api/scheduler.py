@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from memory_controller.applying import not_fit_error
 from memory_controller.backend import Deployment, DeploymentState
-from memory_controller.errors import InsufficientMemoryError, MemctlError
+from memory_controller.errors import MemctlError
 
 from .errors import ApiError
 
@@ -143,13 +144,18 @@ class Scheduler:
         return task
 
     def plan_load(self, model_id: str) -> Any:
-        """The plan a switch to ``model_id`` would run; raises ApiError 503 when it cannot fit."""
+        """The plan a switch to ``model_id`` would run (the same one ``ensure_deployment`` makes).
+
+        Raises ApiError 503 when a blocker forbids it, InsufficientMemoryError when it does not fit
+        (needed vs free and the suggestion); nothing is touched."""
         plan = self.ctl.plan(self._backend_id(), model_id, purpose="ide")
+        if plan.blockers:
+            first = plan.blockers[0]
+            raise ApiError(503, f"{model_id} cannot be served: " + "; ".join(str(b) for b in plan.blockers),
+                           type_="server_error", code=getattr(first, "code", None) or "cannot_serve",
+                           headers={"x-should-retry": "false"})
         if not plan.fits:
-            suggestion = str(plan.suggestion) if plan.suggestion else None
-            blockers = "; ".join(str(b) for b in plan.blockers) or f"{model_id} does not fit in free memory"
-            raise InsufficientMemoryError(blockers, suggestion, needed_bytes=plan.needed_bytes,
-                                          free_bytes=plan.free_bytes_after_unload)
+            raise not_fit_error(plan)
         return plan
 
     async def _switch(self, model_id: str) -> None:
