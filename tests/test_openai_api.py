@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -55,19 +55,7 @@ class Served:
         return [d.model_id for d in self.ctl.deployments() if d.state is DeploymentState.READY]
 
 
-def _serve(settings, gpu_total_bytes: int = 24 * GIB) -> Iterator[Served]:
-    gpu = FakeGpu(total_bytes=gpu_total_bytes, used_bytes=1 * GIB)
-    nvml = FakeNvml([gpu])
-
-    def ledger(device_key: str, delta: int) -> None:
-        if device_key.startswith("gpu"):
-            gpu.used_bytes += delta
-
-    backend = InMemoryBackend(settings, ledger=ledger)
-    ctl = MemoryController(settings, nvml=nvml.module(), backends={"inmem": backend})
-    service = OpenAIService(ctl, settings)
-    app = FastAPI()
-    app.include_router(service.router)
+def start_uvicorn(app: FastAPI) -> tuple[uvicorn.Server, threading.Thread, int]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -76,6 +64,26 @@ def _serve(settings, gpu_total_bytes: int = 24 * GIB) -> Iterator[Served]:
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
+    return server, thread, port
+
+
+def _serve(settings, gpu_total_bytes: int = 24 * GIB,
+           make_backend: Callable[..., InMemoryBackend] = InMemoryBackend) -> Iterator[Served]:
+    """A real uvicorn on 127.0.0.1 serving OpenAIService over a MemoryController whose one backend is
+    ``make_backend(settings, ledger=...)``, on a fake 24 GiB GPU."""
+    gpu = FakeGpu(total_bytes=gpu_total_bytes, used_bytes=1 * GIB)
+    nvml = FakeNvml([gpu])
+
+    def ledger(device_key: str, delta: int) -> None:
+        if device_key.startswith("gpu"):
+            gpu.used_bytes += delta
+
+    backend = make_backend(settings, ledger=ledger)
+    ctl = MemoryController(settings, nvml=nvml.module(), backends={backend.id: backend})
+    service = OpenAIService(ctl, settings)
+    app = FastAPI()
+    app.include_router(service.router)
+    server, thread, port = start_uvicorn(app)
     base = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=30)
     try:

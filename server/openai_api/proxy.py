@@ -82,15 +82,23 @@ class Proxy:
                             media_type=upstream.headers.get("content-type", "application/json"))
 
         async def body_iter() -> AsyncIterator[bytes]:
+            tail = b""  # the end of what came so far: a complete stream ends with "data: [DONE]"
             try:
                 async for raw in upstream.aiter_raw():
                     if slot is not None and slot.cancelled():
-                        yield _stopped(dep).sse()
+                        yield _stopped(dep, getattr(slot, "reason", None) or "").sse()
+                        yield b"data: [DONE]\n\n"
                         return
+                    tail = (tail + raw)[-32:]
                     yield raw
             except httpx.HTTPError as exc:
                 log.info("stream from %s broke: %r", dep.endpoint, exc)
                 yield _stopped(dep, repr(exc)).sse()
+                yield b"data: [DONE]\n\n"
+                return
+            if b"[DONE]" not in tail:  # the engine went away mid-answer (a container killed, say)
+                reason = getattr(slot, "reason", None) if slot is not None and slot.cancelled() else None
+                yield _stopped(dep, reason or "the engine closed the stream early").sse()
                 yield b"data: [DONE]\n\n"
 
         async def close() -> None:
