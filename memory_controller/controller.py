@@ -203,13 +203,31 @@ class MemoryController:
         from . import estimate as est
 
         model_max = est.read_model_spec(cached.path).max_position_embeddings
-        if model_max and profile.context_tokens > model_max:
+        clamped = bool(model_max and profile.context_tokens > model_max)
+        if clamped:
             profile = profile.with_(context_tokens=model_max)
-        return planning.fit_profile(
+
+        def max_context(p: Profile) -> int:
+            return est.max_context_that_fits(cached, free_bytes, p, self.settings)
+
+        fitted = planning.fit_profile(
             profile, free_bytes, ladder=self._ladder(profile.mode),
             total_bytes=lambda p: est.estimate(cached, p, self.settings).total_bytes,
-            max_context=lambda p: est.max_context_that_fits(cached, free_bytes, p, self.settings),
-            model_id=cached.model_id)
+            max_context=max_context, model_id=cached.model_id)
+        if fitted is None:
+            return None
+        p, notes = fitted
+        # The band's context is a floor, not a ceiling: offer the largest that fits, up to the model's maximum.
+        grown = min(max_context(p), model_max or p.context_tokens)
+        if grown > p.context_tokens:
+            rule = "model_max" if grown == model_max else "memory"
+            text = (f"context {grown} tokens: the model's maximum" if rule == "model_max"
+                    else f"context {grown} tokens: the largest that fits in free memory")
+            return p.with_(context_tokens=grown), (*notes, msg("rec.context_rule", text, rule=rule, tokens=grown))
+        if clamped:
+            notes = (*notes, msg("rec.context_rule", f"context {p.context_tokens} tokens: the model's maximum",
+                                 rule="model_max", tokens=p.context_tokens))
+        return p, notes
 
     def history(self, limit: int | None = 50) -> list[OperationRecord]:
         """Finished operations, newest first (read back from the log: survives restarts)."""

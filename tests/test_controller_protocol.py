@@ -227,3 +227,19 @@ def test_deployment_states_only_move_along_the_lifecycle():
         ready.to(DeploymentState.STARTING)
     with pytest.raises(InvalidTransitionError):
         d.to(DeploymentState.STOPPED).to(DeploymentState.READY)
+
+
+def test_the_recommended_context_is_the_largest_that_fits_up_to_the_models_maximum(ctl, gpu):
+    rec = ctl.recommend(TINY_ID)  # 22 GiB free, a tiny model with 2,048 positions
+    assert rec.profile.context_tokens == 2048
+    rule = next(n for n in rec.notes if n.code == "rec.context_rule")
+    assert rule.args["rule"] == "model_max"
+    probe = Profile(mode="transformers", precision=Precision.INT8, context_tokens=1024, batch=1, device="cuda",
+                    gpu_ids=(0,))
+    free = ctl.estimate(TINY_ID, probe).total_bytes  # exactly what 1,024 tokens need: memory decides
+    gpu.used_bytes = gpu.total_bytes - free
+    small = ctl.recommend(TINY_ID)
+    assert small.profile.precision is Precision.INT8
+    assert 1024 <= small.profile.context_tokens < 2048
+    assert ctl.estimate(TINY_ID, small.profile).total_bytes <= free
+    assert any(n.code == "rec.context_rule" and n.args["rule"] == "memory" for n in small.notes)
