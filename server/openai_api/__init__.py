@@ -149,8 +149,8 @@ class OpenAIService:
             raw = await request.body()
             req = schemas.parse(model_cls, raw)
             schemas.generation_request(req, 1)  # validate messages/tools before anything loads
-            await asyncio.to_thread(self.ctl.resolve, req.model)  # 404 for a model not in the cache
             if self.scheduler.ready(req.model) is None:
+                await asyncio.to_thread(self.ctl.resolve, req.model)  # 404 for a model not in the cache
                 if not self.settings.serve_on_demand:
                     raise not_loaded_error(req.model)
                 await asyncio.to_thread(self.scheduler.plan_load, req.model)  # 503 before anything stops
