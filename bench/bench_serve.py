@@ -162,10 +162,13 @@ def bench_proxy(rounds: int, work: Path) -> dict[str, Any]:
                     total[name].append(t_end - t_first)
             out[f"{label}_ttfb_direct_ms"] = median(ttfb["direct"]) * 1e3
             out[f"{label}_ttfb_proxy_ms"] = median(ttfb["proxy"]) * 1e3
-            out[f"{label}_first_byte_overhead_ms"] = out[f"{label}_ttfb_proxy_ms"] - out[f"{label}_ttfb_direct_ms"]
+            # median of the per-pair differences (each pair ran back to back, so the machine's load cancels)
+            diffs = sorted((p - d) * 1e3 for d, p in zip(ttfb["direct"], ttfb["proxy"], strict=True))
+            out[f"{label}_first_byte_overhead_ms"] = median(diffs)
+            out[f"{label}_first_byte_overhead_p25_p75_ms"] = (
+                f"{diffs[len(diffs) // 4]:.2f} .. {diffs[(3 * len(diffs)) // 4]:.2f}")
             out[f"{label}_stream_direct_s"] = median(total["direct"])
             out[f"{label}_stream_proxy_s"] = median(total["proxy"])
-            # median of the per-round ratios (each pair ran back to back, so the machine's load cancels)
             out[f"{label}_throughput_ratio"] = median([d / p for d, p in zip(total["direct"], total["proxy"], strict=True)])
             ctl.unload(a)
         ctl.apply(backend.id, a, profile)
