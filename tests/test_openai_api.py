@@ -67,12 +67,12 @@ def start_uvicorn(app: FastAPI) -> tuple[uvicorn.Server, threading.Thread, int]:
     return server, thread, port
 
 
-def _serve(settings, gpu_total_bytes: int = 24 * GIB,
+def _serve(settings, gpu_total_bytes: int | None = 24 * GIB,
            make_backend: Callable[..., InMemoryBackend] = InMemoryBackend) -> Iterator[Served]:
     """A real uvicorn on 127.0.0.1 serving OpenAIService over a MemoryController whose one backend is
-    ``make_backend(settings, ledger=...)``, on a fake 24 GiB GPU."""
-    gpu = FakeGpu(total_bytes=gpu_total_bytes, used_bytes=1 * GIB)
-    nvml = FakeNvml([gpu])
+    ``make_backend(settings, ledger=...)``, on a fake 24 GiB GPU (``gpu_total_bytes=None``: no GPU)."""
+    gpu = FakeGpu(total_bytes=gpu_total_bytes or GIB, used_bytes=1 * GIB)
+    nvml = FakeNvml([gpu]) if gpu_total_bytes else FakeNvml(init_error="LibraryNotFound")
 
     def ledger(device_key: str, delta: int) -> None:
         if device_key.startswith("gpu"):

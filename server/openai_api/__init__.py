@@ -72,7 +72,8 @@ class OpenAIService:
     # ------------------------------------------------------------------ helpers
     def _default_backend_id(self) -> str:
         """The backend on-demand loads use (the one running now, else the recommended one)."""
-        return self.ctl.serving_backend_id()
+        backend_id = self.ctl.serving_backend_id()
+        return str(getattr(backend_id, "value", backend_id))  # a Mode enum names its backend by value
 
     def _check_auth(self, request: Request) -> None:
         if _is_loopback(str(self.settings.bind_address)):
