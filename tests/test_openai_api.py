@@ -337,6 +337,14 @@ def test_idle_model_is_unloaded_after_the_setting_and_never_while_a_request_runs
         assert s.running() == []
         assert s.ctl.history(1)[0].kind == "unload"
 
+        # a model loaded elsewhere (the dashboard) and never asked for is unloaded too
+        s.ctl.ensure_deployment(TINY_UNTIED_ID)
+        assert s.service.status()[TINY_UNTIED_ID]["idle_unload_in_s"] is not None
+        deadline = time.monotonic() + 5
+        while s.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.running() == []
+
 
 # --------------------------------------------------------------------------- emergency clear
 def test_emergency_clear_during_a_stream_ends_it_with_a_clean_error(served):

@@ -8,6 +8,7 @@ request for a cached model that is not running loads it on demand (see :mod:`.sc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -48,11 +49,21 @@ class OpenAIService:
         self.scheduler = Scheduler(ctl, settings, self._default_backend_id)
         self.proxy = Proxy(settings)
         self._ctx_cache: dict[str, tuple[float, Any, int | None, bool]] = {}
-        router = APIRouter(prefix="/v1")
+        router = APIRouter(prefix="/v1", lifespan=self._lifespan)
         router.add_api_route("/models", self._models, methods=["GET"])
         router.add_api_route("/chat/completions", self._chat, methods=["POST"])
         router.add_api_route("/completions", self._completions, methods=["POST"])
         self.router = router
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any) -> AsyncIterator[None]:
+        """Merged into the app's lifespan by ``include_router``: the idle-unload timer runs from startup."""
+        self.scheduler.ensure_started()
+        try:
+            yield
+        finally:
+            self.scheduler.close()
+            await self.proxy.aclose()
 
     # ------------------------------------------------------------------ public
     def status(self) -> dict[str, dict]:

@@ -24,13 +24,14 @@ from typing import Any
 
 from memory_controller.applying import not_fit_error
 from memory_controller.backend import Deployment, DeploymentState
-from memory_controller.errors import MemctlError
+from memory_controller.errors import MemctlError, OperationBusyError
 
 from .errors import ApiError
 
 log = logging.getLogger("memctl.server.openai")
 
 IDLE_TICK_S = 0.25
+BUSY_RETRY_S = 0.5
 
 
 @dataclass
@@ -170,12 +171,24 @@ class Scheduler:
             try:
                 await self._wait_drained(to_stop)
                 log.info("loading %s on demand (stopping %s)", model_id, ", ".join(sorted(to_stop)) or "nothing")
-                dep = await asyncio.to_thread(self.ctl.ensure_deployment, model_id)
+                dep = await self._ensure(model_id)
                 self.state(model_id).last_used_s = time.monotonic()
                 log.info("%s is ready (%s, context %s)", model_id, dep.backend_id, dep.context_tokens)
             finally:
                 self._draining -= to_stop
                 self._notify()
+
+    async def _ensure(self, model_id: str) -> Deployment:
+        """``ctl.ensure_deployment``, waiting while another operation (a load from the dashboard, say)
+        holds the controller, up to ``operation_timeout_s``; the request's heartbeats go on meanwhile."""
+        deadline = time.monotonic() + float(getattr(self.settings, "operation_timeout_s", 1800))
+        while True:
+            try:
+                return await asyncio.to_thread(self.ctl.ensure_deployment, model_id)
+            except OperationBusyError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(BUSY_RETRY_S)
 
     async def _wait_drained(self, model_ids: set[str]) -> None:
         while any(self.state(m).leased for m in model_ids):
@@ -231,9 +244,12 @@ class Scheduler:
                     self._notify()
 
     def close(self) -> None:
+        """Stop the idle timer and pending switches (from any thread; idempotent)."""
         self._closed = True
-        if self._idle_task is not None and not self._idle_task.done():
-            self._idle_task.get_loop().call_soon_threadsafe(self._idle_task.cancel)
-        for task in self._switches.values():
-            if not task.done():
-                task.get_loop().call_soon_threadsafe(task.cancel)
+        tasks = [self._idle_task, *self._switches.values()]
+        for task in tasks:
+            if task is not None and not task.done():
+                try:
+                    task.get_loop().call_soon_threadsafe(task.cancel)
+                except RuntimeError:  # its loop is closed already
+                    pass
