@@ -280,6 +280,28 @@ def test_tool_choice_none_returns_text(served):
     assert r.choices[0].message.content.startswith("echo: call read_file")
 
 
+class UnknownFamilyBackend(InMemoryBackend):
+    def model_family(self, deployment):
+        return None
+
+
+def test_unknown_family_accepts_tools_and_returns_the_text(base_settings):
+    for s in _serve(base_settings, make_backend=UnknownFamilyBackend):
+        s.ctl.ensure_deployment(TINY_ID)
+        assert s.service.status()[TINY_ID]["tool_parser"] is None  # `memctl ps` says tools are not parsed
+        text, finishes, _ = _stream_text(s.client.chat.completions.create(
+            model=TINY_ID, tools=TOOLS, stream=True,
+            messages=[{"role": "user", "content": 'call read_file {"path": "x"}'}]))
+        assert "<tool_call>" in text and '"read_file"' in text
+        assert finishes == ["stop"]
+
+
+def test_status_names_the_tool_parser(served):
+    served.ctl.ensure_deployment(TINY_ID)
+    assert served.service.status()[TINY_ID] == {"in_flight": 0, "queued": 0, "idle_unload_in_s": None,
+                                                "tool_parser": "qwen"}
+
+
 # --------------------------------------------------------------------------- models on demand
 def test_request_for_a_second_model_switches_to_it_with_heartbeats_while_it_loads(served):
     served.ctl.ensure_deployment(TINY_ID)

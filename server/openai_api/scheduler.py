@@ -25,6 +25,7 @@ from typing import Any
 from memory_controller.applying import not_fit_error
 from memory_controller.backend import Deployment, DeploymentState
 from memory_controller.errors import MemctlError, OperationBusyError
+from memory_controller.toolcalls import normalize_family
 
 from .errors import ApiError
 
@@ -62,6 +63,7 @@ class Scheduler:
         self._draining: set[str] = set()
         self._changed = asyncio.Event()
         self._idle_task: asyncio.Task | None = None
+        self._families: dict[tuple, str | None] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ state
@@ -86,12 +88,14 @@ class Scheduler:
         return None
 
     def status(self) -> dict[str, dict]:
+        """model_id -> {"in_flight", "queued", "idle_unload_in_s", "tool_parser"} for running or asked-for models."""
         idle_s = float(self.settings.serve_idle_unload_s or 0)
         now = time.monotonic()
         try:
-            running = {d.model_id for d in self.ctl.deployments() if d.state is DeploymentState.READY}
+            deps = {d.model_id: d for d in self.ctl.deployments() if d.state is DeploymentState.READY}
         except Exception:  # noqa: BLE001 - status must answer whatever a backend does
-            running = set()
+            deps = {}
+        running = set(deps)
         with self._lock:
             items = list(self._states.items())
         out: dict[str, dict] = {}
@@ -105,7 +109,24 @@ class Scheduler:
                              "idle_unload_in_s": countdown}
         for model_id in running - set(out):
             out[model_id] = {"in_flight": 0, "queued": 0, "idle_unload_in_s": idle_s if idle_s > 0 else None}
+        for model_id, entry in out.items():
+            dep = deps.get(model_id)
+            entry["tool_parser"] = self.tool_parser(dep) if dep is not None else None
         return out
+
+    def tool_parser(self, dep: Deployment) -> str | None:
+        """How tool calls are read for ``dep``: "engine" (vLLM parses them), a family ("qwen", "llama3",
+        "mistral"), or None (tools accepted, text returned: the model's family is unknown)."""
+        if dep.endpoint:
+            return "engine"
+        key = (dep.backend_id, dep.handle, dep.started_at)
+        if key not in self._families:
+            try:
+                family = normalize_family(self.ctl.backend(dep.backend_id).model_family(dep))
+            except Exception:  # noqa: BLE001 - a backend that cannot tell: tools are not parsed
+                family = None
+            self._families[key] = family
+        return self._families[key]
 
     # ------------------------------------------------------------------ leases
     async def acquire(self, model_id: str) -> Deployment:
