@@ -636,8 +636,9 @@ class TransformersBackend:
             return info
 
     def _load_config(self, model: CachedModel) -> Any:
-        from transformers import AutoConfig, __version__
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        from transformers import AutoConfig, __version__
 
         problem: str | None = None
         config = None

@@ -5,7 +5,8 @@ Measures, in one run:
   watcher) to ``start()`` reporting ready (goal <= 1 s);
 - stop time with ``init=True``: ``stop(name)`` = SIGTERM via docker-init, wait, remove (goal <= 2 s),
   and, for comparison, a container without init whose PID 1 ignores SIGTERM;
-- start-to-ready for an instantly-ready server, and one ``list()`` with a health probe.
+- start-to-ready for an instantly-ready server; ``list_managed()`` (Docker + one /health probe, what the
+  background refresh does) and ``deployments()`` (answered from the cache: never blocks).
 
 Uses ``$MEMCTL_TEST_DOCKER_HOST`` or starts its own private dockerd (scripts/dockerd.sh).
 Run: .venv/bin/python bench/bench_vllm.py   (writes bench/results/vllm.txt)
@@ -25,18 +26,17 @@ sys.path.insert(0, str(ROOT))
 
 import docker  # noqa: E402
 
-from backends.vllm_docker import VllmDockerBackend  # noqa: E402
+from backends.vllm import VllmDockerBackend  # noqa: E402
 from memory_controller.settings import load_settings  # noqa: E402
-from memory_controller.types import DeviceKind, DeviceSnapshot, Mode, Precision, Profile  # noqa: E402
+from memory_controller.types import Mode, Precision, Profile  # noqa: E402
 from tests.fake_vllm.engine import start_engine  # noqa: E402
 from tests.fake_vllm.image import FAKE_IMAGE_REPO, build_fake_image  # noqa: E402
-from tests.fixtures_docker import free_port, make_cached_model  # noqa: E402
+from tests.fixtures_docker import fake_probe, free_port, make_cached_model, vllm_start  # noqa: E402
 
 GIB = 1024**3
 RUNS = 5
 PROFILE = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=1024, batch=2)
-GPU = DeviceSnapshot(kind=DeviceKind.GPU, index=0, name="Fake GPU", uuid="GPU-0", total_bytes=24 * GIB,
-                     used_bytes=GIB, free_bytes=23 * GIB, utilization_pct=0.0)
+SNAPSHOT = fake_probe((24, 23)).snapshot()  # one 24 GiB GPU, 23 GiB free (the fake NVML)
 VARIANTS = {"test": {}, "bench-slow": {"FAKE_VLLM_START_DELAY_S": "1.5"}}
 
 
@@ -57,7 +57,7 @@ def settings_for(docker_host: str, hub: Path, tag: str):
 def ready_delay_s(docker_host: str, hub: Path) -> tuple[float, float]:
     """(ready-report delay, start-to-ready) for one start of the 1.5 s slow fake."""
     settings = settings_for(docker_host, hub, "bench-slow")
-    backend = VllmDockerBackend(settings)
+    backend = VllmDockerBackend(settings, None)  # no probe: the release is measured as "docker" (no NVML wait)
     first_ok: list[float] = []
     done = threading.Event()
 
@@ -71,11 +71,11 @@ def ready_delay_s(docker_host: str, hub: Path) -> tuple[float, float]:
     watcher = threading.Thread(target=watch, daemon=True)
     t0 = time.monotonic()
     watcher.start()
-    info = backend.start(make_cached_model(settings), PROFILE, GIB, [GPU])
+    dep = vllm_start(backend, make_cached_model(settings), PROFILE, GIB, snapshot=SNAPSHOT)
     t_ready = time.monotonic()
     done.set()
     watcher.join(1)
-    backend.stop(info.name)
+    backend.stop(dep.handle)
     if not first_ok:
         raise RuntimeError("the watcher never saw /health answer")
     return t_ready - first_ok[0], t_ready - t0
@@ -84,29 +84,33 @@ def ready_delay_s(docker_host: str, hub: Path) -> tuple[float, float]:
 def stop_time_s(docker_host: str, hub: Path) -> tuple[float, float]:
     """(stop+remove time with init, start-to-ready of the instantly-ready fake)."""
     settings = settings_for(docker_host, hub, "test")
-    backend = VllmDockerBackend(settings)
+    backend = VllmDockerBackend(settings, None)
     t0 = time.monotonic()
-    info = backend.start(make_cached_model(settings), PROFILE, GIB, [GPU])
+    dep = vllm_start(backend, make_cached_model(settings), PROFILE, GIB, snapshot=SNAPSHOT)
     started = time.monotonic() - t0
     t0 = time.monotonic()
-    backend.stop(info.name)
+    backend.stop(dep.handle)
     return time.monotonic() - t0, started
 
 
-def list_time_ms(docker_host: str, hub: Path) -> float:
+def list_time_ms(docker_host: str, hub: Path) -> tuple[float, float]:
+    """(list_managed() with its /health probe, deployments() from the cache), medians of 10, in ms."""
     settings = settings_for(docker_host, hub, "test")
-    backend = VllmDockerBackend(settings)
-    info = backend.start(make_cached_model(settings), PROFILE, GIB, [GPU])
+    backend = VllmDockerBackend(settings, None)
+    dep = vllm_start(backend, make_cached_model(settings), PROFILE, GIB, snapshot=SNAPSHOT)
     try:
-        backend.list()
-        samples = []
+        backend.list_managed()
+        listed, cached = [], []
         for _ in range(10):
             t0 = time.perf_counter()
-            assert any(c.name == info.name and c.health == "ready" for c in backend.list())
-            samples.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(samples)
+            assert any(d.handle == dep.handle and d.detail["health"] == "ready" for d in backend.list_managed())
+            listed.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            assert any(d.handle == dep.handle for d in backend.deployments())
+            cached.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(listed), statistics.median(cached)
     finally:
-        backend.stop(info.name)
+        backend.stop(dep.handle)
 
 
 def stop_without_init_s(client, timeout_s: int = 3) -> float:
@@ -142,7 +146,7 @@ def main() -> int:
             hub.mkdir()
             delays, slow_starts = zip(*(ready_delay_s(engine.docker_host, hub) for _ in range(RUNS)), strict=True)
             stops, starts = zip(*(stop_time_s(engine.docker_host, hub) for _ in range(RUNS)), strict=True)
-            list_ms = list_time_ms(engine.docker_host, hub)
+            list_ms, cached_ms = list_time_ms(engine.docker_host, hub)
         no_init = stop_without_init_s(client)
         client.close()
         lines += [
@@ -151,7 +155,8 @@ def main() -> int:
             f"start-to-ready, fake ready at once: {fmt(list(starts))}",
             f"stop + remove with init=True (goal <= 2 s): {fmt(list(stops))}",
             f"for comparison, docker stop without init (PID 1 ignores SIGTERM, timeout 3 s): {no_init:.3f} s",
-            f"list() with one running container and its /health probe: {list_ms:.1f} ms (median of 10)",
+            f"list_managed() with one running container and its /health probe: {list_ms:.1f} ms (median of 10)",
+            f"deployments() answered from the cache (refreshed in the background): {cached_ms:.3f} ms (median of 10)",
             f"verdict: ready delay {'OK' if max(delays) <= 1 else 'OVER GOAL'}, "
             f"stop {'OK' if max(stops) <= 2 else 'OVER GOAL'}",
         ]

@@ -63,7 +63,7 @@ def _default_profile(ctl: MemoryController, backend_id: str, cached: CachedModel
 
 
 def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profile: Profile | None,
-              purpose: str) -> Plan:
+              purpose: str, unload_ollama: bool = False) -> Plan:
     from . import estimate as est
 
     backend = ctl.backend(backend_id)
@@ -108,9 +108,18 @@ def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profi
                             f"would fit with {p2.precision.value}, context {p2.context_tokens} tokens",
                             precision=p2.precision.value, tokens=p2.context_tokens)
 
-    return planning.make_plan(backend_id=backend_id, model=cached, profile=profile, snap=snap, running=running,
+    plan = planning.make_plan(backend_id=backend_id, model=cached, profile=profile, snap=snap, running=running,
                               estimate=estimate, claim_for=claim_for, blockers=blockers, notes=notes,
                               purpose=purpose, suggest=suggest)
+    if plan.already_active or not plan.device_key.startswith("gpu:"):
+        return plan
+    from . import holding
+    from .holders import fit_with_holders
+
+    hs = holding.holders(ctl, snap)
+    shortfall = plan.needed_bytes - (plan.free_bytes_after_unload or 0)
+    fit = fit_with_holders(hs, plan.device_key, shortfall, holding.ollama_models(ctl))
+    return planning.with_holders(plan, fit, unload_ollama=unload_ollama)
 
 
 def not_fit_error(plan: Plan, free_override: int | None = None) -> InsufficientMemoryError:
@@ -227,6 +236,10 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
             parts = stop_deployments(ctl, ctx, by_kind["unload"].targets, cancel_generation=cancel_generation)
             st.message = "; ".join(parts) or "nothing was loaded"
         ctx.check_cancel()
+        if "unload_ollama" in by_kind:
+            with _Step(ctl, ctx, "unload_ollama", plan.device_key) as st:
+                st.message = _unload_ollama(ctl, ctx, by_kind["unload_ollama"].names)
+            ctx.check_cancel()
         with _Step(ctl, ctx, "clear", plan.device_key) as st:
             done = {}
             for b in ctl.registry.made().values():
@@ -276,6 +289,21 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
                              "see the details; clear memory or try a smaller profile",
                              details=repr(exc), code="step_failed", args={"step": failed}) from exc
     return record
+
+
+def _unload_ollama(ctl: MemoryController, ctx: OperationContext, names: tuple[str, ...]) -> str:
+    from . import holding
+
+    client = holding.ollama_client(ctl)
+    if client is None:
+        raise ModelLoadError("the Ollama client is not available", "unload the models in Ollama by hand",
+                             code="ollama.unavailable")
+    parts = []
+    for name in names:
+        rep = ctx.call(lambda _p, n=name: client.unload(n), what=f"unloading {name} from Ollama",
+                       deadline_s=ctl.settings.step_timeout_s)
+        parts.append(rep.message if isinstance(rep.message, str) else str(rep.message))
+    return "; ".join(parts)
 
 
 def _start_deadline(ctl: MemoryController) -> float:

@@ -43,9 +43,10 @@ def _controller(settings: Settings) -> MemoryController:
 
 
 def out_of_process(ctl: MemoryController) -> list[Deployment]:
-    """Deployments of backends that run their own server (containers), not models in this process."""
+    """Deployments of backends that run their own server (containers), not models in this process, listed
+    fresh from their engine (raises when it cannot be reached: the CLI says so instead of "none")."""
     backends = ctl.backends()
-    return [d for d in ctl.deployments()
+    return [d for d in ctl.deployments(fresh=True)
             if d.backend_id in backends and backends[d.backend_id].capabilities.serves_http]
 
 

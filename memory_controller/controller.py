@@ -16,8 +16,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import applying, maintenance, planning
@@ -29,7 +28,9 @@ from .recommend import level_for, recommend
 from .registry import BackendRegistry
 from .reports import ClearReport, EmergencyReport, GenerationSlot
 from .runner import OperationRunner
+from .serving import ServingMixin
 from .settings import Settings, load_settings
+from .status import StatusMixin
 from .types import (
     CachedModel,
     CatalogResult,
@@ -43,7 +44,6 @@ from .types import (
     Recommendation,
     SystemSnapshot,
     msg,
-    to_jsonable,
 )
 from .units import escape_text
 
@@ -54,7 +54,7 @@ _CATALOG_TTL_S = 10.0
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,255}$")
 
 
-class MemoryController:
+class MemoryController(ServingMixin, StatusMixin):
     """See the module docstring. ``MemoryController()`` reads settings from the environment.
 
     Args:
@@ -102,14 +102,21 @@ class MemoryController:
             return Availability(False, msg("backend.import_failed", exc.message, backend=backend_id))
         return b.availability(snapshot or self.probe.snapshot())
 
-    def deployments(self) -> list[Deployment]:
-        """What runs now, every backend together (never blocks on a slow engine)."""
+    def deployments(self, *, fresh: bool = False) -> list[Deployment]:
+        """What runs now, every backend together. By default it never blocks on a slow engine (a backend
+        it cannot reach contributes nothing); ``fresh`` asks backends that manage an outside engine for a
+        listing straight from it (their optional ``list_managed()``) and raises when one cannot be reached."""
         out: list[Deployment] = []
         for b in self.backends().values():
+            listing = getattr(b, "list_managed", None) if fresh else None
+            if listing is not None:
+                out.extend(listing())
+                continue
             try:
                 out.extend(b.deployments())
             except MemctlError:
-                continue
+                if fresh:
+                    raise
         return out
 
     @property
@@ -247,15 +254,30 @@ class MemoryController:
 
     # ================================================================== planning
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
-             purpose: str = "switch") -> Plan:
+             purpose: str = "switch", unload_ollama: bool = False) -> Plan:
         """A dry run: steps (data), what stops and is freed, what is needed, whether it fits, blockers.
 
         Without ``profile``: the running profile when this model already runs on this backend, else
         the recommendation for the model sized for the memory free after the unload (``purpose="ide"``:
-        IDE-aware sizing, see memory_controller/servesize.py). Raises InvalidModelIdError /
-        ModelNotFoundError for a bad model id, SettingsError for an unknown backend.
+        IDE-aware sizing, see memory_controller/servesize.py). Other holders of the GPU are counted: the
+        plan notes who holds memory, offers ``ollama_offer`` when it fits only with Ollama's models unloaded
+        (``unload_ollama=True`` adds that step) and is blocked when only a foreign process stopping would
+        make room. Raises InvalidModelIdError / ModelNotFoundError for a bad model id, SettingsError for an
+        unknown backend.
         """
-        return applying.make_plan(self, str(backend_id), self.resolve(model), profile, purpose)
+        return applying.make_plan(self, str(backend_id), self.resolve(model), profile, purpose, unload_ollama)
+
+    def holders(self, snapshot: SystemSnapshot | None = None) -> list:
+        """Who holds GPU memory, named (holders.MemoryHolder), per process NVML reports."""
+        from . import holding
+
+        return holding.holders(self, snapshot)
+
+    def ollama(self):
+        """The Ollama client (backends/ollama), or None when it cannot be built."""
+        from . import holding
+
+        return holding.ollama_client(self)
 
     # ================================================================== operations
     def apply(self, plan_or_backend: Plan | str, model: str | CachedModel | None = None,
@@ -291,42 +313,6 @@ class MemoryController:
             return applying.run_apply(self, ctx, p, force=force, cancel_generation=cancel_generation)
 
         return self.runner.submit("apply", f"{backend_id} → {model_id}", body, params)
-
-    def ensure_deployment(self, model_id: str, *, progress: ProgressCallback | None = None) -> Deployment:
-        """The READY deployment of ``model_id``, loading it on demand (IDE-aware plan) when it fits.
-
-        Raises InsufficientMemoryError (with needed/free and the suggestion) leaving what runs untouched,
-        OperationBusyError, ModelNotFoundError, ModelLoadError.
-        """
-        cached = self.resolve(model_id)
-        ready = self._ready(cached.model_id)
-        if ready is not None:
-            return ready
-        plan = self.plan(self.serving_backend_id(), cached, purpose="ide")
-        if plan.blockers:
-            raise ModelLoadError(f"{cached.model_id}: {plan.blockers[0].text}", "see the plan in the dashboard",
-                                 code=plan.blockers[0].code, args=dict(plan.blockers[0].args))
-        if not plan.fits:
-            raise applying.not_fit_error(plan)
-        self.apply(plan, progress=progress)
-        ready = self._ready(cached.model_id)
-        if ready is None:
-            raise ModelLoadError(f"{cached.model_id} was started but is not ready", "see the operation log")
-        return ready
-
-    def _ready(self, model_id: str) -> Deployment | None:
-        return next((d for d in self.deployments()
-                     if d.model_id == model_id and d.state is DeploymentState.READY), None)
-
-    def serving_backend_id(self) -> str:
-        """The backend on-demand loads use: the one running now, else the recommendation's when available."""
-        current = self.mode
-        if current is not None:
-            return current
-        rec = self.recommend()
-        if self.availability(rec.profile.mode).ok:
-            return rec.profile.mode
-        return next(bid for bid in self.registry.ids() if self.availability(bid).ok)
 
     def unload(self, model: str, *, progress: ProgressCallback | None = None) -> ReleaseReport:
         """Stop one deployment (by model id, handle or name) and measure what came back."""
@@ -370,42 +356,6 @@ class MemoryController:
     def _wait(self, op, progress: ProgressCallback | None) -> Any:
         return self.runner.run_existing(op, progress)
 
-    # ================================================================== generation
-    @contextmanager
-    def generating(self, deployment: Deployment) -> Iterator[GenerationSlot]:
-        """A slot for one request on ``deployment``; cancelled by an emergency clear or an unload of it.
-        Never takes the operation slot."""
-        backend = self.backend(deployment.backend_id)
-        gen = backend if backend.capabilities.generates_in_process else None
-        slot = GenerationSlot(deployment, gen)  # type: ignore[arg-type]
-        with self._state_lock:
-            self._slots.append(slot)
-        try:
-            yield slot
-        finally:
-            with self._state_lock:
-                self._slots.remove(slot)
-
-    def in_flight(self) -> dict[str, int]:
-        with self._state_lock:
-            out: dict[str, int] = {}
-            for s in self._slots:
-                out[s.deployment.model_id] = out.get(s.deployment.model_id, 0) + 1
-            return out
-
-    def cancel_generation(self, handles: set[tuple[str, str]] | None, reason: str) -> int:
-        """Cancel slots on the given (backend id, handle) pairs (None: all). Returns how many."""
-        with self._state_lock:
-            hit = [s for s in self._slots
-                   if handles is None or (s.deployment.backend_id, s.deployment.handle) in handles]
-        for s in hit:
-            s.cancel(reason)
-        return len(hit)
-
-    def slots_on(self, handles: set[tuple[str, str]]) -> int:
-        with self._state_lock:
-            return sum(1 for s in self._slots if (s.deployment.backend_id, s.deployment.handle) in handles)
-
     # ================================================================== log and status
     def _log_start(self, record: OperationRecord) -> None:
         try:
@@ -429,28 +379,6 @@ class MemoryController:
 
     def used_by_device(self) -> dict[str, int | None]:
         return {d.key: d.used_bytes for d in self.probe.snapshot().devices}
-
-    def status(self) -> dict:
-        """Devices, the recommendation, each backend's availability and what runs, as JSON-ready data."""
-        snap = self.devices()
-        rec = self.recommend(snapshot=snap)
-        backends = {}
-        for bid in self.registry.ids():
-            a = self.availability(bid, snap)
-            backends[bid] = {"available": a.ok, "reason": a.reason.text if a.reason else None,
-                             "reason_code": a.reason.code if a.reason else None}
-        vllm = backends.get("vllm", {"available": False, "reason": "not configured"})
-        return {
-            "devices": [dict(to_jsonable(d), key=d.key, level=self.level(d).value) for d in snap.devices],
-            "nvml": {"status": snap.nvml_status.value, "hint": snap.nvml_hint, "driver_version": snap.driver_version},
-            "gpu_available": snap.has_gpu,
-            "no_gpu_reason": None if snap.has_gpu else snap.nvml_hint,
-            "vllm": {"available": vllm["available"], "reason": vllm["reason"]},
-            "backends": backends,
-            "deployments": [to_jsonable(d) for d in self.deployments()],
-            "recommendation": to_jsonable(rec),
-        }
-
 
 # ---------------------------------------------------------------------------- the process-wide instance
 _shared: MemoryController | None = None

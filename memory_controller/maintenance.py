@@ -7,8 +7,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from . import holding
 from .backend import Deployment, ReleaseReport
 from .errors import MemctlError
+from .holders import after_emergency, remaining_by_device
 from .reports import ClearReport, EmergencyReport
 from .runner import Operation, call_with_deadline
 from .types import Outcome, StepRecord
@@ -85,7 +87,8 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
                 raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
                                   "check it by hand", code="emergency.backend_unreachable",
                                   args={"backend": bid, "reason": reason})
-            deps = b.deployments()
+            listing = getattr(b, "list_managed", None)  # straight from an outside engine: nothing missed
+            deps = listing() if listing is not None else b.deployments()
             reports, failed = [], []
             for d in deps:
                 try:
@@ -98,9 +101,25 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
             return "; ".join(reports) or "nothing was running"
 
         attempt(f"stop_{bid}", stop_all, ctl.settings.step_timeout_s + ctl.settings.vllm_stop_timeout_s * 4 + 30)
+    if ctl.settings.emergency_unloads_ollama:
+        client = holding.ollama_client(ctl)
+        if client is not None and client.loaded(max_age_s=0) is not None:
+            attempt("unload_ollama", lambda: client.emergency_unload(10.0), 60)
     attempt("clear", lambda: ", ".join(k for k, v in clear_caches(ctl).items() if v), ctl.settings.step_timeout_s)
     errors = [s for s in steps if s.outcome is Outcome.ERROR]
+    remaining, verdict = [], None
+    try:
+        after = ctl.probe.snapshot()
+        if after.gpus:
+            remaining = remaining_by_device(after, holding.holders(ctl, after))
+            still, verdict = after_emergency(remaining)
+            if still is Outcome.WARNING:
+                errors.append(StepRecord("still_held", Outcome.WARNING, 0.0, verdict.text))
+                steps.append(errors[-1])
+    except Exception:  # noqa: BLE001 - naming holders is best effort; the steps above are the report
+        pass
     ctx.record.outcome = Outcome.WARNING if errors else Outcome.SUCCESS
     ctx.record.error = "; ".join(f"{s.name}: {s.message}" for s in errors) or None
     return EmergencyReport(steps=list(steps), outcome=ctx.record.outcome,
-                           cancelled_operation=running.kind if running else None)
+                           cancelled_operation=running.kind if running else None, remaining=remaining,
+                           verdict=verdict)

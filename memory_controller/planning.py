@@ -13,12 +13,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .backend import Claim, Deployment
 from .errors import StalePlanError
 from .types import (
     CachedModel,
-    DeviceKind,
     DeviceSnapshot,
     MemoryEstimate,
     Message,
@@ -42,6 +42,7 @@ class PlanStep:
     bytes_by_device: Mapping[str, int] = dataclasses.field(default_factory=dict)  # check: needed per device
     backend_id: str | None = None  # switch / prepare / verify
     model_id: str | None = None
+    names: tuple[str, ...] = ()  # unload_ollama: Ollama's models to unload
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Plan:
     purpose: str = "switch"  # "switch" | "ide"
     basis: frozenset[tuple[str, str]] = frozenset()  # (backend id, handle) of what ran when planned
     made_at: float = 0.0
+    ollama_offer: Message | None = None  # "also unload from Ollama: …" — fits only with it (opt-in)
+    extra_free_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)  # freed by opt-in steps
 
     @property
     def step_names(self) -> tuple[str, ...]:
@@ -214,7 +217,7 @@ def check_still_holds(plan: Plan, snap: SystemSnapshot, running: Sequence[Deploy
     after = with_freed(snap, plan.to_stop)
     for key, need in plan.claim.bytes_by_device.items():
         dev = after.device(key)
-        free = None if dev is None else dev.free_bytes
+        free = None if dev is None or dev.free_bytes is None else dev.free_bytes + plan.extra_free_bytes.get(key, 0)
         if free is not None and need > free:
             raise StalePlanError(
                 f"free memory on {key} changed since the plan was made: {fmt_bytes(need)} needed, "
@@ -223,5 +226,16 @@ def check_still_holds(plan: Plan, snap: SystemSnapshot, running: Sequence[Deploy
                 code="stale_plan.memory", args={"device": key, "needed_bytes": need, "free_bytes": free})
 
 
-def host_or_gpu(dev: DeviceSnapshot) -> str:
-    return "host" if dev.kind is DeviceKind.HOST else "gpu"
+def with_holders(plan: Plan, fit: Any, *, unload_ollama: bool) -> Plan:
+    """The plan with what other holders mean for it (holders.fit_with_holders): notes always; a blocker
+    naming a foreign process it would need stopped; the Ollama offer, and with ``unload_ollama`` the
+    opt-in step itself (before the check) and the memory it frees."""
+    changes: dict[str, Any] = {"notes": plan.notes + tuple(fit.notes), "blockers": plan.blockers + tuple(fit.blockers)}
+    if fit.fits_with_ollama and not plan.fits:
+        changes["ollama_offer"] = fit.step
+        if unload_ollama:
+            steps = list(plan.steps)
+            steps.insert(1, PlanStep("unload_ollama", names=tuple(fit.ollama_models)))
+            changes.update(steps=tuple(steps), fits=True, extra_free_bytes={plan.device_key: fit.ollama_bytes},
+                           free_bytes_after_unload=(plan.free_bytes_after_unload or 0) + fit.ollama_bytes)
+    return dataclasses.replace(plan, **changes)

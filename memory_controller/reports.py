@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import Deployment, InProcessGenerator
-from .types import Outcome, StepRecord
+from .types import Message, Outcome, StepRecord
 
 
 @dataclass
@@ -30,6 +30,8 @@ class EmergencyReport:
     steps: list[StepRecord]
     outcome: Outcome
     cancelled_operation: str | None = None
+    remaining: list[Any] = field(default_factory=list)  # holders.DeviceHolders per GPU, after the clear
+    verdict: Message | None = None  # what still holds memory (or that nothing does), as a code
 
 
 @dataclass

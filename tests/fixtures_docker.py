@@ -155,3 +155,47 @@ def make_cached_model(settings: Settings, model_id: str = "Org/Tiny-Llama", revi
     (snap / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     return CachedModel(model_id=model_id, revision=revision, size_on_disk_bytes=64, has_safetensors=False,
                        has_config=True, architecture="LlamaForCausalLM", path=str(snap))
+
+
+# --------------------------------------------------------------------------- the vLLM backend's helpers
+GIB = 1024**3
+
+
+def fake_probe(*gpus: tuple[float, float]):
+    """A DeviceProbe over the fake NVML with one GPU per ``(total_gib, free_gib)`` (default one 24/23 GiB)."""
+    from memory_controller.probe import DeviceProbe
+    from tests.fake_pynvml import FakeGpu, FakeNvml
+
+    specs = gpus or ((24, 23),)
+    fakes = [FakeGpu(name=f"Fake GPU {i}", uuid=f"GPU-{i}", total_bytes=int(t * GIB), used_bytes=int((t - f) * GIB))
+             for i, (t, f) in enumerate(specs)]
+    return DeviceProbe(nvml=FakeNvml(fakes).module())
+
+
+def estimate_of(model_id: str, profile, total_bytes: int):
+    """A MemoryEstimate whose total is ``total_bytes`` (the backend sizes its claim from the total)."""
+    from memory_controller.types import MemoryEstimate
+
+    return MemoryEstimate(model_id=model_id, profile=profile, weights_bytes=total_bytes, kv_cache_bytes=0,
+                          activation_bytes=0, cuda_context_bytes=0, total_bytes=total_bytes, parameters=0,
+                          source="test")
+
+
+def vllm_start(backend, model, profile, needed_bytes: int = GIB, snapshot=None, **kwargs):
+    """claim() on ``snapshot`` (default: the backend's probe) then start(); returns the Deployment."""
+    snap = snapshot if snapshot is not None else backend.probe.snapshot()
+    claim = backend.claim(model, profile, estimate_of(model.model_id, profile, needed_bytes), snap)
+    return backend.start(model, profile, claim, **kwargs)
+
+
+def make_vllm_backend(settings: Settings, *gpus: tuple[float, float], network: str | None = None):
+    """A VllmDockerBackend on ``settings`` with a fake-NVML probe (see :func:`fake_probe`)."""
+    from backends.vllm import VllmDockerBackend
+
+    return VllmDockerBackend(settings, fake_probe(*gpus), network=network)
+
+
+def run_foreign(client, image: str, name: str | None = None, labels: dict | None = None, port: int | None = None):
+    """A container memctl did not start (host network, the fake image serving on a free port)."""
+    return client.containers.run(image, ["x", "--port", str(port or free_port())], name=name, labels=labels or {},
+                                 detach=True, network_mode="host", init=True)

@@ -10,24 +10,23 @@ import sys
 
 import pytest
 
-from backends.vllm_docker import VllmDockerBackend
 from memory_controller import cli_containers
 from memory_controller.cli import _print_error
 from memory_controller.errors import MemctlError
-from memory_controller.types import DeviceKind, DeviceSnapshot, Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 from tests.conftest import ROOT, subprocess_env
-from tests.fixtures_docker import free_port, make_cached_model  # fixtures come from conftest's pytest_plugins
+from tests.fixtures_docker import free_port, make_cached_model, make_vllm_backend, vllm_start
 
 GIB = 1024**3
-FP16 = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=1024, batch=2)
-GPU = DeviceSnapshot(kind=DeviceKind.GPU, index=0, name="Fake GPU", uuid="GPU-0", total_bytes=24 * GIB,
-                     used_bytes=GIB, free_bytes=23 * GIB, utilization_pct=0.0)
+FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=1024, batch=2)
 
 
 def memctl(*argv: str, docker_host: str) -> subprocess.CompletedProcess:
     """Run ``python -m memory_controller.cli ARGV`` against ``docker_host``."""
     return subprocess.run([sys.executable, "-m", "memory_controller.cli", *argv], cwd=ROOT, text=True,
-                          capture_output=True, timeout=60, env=subprocess_env(MEMCTL_DOCKER_HOST=docker_host))
+                          capture_output=True, timeout=60,
+                          env=subprocess_env(MEMCTL_DOCKER_HOST=docker_host, MEMCTL_NVML_MODULE="tests.fake_pynvml",
+                                             MEMCTL_FAKE_NVML="one_gpu"))
 
 
 def run_in_process(argv: list[str], settings, capsys) -> tuple[int, str, str]:
@@ -45,9 +44,8 @@ def run_in_process(argv: list[str], settings, capsys) -> tuple[int, str, str]:
 
 @pytest.fixture()
 def running(vllm_settings):
-    backend = VllmDockerBackend(vllm_settings)
-    info = backend.start(make_cached_model(vllm_settings, "Org/Cli-Model"), FP16, GIB, [GPU])
-    return info
+    backend = make_vllm_backend(vllm_settings)
+    return vllm_start(backend, make_cached_model(vllm_settings, "Org/Cli-Model"), FP16)
 
 
 @pytest.mark.docker
@@ -56,8 +54,8 @@ def test_containers_json_lists_the_running_container_with_health(running, docker
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     row = rows[running.name]
-    assert row["model_id"] == "Org/Cli-Model" and row["state"] == "running" and row["health"] == "ready"
-    assert row["port"] == running.port and row["profile"]["context_tokens"] == 1024
+    assert row["model_id"] == "Org/Cli-Model" and row["state"] == "ready"
+    assert row["endpoint"] == running.endpoint and row["profile"]["context_tokens"] == 1024
 
 
 @pytest.mark.docker
@@ -65,20 +63,20 @@ def test_containers_table_shows_name_model_and_port(running, vllm_settings, caps
     code, out, _ = run_in_process(["containers"], vllm_settings, capsys)
     assert code == 0
     header, *lines = out.splitlines()
-    assert header.split() == ["NAME", "STATE", "HEALTH", "MODEL", "PORT", "UPTIME"]
+    assert header.split() == ["NAME", "STATE", "MODEL", "ENDPOINT", "UPTIME", "NOTE"]
     line = next(ln for ln in lines if ln.startswith(running.name))
-    assert "running" in line and "ready" in line and "Org/Cli-Model" in line and str(running.port) in line
+    assert "ready" in line and "Org/Cli-Model" in line and running.endpoint in line
 
 
 @pytest.mark.docker
 def test_stop_removes_it_and_a_second_stop_says_already_gone(running, docker_host, docker_client):
     proc = memctl("stop", running.name, docker_host=docker_host)
     assert proc.returncode == 0, proc.stderr
-    assert f"stopped and removed {running.name}" in proc.stdout
+    assert "stopped Org/Cli-Model" in proc.stdout
     assert running.name not in {c.name for c in docker_client.containers.list(all=True)}
     proc = memctl("stop", running.name, docker_host=docker_host)
     assert proc.returncode == 1
-    assert "error:" in proc.stderr and "already gone" in proc.stderr and "hint:" in proc.stderr
+    assert "error:" in proc.stderr and "not loaded" in proc.stderr and "hint:" in proc.stderr
 
 
 @pytest.mark.docker
@@ -88,7 +86,7 @@ def test_stop_refuses_a_container_memctl_did_not_start(vllm_settings, docker_cli
                                          network_mode="host")
     try:
         code, _, err = run_in_process(["stop", other.name], vllm_settings, capsys)
-        assert code == 1 and "refusing to stop" in err and "hint:" in err
+        assert code == 1 and "not loaded" in err and "hint:" in err
         code, _, _ = run_in_process(["stop-all"], vllm_settings, capsys)
         assert code == 0
         other.reload()

@@ -37,7 +37,7 @@ from tests.inmemory_backend import InMemoryBackend
 
 @pytest.fixture
 def gpu() -> FakeGpu:
-    return FakeGpu(total_bytes=24 * GIB, used_bytes=2 * GIB)
+    return FakeGpu(total_bytes=24 * GIB, used_bytes=GIB // 2)  # the driver's own reserve
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ def test_ensure_deployment_loads_on_demand_and_refuses_what_cannot_fit(ctl, gpu)
     dep = ctl.ensure_deployment(TINY_ID)
     assert dep.model_id == TINY_ID and dep.state is DeploymentState.READY
     assert ctl.ensure_deployment(TINY_ID) == dep  # already running: nothing happens
-    gpu.total_bytes = gpu.used_bytes + 1024  # almost nothing left beside what runs
+    gpu.total_bytes = gpu.used_bytes - dep.footprint_bytes + 100 * 1024**2  # 100 MiB once it is unloaded
     with pytest.raises(InsufficientMemoryError):
         ctl.ensure_deployment(TINY_UNTIED_ID)
     assert [d.model_id for d in ctl.deployments()] == [TINY_ID]

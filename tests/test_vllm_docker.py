@@ -1,41 +1,45 @@
-"""vLLM Docker backend: pure sizing/arguments, and a real Docker engine running the fake vLLM image."""
+"""vLLM Docker backend: pure sizing, arguments, claims, names; and Docker daemon faults.
+
+The real engine with the fake vLLM image: tests/test_vllm_docker_engine.py; hostile labels,
+races, the API key and GPU holders: tests/test_vllm_hostile.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import socket
-import threading
+import sys
 import time
-import urllib.request
 
 import pytest
 
-from backends.vllm_docker import (
-    MANAGED_LABEL,
-    VllmDockerBackend,
+from backends.vllm import VllmDockerBackend, create
+from backends.vllm.args import (
+    InvalidContainerNameError,
     build_vllm_args,
-    classify_failure,
     compute_gpu_memory_utilization,
     container_name_for,
+    validate_container_name,
 )
+from backends.vllm.client import classify_failure
+from memory_controller.backend import Backend
 from memory_controller.errors import (
     ContainerError,
-    ContainerStartError,
     DockerUnavailableError,
     InsufficientMemoryError,
     InvalidModelIdError,
-    OperationCancelledError,
+    MemctlError,
     QuantizationUnavailableError,
     SettingsError,
 )
 from memory_controller.settings import load_settings
 from memory_controller.types import DeviceKind, DeviceSnapshot, DeviceStatus, Mode, Precision, Profile
 from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plugins
+    estimate_of,
+    fake_probe,
     free_port,
     make_cached_model,
-    with_changes,
 )
 
 GIB = 1024**3
@@ -50,14 +54,14 @@ def gpu(index: int = 0, total_gib: float = 24, free_gib: float = 23, status=Devi
                           status=status)
 
 
-def fetch(port: int, path: str) -> str:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-        return resp.read().decode()
+def snapshot_with(*gpus: DeviceSnapshot):
+    snap = fake_probe().snapshot()
+    return dataclasses.replace(snap, gpus=tuple(gpus))
 
 
-def names_on_engine(client, all_: bool = True) -> set[str]:
-    return {c.name for c in client.containers.list(all=all_)}
+def write_config(model, **cfg) -> None:
+    with open(os.path.join(model.path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
 
 
 # --------------------------------------------------------------------------- pure
@@ -91,9 +95,9 @@ def test_gpu_util_refuses_bad_margin_or_cap():
         compute_gpu_memory_utilization(GIB, 10 * GIB, 0.05, 0)
 
 
-def test_vllm_args_put_model_first_and_carry_every_profile_knob():
+def test_vllm_args_put_model_first_and_carry_every_profile_knob_but_never_a_key():
     profile = FP16.with_(context_tokens=4096, batch=3, gpu_ids=(0, 1))
-    args = build_vllm_args("Org/M", "coder", profile, 0.5, 8123, "sekret")
+    args = build_vllm_args("Org/M", "coder", profile, 0.5, 8123, tool_parser="hermes")
     assert args[0] == "Org/M"
     flags = dict(zip(args[1::2], args[2::2], strict=False))
     assert flags["--served-model-name"] == "coder"
@@ -103,20 +107,22 @@ def test_vllm_args_put_model_first_and_carry_every_profile_knob():
     assert flags["--tensor-parallel-size"] == "2"
     assert flags["--gpu-memory-utilization"] == "0.50"
     assert flags["--port"] == "8123"
-    assert flags["--api-key"] == "sekret"
     assert "--quantization" not in args
+    assert "--api-key" not in args  # the key travels in VLLM_API_KEY (see the engine test)
+    assert args[args.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in args
 
 
-def test_vllm_args_nf4_uses_bitsandbytes_and_no_key_means_no_flag():
-    args = build_vllm_args("Org/M", "Org/M", FP16.with_(precision=Precision.NF4), 0.3, 8000, None)
+def test_vllm_args_nf4_uses_bitsandbytes_and_no_parser_means_no_tool_flags():
+    args = build_vllm_args("Org/M", "Org/M", FP16.with_(precision=Precision.NF4), 0.3, 8000)
     assert args[args.index("--quantization") + 1] == "bitsandbytes"
     assert "--api-key" not in args
+    assert "--enable-auto-tool-choice" not in args and "--tool-call-parser" not in args
 
 
 @pytest.mark.parametrize("precision", [Precision.INT8, Precision.FP4])
 def test_vllm_args_refuse_quantizations_vllm_cannot_do_on_the_fly(precision):
     with pytest.raises(QuantizationUnavailableError, match=precision.value):
-        build_vllm_args("Org/M", "Org/M", FP16.with_(precision=precision), 0.3, 8000, None)
+        build_vllm_args("Org/M", "Org/M", FP16.with_(precision=precision), 0.3, 8000)
 
 
 def test_container_names_are_readable_slugs_and_long_ids_stay_unique():
@@ -147,28 +153,159 @@ def test_known_vllm_failures_get_a_plain_words_cause(line, cause):
     assert (words is None) == (cause is None)
 
 
+@pytest.mark.parametrize("name,why", [
+    ("", "required"), ("   ", "required"), ("/", "'/'"), ("//", "'/'"), ("../x", "'/'"), ("..", "'..'"),
+    ("x" * 129, "at most 128"), ("a", "at least two"), ("-abc", "start with a letter"), ("bad name", "only letters"),
+    ("name\n", "only letters"), ("naïve", "only letters"), ("a;rm -rf", "only letters"),
+])
+def test_bad_container_names_are_refused_before_docker_with_a_clear_error(name, why):
+    with pytest.raises(InvalidContainerNameError) as err:
+        validate_container_name(name)
+    assert why in err.value.message and err.value.hint
+    assert isinstance(err.value, MemctlError) and err.value.code == "invalid_container_name"
+
+
+def test_good_container_names_and_ids_pass():
+    for name in ("memctl-vllm-org-tiny", "ab", "a" * 64, "x_y.z-1", "0123456789ab"):
+        assert validate_container_name(name) == name
+    assert VllmDockerBackend.validate_container_name("ok-name") == "ok-name"
+
+
+@pytest.mark.parametrize("handle", ["", "/", "//", "../etc"])
+def test_stop_with_a_bad_name_never_asks_docker(tmp_path, handle):
+    backend = VllmDockerBackend(load_settings(docker_host=f"unix://{tmp_path}/none.sock"))
+    with pytest.raises(InvalidContainerNameError):  # not DockerUnavailableError: Docker was not asked
+        backend.stop(handle)
+
+
+# --------------------------------------------------------------------------- protocol, claims
+
+
+def test_the_backend_implements_the_protocol_and_importing_it_does_not_load_docker(tmp_path):
+    code = ("import sys; import backends.vllm as v; "
+            "print('docker' in sys.modules, 'requests' in sys.modules)")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+    assert out == ["False", "False"]
+    b = create(load_settings(docker_host=f"unix://{tmp_path}/none.sock", vllm_tag="v0.27.1"), fake_probe())
+    assert isinstance(b, Backend) and b.id == "vllm"
+    caps = b.capabilities
+    assert caps.precisions == (Precision.FP16, Precision.BF16, Precision.NF4) and caps.fit_ladder == (Precision.NF4,)
+    assert caps.serves_http and not caps.generates_in_process and caps.needs_gpu and caps.devices == ("cuda",)
+    assert b.clear_caches() == {}
+
+
+def test_claim_is_gpu_util_times_total_on_each_chosen_gpu(tmp_path):
+    settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=tmp_path)
+    model = make_cached_model(settings)
+    b = VllmDockerBackend(settings)
+    claim = b.claim(model, FP16, estimate_of(model.model_id, FP16, 8 * GIB), snapshot_with(gpu(0), gpu(1)))
+    # 4 GiB per GPU / 24 GiB + 0.05 = 0.2167 -> 0.22 of each GPU
+    assert claim.blockers == ()
+    assert claim.detail["gpu_util"] == pytest.approx(0.22)
+    assert claim.bytes_by_device == {"gpu:0": int(0.22 * 24 * GIB), "gpu:1": int(0.22 * 24 * GIB)}
+    one = b.claim(model, FP16.with_(gpu_ids=(1,)), estimate_of(model.model_id, FP16, 8 * GIB),
+                  snapshot_with(gpu(0), gpu(1)))
+    assert set(one.bytes_by_device) == {"gpu:1"} and one.detail["gpu_util"] == pytest.approx(0.39)
+
+
+def test_claim_blockers_are_messages_with_codes(tmp_path):
+    settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=tmp_path)
+    model = make_cached_model(settings)
+    b = VllmDockerBackend(settings)
+    est = estimate_of(model.model_id, FP16, GIB)
+
+    def codes(profile, *gpus, needed=GIB):
+        c = b.claim(model, profile, estimate_of(model.model_id, profile, needed), snapshot_with(*gpus))
+        return [m.code for m in c.blockers]
+
+    assert codes(FP16.with_(precision=Precision.INT8), gpu()) == ["backend.precision_unsupported"]
+    assert codes(FP16.with_(precision=Precision.FP4), gpu()) == ["backend.precision_unsupported"]
+    assert codes(FP16) == ["backend.no_gpu"]
+    assert codes(FP16.with_(gpu_ids=(3,)), gpu(0)) == ["backend.gpu_missing"]
+    assert codes(FP16, dataclasses.replace(gpu(), status=DeviceStatus.LOST, free_bytes=None)) == [
+        "backend.gpu_memory_unknown"]
+    over = b.claim(model, FP16, estimate_of(model.model_id, FP16, 23 * GIB), snapshot_with(gpu(free_gib=24)))
+    assert [m.code for m in over.blockers] == ["backend.over_util_cap"]
+    assert "vllm_gpu_util_max" in over.blockers[0].text and over.blockers[0].args["cap"] == 0.95
+    assert b.claim(model, FP16, est, snapshot_with(gpu())).blockers == ()
+
+
+@pytest.mark.parametrize("cfg,family,parser", [
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "qwen", "hermes"),
+    ({"model_type": "qwen3"}, "qwen", "hermes"),
+    ({"model_type": "llama", "vocab_size": 128256}, "llama3", "llama3_json"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "mistral", "mistral"),
+    ({"model_type": "llama", "vocab_size": 32016}, None, None),  # CodeLlama: no tool format
+    ({"model_type": "gpt2"}, None, None),
+])
+def test_claim_names_the_tool_parser_of_the_model_family(tmp_path, cfg, family, parser):
+    settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=tmp_path)
+    model = dataclasses.replace(make_cached_model(settings), architecture=None)
+    write_config(model, **cfg)
+    claim = VllmDockerBackend(settings).claim(model, FP16, estimate_of(model.model_id, FP16, GIB),
+                                              snapshot_with(gpu()))
+    assert claim.detail["family"] == family and claim.detail["tool_parser"] == parser
+    assert [m.code for m in claim.notes] == ([] if parser else ["backend.tools_not_parsed"])
+
+
+def test_a_hostile_config_means_unknown_family_not_a_crash(tmp_path):
+    settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=tmp_path)
+    model = dataclasses.replace(make_cached_model(settings), architecture=None)
+    for text in ("[" * 5000 + "]" * 5000, "not json", '{"model_type": 5}', "[]", '{"model_type": "qwen2", "x": 1e400}'):
+        with open(os.path.join(model.path, "config.json"), "w") as fh:
+            fh.write(text)
+        claim = VllmDockerBackend(settings).claim(model, FP16, estimate_of(model.model_id, FP16, GIB),
+                                                  snapshot_with(gpu()))
+        assert claim.detail["tool_parser"] is None and claim.notes[0].code == "backend.tools_not_parsed"
+
+
+def test_check_model_flags_a_missing_snapshot_and_an_unservable_precision(tmp_path):
+    settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=tmp_path)
+    model = make_cached_model(settings)
+    b = VllmDockerBackend(settings)
+    assert b.check_model(model, FP16) == ()
+    gone = dataclasses.replace(model, path=str(tmp_path / "nope"))
+    assert [m.code for m in b.check_model(gone, FP16.with_(precision=Precision.INT8))] == [
+        "backend.model_missing", "backend.precision_unsupported"]
+
+
 def test_memory_is_checked_before_docker_is_touched(tmp_path):
     # A dead engine: if start() reached Docker it would raise DockerUnavailableError instead.
     hub = tmp_path / "hub"
     hub.mkdir()
     settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=hub)
     model = make_cached_model(settings)
-    backend = VllmDockerBackend(settings)
+    backend = VllmDockerBackend(settings, fake_probe((24, 5)))  # the probe says: 5 GiB free now
+    claim = backend.claim(model, FP16, estimate_of(model.model_id, FP16, 8 * GIB), snapshot_with(gpu()))
     with pytest.raises(InsufficientMemoryError) as err:
-        backend.start(model, FP16, 8 * GIB, [gpu(free_gib=5)])
+        backend.start(model, FP16, claim)
     assert "only 5.00 GiB is free" in err.value.message
-    with pytest.raises(InsufficientMemoryError, match="vllm_gpu_util_max"):
-        backend.start(model, FP16, 23 * GIB, [gpu(free_gib=24)])
-    with pytest.raises(ContainerError, match="needs a GPU"):
-        backend.start(model, FP16, GIB, [])
-    with pytest.raises(ContainerError, match="GPU 3"):
-        backend.start(model, FP16.with_(gpu_ids=(3,)), GIB, [gpu(0)])
-    with pytest.raises(InsufficientMemoryError, match="unknown"):
-        backend.start(model, FP16, GIB, [dataclasses.replace(gpu(), status=DeviceStatus.LOST, free_bytes=None)])
+    for profile, needed, gpus, error, words in [
+        (FP16, 23 * GIB, [gpu(free_gib=24)], InsufficientMemoryError, "vllm_gpu_util_max"),
+        (FP16, GIB, [], ContainerError, "needs a GPU"),
+        (FP16.with_(gpu_ids=(3,)), GIB, [gpu(0)], ContainerError, "GPU 3"),
+        (FP16, GIB, [dataclasses.replace(gpu(), status=DeviceStatus.LOST, free_bytes=None)],
+         InsufficientMemoryError, "unknown"),
+        (FP16.with_(precision=Precision.INT8), GIB, [gpu()], QuantizationUnavailableError, "int8"),
+    ]:
+        c = backend.claim(model, profile, estimate_of(model.model_id, profile, needed), snapshot_with(*gpus))
+        with pytest.raises(error, match=words):
+            backend.start(model, profile, c)
 
 
 def test_construction_does_not_connect(tmp_path):
     VllmDockerBackend(load_settings(docker_host=f"unix://{tmp_path}/none.sock"))  # no error
+
+
+def test_no_gpu_makes_it_unavailable_with_a_code(tmp_path):
+    from memory_controller.probe import DeviceProbe
+
+    snap = DeviceProbe(nvml_module_name="no_such_nvml_module").snapshot()
+    av = VllmDockerBackend(load_settings(docker_host=f"unix://{tmp_path}/none.sock")).availability(snap)
+    assert not av.ok and av.reason.code == "backend.no_gpu" and "no_such_nvml_module" in av.reason.args["detail"]
 
 
 # --------------------------------------------------------------------------- daemon faults
@@ -176,21 +313,40 @@ def test_construction_does_not_connect(tmp_path):
 
 def test_daemon_down_is_reported_in_plain_words_and_start_raises(tmp_path):
     settings = load_settings(docker_host=f"unix://{tmp_path}/docker.sock", hf_cache_dir=tmp_path)
-    backend = VllmDockerBackend(settings)
-    ok, reason = backend.available()
-    assert not ok and "not running" in reason and str(tmp_path) in reason
+    backend = VllmDockerBackend(settings, fake_probe())
+    av = backend.availability(snapshot_with(gpu()))
+    assert not av.ok and av.reason.code == "backend.docker_unavailable"
+    assert "not running" in av.reason.args["detail"] and str(tmp_path) in av.reason.args["detail"]
     with pytest.raises(DockerUnavailableError, match="not running"):
-        backend.list()
+        backend.list_managed()
+    t0 = time.monotonic()
+    assert backend.deployments() == []  # never raises
+    assert time.monotonic() - t0 < 3
+    model = make_cached_model(settings)
+    claim = backend.claim(model, FP16, estimate_of(model.model_id, FP16, GIB), snapshot_with(gpu()))
     with pytest.raises(DockerUnavailableError):
-        backend.start(make_cached_model(settings), FP16, GIB, [gpu()])
+        backend.start(model, FP16, claim)
+    with pytest.raises(DockerUnavailableError):
+        backend.stop("memctl-vllm-org-tiny-llama")
 
 
 def test_unreachable_docker_host_is_reported():
     port = free_port()  # nothing listens there
-    ok, reason = VllmDockerBackend(load_settings(docker_host=f"tcp://127.0.0.1:{port}")).available()
-    assert not ok and "connection refused" in reason
-    ok, reason = VllmDockerBackend(load_settings(docker_host="tcp://no-such-host.invalid:2375")).available()
-    assert not ok and "cannot reach" in reason
+    snap = snapshot_with(gpu())
+    av = VllmDockerBackend(load_settings(docker_host=f"tcp://127.0.0.1:{port}")).availability(snap)
+    assert not av.ok and "connection refused" in av.reason.args["detail"]
+    av = VllmDockerBackend(load_settings(docker_host="tcp://no-such-host.invalid:2375")).availability(snap)
+    assert not av.ok and "cannot reach" in av.reason.args["detail"]
+
+
+def test_availability_is_cached_for_a_few_seconds(tmp_path):
+    backend = VllmDockerBackend(load_settings(docker_host=f"unix://{tmp_path}/docker.sock"))
+    snap = snapshot_with(gpu())
+    first = backend.availability(snap)
+    t0 = time.monotonic()
+    for _ in range(50):
+        assert backend.availability(snap) == first
+    assert time.monotonic() - t0 < 0.5
 
 
 @pytest.mark.docker
@@ -205,7 +361,8 @@ def test_socket_permission_denied_is_reported(docker_host):
     backend = VllmDockerBackend(load_settings(docker_host=docker_host))
     # Warm up as root so every module the call needs is loaded: as nobody, an import from an
     # unreadable venv would also be a PermissionError and could fake a pass.
-    assert backend.available() == (True, None)
+    assert backend.availability(snapshot_with(gpu())).ok
+    assert backend.docker_problem(refresh=True) is None
     # Make sure the socket is not world-accessible (dockerd creates it 0660 root:docker).
     assert os.stat(docker_host[len("unix://"):]).st_mode & 0o007 == 0
     r, w = os.pipe()
@@ -215,7 +372,8 @@ def test_socket_permission_denied_is_reported(docker_host):
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-            os.write(w, json.dumps(backend.available()).encode())
+            problem = backend.docker_problem(refresh=True)
+            os.write(w, json.dumps([problem is None, str(problem) if problem else None]).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -225,249 +383,33 @@ def test_socket_permission_denied_is_reported(docker_host):
     assert not ok and "permission denied" in reason and "docker group" in reason
 
 
-# --------------------------------------------------------------------------- real engine
+
+@pytest.mark.parametrize("tag,nf4", [("v0.27.1", True), ("v0.11.0", True), ("v0.28.0", False), ("v0.33.0", False),
+                                     ("latest", False), ("my-custom-build", True)])
+def test_nf4_is_offered_only_by_images_that_still_quantize_in_flight(tmp_path, tag, nf4):
+    # vLLM removed in-flight bitsandbytes in v0.28.0 (quantization/bitsandbytes.py is in the 0.27.1 wheel,
+    # not in 0.28.0 or 0.33.0): --quantization bitsandbytes would fail at start.
+    settings = load_settings(docker_host=f"unix://{tmp_path}/none.sock", hf_cache_dir=tmp_path, vllm_tag=tag)
+    b = VllmDockerBackend(settings)
+    assert (Precision.NF4 in b.capabilities.precisions) is nf4
+    assert b.capabilities.fit_ladder == ((Precision.NF4,) if nf4 else ())
+    model = make_cached_model(settings)
+    nf4_profile = FP16.with_(precision=Precision.NF4)
+    claim = b.claim(model, nf4_profile, estimate_of(model.model_id, nf4_profile, GIB), snapshot_with(gpu()))
+    assert [m.code for m in claim.blockers] == ([] if nf4 else ["backend.precision_unsupported"])
+    if not nf4:
+        assert "v0.28" in claim.blockers[0].text and claim.blockers[0].args["image_tag"] == tag
+        assert [m.code for m in b.check_model(model, nf4_profile)] == ["backend.precision_unsupported"]
+        with pytest.raises(QuantizationUnavailableError):
+            b.start(model, nf4_profile, claim)
 
 
-@pytest.mark.docker
-def test_available_with_a_running_engine(vllm_settings):
-    assert VllmDockerBackend(vllm_settings).available() == (True, None)
+def test_the_default_image_is_vllm_v0_33_0_without_in_flight_nf4():
+    settings = load_settings()
+    assert settings.vllm_tag == "v0.33.0"
+    assert Precision.NF4 not in VllmDockerBackend(settings).capabilities.precisions
 
 
-@pytest.mark.docker
-def test_arguments_labels_env_mounts_and_gpu_request_reach_the_container(vllm_settings, docker_client):
-    model = make_cached_model(vllm_settings, "Org/Tiny-Llama")
-    backend = VllmDockerBackend(vllm_settings)
-    profile = FP16.with_(context_tokens=1024, batch=2, gpu_ids=(0, 1))
-    info = backend.start(model, profile, 8 * GIB, [gpu(0), gpu(1)])
-    port = vllm_settings.vllm_port
-    assert info.name == "memctl-vllm-org-tiny-llama" and info.health == "ready" and info.port == port
-
-    args = fetch(port, "/fake/args").splitlines()
-    assert args[0] == "Org/Tiny-Llama"
-    flags = dict(zip(args[1::2], args[2::2], strict=False))
-    assert flags["--served-model-name"] == "Org/Tiny-Llama"
-    assert flags["--max-model-len"] == "1024" and flags["--max-num-seqs"] == "2"
-    assert flags["--tensor-parallel-size"] == "2"
-    assert flags["--gpu-memory-utilization"] == "0.22"  # 4 GiB per GPU / 24 GiB + 0.05, rounded up
-    assert flags["--revision"] == "a" * 40
-    env = dict(line.split("=", 1) for line in fetch(port, "/fake/env").splitlines() if "=" in line)
-    assert env["HF_HUB_OFFLINE"] == "1"
-    assert env["NVIDIA_VISIBLE_DEVICES"] == "0,1"  # the device request reached the engine
-
-    c = docker_client.containers.get(info.name)
-    assert c.labels[MANAGED_LABEL] == "true"
-    assert c.labels["memctl.model"] == "Org/Tiny-Llama"
-    assert json.loads(c.labels["memctl.profile"])["context_tokens"] == 1024
-    host_cfg = c.attrs["HostConfig"]
-    assert host_cfg["Init"] is True
-    assert host_cfg["IpcMode"] == "host"
-    assert host_cfg["DeviceRequests"][0]["DeviceIDs"] == ["0", "1"]
-    mounts = {m["Destination"]: m for m in c.attrs["Mounts"]}
-    hub_mount = mounts["/root/.cache/huggingface/hub"]
-    assert hub_mount["RW"] is False
-    assert hub_mount["Source"] == str(vllm_settings.resolved_hf_cache_dir.resolve())
-    assert backend.verify(info.name) is True
-
-
-@pytest.mark.docker
-def test_local_model_dir_is_mounted_read_only_under_models(vllm_settings, tmp_path, docker_client):
-    from memory_controller.types import CachedModel
-
-    d = tmp_path / "my-coder"
-    d.mkdir()
-    model = CachedModel(model_id=str(d), revision=None, size_on_disk_bytes=1, has_safetensors=True,
-                        has_config=True, architecture=None, path=str(d), source="local_dir")
-    backend = VllmDockerBackend(vllm_settings)
-    info = backend.start(model, FP16, GIB, [gpu()])
-    args = fetch(vllm_settings.vllm_port, "/fake/args").splitlines()
-    assert args[0].startswith("/models/") and args[args.index("--served-model-name") + 1] == "my-coder"
-    env = fetch(vllm_settings.vllm_port, "/fake/env")
-    assert "HF_HUB_OFFLINE" not in env
-    assert docker_client.containers.get(info.name).attrs["HostConfig"]["DeviceRequests"][0]["Count"] == -1
-    mounts = {m["Destination"]: m for m in docker_client.containers.get(info.name).attrs["Mounts"]}
-    assert mounts[args[0]]["RW"] is False and mounts[args[0]]["Source"] == str(d)
-
-
-@pytest.mark.docker
-def test_port_is_published_on_loopback_from_a_bridge_network(vllm_settings, user_network, docker_client):
-    backend = VllmDockerBackend(vllm_settings, network=user_network)
-    info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
-    c = docker_client.containers.get(info.name)
-    binding = c.attrs["NetworkSettings"]["Ports"][f"{vllm_settings.vllm_port}/tcp"][0]
-    assert binding["HostIp"] == "127.0.0.1"
-    assert json.loads(fetch(vllm_settings.vllm_port, "/v1/models"))["data"][0]["id"] == "Org/Tiny-Llama"
-    assert backend.verify(info.name)
-
-
-@pytest.mark.docker
-def test_slow_start_is_awaited_with_progress_showing_the_latest_log_line(vllm_settings):
-    settings = with_changes(vllm_settings, vllm_tag="slow")
-    events = []
-    t0 = time.monotonic()
-    info = VllmDockerBackend(settings).start(make_cached_model(settings), FP16, GIB, [gpu()],
-                                             progress=events.append)
-    assert time.monotonic() - t0 >= 2.0  # the fake "loads weights" for 2 s
-    assert info.health == "ready"
-    waiting = [e.message for e in events if e.stage == "waiting"]
-    assert any("Starting to load model" in m for m in waiting), waiting
-    assert events[-1].stage == "ready" and events[-1].elapsed_s >= 2.0
-
-
-@pytest.mark.docker
-@pytest.mark.parametrize(
-    "tag,cause,words",
-    [("oom", "cuda_oom", "CUDA out of memory"), ("kv", "no_kv_cache_memory", "KV cache"),
-     ("maxlen", "max_model_len_too_large", "max_model_len")],
-)
-def test_crash_during_start_fails_fast_with_status_log_tail_and_cause(vllm_settings, docker_client, tag, cause,
-                                                                        words):
-    settings = with_changes(vllm_settings, vllm_tag=tag, vllm_ready_timeout_s=60)
-    t0 = time.monotonic()
-    with pytest.raises(ContainerStartError) as err:
-        VllmDockerBackend(settings).start(make_cached_model(settings), FP16, GIB, [gpu()])
-    assert time.monotonic() - t0 < 10  # fails fast, not at the 60 s deadline
-    e = err.value
-    assert e.cause == cause
-    assert "exited with status 1" in e.message and words in e.message
-    assert any("EngineCore failed to start" in line for line in e.log_tail)
-    assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
-
-
-@pytest.mark.docker
-def test_readiness_timeout_stops_and_removes_the_container(vllm_settings, docker_client):
-    settings = with_changes(vllm_settings, vllm_tag="never-ready", vllm_ready_timeout_s=1.5)
-    with pytest.raises(ContainerStartError) as err:
-        VllmDockerBackend(settings).start(make_cached_model(settings), FP16, GIB, [gpu()])
-    assert err.value.cause == "ready_timeout" and "1.5 s" in err.value.message
-    assert any("Application startup complete" in line for line in err.value.log_tail)
-    assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
-
-
-@pytest.mark.docker
-def test_cancel_during_start_removes_the_container(vllm_settings, docker_client):
-    settings = with_changes(vllm_settings, vllm_tag="never-ready", vllm_ready_timeout_s=30)
-    stop = threading.Event()
-    threading.Timer(1.0, stop.set).start()
-    t0 = time.monotonic()
-    with pytest.raises(OperationCancelledError):
-        VllmDockerBackend(settings).start(make_cached_model(settings), FP16, GIB, [gpu()], cancel=stop.is_set)
-    assert time.monotonic() - t0 < 5
-    assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
-
-
-@pytest.mark.docker
-def test_missing_image_says_how_to_get_it_and_creates_nothing(vllm_settings, docker_client):
-    settings = with_changes(vllm_settings, vllm_tag="not-built")
-    before = names_on_engine(docker_client)
-    with pytest.raises(ContainerStartError) as err:
-        VllmDockerBackend(settings).start(make_cached_model(settings), FP16, GIB, [gpu()])
-    assert err.value.cause == "image_missing"
-    assert "docker pull memctl-test/fake-vllm:not-built" in err.value.hint
-    assert names_on_engine(docker_client) == before
-
-
-@pytest.mark.docker
-def test_port_already_in_use_is_a_clear_error(vllm_settings, docker_client):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", vllm_settings.vllm_port))
-        s.listen()
-        with pytest.raises(ContainerError, match=f"port {vllm_settings.vllm_port} on 127.0.0.1 is already in use"):
-            VllmDockerBackend(vllm_settings).start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
-    assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
-
-
-@pytest.mark.docker
-def test_name_squatted_by_a_foreign_container_is_refused_and_left_alone(vllm_settings, docker_client,
-                                                                           fake_vllm_image):
-    name = container_name_for("Org/Tiny-Llama")
-    squatter = docker_client.containers.run(fake_vllm_image, ["x", "--port", str(free_port())], name=name,
-                                            detach=True, network_mode="host")
-    try:
-        backend = VllmDockerBackend(vllm_settings)
-        with pytest.raises(ContainerError, match="memctl did not start it"):
-            backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
-        with pytest.raises(ContainerError, match="refusing to stop"):
-            backend.stop(name)
-        squatter.reload()
-        assert squatter.status == "running"
-        assert name not in {c.name for c in backend.list()}
-    finally:
-        squatter.remove(force=True)
-
-
-@pytest.mark.docker
-def test_stop_with_init_is_quick_and_removes_the_container(vllm_settings, docker_client):
-    backend = VllmDockerBackend(vllm_settings)
-    info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
-    t0 = time.monotonic()
-    backend.stop(info.name)
-    assert time.monotonic() - t0 < 2.0
-    assert info.name not in names_on_engine(docker_client)
-    with pytest.raises(ContainerError, match="already gone"):
-        backend.stop(info.name)
-
-
-@pytest.mark.docker
-def test_stop_all_managed_leaves_an_unlabelled_container_running(vllm_settings, docker_client, fake_vllm_image):
-    backend = VllmDockerBackend(vllm_settings)
-    info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
-    other = docker_client.containers.run(fake_vllm_image, ["x", "--port", str(free_port())],
-                                         name=f"not-memctl-{vllm_settings.vllm_port}", detach=True,
-                                         network_mode="host")
-    try:
-        results = backend.stop_all_managed()
-        assert (info.name, True) in [(n, ok) for n, ok, _ in results]
-        assert other.name not in [n for n, _, _ in results]
-        other.reload()
-        assert other.status == "running"
-        assert info.name not in names_on_engine(docker_client)
-    finally:
-        other.remove(force=True)
-
-
-@pytest.mark.docker
-def test_a_new_backend_instance_finds_the_running_container(vllm_settings):
-    first = VllmDockerBackend(vllm_settings)
-    info = first.start(make_cached_model(vllm_settings), FP16.with_(batch=2), GIB, [gpu()])
-    first.close()
-    again = VllmDockerBackend(vllm_settings)  # e.g. a restarted dashboard
-    found = {c.name: c for c in again.list()}
-    c = found[info.name]
-    assert c.state == "running" and c.health == "ready" and c.model_id == "Org/Tiny-Llama"
-    assert c.port == vllm_settings.vllm_port and c.profile["batch"] == 2
-    assert c.uptime_s is not None and 0 <= c.uptime_s < 60
-    assert again.verify(info.name)
-    again.stop(info.name)
-    assert info.name not in {x.name for x in again.list()}
-
-
-@pytest.mark.docker
-def test_list_shows_a_starting_container_while_start_waits(vllm_settings):
-    settings = with_changes(vllm_settings, vllm_tag="slow")
-    backend = VllmDockerBackend(settings)
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.setdefault(
-        "info", backend.start(make_cached_model(settings), FP16, GIB, [gpu()])))
-    t.start()
-    try:
-        seen = set()
-        deadline = time.monotonic() + 10
-        while t.is_alive() and time.monotonic() < deadline:
-            seen |= {(c.state, c.health) for c in backend.list()}
-            time.sleep(0.2)
-    finally:
-        t.join(30)
-    assert ("running", "starting") in seen
-    assert result["info"].health == "ready"
-
-
-@pytest.mark.docker
-def test_a_stale_exited_container_of_ours_is_replaced(vllm_settings, docker_client):
-    backend = VllmDockerBackend(vllm_settings)
-    info = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
-    docker_client.containers.get(info.name).kill()
-    assert {c.name: c.health for c in backend.list()}[info.name] == "stopped"
-    again = backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
-    assert again.container_id != info.container_id and again.health == "ready"
-    with pytest.raises(ContainerError, match="already running"):
-        backend.start(make_cached_model(vllm_settings), FP16, GIB, [gpu()])
+def test_an_image_refusing_the_quantization_gets_a_plain_words_cause():
+    key, words = classify_failure(["vllm serve: error: argument --quantization/-q: invalid choice: 'bitsandbytes'"])
+    assert key == "quantization_unsupported" and "v0.27" in words

@@ -1,0 +1,75 @@
+"""Who holds memory, at run time: the probe's processes, backends' containers, Ollama's models, named.
+
+Glue between the pure classifier (holders.py) and what can only be asked at run time. Ollama is not a
+backend memctl starts models on: it is another holder memctl may ask to unload, reached through the
+client named by :data:`OLLAMA_CLIENT` (imported by name: the core never imports ``backends``). A
+backend that can map PIDs to what it runs offers ``containers_for_pids(pids, timeout_s)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .backend import DeploymentState
+from .holders import MemoryHolder, classify
+from .types import SystemSnapshot
+
+if TYPE_CHECKING:
+    from .controller import MemoryController
+
+OLLAMA_CLIENT = "backends.ollama:create"
+_lock = threading.Lock()
+
+
+def ollama_client(ctl: MemoryController) -> Any | None:
+    """The controller's one Ollama client (None when the client module cannot be built)."""
+    with _lock:
+        client = getattr(ctl, "_ollama_client", None)
+        if client is None and not getattr(ctl, "_ollama_failed", False):
+            module, _, attr = OLLAMA_CLIENT.partition(":")
+            try:
+                client = getattr(importlib.import_module(module), attr)(ctl.settings, ctl.probe)
+            except Exception:  # noqa: BLE001 - no client: Ollama is simply not asked
+                ctl._ollama_failed = True  # type: ignore[attr-defined]
+                return None
+            ctl._ollama_client = client  # type: ignore[attr-defined]
+        return client
+
+
+def ollama_models(ctl: MemoryController) -> list | None:
+    client = ollama_client(ctl)
+    return None if client is None else client.loaded(max_age_s=5.0)
+
+
+def holders(ctl: MemoryController, snap: SystemSnapshot | None = None) -> list[MemoryHolder]:
+    """Every process NVML reports on a GPU, named (this memctl, its containers, foreign containers, Ollama,
+    other processes, the desktop), with its bytes."""
+    from .probe.processes import process_info
+
+    snap = snap or ctl.probe.snapshot()
+    pids = sorted({p.pid for g in snap.gpus for p in g.processes})
+    if not pids:
+        return []
+    procs = process_info(pids, memctl_pids=_owner_pids(ctl))
+    containers: dict = {}
+    backends = ctl.backends()
+    for b in backends.values():
+        mapper = getattr(b, "containers_for_pids", None)
+        if mapper is None:
+            continue
+        try:
+            containers.update(mapper(pids, timeout_s=2.0))
+        except Exception:  # noqa: BLE001 - unknown containers are named as plain processes
+            continue
+    own = [d for d in ctl.deployments()
+           if d.state is not DeploymentState.STOPPED and d.backend_id in backends
+           and backends[d.backend_id].capabilities.generates_in_process]
+    return classify(snap, procs, containers, ollama_models(ctl), own, os.getpid())
+
+
+def _owner_pids(ctl: MemoryController) -> tuple[int, ...]:
+    pid = getattr(ctl, "owner_pid", None)
+    return (pid,) if isinstance(pid, int) and pid != os.getpid() else ()

@@ -1,0 +1,95 @@
+"""IDE settings for the memctl server (pure): a Roo Code settings export and a Continue config.yaml.
+
+Both carry exactly the context the server enforces (``context_window``) and the one output rule
+:func:`max_output_tokens`. Roo Code's "Import" validates the file with its own schema
+(``providerProfiles``: ``currentApiConfigName`` + ``apiConfigs.<name>``; the model info needs
+``contextWindow`` and ``supportsPromptCache``) and budgets ``contextWindow × 0.9 − maxTokens`` for the
+prompt, with ``maxTokens`` at most 20% of the window.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+PROFILE_NAME = "memctl"
+MAX_OUTPUT_FRACTION = 0.2  # Roo Code caps maxTokens at 20% of the window
+MAX_OUTPUT_CAP_TOKENS = 8192  # beyond this a longer answer only takes room from the prompt
+
+
+def max_output_tokens(context_window: int) -> int:
+    """The largest answer an IDE is told to ask for: 20% of the window, at most 8192, at least 1.
+
+    The one rule every IDE setting and the dashboard use, so prompt + answer stays within what the
+    server enforces.
+    """
+    if context_window < 1:
+        raise ValueError(f"context_window must be at least 1 token, got {context_window}")
+    return max(1, min(int(context_window * MAX_OUTPUT_FRACTION), MAX_OUTPUT_CAP_TOKENS))
+
+
+def _check(base_url: str, model_id: str, context_window: int) -> None:
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+    if not model_id:
+        raise ValueError("model_id must not be empty")
+    if context_window < 1:
+        raise ValueError(f"context_window must be at least 1 token, got {context_window}")
+
+
+def roo_settings(base_url: str, model_id: str, context_window: int, api_key: str | None = None) -> dict[str, Any]:
+    """A Roo Code settings export (Settings → About → Import) with one "OpenAI Compatible" profile.
+
+    ``base_url`` is the OpenAI base (``http://127.0.0.1:8765/v1``). Roo Code asks for a key even
+    when the server needs none: a placeholder is written then. ``includeMaxTokens`` makes Roo send
+    ``max_completion_tokens`` so the server's context check sees the real answer size.
+    """
+    _check(base_url, model_id, context_window)
+    config: dict[str, Any] = {
+        "id": "memctl-local",
+        "apiProvider": "openai",
+        "openAiBaseUrl": base_url,
+        "openAiModelId": model_id,
+        "openAiApiKey": api_key or "not-needed",
+        "openAiStreamingEnabled": True,
+        "includeMaxTokens": True,
+        "openAiCustomModelInfo": {
+            "contextWindow": context_window,
+            "maxTokens": max_output_tokens(context_window),
+            "supportsImages": False,
+            "supportsPromptCache": False,
+        },
+    }
+    return {"providerProfiles": {"currentApiConfigName": PROFILE_NAME, "apiConfigs": {PROFILE_NAME: config}}}
+
+
+def continue_config(base_url: str, model_id: str, context_window: int, api_key: str | None = None) -> str:
+    """A Continue ``config.yaml`` with one model for chat, edit, apply and autocomplete.
+
+    Strings are written as JSON scalars (valid YAML), so no model id or URL can break the file.
+    """
+    _check(base_url, model_id, context_window)
+    q = json.dumps
+    lines = [
+        f"name: {q('memctl')}",
+        "version: 1.0.0",
+        "schema: v1",
+        "models:",
+        f"  - name: {q('memctl ' + model_id)}",
+        "    provider: openai",
+        f"    model: {q(model_id)}",
+        f"    apiBase: {q(base_url)}",
+    ]
+    if api_key:
+        lines.append(f"    apiKey: {q(api_key)}")
+    lines += [
+        "    roles:",
+        "      - chat",
+        "      - edit",
+        "      - apply",
+        "      - autocomplete",
+        "    defaultCompletionOptions:",
+        f"      contextLength: {int(context_window)}",
+        f"      maxTokens: {max_output_tokens(context_window)}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,321 @@
+"""``memctl serve``, ``memctl ps``, ``memctl unload MODEL``, ``memctl ide roo|continue``.
+
+Each handler is ``(args, ctl_or_client) -> exit code``: the local controller, or a
+:class:`~server.client.RemoteController` of the machine's owner process when one runs (then the
+command acts on the models that process holds). :func:`add_commands` registers them with
+``func(args, settings)`` wrappers that pick the controller, so ``memory_controller.cli.main`` runs
+them like its other sub-commands. Exit codes: 0 ok, 1 the operation failed, 2 bad input (unknown or
+malformed model id, bad port); messages and hints on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from memory_controller import errors
+from memory_controller.types import to_jsonable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memory_controller.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Any], int]
+_BAD_INPUT = (errors.InvalidModelIdError, errors.ModelNotFoundError, errors.SettingsError)
+
+
+# --------------------------------------------------------------------------- wiring
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535 (0: any free port)")
+    return value
+
+
+def _print_error(exc: errors.MemctlError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
+    print(f"error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+
+
+def controller_for(settings: Settings) -> Any:
+    """A client of the live owner process, else a local MemoryController."""
+    from .owner import connect
+
+    client = connect(settings)
+    if client is not None:
+        return client
+    from memory_controller import MemoryController
+
+    return MemoryController(settings)
+
+
+def run_handler(handler: Handler, args: argparse.Namespace, settings: Settings, *, local: bool = False) -> int:
+    """Build the controller (``local``: never a client) and run ``handler``; errors become exit codes."""
+    as_json = bool(getattr(args, "json", False))
+    ctl = None
+    try:
+        if local:
+            from memory_controller import MemoryController
+
+            ctl = MemoryController(settings)
+        else:
+            ctl = controller_for(settings)
+        return int(handler(args, ctl))
+    except errors.MemctlError as exc:
+        _print_error(exc, as_json)
+        return 2 if isinstance(exc, _BAD_INPUT) else 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug must still not print a traceback at the user
+        _print_error(errors.MemctlError(f"internal error: {type(exc).__name__}: {exc}",
+                                        "please report it with the command you ran"), as_json)
+        return 1
+    finally:
+        close = getattr(ctl, "close", None)
+        if getattr(ctl, "remote", False) and close is not None:
+            close()
+
+
+def _wrap(handler: Handler, *, local: bool = False) -> Callable[[argparse.Namespace, Settings], int]:
+    def func(args: argparse.Namespace, settings: Settings) -> int:
+        return run_handler(handler, args, settings, local=local)
+
+    func.__name__ = handler.__name__
+    return func
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``serve``, ``ps``, ``unload``, ``ide`` on memctl's sub-command parser."""
+    p = subparsers.add_parser("serve", help="run the memctl server (OpenAI-compatible API for the IDE) here")
+    p.add_argument("--port", type=_port, default=None, help="port (default: serve_port, 8765; 0: any free port)")
+    p.set_defaults(func=cmd_serve_entry, handler=cmd_serve)
+
+    p = subparsers.add_parser("ps", help="what runs: model, backend, endpoint, context, memory, requests")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_wrap(cmd_ps), handler=cmd_ps)
+
+    p = subparsers.add_parser("unload", help="unload a model (through the memctl server when one runs)")
+    p.add_argument("model", help="model id, as `memctl ps` shows it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_wrap(cmd_unload), handler=cmd_unload)
+
+    p = subparsers.add_parser("ide", help="print IDE settings for the memctl server (Roo Code, Continue)")
+    ide_sub = p.add_subparsers(dest="ide", required=True)
+    for name, what in (("roo", "a Roo Code settings file (Settings → Import)"),
+                       ("continue", "a Continue config.yaml")):
+        q = ide_sub.add_parser(name, help=what)
+        q.add_argument("--model", default=None, help="model id (default: the one running)")
+        q.set_defaults(func=_wrap(cmd_ide), handler=cmd_ide)
+
+
+register = add_commands  # memory_controller.cli's sub-command modules expose register(subparsers)
+
+
+# --------------------------------------------------------------------------- serve
+def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
+    from .owner import read_owner
+
+    try:
+        owner = read_owner(settings, wait_s=0.5)
+    except errors.MemctlError as exc:
+        _print_error(exc, False)
+        return 1
+    if owner is not None:
+        _print_error(errors.MemctlError(f"the memctl server already runs (PID {owner.pid}) at {owner.url}",
+                                        "use it (its OpenAI base URL is " + owner.url + "/v1), or stop it first",
+                                        code="owner_exists"), False)
+        return 1
+    return run_handler(cmd_serve, args, settings, local=True)
+
+
+def cmd_serve(args: argparse.Namespace, ctl: Any) -> int:
+    """Serve in the foreground until Ctrl-C; prints the URLs once it answers."""
+    from .runner import ServerHandle
+
+    handle = ServerHandle(ctl, ctl.settings, port=args.port, log_level="info")
+
+    def ready(url: str) -> None:
+        print(f"memctl server on {url} (PID {_pid()})", flush=True)
+        print(f"OpenAI base URL for the IDE: {url}/v1", flush=True)
+        print("Ctrl-C stops it", flush=True)
+
+    try:
+        handle.serve_forever(on_ready=ready)
+    except KeyboardInterrupt:
+        pass
+    print("memctl server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+# --------------------------------------------------------------------------- ps
+def _base_url(ctl: Any) -> str | None:
+    owner = getattr(ctl, "owner", None)
+    return f"{owner.url}/v1" if owner is not None else None
+
+
+def ps_rows(ctl: Any) -> list[dict[str, Any]]:
+    """One JSON-ready row per deployment, with the server's queue and idle countdown when it runs."""
+    serve: dict[str, dict] = {}
+    in_flight: dict[str, int] = {}
+    if getattr(ctl, "remote", False):
+        serve = ctl.serve_status() or {}
+    fn = getattr(ctl, "in_flight", None)
+    if fn is not None:
+        in_flight = dict(fn())
+    served_at = _base_url(ctl)
+    rows = []
+    for d in ctl.deployments():
+        s = serve.get(d.model_id, {})
+        rows.append({
+            "model": d.model_id,
+            "backend": d.backend_id,
+            "state": getattr(d.state, "value", d.state),
+            "endpoint": served_at or d.endpoint,
+            "backend_endpoint": d.endpoint,
+            "context_tokens": d.context_tokens,
+            "precision": getattr(getattr(d.profile, "precision", None), "value", None),
+            "memory_bytes": dict(d.memory_bytes),
+            "in_flight": s.get("in_flight", in_flight.get(d.model_id, 0)),
+            "queued": s.get("queued", 0),
+            "idle_unload_in_s": s.get("idle_unload_in_s"),
+            "tools_parsed": s.get("tools_parsed"),
+        })
+    return rows
+
+
+def _fmt_idle(seconds: Any) -> str:
+    if seconds is None:
+        return "—"
+    s = int(seconds)
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
+    from memory_controller.units import fmt_bytes
+
+    rows = ps_rows(ctl)
+    if args.json:
+        owner = getattr(ctl, "owner", None)
+        print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows},
+                         ensure_ascii=False, indent=2))
+        return 0
+    if not getattr(ctl, "remote", False):
+        print("No memctl server runs (`memctl serve` starts one); models of this process only.", file=sys.stderr)
+    if not rows:
+        print("No models running.")
+        return 0
+    table = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN"]]
+    for r in rows:
+        memory = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(r["memory_bytes"].items())) or "—"
+        flight = str(r["in_flight"]) + (f" (+{r['queued']} queued)" if r["queued"] else "")
+        table.append([r["model"], r["backend"], r["endpoint"] or "—",
+                      "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory, flight,
+                      _fmt_idle(r["idle_unload_in_s"])])
+    print(_table(table))
+    for r in rows:
+        if r["tools_parsed"] is False:
+            print(f"note: {r['model']}: tool calls are not parsed (unknown model family); text comes back as is")
+    return 0
+
+
+# --------------------------------------------------------------------------- unload
+def cmd_unload(args: argparse.Namespace, ctl: Any) -> int:
+    report = ctl.unload(args.model)
+    data = to_jsonable(report)
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        message = data.get("message") if isinstance(data, dict) else None
+        text = message.get("text") if isinstance(message, dict) else str(message or "")
+        print(text or f"unloaded {args.model}")
+    verdict = data.get("verdict") if isinstance(data, dict) else None
+    return 1 if verdict == "error" else 0
+
+
+# --------------------------------------------------------------------------- ide
+def _running(ctl: Any, model_id: str | None) -> Any | None:
+    ready = [d for d in ctl.deployments() if getattr(d.state, "value", d.state) == "ready"]
+    if model_id is None:
+        if len(ready) > 1:
+            names = ", ".join(d.model_id for d in ready)
+            raise errors.InvalidModelIdError(f"several models run ({names})", "name one: --model M")
+        return ready[0] if ready else None
+    return next((d for d in ready if d.model_id == model_id), None)
+
+
+def served_context(ctl: Any, model_id: str | None) -> tuple[str, int, tuple[Any, ...]]:
+    """(model id, the context the server enforces for it, notes): a running deployment's context,
+    else what ``ctl.plan(..., purpose="ide")`` would serve it with."""
+    dep = _running(ctl, model_id)
+    if dep is not None and dep.context_tokens:
+        return dep.model_id, int(dep.context_tokens), ()
+    if model_id is None:
+        raise errors.InvalidModelIdError("no model runs", "name one: --model M (`memctl models` lists them)")
+    plan = ctl.plan(default_backend_id(ctl, model_id), model_id, purpose="ide")
+    get = plan.get if isinstance(plan, dict) else (lambda k, d=None: getattr(plan, k, d))
+    profile = get("profile")
+    ctx = profile.get("context_tokens") if isinstance(profile, dict) else getattr(profile, "context_tokens", None)
+    blockers = tuple(get("blockers", ()) or ())
+    if not get("fits", True) or not ctx:
+        why = "; ".join(_text(b) for b in blockers) or "it does not fit in free memory"
+        raise errors.InsufficientMemoryError(f"{model_id} cannot be served here: {why}",
+                                             _text(get("suggestion")) or "free memory or pick a smaller model")
+    return model_id, int(ctx), tuple(get("notes", ()) or ())
+
+
+def default_backend_id(ctl: Any, model_id: str) -> str:
+    """The backend an on-demand load of ``model_id`` would use (the server's choice)."""
+    return str(ctl.serving_backend_id())
+
+
+def _text(m: Any) -> str:
+    if m is None:
+        return ""
+    if isinstance(m, dict):
+        return str(m.get("text") or m.get("code") or "")
+    return str(m)
+
+
+def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
+    from memory_controller.ide import continue_config, roo_settings
+
+    settings = ctl.settings
+    model_id, ctx, notes = served_context(ctl, args.model)
+    base_url = _base_url(ctl)
+    if base_url is None:
+        host = settings.bind_address if settings.bind_address not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        base_url = f"http://{host}:{settings.serve_port}/v1"
+        print(f"note: no memctl server runs now; start it with `memctl serve` (it will answer at {base_url})",
+              file=sys.stderr)
+    key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
+    for note in notes:
+        print(f"note: {_text(note)}", file=sys.stderr)
+    if ctx < settings.ide_min_context:
+        print(f"warning: {model_id} is served with a {ctx}-token context, below the {settings.ide_min_context} "
+              "tokens an IDE assistant needs: it may fail (\"Roo is having trouble\"); free memory, or pick a "
+              "model that fits a longer context", file=sys.stderr)
+    if args.ide == "roo":
+        print(json.dumps(roo_settings(base_url, model_id, ctx, key), ensure_ascii=False, indent=2))
+    else:
+        sys.stdout.write(continue_config(base_url, model_id, ctx, key))
+    return 0

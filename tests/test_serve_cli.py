@@ -1,0 +1,113 @@
+"""`memctl serve` in one process, `memctl ps / unload / ide` in others acting through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from memory_controller.ide import max_output_tokens
+from memory_controller.settings import load_settings
+from server.cli import controller_for
+from tests.conftest import ROOT
+from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
+from tests.model_factory import hf_env
+from tests.test_owner import OWNER_SCRIPT, _env, start_owner, stop, wait_published
+
+BACKENDS = json.dumps({"inmem": "tests.inmemory_backend:create"})
+
+
+def memctl(tmp_path, hf_cache, *args: str) -> subprocess.CompletedProcess:
+    env = _env(tmp_path, MEMCTL_BACKENDS=BACKENDS, **hf_env(hf_cache))
+    return subprocess.run([sys.executable, "-c", OWNER_SCRIPT, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture()
+def served(tmp_path, hf_cache, monkeypatch):
+    """An owner process serving the in-memory backend; yields its OwnerInfo."""
+    for key, value in hf_env(hf_cache).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MEMCTL_BACKENDS", BACKENDS)
+    proc = start_owner(tmp_path, MEMCTL_BACKENDS=BACKENDS, **hf_env(hf_cache))
+    try:
+        yield wait_published(load_settings(), proc)
+    finally:
+        stop(proc)
+
+
+def test_ps_ide_and_unload_from_other_processes_see_the_owners_model(served, tmp_path, hf_cache):
+    # this test process loads a model through the owner
+    client = controller_for(load_settings())
+    assert getattr(client, "remote", False) and client.owner.pid == served.pid
+    with client:
+        client.apply("inmem", TINY_ID)
+        (dep,) = client.deployments()
+    assert dep.context_tokens and os.getpid() != served.pid
+
+    ps = memctl(tmp_path, hf_cache, "ps", "--json")
+    assert ps.returncode == 0, ps.stderr
+    data = json.loads(ps.stdout)
+    assert data["server"] == {"url": served.url, "pid": served.pid}
+    (row,) = data["models"]
+    assert row["model"] == TINY_ID and row["backend"] == "inmem"
+    assert row["endpoint"] == served.url + "/v1"
+    assert row["context_tokens"] == dep.context_tokens
+    assert row["memory_bytes"] == dict(dep.memory_bytes) and row["in_flight"] == 0
+
+    text = memctl(tmp_path, hf_cache, "ps")
+    assert text.returncode == 0 and TINY_ID in text.stdout and "CONTEXT" in text.stdout
+
+    roo = memctl(tmp_path, hf_cache, "ide", "roo")  # the running model by default
+    assert roo.returncode == 0, roo.stderr
+    cfg = json.loads(roo.stdout)["providerProfiles"]["apiConfigs"]["memctl"]
+    assert cfg["openAiBaseUrl"] == served.url + "/v1" and cfg["openAiModelId"] == TINY_ID
+    assert cfg["openAiCustomModelInfo"]["contextWindow"] == dep.context_tokens
+    assert cfg["openAiCustomModelInfo"]["maxTokens"] == max_output_tokens(dep.context_tokens)
+    assert "below the 32768" in roo.stderr  # the tiny model's context is under the IDE minimum
+
+    unload = memctl(tmp_path, hf_cache, "unload", TINY_ID)
+    assert unload.returncode == 0, unload.stderr
+    assert "freed" in unload.stdout
+    assert json.loads(memctl(tmp_path, hf_cache, "ps", "--json").stdout)["models"] == []
+
+
+def test_ide_for_a_model_not_running_carries_the_context_the_owner_would_serve(served, tmp_path, hf_cache):
+    with controller_for(load_settings()) as client:
+        want = client.plan(client.serving_backend_id(), TINY_UNTIED_ID, purpose="ide").profile.context_tokens
+    out = memctl(tmp_path, hf_cache, "ide", "continue", "--model", TINY_UNTIED_ID)
+    assert out.returncode == 0, out.stderr
+    (model,) = yaml.safe_load(out.stdout)["models"]
+    assert model["apiBase"] == served.url + "/v1" and model["model"] == TINY_UNTIED_ID
+    assert model["defaultCompletionOptions"]["contextLength"] == want
+    assert "autocomplete" in model["roles"]
+
+
+@pytest.mark.parametrize("args", [("ide", "roo", "--model", "memctl-test/not-there"),
+                                  ("ide", "roo", "--model", "../etc"),
+                                  ("unload", TINY_ID)])
+def test_bad_input_through_the_owner_exits_2_with_a_message_and_no_traceback(served, tmp_path, hf_cache, args):
+    out = memctl(tmp_path, hf_cache, *args)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_without_an_owner_the_commands_act_locally_and_say_so(tmp_path, hf_cache):
+    ps = memctl(tmp_path, hf_cache, "ps")
+    assert ps.returncode == 0 and "No memctl server runs" in ps.stderr and "No models running" in ps.stdout
+    roo = memctl(tmp_path, hf_cache, "ide", "roo", "--model", TINY_ID)
+    assert roo.returncode == 0, roo.stderr
+    assert "memctl serve" in roo.stderr
+    cfg = json.loads(roo.stdout)["providerProfiles"]["apiConfigs"]["memctl"]
+    assert cfg["openAiBaseUrl"] == "http://127.0.0.1:8765/v1"
+    no_model = memctl(tmp_path, hf_cache, "ide", "roo")
+    assert no_model.returncode == 2 and "--model" in no_model.stderr
+
+
+def test_serve_rejects_a_bad_port_with_exit_2(tmp_path, hf_cache):
+    out = memctl(tmp_path, hf_cache, "serve", "--port", "70000")
+    assert out.returncode == 2 and "70000" in out.stderr and "Traceback" not in out.stderr
