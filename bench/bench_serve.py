@@ -12,6 +12,7 @@
    section 2 can run, else the fake vLLM container backend.
 
 Run: .venv/bin/python bench/bench_serve.py [--rounds N] [--skip-proxy] [--skip-transformers]
+(section 2 uses the ~63 M-parameter test shape; MEMCTL_BENCH_SERVE_05B=1 takes the ~0.5 B one, slow on 2 cores)
 Nothing is left running: containers, the private dockerd and the servers are stopped at the end.
 """
 
@@ -56,7 +57,7 @@ def free_port() -> int:
 def post_stream(port: int, path: str, body: dict) -> tuple[float, float, bytes]:
     """(seconds to the first body byte, seconds to the end, body) on a fresh connection."""
     payload = json.dumps(body).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
     t0 = time.perf_counter()
     conn.request("POST", path, body=payload, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -247,7 +248,7 @@ def transformers_generation_available(ctl: Any) -> str | None:
 def bench_transformers(rounds: int, work: Path) -> dict[str, Any]:
     from memory_controller import MemoryController
 
-    shape = getattr(mf, "BENCH_05B", mf.BIG)
+    shape = getattr(mf, "BENCH_05B", mf.BIG) if os.environ.get("MEMCTL_BENCH_SERVE_05B") else mf.BIG
     hub = build_hub(work, shape, ("bench-tf-a", "bench-tf-b"))
     settings = load_settings(hf_cache_dir=hub, local_model_dirs=[], state_dir=work / "state-tf",
                              docker_host="unix:///nonexistent.sock")
@@ -268,8 +269,7 @@ def bench_transformers(rounds: int, work: Path) -> dict[str, Any]:
         ep = []
         for _ in range(rounds):
             _, t_end, raw = post_stream(server.port, "/v1/completions", body)
-            usage = [json.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: {")][-1]
-            ep.append(usage["usage"]["completion_tokens"] / t_end)
+            ep.append(completion_tokens(raw, COMPLETION_TOKENS) / t_end)
         out["endpoint_tok_s"] = median(ep)
         out.update(plain_generate(ctl, a, prompt, rounds))
         out["endpoint_vs_generate"] = out["endpoint_tok_s"] / out["generate_tok_s"]
@@ -281,6 +281,18 @@ def bench_transformers(rounds: int, work: Path) -> dict[str, Any]:
         server.stop()
         ctl.emergency_clear()
     return out
+
+
+def completion_tokens(raw: bytes, max_tokens: int) -> int:
+    """Tokens an SSE answer produced: its usage chunk, else max_tokens when it stopped for length,
+    else the number of text chunks."""
+    events = [json.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: {")]
+    for ev in reversed(events):
+        if ev.get("usage"):
+            return int(ev["usage"]["completion_tokens"])
+    if any(c.get("finish_reason") == "length" for ev in events for c in ev.get("choices", ())):
+        return max_tokens
+    return sum(1 for ev in events for c in ev.get("choices", ()) if c.get("text"))
 
 
 def plain_generate(ctl: Any, model_id: str, prompt: str, rounds: int) -> dict[str, float]:
@@ -324,8 +336,7 @@ def transformers_serve(ctl: Any, model_id: str, body: dict, rounds: int) -> dict
         rates = []
         for _ in range(rounds):
             _, t_end, raw = post_stream(port, "/v1/completions", {**body, "model": path})
-            n = sum(1 for line in raw.split(b"\n") if line.startswith(b"data: {") and b'"text":""' not in line)
-            rates.append(n / t_end)
+            rates.append(completion_tokens(raw, body["max_tokens"]) / t_end)
         return {"serve_tok_s": median(rates)}
     finally:
         proc.terminate()
