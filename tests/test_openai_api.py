@@ -288,7 +288,7 @@ class UnknownFamilyBackend(InMemoryBackend):
 def test_unknown_family_accepts_tools_and_returns_the_text(base_settings):
     for s in _serve(base_settings, make_backend=UnknownFamilyBackend):
         s.ctl.ensure_deployment(TINY_ID)
-        assert s.service.status()[TINY_ID]["tool_parser"] is None  # `memctl ps` says tools are not parsed
+        assert s.service.status()[TINY_ID]["tools_parsed"] is False  # `memctl ps` says tools are not parsed
         text, finishes, _ = _stream_text(s.client.chat.completions.create(
             model=TINY_ID, tools=TOOLS, stream=True,
             messages=[{"role": "user", "content": 'call read_file {"path": "x"}'}]))
@@ -299,7 +299,7 @@ def test_unknown_family_accepts_tools_and_returns_the_text(base_settings):
 def test_status_names_the_tool_parser(served):
     served.ctl.ensure_deployment(TINY_ID)
     assert served.service.status()[TINY_ID] == {"in_flight": 0, "queued": 0, "idle_unload_in_s": None,
-                                                "tool_parser": "qwen"}
+                                                "tool_parser": "qwen", "tools_parsed": True}
 
 
 # --------------------------------------------------------------------------- models on demand

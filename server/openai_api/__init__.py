@@ -67,8 +67,8 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ public
     def status(self) -> dict[str, dict]:
-        """model_id -> {"in_flight", "queued", "idle_unload_in_s", "tool_parser"} for running or asked-for
-        models (``tool_parser``: "engine", "qwen", "llama3", "mistral", or None = tools not parsed)."""
+        """model_id -> {"in_flight", "queued", "idle_unload_in_s", "tool_parser", "tools_parsed"} for running
+        or asked-for models (``tool_parser``: "engine", "qwen", "llama3", "mistral", or None = tools not parsed)."""
         return self.scheduler.status()
 
     def close(self) -> None:

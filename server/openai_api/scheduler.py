@@ -88,7 +88,8 @@ class Scheduler:
         return None
 
     def status(self) -> dict[str, dict]:
-        """model_id -> {"in_flight", "queued", "idle_unload_in_s", "tool_parser"} for running or asked-for models."""
+        """model_id -> {"in_flight", "queued", "idle_unload_in_s", "tool_parser", "tools_parsed"} for running or
+        asked-for models."""
         idle_s = float(self.settings.serve_idle_unload_s or 0)
         now = time.monotonic()
         try:
@@ -112,6 +113,7 @@ class Scheduler:
         for model_id, entry in out.items():
             dep = deps.get(model_id)
             entry["tool_parser"] = self.tool_parser(dep) if dep is not None else None
+            entry["tools_parsed"] = entry["tool_parser"] is not None if dep is not None else None
         return out
 
     def tool_parser(self, dep: Deployment) -> str | None:
