@@ -422,3 +422,19 @@ def test_beyond_loopback_v1_needs_the_bearer_key(base_settings):
         assert r.status_code == 401
         ok = openai.OpenAI(base_url=s.base_url, api_key="s3cret", max_retries=0)
         assert TINY_ID in {m.id for m in ok.models.list().data}
+
+
+def test_close_ends_a_running_stream_with_an_error_event(served):
+    served.ctl.ensure_deployment(TINY_ID)
+    served.backend.token_delay_s = 0.3
+    stream = served.client.chat.completions.create(
+        model=TINY_ID, stream=True, messages=[{"role": "user", "content": "one two three four five six"}])
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            if chunk.choices and "echo" in (chunk.choices[0].delta.content or ""):
+                served.service.close()
+    assert "server is stopping" in str(err.value.message)
+    deadline = time.monotonic() + 5
+    while served.ctl.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.ctl.in_flight() == {}

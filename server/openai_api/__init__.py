@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,7 @@ class OpenAIService:
         self.scheduler = Scheduler(ctl, settings, self._default_backend_id)
         self.proxy = Proxy(settings)
         self._ctx_cache: dict[str, tuple[float, Any, int | None, bool]] = {}
+        self._runs: set[Run] = set()
         router = APIRouter(prefix="/v1", lifespan=self._lifespan)
         router.add_api_route("/models", self._models, methods=["GET"])
         router.add_api_route("/chat/completions", self._chat, methods=["POST"])
@@ -72,6 +74,11 @@ class OpenAIService:
         return self.scheduler.status()
 
     def close(self) -> None:
+        """Stop the idle timer and pending switches, and tell running generations and proxied streams to
+        stop (their clients get an error event). Safe from any thread; idempotent."""
+        self.proxy.closed = True
+        for run in list(self._runs):
+            run.stop()
         self.scheduler.close()
         client = self.proxy._client
         self.proxy._client = None
@@ -207,8 +214,6 @@ class OpenAIService:
             raise
 
     async def _proxy(self, kind: str, raw: bytes, dep: Deployment, release: Any) -> Response:
-        import json
-
         body = json.loads(raw)
         slot_cm = self.ctl.generating(dep)
         slot = slot_cm.__enter__()
@@ -224,7 +229,10 @@ class OpenAIService:
 
     def _new_run(self, req: Any, dep: Deployment) -> Run:
         requested = req.requested_tokens if isinstance(req, schemas.ChatRequest) else req.max_tokens
-        return Run(self.ctl, dep, lambda n: schemas.generation_request(req, n), requested)
+        run = Run(self.ctl, dep, lambda n: schemas.generation_request(req, n), requested)
+        self._runs.add(run)
+        run.on_finish(lambda: self._runs.discard(run))
+        return run
 
     async def _first_event(self, run: Run, model_id: str) -> Any:
         """Wait for this model's FIFO turn, start the run, return its "start" event (or raise its error).
@@ -254,7 +262,7 @@ class OpenAIService:
         """("text", str) pieces, then ("end", (calls, finish_reason, usage)) or ("error", ApiError)."""
         tools = isinstance(req, schemas.ChatRequest) and req.tools_active
         tcs = ToolCallStream(first.family if tools else None)
-        finish, completion = "stop", 0
+        finish, completion, complete = "stop", 0, False
         try:
             assert run.reader is not None
             async for ev in run.reader:
@@ -265,13 +273,16 @@ class OpenAIService:
                     if ev.chunk.finish_reason:
                         finish = ev.chunk.finish_reason
                         completion = ev.chunk.completion_tokens or 0
+                        complete = finish != "cancelled"  # the answer ended on its own
                 elif ev.kind == "error":
                     yield "error", from_exception(ev.error)
                     return
-                elif ev.kind == "end" and (ev.cancelled_by_controller or finish == "cancelled"):
+                elif ev.kind == "end" and (finish == "cancelled" or (not complete and (ev.cancelled_by_controller
+                                                                                   or ev.stopped))):
                     why = {"emergency_clear": "an emergency clear ran", "unload": f"{req.model} was unloaded",
                            "switch": "another model is being loaded in its place"}.get(
-                        ev.reason or "", f"{req.model} was unloaded or an emergency clear ran")
+                        ev.reason or "", "the memctl server is stopping" if self.proxy.closed
+                        else f"{req.model} was unloaded or an emergency clear ran")
                     yield "error", ApiError(503, f"generation stopped: {why}", type_="server_error",
                                             code="generation_cancelled", headers={"x-should-retry": "false"})
                     return

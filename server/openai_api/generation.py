@@ -29,6 +29,7 @@ class Event:
     max_new_tokens: int = 0
     family: str | None = None
     cancelled_by_controller: bool = False
+    stopped: bool = False  # stop() was called (client gone, server closing) before the answer ended
     reason: str | None = None  # why the controller cancelled: "emergency_clear", "unload", "switch"
     error: BaseException | None = None
 
@@ -117,7 +118,7 @@ class Run:
                     if self._client_gone.is_set():
                         break
                 self._post(Event("end", cancelled_by_controller=bool(slot.cancelled()),
-                                 reason=getattr(slot, "reason", None)))
+                                 stopped=self._client_gone.is_set(), reason=getattr(slot, "reason", None)))
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, mapped to an HTTP error there
             self._post(Event("error", error=exc))
 

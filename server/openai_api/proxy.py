@@ -33,6 +33,7 @@ class Proxy:
     def __init__(self, settings: Any) -> None:
         self.settings = settings
         self._client: httpx.AsyncClient | None = None
+        self.closed = False  # the server is stopping: streams end with an error event
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -85,8 +86,9 @@ class Proxy:
             tail = b""  # the end of what came so far: a complete stream ends with "data: [DONE]"
             try:
                 async for raw in upstream.aiter_raw():
-                    if slot is not None and slot.cancelled():
-                        yield _stopped(dep, getattr(slot, "reason", None) or "").sse()
+                    if self.closed or (slot is not None and slot.cancelled()):
+                        yield _stopped(dep, "the memctl server is stopping" if self.closed
+                                       else getattr(slot, "reason", None) or "").sse()
                         yield b"data: [DONE]\n\n"
                         return
                     tail = (tail + raw)[-32:]
