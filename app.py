@@ -13,6 +13,13 @@ import time
 _T0 = time.perf_counter()  # the bench reads the script's own run time (bench/bench_ui.py)
 
 import streamlit as st  # noqa: E402
+from streamlit import config as _st_config  # noqa: E402
+
+# Streamlit runs a full gc.collect() after every script run, fragment ticks included: with the live
+# panel ticking every poll_interval_s that was ~70 ms of CPU per tick, most of an idle tab's cost
+# (issue 12.8), and it grows with the heap (an in-process model). Python's own generational GC
+# still runs.
+_st_config.set_option("runner.postScriptGC", False)
 
 from memory_controller.errors import SettingsError  # noqa: E402
 from pages import ui_common as ui  # noqa: E402

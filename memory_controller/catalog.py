@@ -1,19 +1,27 @@
 """Catalog of models the user can load: the Hugging Face cache plus local model directories.
 
-The HF cache is read through ``huggingface_hub.scan_cache_dir()`` (its layout is not ours to
-re-implement). Corrupt entries come back as warnings beside the list, never as an exception, and a
-missing cache is an empty list with a warning. Nothing here downloads anything.
+The HF cache layout (``models--org--name/{refs,snapshots,blobs}``) is read folder by folder:
+``huggingface_hub.scan_cache_dir()`` gives up on the whole cache for one bad entry (a snapshot that
+is a symlink loop) and stats every file of every revision, which is slow with thousands of models.
+Corrupt entries come back as one warning each beside the list, never as an exception; a missing cache
+is an empty list with a warning. Configs are read with size and depth limits. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import difflib
 import os
 import re
+import stat
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InvalidModelIdError, ModelLoadError, ModelNotFoundError
+from .errors import CorruptDataError, InvalidModelIdError, ModelLoadError, ModelNotFoundError
+from .estimate.files import printable as _shown
+from .estimate.files import read_regular_file
+from .safejson import loads_bounded
 from .types import CachedModel, CatalogResult
 
 if TYPE_CHECKING:
@@ -76,18 +84,39 @@ def validate_model_id(model_id: str, settings: Settings | None = None) -> str:
 
 # --------------------------------------------------------------------------- entries
 
+_CONFIG_MAX_BYTES = 4 * 1024 * 1024
+_REF_MAX_BYTES = 256
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# (path, mtime_ns, size, inode) -> architecture: a rescan of an unchanged cache reads no config
+_arch_cache: dict[tuple[str, int, int, int], str | None] = {}
+_arch_lock = threading.Lock()
+
+
+class _CorruptEntry(Exception):
+    """One cache entry cannot be listed; the message says why (becomes one warning)."""
+
 
 def _architecture(config_path: Path) -> str | None:
-    """``architectures[0]`` (or ``model_type``) of a config; raises ValueError/OSError when unreadable."""
-    with open(config_path, encoding="utf-8") as fh:
-        cfg = json.load(fh)
-    if not isinstance(cfg, dict):
-        raise ValueError("not a JSON object")
-    archs = cfg.get("architectures")
-    if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        return archs[0]
-    mt = cfg.get("model_type")
-    return mt if isinstance(mt, str) else None
+    """``architectures[0]`` (or ``model_type``) of a config, read with limits and cached by file signature.
+
+    Raises ValueError/OSError/CorruptDataError when unreadable or malformed.
+    """
+    st = os.stat(config_path)
+    key = (str(config_path), st.st_mtime_ns, st.st_size, st.st_ino)
+    with _arch_lock:
+        if key in _arch_cache:
+            return _arch_cache[key]
+    cfg = loads_bounded(read_regular_file(config_path, _CONFIG_MAX_BYTES), what="config.json",
+                        max_bytes=_CONFIG_MAX_BYTES, expect=dict)
+    archs, mt = cfg.get("architectures"), cfg.get("model_type")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else (
+        mt if isinstance(mt, str) else None)
+    arch = None if arch is None else _shown(arch[:200])  # shown in tables: no control characters
+    with _arch_lock:
+        if len(_arch_cache) > 100_000:
+            _arch_cache.clear()
+        _arch_cache[key] = arch
+    return arch
 
 
 def _describe_dir(
@@ -99,49 +128,141 @@ def _describe_dir(
     if has_config:
         try:
             architecture = _architecture(path / "config.json")
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            warnings.append(f"{model_id}: config.json is unreadable ({exc}); download the model again")
+        except (OSError, ValueError, CorruptDataError) as exc:
+            why = exc.message if isinstance(exc, CorruptDataError) else (
+                getattr(exc, "strerror", None) or str(exc))
+            warnings.append(f"{model_id}: config.json is unreadable ({why}); download the model again")
             has_config = False
-    return CachedModel(
-        model_id=model_id,
-        revision=revision,
-        size_on_disk_bytes=size_bytes,
-        has_safetensors=any(f.endswith(".safetensors") for f in top_files),
-        has_config=has_config,
-        architecture=architecture,
-        path=str(path),
-        source=source,
-    )
+    return CachedModel(model_id=model_id, revision=revision, size_on_disk_bytes=size_bytes,
+                       has_safetensors=any(f.endswith(".safetensors") for f in top_files), has_config=has_config,
+                       architecture=architecture, path=str(path), source=source)
+
+
+def _read_ref(path: Path) -> str | None:
+    try:
+        text = read_regular_file(path, _REF_MAX_BYTES).decode("ascii", "replace").strip()
+    except (OSError, ValueError):
+        return None
+    return text if _COMMIT_RE.match(text) else None
+
+
+def _snapshot_files(snapshot: str) -> set[str]:
+    """Names of the snapshot's top-level entries that are no real folder (a symlink counts as a file:
+    no stat per entry); raises OSError when the snapshot is no readable folder."""
+    with os.scandir(snapshot) as it:
+        return {e.name for e in it if not e.is_dir(follow_symlinks=False)}
+
+
+def _blobs_bytes(repo_dir: str) -> int:
+    """Bytes of the repo's blobs: one stat per blob (every revision's files live there once)."""
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(os.path.join(repo_dir, "blobs")) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                st = e.stat(follow_symlinks=False)
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _repo_signature(repo_dir: str, snapshot: str) -> tuple:
+    """What changes when a download adds or replaces anything the listing shows (folder mtimes change
+    when entries come and go; the config's own signature catches an edit in place)."""
+    paths = ("snapshots", "blobs", os.path.join("refs", "main"))
+    return (*(_stat_key(os.path.join(repo_dir, p)) for p in paths), _stat_key(snapshot),
+            _stat_key(os.path.join(snapshot, "config.json")))
+
+
+# repo folder -> (signature, entry, warnings): an unchanged folder costs five stats on a rescan
+_repo_cache: dict[str, tuple[tuple, CachedModel, tuple[str, ...]]] = {}
+
+
+def _scan_repo(repo_dir: Path, warnings: list[str]) -> CachedModel:
+    """The newest usable snapshot of one ``models--org--name`` folder; raises _CorruptEntry."""
+    repo = str(repo_dir)
+    with _arch_lock:
+        hit = _repo_cache.get(repo)
+    if hit is not None and _repo_signature(repo, hit[1].path) == hit[0]:
+        warnings.extend(hit[2])
+        return hit[1]
+    own: list[str] = []
+    model = _scan_repo_uncached(repo, own)
+    with _arch_lock:
+        if len(_repo_cache) > 100_000:
+            _repo_cache.clear()
+        _repo_cache[repo] = (_repo_signature(repo, model.path), model, tuple(own))
+    warnings.extend(own)
+    return model
+
+
+def _scan_repo_uncached(repo: str, warnings: list[str]) -> CachedModel:
+    name = os.path.basename(repo)
+    repo_id = name.removeprefix("models--").replace("--", "/")
+    if not _HF_ID_RE.match(repo_id) or ".." in repo_id:
+        raise _CorruptEntry("the folder name is not a valid model id")
+    snapshots = os.path.join(repo, "snapshots")
+    try:
+        with os.scandir(snapshots) as it:
+            names = [e.name for e in it]
+    except OSError as exc:
+        raise _CorruptEntry(f"snapshots folder is missing or unreadable ({exc.strerror or exc})") from None
+    main = _read_ref(Path(repo, "refs", "main"))
+
+    def order(snap_name: str) -> tuple[bool, float]:
+        if snap_name == main:
+            return (True, 0.0)
+        key = _stat_key(os.path.join(snapshots, snap_name))
+        return (False, key[0] if key else 0.0)
+
+    problems = []
+    for snap_name in sorted(names, key=order, reverse=True):
+        snap = os.path.join(snapshots, snap_name)
+        try:
+            top = _snapshot_files(snap)
+        except OSError as exc:
+            problems.append(f"snapshot {_shown(snap_name[:40])} is not a readable folder ({exc.strerror or exc})")
+            continue
+        if problems:
+            warnings.append(f"{repo_id}: {'; '.join(problems)}; using snapshot {_shown(snap_name[:40])}")
+        return _describe_dir(repo_id, Path(snap), snap_name, _blobs_bytes(repo), top, "hf_cache", warnings)
+    raise _CorruptEntry("; ".join(problems) or "no snapshots")
 
 
 def _scan_hf(cache_dir: Path) -> tuple[list[CachedModel], list[str]]:
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+    """Every model folder of the HF cache; one corrupt folder is one warning, never the whole list.
 
+    Reads the cache layout (``models--org--name/{refs,snapshots,blobs}``) directly: per folder a
+    listing, a stat per blob and the config's architecture (cached by file signature).
+    """
     models: list[CachedModel] = []
     warnings: list[str] = []
     try:
-        info = scan_cache_dir(cache_dir)
-    except CacheNotFound:
+        with os.scandir(cache_dir) as it:
+            repos = sorted(e.name for e in it if e.name.startswith("models--"))
+    except FileNotFoundError:
         return [], [f"the Hugging Face cache {cache_dir} does not exist yet: no cached models there"]
-    except (ValueError, OSError) as exc:
-        return [], [f"cannot read the Hugging Face cache {cache_dir}: {exc}"]
-    warnings.extend(f"corrupt cache entry skipped: {w}" for w in info.warnings)
-    for repo in info.repos:
-        if repo.repo_type != "model" or not repo.revisions:
-            continue
-        revs = sorted(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified), reverse=True)
-        rev = revs[0]
-        top = {f.file_name for f in rev.files if f.file_path.parent == rev.snapshot_path}
-        models.append(
-            _describe_dir(repo.repo_id, rev.snapshot_path, rev.commit_hash, rev.size_on_disk, top, "hf_cache", warnings)
-        )
+    except OSError as exc:
+        return [], [f"cannot read the Hugging Face cache {cache_dir}: {exc.strerror or exc}"]
+    for name in repos:
+        try:
+            models.append(_scan_repo(cache_dir / name, warnings))
+        except _CorruptEntry as exc:
+            warnings.append(f"corrupt cache entry skipped: {_shown(cache_dir / name)}: {_shown(exc)}")
+        except OSError as exc:
+            warnings.append(f"corrupt cache entry skipped: {_shown(cache_dir / name)}: {exc.strerror or exc}")
     return models, warnings
 
 
 def _dir_size(path: Path) -> int:
     total = 0
-    for root, _dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):  # does not follow folder symlinks: no loops
         for f in files:
             try:
                 total += os.stat(os.path.join(root, f)).st_size
@@ -152,13 +273,15 @@ def _dir_size(path: Path) -> int:
 
 def _looks_like_model(path: Path) -> bool:
     try:
-        return any(e.name == "config.json" or e.name.endswith(_WEIGHT_SUFFIXES) for e in os.scandir(path))
+        with os.scandir(path) as it:
+            return any(e.name == "config.json" or e.name.endswith(_WEIGHT_SUFFIXES) for e in it)
     except OSError:
         return False
 
 
 def _local_entry(path: Path, warnings: list[str]) -> CachedModel:
-    top = {e.name for e in os.scandir(path) if e.is_file()}
+    with os.scandir(path) as it:
+        top = {e.name for e in it if not e.is_dir()}
     return _describe_dir(str(path), path, None, _dir_size(path), top, "local_dir", warnings)
 
 
@@ -166,18 +289,26 @@ def _scan_local(dirs: list[Path]) -> tuple[list[CachedModel], list[str]]:
     models: list[CachedModel] = []
     warnings: list[str] = []
     for d in dirs:
-        if not d.is_dir():
-            warnings.append(f"local model dir {d} does not exist or is not a folder")
-            continue
         try:
+            if not d.is_dir():
+                warnings.append(f"local model dir {d} does not exist or is not a folder")
+                continue
             if _looks_like_model(d):
                 models.append(_local_entry(d, warnings))
                 continue
-            for child in sorted(d.iterdir()):
+            children = sorted(d.iterdir())
+        except OSError as exc:
+            warnings.append(f"cannot read local model dir {d}: {exc.strerror or exc}")
+            continue
+        for child in children:
+            try:
+                if any(ord(c) < 32 or ord(c) == 127 for c in child.name):
+                    warnings.append(f"local model folder {_shown(child)} skipped: its name has control characters")
+                    continue
                 if child.is_dir() and _looks_like_model(child):
                     models.append(_local_entry(child, warnings))
-        except OSError as exc:
-            warnings.append(f"cannot read local model dir {d}: {exc}")
+            except OSError as exc:
+                warnings.append(f"cannot read local model folder {_shown(child)}: {exc.strerror or exc}")
     return models, warnings
 
 
@@ -215,30 +346,49 @@ def resolve_model(model_id: str, settings: Settings) -> CachedModel:
             )
         return _local_entry(path, [])
     cache_dir = settings.resolved_hf_cache_dir
-    models, warnings = _scan_hf(cache_dir)
-    for m in models:
-        if m.model_id == mid:
-            return m
     folder = "models--" + mid.replace("/", "--")
-    for w in warnings:
-        if folder in w:
-            raise ModelLoadError(f"{mid} is in the Hugging Face cache but corrupt: {w}",
-                                 f"delete {cache_dir / folder} and download the model again")
+    repo_dir = cache_dir / folder
+    if os.path.lexists(repo_dir):  # only this folder is read, however large the cache
+        try:
+            return _scan_repo(repo_dir, [])
+        except (_CorruptEntry, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ModelLoadError(f"{mid} is in the Hugging Face cache but corrupt: {why}",
+                                 f"delete {repo_dir} and download the model again") from None
     for d in _local_dirs(settings):
         candidate = d / mid
         if candidate.is_dir() and _looks_like_model(candidate):
             return _local_entry(candidate, [])
-    close = [m.model_id for m in models if m.model_id.lower() == mid.lower()]
     dirs = ", ".join(str(d) for d in _local_dirs(settings)) or "none configured"
     offline = " (offline: HF_HUB_OFFLINE is set)" if _offline() else ""
-    hint = (
-        f"did you mean {close[0]}? Model ids are case-sensitive"
-        if close
-        else f"memctl never downloads{offline}: fetch it where there is internet (`hf download {mid}`), "
-        "or point MEMCTL_HF_CACHE_DIR at the cache that holds it; `memctl models` lists what is cached"
-    )
+    cached = _cached_ids(cache_dir)
+    same_but_case = [c for c in cached if c.lower() == mid.lower()]
+    by_lower = {c.lower(): c for c in cached}
+    close = same_but_case or [by_lower[c] for c in difflib.get_close_matches(mid.lower(), list(by_lower), n=3,
+                                                                             cutoff=0.8)]
+    fetch = (f"memctl never downloads{offline}: fetch it where there is internet (`hf download {mid}`), "
+             "or point MEMCTL_HF_CACHE_DIR at the cache that holds it; `memctl models` lists what is cached")
+    if same_but_case:
+        hint = f"did you mean {same_but_case[0]}? Model ids are case-sensitive"
+    elif close:
+        hint = f"did you mean {' or '.join(close)}? (cached, with a similar name) Otherwise: {fetch}"
+    else:
+        hint = fetch
     raise ModelNotFoundError(
         f"model {mid} is not in the Hugging Face cache at {cache_dir} (looked for {folder}) "
         f"nor in the local model dirs ({dirs})",
         hint,
+        code="model_not_found",
+        args={"model": mid, "suggestions": close},
     )
+
+
+def _cached_ids(cache_dir: Path) -> list[str]:
+    """Model ids of the cache's folders, from their names alone (one listing, nothing opened)."""
+    try:
+        with os.scandir(cache_dir) as it:
+            names = [e.name for e in it if e.name.startswith("models--")]
+    except OSError:
+        return []
+    ids = (n.removeprefix("models--").replace("--", "/") for n in names)
+    return sorted(i for i in ids if _HF_ID_RE.match(i))

@@ -80,13 +80,16 @@ class MemoryController(ServingMixin, StatusMixin):
         specs = {} if backends is not None else self.settings.backends
         self.registry = BackendRegistry(specs, self.settings, probe, backends)
         self._log = OperationLog(self.settings.state_dir)
+        try:
+            self._log.interrupted()  # operations whose process died mid-way are marked interrupted
+        except Exception:  # noqa: BLE001 - a log we cannot read is reported by history(), not here
+            pass
         self.runner = OperationRunner(on_start=self._log_start, on_end=self._write_log)
         self._state_lock = threading.RLock()
         n = max(2, int(self.settings.memory_history_s / self.settings.poll_interval_s))
         self._samples: deque[tuple[float, dict[str, tuple[int | None, int | None]]]] = deque(maxlen=n)
         self._catalog: tuple[float, CatalogResult] | None = None
         self._slots: list[GenerationSlot] = []
-        self._log_problems: list[str] = []
 
     # ================================================================== backends
     def backends(self) -> dict[str, Backend]:
@@ -243,7 +246,7 @@ class MemoryController(ServingMixin, StatusMixin):
     @property
     def log_warnings(self) -> list[str]:
         """Problems reading or writing the operation log; write failures stay until a write succeeds."""
-        return list(self._log_problems) + list(self._log.warnings)
+        return list(self._log.warnings)
 
     def current_operation(self) -> dict | None:
         op = self.runner.holder()
@@ -316,13 +319,16 @@ class MemoryController(ServingMixin, StatusMixin):
 
     def unload(self, model: str, *, progress: ProgressCallback | None = None) -> ReleaseReport:
         """Stop one deployment (by model id, handle or name) and measure what came back."""
+        return self._wait(self.submit_unload(model), progress)
+
+    def submit_unload(self, model: str):
+        """Like :meth:`unload` but returns the running Operation at once (the dashboard polls it)."""
         dep = self.find_deployment(model)
         if dep is None:
             raise ModelNotFoundError(f"{model} is not loaded", "see the list of what runs", code="not_loaded",
                                      args={"model": model})
-        op = self.runner.submit("unload", dep.model_id, lambda ctx: maintenance.run_unload(self, ctx, dep),
-                                {"model": dep.model_id, "backend": dep.backend_id, "handle": dep.handle})
-        return self._wait(op, progress)
+        return self.runner.submit("unload", dep.model_id, lambda ctx: maintenance.run_unload(self, ctx, dep),
+                                  {"model": dep.model_id, "backend": dep.backend_id, "handle": dep.handle})
 
     def find_deployment(self, key: str) -> Deployment | None:
         """The deployment whose handle, name or model id is ``key``. Raises InvalidModelIdError for a
@@ -338,8 +344,11 @@ class MemoryController(ServingMixin, StatusMixin):
 
     def clear_memory(self, *, progress: ProgressCallback | None = None) -> ClearReport:
         """gc and every backend's caches; used bytes per device before and after."""
-        op = self.runner.submit("clear_memory", "clear caches", lambda ctx: maintenance.run_clear(self, ctx), {})
-        return self._wait(op, progress)
+        return self._wait(self.submit_clear(), progress)
+
+    def submit_clear(self):
+        """Like :meth:`clear_memory` but returns the running Operation at once."""
+        return self.runner.submit("clear_memory", "clear caches", lambda ctx: maintenance.run_clear(self, ctx), {})
 
     def emergency_clear(self, *, progress: ProgressCallback | None = None) -> EmergencyReport:
         """Stop every deployment of every backend, cancel generation and the running operation, clear caches.
@@ -362,20 +371,21 @@ class MemoryController(ServingMixin, StatusMixin):
             record.memory_before = self.used_by_device()
         except Exception:  # noqa: BLE001 - never lose the operation for a probe glitch
             pass
-        start = getattr(self._log, "append_started", None)
-        if start is not None:
-            start(record)
+        self._log.append_started(record)  # before acting: a kill -9 mid-way leaves a record
 
     def _write_log(self, record: OperationRecord) -> None:
         try:
             record.memory_after = self.used_by_device()
         except Exception:  # noqa: BLE001
             pass
-        try:
-            self._log.append(record)
-            self._log_problems.clear()
-        except OSError as exc:
-            self._log_problems.append(f"could not write the operation log at {self._log.path}: {exc}")
+        self._log.append(record)  # False when it could not be written: kept in log_write_errors()
+
+    def log_write_errors(self) -> list[str]:
+        """Operation-log writes that failed and have not been acknowledged (shown until a write succeeds)."""
+        return self._log.write_errors()
+
+    def acknowledge_log_errors(self) -> None:
+        self._log.acknowledge()
 
     def used_by_device(self) -> dict[str, int | None]:
         return {d.key: d.used_bytes for d in self.probe.snapshot().devices}

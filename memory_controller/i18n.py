@@ -103,3 +103,41 @@ class Translator:
     def count(self, key: str, n: int) -> str:
         """``"1024 токена"``: the number and the right word form."""
         return f"{n} {self.plural(key, n)}"
+
+
+def _message_fields(args: Any) -> dict[str, Any]:
+    """A message's arguments plus readable forms: ``needed_bytes`` also as ``needed_bytes_h`` ("1.50 GiB"),
+    lists joined with commas. Core arguments stay raw numbers; only the rendering formats them."""
+    from .units import fmt_bytes
+
+    fields: dict[str, Any] = {}
+    for key, value in dict(args or {}).items():
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        fields[key] = value
+        if key.endswith("bytes") and isinstance(value, int) and not isinstance(value, bool):
+            fields[f"{key}_h"] = fmt_bytes(value)
+    return fields
+
+
+def render(message: Any, lang: str = DEFAULT_LANGUAGE, config_dir: Path = CONFIG_DIR) -> str:
+    """A :class:`memory_controller.types.Message` in ``lang``: the catalog's ``msg.<code>`` formatted
+    with the message's arguments; the message's own (English) text when the catalog has no entry for
+    the code or an argument it names is missing. Never the bare code unless there is nothing else."""
+    t = Translator(lang, config_dir)
+    code = getattr(message, "code", "") or ""
+    fallback = getattr(message, "text", "") or code
+    key = f"msg.{code}"
+    if not code or not t.has(key):
+        return fallback
+    template = t.raw(key)
+    if isinstance(template, dict):
+        template = template.get("many") or next(iter(template.values()))
+    fields = _message_fields(getattr(message, "args", {}))
+    for key, value in list(fields.items()):  # counts with their word form: {max_tokens} -> "2048 токенов"
+        if isinstance(value, int) and not isinstance(value, bool) and not key.endswith("bytes"):
+            fields[f"{key}_tokens"] = t.count("unit.tokens", value)
+    try:
+        return str(template).format(**fields)
+    except (KeyError, IndexError, ValueError):
+        return fallback

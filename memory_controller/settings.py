@@ -1,17 +1,31 @@
 """Settings: ``MEMCTL_*`` environment variables over a user TOML file over ``config/defaults.toml``.
 
 ``load_settings()`` is the one entry point; an invalid value raises :class:`SettingsError`
-naming the field, the value and what is allowed.
+naming the field, the value and what is allowed. Values that would validate but break later are
+refused at load time too: non-finite or absurd numbers (``inf``, ``nan``, ``1e308`` seconds), an
+empty state dir, a recommendation table without a Transformers band, and ``nvml_module`` outside the
+test harness (``MEMCTL_TEST_SEAMS=1``). :func:`settings_warnings` names ``MEMCTL_*`` variables that
+are no setting (a typo: "did you mean ...").
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,7 +34,8 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from .errors import SettingsError
+from .errors import CorruptDataError, SettingsError
+from .safejson import _depth_ok, loads_bounded
 from .types import Mode, Precision, ProfileBand
 from .units import gib_to_bytes
 
@@ -42,9 +57,34 @@ def _default_state_dir() -> Path:
     return Path(base) / "memctl"
 
 
+# Upper bounds that keep every derived value sane (timestamps, byte counts).
+MAX_TIMEOUT_S = 7 * 86_400.0  # a week: longer is a typo, and deadlines past year 9999 break datetime
+MAX_GIB = 1_048_576.0  # 1 PiB
+
+# MEMCTL_* variables that are read elsewhere and are no setting (settings_warnings skips them).
+NON_SETTING_VARIABLES = frozenset({
+    "MEMCTL_CONFIG_FILE",  # the user TOML file (read here, before the settings)
+    "MEMCTL_TEST_SEAMS",  # the test harness: allows nvml_module
+    "MEMCTL_FAKE_NVML",  # tests/fake_pynvml.py scenario
+    "MEMCTL_TEST_DOCKER_HOST",  # tests: the private Docker engine
+    "MEMCTL_TEST_STORAGE_DRIVER",  # scripts/dockerd.sh
+    "MEMCTL_UI_PORT",  # scripts that start the dashboard
+})
+TEST_SEAMS_VARIABLE = "MEMCTL_TEST_SEAMS"
+DEFAULT_NVML_MODULE = "pynvml"
+
+
+def test_seams_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the test harness set MEMCTL_TEST_SEAMS=1 (fault-injection seams such as nvml_module)."""
+    env = os.environ if environ is None else environ
+    return env.get(TEST_SEAMS_VARIABLE, "").strip() == "1"
+
+
 class ProfileBandConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     name: str = Field(min_length=1)
-    min_free_gib: float = Field(ge=0)
+    min_free_gib: float = Field(ge=0, le=MAX_GIB)
     mode: Mode
     precision: Precision
     context_tokens: int = Field(gt=0, le=1_048_576)
@@ -68,6 +108,7 @@ class Settings(BaseSettings):
         env_prefix="MEMCTL_",
         extra="forbid",
         validate_default=True,
+        allow_inf_nan=False,
     )
 
     # where models are
@@ -81,22 +122,23 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(2.0, ge=0.2, le=60)
     memory_history_s: int = Field(600, ge=10, le=86_400)
 
-    green_min_gib: float = Field(4.0, ge=0)
-    yellow_min_gib: float = Field(2.0, ge=0)
+    green_min_gib: float = Field(4.0, ge=0, le=MAX_GIB)
+    yellow_min_gib: float = Field(2.0, ge=0, le=MAX_GIB)
     profiles: list[ProfileBandConfig] = Field(default_factory=list)
     cpu_half_precision: Literal["fp16", "bf16", "fp32"] = "bf16"
 
     cuda_context_reserve_gib: float = Field(0.5, ge=0, le=16)
     activation_overhead_fraction: float = Field(0.10, ge=0, le=2)
-    activation_overhead_min_mib: int = Field(64, ge=0)
+    activation_overhead_min_mib: int = Field(64, ge=0, le=1 << 30)
 
-    # The NVML module the probe imports (tests point this at a fake).
-    nvml_module: str = "pynvml"
+    # The NVML module the probe imports: a test-only seam (tests point it at a fake), honoured only
+    # with MEMCTL_TEST_SEAMS=1; any other value is refused at load time.
+    nvml_module: str = DEFAULT_NVML_MODULE
     # Budget of host memory memctl may count as free (bytes); None = what the OS says is available.
-    host_memory_budget_bytes: int | None = Field(None, ge=0)
+    host_memory_budget_bytes: int | None = Field(None, ge=0, le=1 << 60)
 
     vllm_image: str = Field("vllm/vllm-openai", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
-    vllm_tag: str = Field("v0.11.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    vllm_tag: str = Field("v0.33.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
     vllm_port: int = Field(8000, ge=1, le=65535)
     bind_address: str = "127.0.0.1"
     docker_host: str | None = None  # None: DOCKER_HOST or the default socket
@@ -104,7 +146,7 @@ class Settings(BaseSettings):
     # (port published on bind_address), else host networking with vLLM listening on bind_address.
     vllm_network: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     vllm_allow_pull: bool = False
-    vllm_ready_timeout_s: float = Field(900, gt=0)
+    vllm_ready_timeout_s: float = Field(900, gt=0, le=MAX_TIMEOUT_S)
     vllm_stop_timeout_s: float = Field(10, ge=0, le=600)
     vllm_gpu_util_margin: float = Field(0.05, ge=0, le=0.5)
     vllm_gpu_util_max: float = Field(0.95, gt=0, le=1)
@@ -114,8 +156,8 @@ class Settings(BaseSettings):
     vllm_api_key: SecretStr | None = None
 
     restore_previous_on_failure: bool = True
-    operation_timeout_s: float = Field(1800, gt=0)  # deadline for one model load
-    step_timeout_s: float = Field(120, gt=0)  # deadline for unload / clear / verify steps
+    operation_timeout_s: float = Field(1800, gt=0, le=MAX_TIMEOUT_S)  # deadline for one model load
+    step_timeout_s: float = Field(120, gt=0, le=MAX_TIMEOUT_S)  # deadline for unload / clear / verify steps
     transformers_verify_tokens: int = Field(1, ge=1, le=64)
 
     # Binding container ports beyond loopback exposes the model API to the network: opt in explicitly.
@@ -126,6 +168,7 @@ class Settings(BaseSettings):
 
     # The memctl server (OpenAI-compatible API for the IDE + the control API of the owner process).
     serve_port: int = Field(8765, ge=1, le=65535)
+    dashboard_serves: bool = True  # the dashboard starts the server (and owns the machine) when none runs
     serve_api_key: SecretStr | None = None  # required on /v1 when bind_address is not loopback
     serve_on_demand: bool = True  # a request for a cached model that is not running loads it
     serve_idle_unload_s: float = Field(0, ge=0, le=7 * 86_400)  # 0 = never
@@ -135,6 +178,22 @@ class Settings(BaseSettings):
     # Other holders of GPU memory.
     ollama_host: str = "127.0.0.1:11434"  # OLLAMA_HOST form: host:port or a URL
     emergency_unloads_ollama: bool = True
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _check_state_dir(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty (an empty value would put memctl's state in the current folder); "
+                             "give a folder such as ~/.local/state/memctl, or unset it for that default")
+        return v
+
+    @field_validator("nvml_module")
+    @classmethod
+    def _check_nvml_module(cls, v: str) -> str:
+        if v != DEFAULT_NVML_MODULE and not test_seams_enabled():
+            raise ValueError(f"is a test-only seam, not a user setting (only {DEFAULT_NVML_MODULE!r} is allowed): "
+                             "unset MEMCTL_NVML_MODULE and remove nvml_module from the config file")
+        return v
 
     @field_validator("bind_address")
     @classmethod
@@ -165,8 +224,14 @@ class Settings(BaseSettings):
         names = [p.name for p in self.profiles]
         if len(set(names)) != len(names):
             raise ValueError(f"profiles: names must be unique, got {names}")
-        if self.profiles and min(p.min_free_gib for p in self.profiles) != 0:
+        if not self.profiles:
+            raise ValueError("profiles: the recommendation table is empty; give at least one Transformers band "
+                             "with min_free_gib = 0 (see config/defaults.toml)")
+        if min(p.min_free_gib for p in self.profiles) != 0:
             raise ValueError("profiles: one band must have min_free_gib = 0 so every value has a band")
+        if not any(p.mode is Mode.TRANSFORMERS for p in self.profiles):
+            raise ValueError("profiles: the recommendation table has no Transformers band (mode = "
+                             "\"transformers\"); it is the fallback without vLLM and on the CPU: add one")
         return self
 
     @classmethod
@@ -234,13 +299,34 @@ def _describe_validation_error(exc: ValidationError) -> str:
             parts.append("invalid settings: " + msg.removeprefix("Value error, "))
             continue
         shown = "" if value is None else f" = {value!r}"
-        parts.append(f"invalid setting {loc} ({where}){shown}: {msg}")
+        parts.append(f"invalid setting {loc} ({where}){shown}: {msg.removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+def _check_nesting() -> None:
+    """JSON in MEMCTL_* values and the user TOML file are parsed by recursive parsers: refuse a value
+    nested too deep before they see it (a RecursionError would be a traceback)."""
+    for key, value in os.environ.items():
+        if key.upper().startswith("MEMCTL_") and value.lstrip()[:1] in ("[", "{"):
+            try:
+                loads_bounded(value, what="its JSON value", max_bytes=1 << 20)
+            except CorruptDataError as exc:
+                if "nested deeper" in exc.message or "over the" in exc.message:
+                    raise SettingsError(f"invalid setting {key}: {exc.message}", "give a plain JSON list or map") from None
+    user_file = user_config_file()
+    try:
+        text = user_file.read_text(encoding="utf-8", errors="replace") if user_file.is_file() else ""
+    except OSError:
+        return  # the TOML source reports it
+    if not _depth_ok(text.replace("{", "[").replace("}", "]"), 64):
+        raise SettingsError(f"could not read settings: {user_file} is nested deeper than 64 levels",
+                            f"check {user_file} is a plain memctl config")
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Read settings; raise :class:`SettingsError` with field, value and what is allowed."""
     try:
+        _check_nesting()
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(
@@ -268,3 +354,22 @@ def load_settings(**overrides: Any) -> Settings:
             f"could not read settings: {exc}",
             f"check {user_config_file()} is valid TOML",
         ) from None
+
+
+def settings_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``MEMCTL_*`` variables in the environment that no setting reads (a typo is otherwise silently
+    ignored), each with the closest real name ("did you mean ..."). Empty when all is well.
+
+    The CLI prints these to stderr and the dashboard shows them; they never stop memctl.
+    """
+    env = os.environ if environ is None else environ
+    known = {f"MEMCTL_{name.upper()}" for name in Settings.model_fields} | NON_SETTING_VARIABLES
+    out = []
+    for key in sorted(env):
+        upper = key.upper()
+        if not upper.startswith("MEMCTL_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no memctl setting has this name"
+        out.append(f"{key} is not a memctl setting and is ignored — {hint}")
+    return out

@@ -3,7 +3,7 @@
 Each handler is ``(args, ctl_or_client) -> exit code``: the local controller, or a
 :class:`~server.client.RemoteController` of the machine's owner process when one runs (then the
 command acts on the models that process holds). :func:`add_commands` registers them with
-``func(args, settings)`` wrappers that pick the controller, so ``memory_controller.cli.main`` runs
+``func(args, settings)`` wrappers that pick the controller, so ``memctl_cli.main`` runs
 them like its other sub-commands. Exit codes: 0 ok, 1 the operation failed, 2 bad input (unknown or
 malformed model id, bad port); messages and hints on stderr, never a traceback.
 """
@@ -116,7 +116,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         q.set_defaults(func=_wrap(cmd_ide), handler=cmd_ide)
 
 
-register = add_commands  # memory_controller.cli's sub-command modules expose register(subparsers)
+register = add_commands  # memctl_cli's sub-command modules expose register(subparsers)
 
 
 # --------------------------------------------------------------------------- serve

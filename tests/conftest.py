@@ -30,6 +30,8 @@ def _isolated_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(empty_config))
     monkeypatch.setenv("MEMCTL_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MEMCTL_TEST_SEAMS", "1")  # the fake NVML seam (MEMCTL_NVML_MODULE) is test-only
+    monkeypatch.setenv("MEMCTL_DASHBOARD_SERVES", "false")  # tests that want the dashboard's server say so
     yield
 
 
@@ -37,5 +39,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for running memctl/streamlit as a subprocess from a test."""
     env = {k: v for k, v in os.environ.items() if not (k.startswith("MEMCTL_") and k not in _KEEP)}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MEMCTL_TEST_SEAMS"] = "1"
+    env["MEMCTL_DASHBOARD_SERVES"] = "false"
     env.update(extra)
     return env

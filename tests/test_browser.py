@@ -2,10 +2,12 @@
 Chromium with Playwright (``executable_path="/usr/bin/chromium"``; ``playwright install`` is never run).
 
 This machine's own setting, untouched: no GPU (the real ``pynvml`` finds no driver) and no Docker
-engine at the configured address. The HF cache holds the tiny test models. The user's path: the
-page explains itself, choose the tiny model, apply, see it loaded (in a second tab too), unload it
-and read the report, run the emergency clear behind its confirmation. Screenshots go to
-``artifacts/browser/`` (git-ignored).
+engine at the configured address; the in-memory backend (tests/inmemory_backend.py) is added to the
+configured ones, so the path runs wherever the real backends cannot. The HF cache holds the tiny
+test models. The user's path: the page explains itself, choose the tiny model, apply, see it
+loaded (in a second tab too), unload it and read the report, run the emergency clear behind its
+confirmation; the tab logs no console warnings (the chart is never handed an empty series).
+Screenshots go to ``artifacts/browser/`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def server(hf_cache, tmp_path_factory) -> Iterator[str]:
     (state / "no-user-config.toml").write_text("")  # an empty user config file: only the defaults apply
     env = subprocess_env(**hf_env(hf_cache), MEMCTL_STATE_DIR=str(state / "state"),
                          MEMCTL_CONFIG_FILE=str(state / "no-user-config.toml"), MEMCTL_DOCKER_HOST=NO_DOCKER,
-                         MEMCTL_POLL_INTERVAL_S="1")
+                         MEMCTL_POLL_INTERVAL_S="1", MEMCTL_BACKENDS='{"inmem": "tests.inmemory_backend:create"}')
     log = open(state / "streamlit.log", "wb")  # noqa: SIM115 - closed after the process ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -119,18 +121,23 @@ def _no_traceback(page) -> None:
     assert "Traceback" not in page.inner_text("body")
 
 
-def _open(browser, url: str):
+def _open(browser, url: str, console: list[str] | None = None):
     page = browser.new_page(viewport={"width": 1400, "height": 2400})
     page.set_default_timeout(30_000)
+    if console is not None:
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("warning", "error") else None)
     page.goto(url)
     page.wait_for_selector("[data-testid=stMetricValue]")
     return page
 
 
 def test_user_loads_and_unloads_a_cached_model_on_cpu_then_clears_everything(server, browser):
-    page = _open(browser, server)
+    console: list[str] = []
+    page = _open(browser, server, console)
     try:
         _user_path(page, browser, server)
+        vega = [c for c in console if "Infinite extent" in c or "WARN" in c]
+        assert not vega, vega[:5]  # issue 12.8: no Vega warnings from an empty/NaN series
     except BaseException:
         _shot(page, "failure")  # what the page showed when it went wrong
         raise
@@ -148,7 +155,7 @@ def _user_path(page, browser, server: str) -> None:
     for label in ("Оперативная память (всего)", "Используется", "Доступно", "Утилизация"):
         expect(sidebar.get_by_text(label, exact=True)).to_be_visible()
     expect(page.get_by_text("GPU NVIDIA не найден", exact=False)).to_be_visible()
-    expect(page.get_by_text("Docker недоступен", exact=False).first).to_be_visible()
+    expect(page.get_by_text("vLLM недоступен", exact=False).first).to_be_visible()
 
     # the live panel reruns on its own (poll 1 s) and draws the chart once there are two samples
     stamp = page.get_by_text(re.compile(r"обновлено в \d\d:\d\d:\d\d"))
@@ -157,6 +164,12 @@ def _user_path(page, browser, server: str) -> None:
     expect(page.locator("[data-testid=stVegaLiteChart]")).to_be_visible(timeout=15_000)
     _shot(page, "01-first-paint")
     _no_traceback(page)
+
+    # the in-memory backend (a third backend appears in the mode selector by itself)
+    inmem = sidebar.get_by_text("in-memory (tests)", exact=True)
+    expect(inmem).to_be_visible()
+    if sidebar.get_by_role("radio", name="in-memory (tests)").is_enabled():
+        inmem.click()
 
     # choose the tiny model and apply
     sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель").get_by_role("button", name="Open").click()
@@ -176,17 +189,20 @@ def _user_path(page, browser, server: str) -> None:
     expect(sidebar.get_by_text(re.compile("вне допустимого диапазона"))).to_have_count(0)
     expect(sidebar.get_by_role("button", name="🔄 Применить изменения")).to_be_enabled()
     sidebar.get_by_role("button", name="🔄 Применить изменения").click()
-    expect(page.get_by_text(f"Успех: {TINY_ID} загружена (Transformers).")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text(f"Успех: {TINY_ID} загружена (in-memory (tests)).")).to_be_visible(timeout=120_000)
     unload = page.get_by_role("button", name="🗑️")
     expect(unload).to_have_count(1)
-    expect(page.get_by_text(re.compile(rf"{re.escape(TINY_ID)} · cpu ·"))).to_be_visible()
+    row = re.compile(rf"{re.escape(TINY_ID)} · in-memory \(tests\) · cpu ·")
+    expect(page.get_by_text(row)).to_be_visible()
+    # the busy message never doubled, the closed selector's mark is the plan's
+    expect(sidebar.get_by_text(re.compile(r"^🚫 Эта модель уже загружена"))).to_have_count(1)
     _shot(page, "02-applied")
     _no_traceback(page)
 
     # a second tab sees the same loaded model
     other = _open(browser, server)
     expect(other.get_by_role("button", name="🗑️")).to_have_count(1, timeout=30_000)
-    expect(other.get_by_text(re.compile(rf"{re.escape(TINY_ID)} · cpu ·"))).to_be_visible()
+    expect(other.get_by_text(row)).to_be_visible()
     other.close()
 
     # unload it with 🗑️ and read the report
@@ -194,7 +210,8 @@ def _user_path(page, browser, server: str) -> None:
     expect(page.get_by_text(re.compile(rf"Выгружено: {re.escape(TINY_ID)} \(Оперативная память хоста\) — .+ вернулось, удерживается")))\
         .to_be_visible(timeout=60_000)
     expect(page.get_by_role("button", name="🗑️")).to_have_count(0)
-    expect(page.get_by_text("Нет загруженных моделей.")).to_be_visible()
+    expect(page.get_by_text("Ничего не запущено.")).to_be_visible()
+    assert "(англ.)" not in page.inner_text("body")  # issue 12.6
     _shot(page, "03-unloaded")
 
     # the emergency clear asks first, then runs
@@ -210,3 +227,33 @@ def _user_path(page, browser, server: str) -> None:
     expect(sidebar.get_by_text("🔧 Modes and memory")).to_be_visible()
     expect(sidebar.get_by_role("button", name="🔄 Apply changes")).to_be_visible()
     _shot(page, "05-english")
+
+
+def test_an_invalid_batch_never_changes_the_chosen_model_in_the_browser(server, browser):
+    """Issue 12.1: with the second model chosen, batch 0 then 1 leaves the selector (and the plan) on it."""
+    from playwright.sync_api import expect
+
+    page = _open(browser, server)
+    try:
+        sidebar = page.locator("[data-testid=stSidebar]")
+        model = sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель")
+        model.get_by_role("button", name="Open").click()
+        page.get_by_role("option", name=re.compile(r"^tiny-llama-untied · ")).click()
+        chosen = model.get_by_role("combobox")
+        expect(chosen).to_have_value(re.compile(r"^tiny-llama-untied · .+ · ✅$"))
+        batch = sidebar.get_by_role("spinbutton", name="Батч размер")
+        for value in ("0", "1"):
+            batch.fill(value)
+            batch.press("Enter")
+            page.wait_for_timeout(1500)
+            expect(chosen).to_have_value(re.compile(r"^tiny-llama-untied · "))
+        expect(sidebar.get_by_text(re.compile("вне допустимого диапазона"))).to_have_count(0)
+        # issue 12.2: the closed selector's mark is the plan's verdict for the profile on screen
+        expect(chosen).to_have_value(re.compile(r" · ✅$"))
+        expect(sidebar.get_by_text("Помещается", exact=True)).to_be_visible()  # ✅ becomes the icon
+        _no_traceback(page)
+    except BaseException:
+        _shot(page, "failure-12-1")
+        raise
+    finally:
+        page.close()

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from memory_controller import cli_containers
-from memory_controller.cli import _print_error
+from memctl_cli import containers as cli_containers
+from memctl_cli.main import _print_error
 from memory_controller.errors import MemctlError
 from memory_controller.types import Precision, Profile
 from tests.conftest import ROOT, subprocess_env
@@ -22,8 +22,8 @@ FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=1024, batch
 
 
 def memctl(*argv: str, docker_host: str) -> subprocess.CompletedProcess:
-    """Run ``python -m memory_controller.cli ARGV`` against ``docker_host``."""
-    return subprocess.run([sys.executable, "-m", "memory_controller.cli", *argv], cwd=ROOT, text=True,
+    """Run ``python -m memctl_cli ARGV`` against ``docker_host``."""
+    return subprocess.run([sys.executable, "-m", "memctl_cli", *argv], cwd=ROOT, text=True,
                           capture_output=True, timeout=60,
                           env=subprocess_env(MEMCTL_DOCKER_HOST=docker_host, MEMCTL_NVML_MODULE="tests.fake_pynvml",
                                              MEMCTL_FAKE_NVML="one_gpu"))
@@ -35,7 +35,7 @@ def run_in_process(argv: list[str], settings, capsys) -> tuple[int, str, str]:
     args = parser.parse_args(argv)
     try:
         code = args.func(args, settings)
-    except MemctlError as exc:  # what memory_controller.cli.main does with it
+    except MemctlError as exc:  # what memctl_cli.main does with it
         _print_error(exc)
         code = 1
     out, err = capsys.readouterr()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_controller import cli_models
+from memctl_cli import models as cli_models
 from memory_controller import estimate as est
 from memory_controller.catalog import resolve_model
 from memory_controller.errors import InvalidModelIdError, ModelNotFoundError
@@ -62,11 +62,12 @@ def test_models_with_no_cache_says_so_and_succeeds(tmp_path, capsys):
 
 
 def test_estimate_json_matches_the_estimator(hf_settings, capsys):
-    code, out = _run(["estimate", TINY_UNTIED_ID, "--dtype", "nf4", "--double-quant", "--context", "4096",
+    # context 2048: the model's own maximum (over it is an argument error, exit 2)
+    code, out = _run(["estimate", TINY_UNTIED_ID, "--dtype", "nf4", "--double-quant", "--context", "2048",
                       "--batch", "2", "--device", "cpu", "--json"], hf_settings, capsys)
     assert code == 0
     data = json.loads(out)
-    profile = Profile(Mode.TRANSFORMERS, Precision.NF4, 4096, 2, double_quant=True, device="cpu")
+    profile = Profile(Mode.TRANSFORMERS, Precision.NF4, 2048, 2, double_quant=True, device="cpu")
     expected = est.estimate(resolve_model(TINY_UNTIED_ID, hf_settings), profile, hf_settings)
     for key in ("weights_bytes", "kv_cache_bytes", "activation_bytes", "cuda_context_bytes", "total_bytes"):
         assert data[key] == getattr(expected, key)
@@ -113,7 +114,7 @@ def test_bad_arguments_exit_with_code_2(argv):
 
 def _memctl(args: list[str], hub: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, **mf.hf_env(hub)}
-    return subprocess.run([sys.executable, "-m", "memory_controller.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "memctl_cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -11,7 +11,7 @@ from tests.conftest import ROOT, subprocess_env
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "memory_controller.cli", *args],
+        [sys.executable, "-m", "memctl_cli", *args],
         cwd=ROOT, env=subprocess_env(**env), capture_output=True, text=True, timeout=120,
     )
 

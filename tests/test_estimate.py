@@ -120,7 +120,9 @@ def test_activation_allowance_is_a_fraction_of_weights_and_kv_with_a_floor(hf_ca
     model = resolve_model(TINY_ID, load_settings(hf_cache_dir=hf_cache))
     frac = load_settings(hf_cache_dir=hf_cache, activation_overhead_fraction=0.5, activation_overhead_min_mib=0)
     e = est.estimate(model, _profile(), frac)
-    assert e.activation_bytes == int(0.5 * (e.weights_bytes + e.kv_cache_bytes))
+    spec = est.read_model_spec(model.path)
+    prefill = est.prefill_bytes(spec, e.profile.context_tokens, e.profile.batch, e.profile.precision)
+    assert e.activation_bytes == max(int(0.5 * (e.weights_bytes + e.kv_cache_bytes)), prefill)
     floor = load_settings(hf_cache_dir=hf_cache, activation_overhead_fraction=0.5, activation_overhead_min_mib=64)
     assert est.estimate(model, _profile(), floor).activation_bytes == 64 * MIB
 
@@ -231,7 +233,7 @@ def test_estimate_takes_under_50ms_for_a_half_billion_parameter_layout(tmp_path,
 def test_catalog_estimator_cli_and_backend_import_without_torch(hf_cache):
     code = (
         "import sys, json\n"
-        "import memory_controller.catalog as c, memory_controller.estimate as e, memory_controller.cli_models\n"
+        "import memory_controller.catalog as c, memory_controller.estimate as e, memctl_cli.models\n"
         "import backends.transformers_backend\n"
         "from memory_controller.settings import load_settings\n"
         "from memory_controller.types import Profile, Mode, Precision\n"

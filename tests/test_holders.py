@@ -253,7 +253,7 @@ def test_process_info_reads_real_processes():
 
 @pytest.mark.parametrize(("argv", "yes"), [
     (["/usr/bin/python3", "/home/a/.local/bin/memctl", "status"], True),
-    (["python", "-m", "memory_controller.cli", "status"], True),
+    (["python", "-m", "memctl_cli", "status"], True),
     (["python", "-m", "streamlit", "run", "app.py"], None),  # decided by the cwd
     (["python", "-m", "streamlit", "run", "other/app.py"], False),
     (["python", "train.py"], False),

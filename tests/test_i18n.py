@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from memory_controller.controller import APPLY_STEPS
-from memory_controller.i18n import LANGUAGES, Translator, catalog, plural_form
-from memory_controller.types import Level, Mode, NvmlStatus, Precision
+from memory_controller.backend import DeploymentState
+from memory_controller.i18n import LANGUAGES, Translator, catalog, plural_form, render
+from memory_controller.planning import APPLY_STEPS
+from memory_controller.types import Level, Message, Mode, NvmlStatus, Precision, msg
 
 ROOT = Path(__file__).resolve().parent.parent
 UI_FILES = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")), ROOT / "test_memory_controller.py"]
@@ -27,23 +28,41 @@ def _literal_keys() -> set[str]:
 
 def _dynamic_keys() -> set[str]:
     keys = {f"level.{lv.value}" for lv in Level}
-    keys |= {f"step.{s}" for s in (*APPLY_STEPS, "rollback", "restore", "noop", "cancel", "unload_transformers",
-                                   "stop_containers", "stop")}
+    keys |= {f"step.{s}" for s in (*APPLY_STEPS, "rollback", "restore", "noop", "cancel", "clear_host",
+                                   "stop_backend", "stop_inmem", "stop_transformers", "stop_vllm")}
+    keys |= {f"state.{s.value}" for s in DeploymentState}
+    keys |= {f"msg.{c}" for c in MESSAGE_CODES} | {f"err.{c}" for c in ERROR_CODES}
+    keys |= {f"stage.{s}" for s in ("config", "weights", "placing", "warm-up", "ready",  # Transformers
+                                    "checking", "pulling", "creating", "waiting")}  # vLLM
+    keys |= {f"rule.{r}" for r in ("model_max", "memory")}
     keys |= {f"precision.{p.value}" for p in Precision} | {f"mode.{m.value}" for m in Mode}
     keys |= {f"rec.mode_{m.value}" for m in Mode}
-    keys |= {f"ops.{k}" for k in ("apply", "unload", "stop", "clear", "emergency")}
-    keys |= {f"health.{h}" for h in ("ready", "starting", "unhealthy", "stopped", "unknown")}
+    keys |= {f"ops.{k}" for k in ("apply", "unload")}
+    keys |= {f"opkind.{k}" for k in ("apply", "unload", "clear_memory", "emergency_clear")}
     keys |= {f"diag.check_{c}" for c in ("memory", "recommend", "switch", "clear", "emergency")}
     keys |= {f"diag.status_{s}" for s in ("passed", "warning", "failed", "skipped")}
     for a in ("out_of_memory", "model_not_loading", "container_not_stopping"):
         keys |= {f"advice.{a}.problem", f"advice.{a}.steps"}
     keys |= {f"nvml.{s.value}" for s in NvmlStatus}
-    keys |= {f"note.{c}" for c in NOTE_CODES}
     keys |= {f"errors.{cls.__name__}" for cls in _error_classes()}
     return keys
 
 
-NOTE_CODES = ("vllm_unavailable_fallback", "cpu_half_precision", "fit_precision", "fit_context", "model_does_not_fit")
+# Every Message code the core and the backends give (memory_controller/, backends/): the UI renders each.
+MESSAGE_CODES = (
+    "backend.precision_unsupported", "backend.device_unsupported", "backend.unavailable", "backend.import_failed",
+    "backend.no_gpu", "backend.docker_unavailable", "backend.gpu_missing", "backend.gpu_memory_unknown",
+    "backend.model_missing", "backend.over_util_cap", "backend.bad_settings", "backend.tools_not_parsed",
+    "plan.context_over_model_max", "plan.suggest_smaller_model", "plan.suggest_profile", "fit.precision",
+    "fit.context", "rec.vllm_unavailable_fallback", "rec.cpu_half_precision", "rec.model_does_not_fit",
+    "rec.context_rule", "release.freed", "release.already_gone", "release.partial", "release.failed",
+    "release.unmeasured", "deployment.unreadable_labels", "model.no_tokenizer", "model.no_chat_template",
+    "quant.bitsandbytes_missing",
+)
+# Error codes the controller raises with (MemctlError.code).
+ERROR_CODES = ("busy", "busy.generating", "cancelled", "timeout", "stop_failed", "step_failed", "stale_plan",
+               "stale_plan.deployments", "stale_plan.memory", "not_loaded", "no_model", "insufficient_memory",
+               "backend.unknown", "backend.import_failed", "corrupt_data")
 
 
 def _error_classes() -> list[type]:
@@ -119,7 +138,7 @@ def _gpu_snapshot(free_gib: float):
     return SystemSnapshot(gpus=(gpu,), host=host, nvml_status=NvmlStatus.OK)
 
 
-def test_recommendation_notes_come_with_codes_the_catalogs_translate():
+def test_recommendation_notes_are_message_codes_the_catalogs_translate():
     from memory_controller.recommend import recommend
     from memory_controller.settings import load_settings
 
@@ -127,13 +146,33 @@ def test_recommendation_notes_come_with_codes_the_catalogs_translate():
     snap = _gpu_snapshot(9)
     no_docker = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
                           docker_available=False)
-    assert no_docker.note_codes == (f"vllm_unavailable_fallback:vllm_full:{no_docker.band}",)
-    assert len(no_docker.notes) == 1  # the English note stays for the CLI and JSON
+    assert [n.code for n in no_docker.notes] == ["rec.vllm_unavailable_fallback"]
+    assert dict(no_docker.notes[0].args) == {"table": "vllm_full", "used": no_docker.band}
     on_cpu = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
                        device_key="host", cpu_half_precision="bf16")
-    assert "cpu_half_precision:bf16" in on_cpu.note_codes
-    fitted = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
-                       fit=lambda p, _free: (p.with_(precision=Precision.INT8, context_tokens=512), ("x",)))
-    assert fitted.note_codes == ("fit_precision:fp16:int8", "fit_context:512")
-    for code in NOTE_CODES:
-        assert not Translator("ru")(f"note.{code}").isascii()
+    cpu_note = next(n for n in on_cpu.notes if n.code == "rec.cpu_half_precision")
+    assert render(cpu_note, "ru") == "на CPU FP16 работает медленно, поэтому bf16"
+    assert render(cpu_note, "en") == "FP16 is slow on the CPU, so bf16"
+
+
+def test_render_formats_a_message_by_its_code_and_falls_back_to_its_english_text():
+    m = msg("plan.context_over_model_max", "context 4096 exceeds the model's maximum 2048", tokens=4096, max=2048)
+    assert render(m, "ru") == "контекст 4096 больше максимума модели (2048 токенов): уменьшите контекст"
+    assert render(m, "en") == "context 4096 exceeds the model's maximum (2048 tokens): lower the context"
+    unknown = msg("some.new_code", "a backend's own words")
+    assert render(unknown, "ru") == "a backend's own words"  # never the bare code while there is text
+    missing_arg = Message("plan.suggest_profile", {"precision": "nf4"}, "would fit with nf4")
+    assert render(missing_arg, "ru") == "would fit with nf4"
+    sized = msg("backend.over_util_cap", "x", needed_bytes=3 * 1024**3, cap=0.95, total_bytes=1)
+    assert "3.00 GiB" in render(sized, "ru")
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_every_message_and_error_code_reads_as_a_sentence_of_that_language(lang):
+    cat = catalog(lang)
+    for code in MESSAGE_CODES:
+        assert cat[f"msg.{code}"].strip(), code
+    if lang == "ru":
+        for code in (*MESSAGE_CODES, *ERROR_CODES):
+            key = f"msg.{code}" if code in MESSAGE_CODES else f"err.{code}"
+            assert re.search("[а-яё]", cat[key]), key

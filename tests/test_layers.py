@@ -58,6 +58,14 @@ FORBIDDEN = [
     ("backends/vllm/_injected.py", "import torch"),
     ("backends/vllm/_injected.py", "import bitsandbytes"),
     ("backends/vllm/_injected.py", "import backends.transformers"),
+    # the Ollama client (a holder memctl may ask, not a backend)
+    ("backends/ollama/_injected.py", "import docker"),
+    ("backends/ollama/_injected.py", "import torch"),
+    ("backends/ollama/_injected.py", "from backends.vllm import create"),
+    # the command line (an entry layer)
+    ("memctl_cli/main.py", "import torch"),
+    ("memctl_cli/containers.py", "import docker"),
+    ("memctl_cli/ollama.py", "from backends.ollama import create"),
     # the server
     ("server/_injected.py", "import torch"),
     ("server/_injected.py", "import backends"),
@@ -66,6 +74,8 @@ FORBIDDEN = [
 
 ALLOWED = [
     ("memory_controller/probe/devices.py", "import pynvml"),
+    ("memory_controller/probe/processes.py", "import psutil"),
+    ("memctl_cli/main.py", "import server.cli"),
     ("backends/transformers/_injected.py", "import torch"),
     ("backends/vllm/_injected.py", "import docker"),
     ("server/_injected.py", "import fastapi"),

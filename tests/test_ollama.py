@@ -23,7 +23,7 @@ from backends.ollama import (
     parse_host,
     validate_model_name,
 )
-from memory_controller.cli_ollama import add_commands
+from memctl_cli.ollama import add_commands
 from memory_controller.errors import CorruptDataError, SettingsError
 from memory_controller.probe import DeviceProbe
 from memory_controller.settings import load_settings

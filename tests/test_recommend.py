@@ -7,7 +7,7 @@ import pytest
 from memory_controller.probe.devices import DeviceProbe
 from memory_controller.recommend import band_for, level_for, recommend
 from memory_controller.settings import load_settings
-from memory_controller.types import Level, Mode, Precision
+from memory_controller.types import Level, Mode, Precision, msg
 from tests.fake_pynvml import GIB, scenario
 
 S = load_settings()
@@ -71,7 +71,8 @@ def test_docker_missing_on_a_big_gpu_falls_back_to_transformers_with_a_note():
     assert r.profile.mode is Mode.TRANSFORMERS
     assert r.band == "transformers_fp16"
     assert not r.vllm_available and "daemon down" in r.vllm_reason
-    assert any("vllm_full" in n for n in r.notes)
+    assert any("vllm_full" in n.text for n in r.notes)
+    assert any(n.code == "rec.vllm_unavailable_fallback" for n in r.notes)
 
 
 def test_best_gpu_is_chosen_unless_one_is_asked_for():
@@ -86,10 +87,10 @@ def test_lost_gpu_is_never_recommended():
 
 def test_fit_seam_can_lower_the_profile():
     def fit(profile, free_bytes):
-        return profile.with_(context_tokens=256), ("context lowered",)
+        return profile.with_(context_tokens=256), (msg("fit.context", "context lowered", tokens=256),)
 
     r = rec("free_gib=20", fit=fit)
-    assert r.profile.context_tokens == 256 and "context lowered" in r.notes
+    assert r.profile.context_tokens == 256 and "context lowered" in [n.text for n in r.notes]
     r2 = rec("free_gib=20", fit=lambda p, f: None)
     assert r2.level is Level.RED
 

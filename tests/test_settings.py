@@ -14,7 +14,7 @@ def test_defaults_carry_the_guides_table_and_thresholds():
     assert s.green_min_gib == 4.0 and s.yellow_min_gib == 2.0
     assert s.language == "ru"
     assert s.bind_address == "127.0.0.1"
-    assert s.vllm_image_ref == "vllm/vllm-openai:v0.11.0"
+    assert s.vllm_image_ref == "vllm/vllm-openai:v0.33.0"
 
 
 def test_env_overrides_defaults(monkeypatch, tmp_path):

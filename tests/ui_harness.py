@@ -2,9 +2,11 @@
 tests/test_diagnostic_page.py).
 
 The app is built from the environment, as a user's start would: a fake NVML scenario
-(``MEMCTL_FAKE_NVML``), an HF cache, and a Docker host that does not exist unless a test passes
-the private engine. Streamlit's ``st.cache_resource`` is process-wide, so every ``make`` forgets the
-previous controller and job board, and the fake NVML module (it reads its scenario at import).
+(``MEMCTL_FAKE_NVML``), an HF cache, a Docker host that does not exist unless a test passes the
+private engine, and the in-memory backend (tests/inmemory_backend.py) added to the configured ones
+under the id ``inmem``: the UI's flows run on it wherever the real backends cannot run here.
+The controller is process-wide, so every ``make`` forgets the previous one and the fake NVML
+module (it reads its scenario at import).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 DIAG = str(ROOT / "test_memory_controller.py")
 NO_DOCKER = "unix:///nonexistent/memctl-test/docker.sock"
+INMEM = "inmem"
+INMEM_BACKENDS = '{"inmem": "tests.inmemory_backend:create"}'
 GIB = 1024**3
 
 # Reading the shared controller from the test thread (outside a script run) makes Streamlit warn
@@ -32,7 +36,7 @@ logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").set
 
 
 def reset_shared_state() -> None:
-    """Forget the previous test's controller/job board and the NVML scenario read at import."""
+    """Forget the previous test's controller and the NVML scenario read at import."""
     from memory_controller.controller import reset_shared_controller
 
     st.cache_resource.clear()
@@ -47,11 +51,17 @@ def controller():
     return ui_common._controller()
 
 
-def board():
-    """The app's shared job board (operations started from the UI)."""
-    from pages import ui_common
+def runner():
+    """The shared controller's operation runner (operations started from the UI)."""
+    return controller().runner
 
-    return ui_common.jobs()
+
+def choose_inmem(at: AppTest) -> AppTest:
+    """Select the in-memory backend in the sidebar (it is the only one that can run everywhere)."""
+    radio = at.radio(key="f_mode")
+    if radio.value != INMEM:
+        radio.set_value(INMEM).run()
+    return at
 
 
 @pytest.fixture
@@ -68,6 +78,7 @@ def app_factory(monkeypatch, tmp_path) -> Iterator:
         monkeypatch.setenv("MEMCTL_FAKE_NVML", scenario)
         monkeypatch.setenv("MEMCTL_DOCKER_HOST", docker_host)
         monkeypatch.setenv("MEMCTL_HF_CACHE_DIR", str(hub or tmp_path / "empty-hub"))
+        monkeypatch.setenv("MEMCTL_BACKENDS", INMEM_BACKENDS)
         for key, value in env.items():
             monkeypatch.setenv(key, str(value))
         reset_shared_state()
@@ -79,21 +90,21 @@ def app_factory(monkeypatch, tmp_path) -> Iterator:
 
     yield make
     if made:
-        board().wait_idle(120)
         try:
             ctl = controller()
         except SettingsError:  # a test of invalid settings: no controller was ever made
             ctl = None
         if ctl is not None:
             ctl.step_hook = None
-            if ctl.transformers_started:
-                ctl.emergency_clear()  # give the tiny model's memory back before the next test
+            ctl.runner.wait_idle(120)
+            if ctl.deployments():
+                ctl.emergency_clear()  # give what a test started back before the next test
     reset_shared_state()
 
 
 def settle(at: AppTest, timeout_s: float = 120) -> AppTest:
     """Wait for running operations to end, then rerun (what the page's poll does)."""
-    assert board().wait_idle(timeout_s), "the operation did not finish in time"
+    assert runner().wait_idle(timeout_s), "the operation did not finish in time"
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     return at

@@ -18,7 +18,7 @@ MAX_ARGS = 64
 MAX_ARG_CHARS = 4096
 
 # A command line is memctl's when its program or an argument names memctl's entry points.
-_MEMCTL_ENTRIES = ("memctl", "memory_controller", "memory_controller.cli", "test_memory_controller.py")
+_MEMCTL_ENTRIES = ("memctl", "memory_controller", "memctl_cli", "test_memory_controller.py")
 
 
 def _bounded(argv: Sequence[str]) -> tuple[str, ...]:
@@ -29,7 +29,7 @@ def looks_like_memctl(argv: Sequence[str], cwd: str | None = None) -> bool:
     """True for ``memctl ...``, ``python -m memory_controller...``, ``streamlit run <memctl>/app.py``."""
     for i, arg in enumerate(argv[:8]):
         base = os.path.basename(arg)
-        if base in _MEMCTL_ENTRIES or (i > 0 and argv[i - 1] == "-m" and arg.split(".")[0] == "memory_controller"):
+        if base in _MEMCTL_ENTRIES or (i > 0 and argv[i - 1] == "-m" and arg.split(".")[0] in ("memory_controller", "memctl_cli")):
             return True
         if base == "app.py" and i > 0 and "run" in argv[:i]:
             where = os.path.dirname(arg if os.path.isabs(arg) or cwd is None else os.path.join(cwd, arg))

@@ -12,12 +12,12 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import InvalidModelIdError, MemctlError, SettingsError
-from .settings import Settings, load_settings
-from .units import escape_text, fmt_bytes
+from memory_controller.errors import InvalidModelIdError, MemctlError, SettingsError
+from memory_controller.settings import Settings, load_settings, settings_warnings
+from memory_controller.units import escape_text, fmt_bytes
 
 # Modules that add subcommands: each has register(subparsers) setting func(args, settings) -> int.
-_SUBCOMMAND_MODULES = ("memory_controller.cli_models", "memory_controller.cli_containers")
+_SUBCOMMAND_MODULES = ("memctl_cli.models", "memctl_cli.containers", "memctl_cli.ollama", "server.cli")
 
 
 def _print_error(exc: MemctlError) -> None:
@@ -27,7 +27,7 @@ def _print_error(exc: MemctlError) -> None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from .controller import MemoryController
+    from memory_controller.controller import MemoryController
 
     ctl = MemoryController(settings)
     data = ctl.status()
@@ -42,12 +42,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         status = "" if d["status"] == "ok" else f"  [{d['status']}: {d['hint']}]"
         print(f"{level} {d['key']:<6} {d['name']}: total {fmt_bytes(d['total_bytes'])}, "
               f"used {fmt_bytes(d['used_bytes'])}, free {fmt_bytes(d['free_bytes'])}, util {util}{status}")
-    rec = data["recommendation"]
-    p = rec["profile"]
-    print(f"Recommended: backend {p['mode']}, precision {p['precision']}, context {p['context_tokens']} tokens, "
-          f"batch {p['batch']}, on {p['device']} (the guide's band {rec['band']!r}; {rec['reason']})")
-    for note in rec["notes"]:
-        print(f"  note: {note['text']}")
+    from memctl_cli.models import recommendation_lines
+
+    for line in recommendation_lines(data["recommendation"]):
+        print(line)
     for bid, b in data["backends"].items():
         if not b["available"]:
             print(f"{bid} unavailable: {b['reason']}")
@@ -56,6 +54,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"running: {escape_text(d['model_id'])} ({d['backend_id']}, {d['state']}) {mem}"
               + (f" at {d['endpoint']}" if d["endpoint"] else ""))
     return 0
+
+
+def log_write_errors() -> list[str]:
+    """Operation-log writes that failed in this process (an operation that ran but left no record)."""
+    from memory_controller.oplog import process_write_errors
+
+    return process_write_errors()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         _print_error(exc)
         return 2
+    for warning in settings_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     try:
-        return int(args.func(args, settings))
+        code = int(args.func(args, settings))
+        problems = log_write_errors()
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1 if problems and code == 0 else code
     except MemctlError as exc:
         if getattr(args, "json", False):  # keep stdout machine-readable
             print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))

@@ -9,16 +9,13 @@ memory to come back on NVML) and, when it has one, ``ollama()`` returning the cl
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from typing import Any
 
-from .errors import MemctlError, SettingsError
-from .types import Outcome, to_jsonable
-from .units import fmt_bytes
-
-OLLAMA_FACTORY = "backends.ollama:create"  # reached by name, like the backend registry does
+from memory_controller.errors import MemctlError, SettingsError
+from memory_controller.types import Outcome, to_jsonable
+from memory_controller.units import fmt_bytes
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -37,13 +34,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def client_for(ctl: Any) -> Any:
-    """The Ollama client: ``ctl.ollama()`` when the controller has one, else ``backends.ollama.create``."""
+    """The Ollama client: ``ctl.ollama()``; given Settings (or something with ``settings``/``probe``), a
+    local controller's."""
     maker = getattr(ctl, "ollama", None)
-    if callable(maker):
-        return maker()
-    module, _, attr = OLLAMA_FACTORY.partition(":")
-    settings = getattr(ctl, "settings", ctl)  # a Settings works too (then no memory wait)
-    return getattr(importlib.import_module(module), attr)(settings, getattr(ctl, "probe", None))
+    if not callable(maker):
+        from memory_controller import MemoryController
+
+        maker = MemoryController(getattr(ctl, "settings", ctl), probe=getattr(ctl, "probe", None)).ollama
+    client = maker()
+    if client is None:
+        raise MemctlError("the Ollama client could not be built", "check the ollama_host setting")
+    return client
 
 
 def _fail(exc: MemctlError, as_json: bool) -> int:
@@ -101,3 +102,6 @@ def cmd_ollama_unload(args: argparse.Namespace, ctl: Any) -> int:
         print(f"{report.outcome.emoji} {report.message.text}",
               file=sys.stderr if report.outcome is Outcome.ERROR else sys.stdout)
     return 1 if report.outcome is Outcome.ERROR else 0
+
+
+register = add_commands  # memctl's sub-command modules expose register(subparsers)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .backend import Deployment
-from .errors import MemctlError
-from .types import to_jsonable
-from .units import escape_text
+from memory_controller.backend import Deployment
+from memory_controller.errors import MemctlError
+from memory_controller.types import to_jsonable
+from memory_controller.units import escape_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .controller import MemoryController
-    from .settings import Settings
+    from memory_controller.controller import MemoryController
+    from memory_controller.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,9 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _controller(settings: Settings) -> MemoryController:
-    from .controller import MemoryController
+    from memory_controller.controller import MemoryController
 
     return MemoryController(settings)
+
+
+def _acting(settings: Settings) -> Any:
+    """Who performs a stop: the live owner process (its controller sees its own models), else this one."""
+    from server.cli import controller_for
+
+    return controller_for(settings)
 
 
 def out_of_process(ctl: MemoryController) -> list[Deployment]:
@@ -87,18 +94,18 @@ def cmd_containers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stop(args: argparse.Namespace, settings: Settings) -> int:
-    ctl = _controller(settings)
+    ctl = _acting(settings)
     report = ctl.unload(args.name)
     print(f"stopped {escape_text(report.model_id)}: {report.message.text}")
     return 0
 
 
 def cmd_stop_all(args: argparse.Namespace, settings: Settings) -> int:
-    ctl = _controller(settings)
-    deps = out_of_process(ctl)
+    deps = out_of_process(_controller(settings))
     if not deps:
         print("No memctl containers to stop.")
         return 0
+    ctl = _acting(settings)
     failed = 0
     for d in deps:
         try:

@@ -2,45 +2,97 @@
 
 Neither command imports torch: the catalog reads the HF cache listing, the estimator reads configs and
 safetensors headers only. Errors are project errors (``cli.main`` prints message + hint, exit 1);
-bad arguments exit 2 (argparse).
+bad arguments exit 2: by argparse (a non-finite ``--free-gib``, a batch over the limit) or here
+(a context over the model's own maximum, as the dashboard's blocker says).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
+import math
+import sys
+from typing import TYPE_CHECKING, Any
 
-from .types import Mode, Precision, Profile, to_jsonable
-from .units import GIB, fmt_bytes
+from memory_controller.errors import MemctlError
+from memory_controller.types import Mode, Precision, Profile, to_jsonable
+from memory_controller.units import GIB, fmt_bytes
+
+MAX_CONTEXT_TOKENS = 1_048_576  # the dashboard's context field range ends here too
+MAX_BATCH = 256  # the dashboard's batch field range
+MAX_FREE_GIB = 1_048_576.0  # 1 PiB: more is a typo
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from memory_controller.settings import Settings
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _whole_number(high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value:,} is over the limit of {high:,}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_number(MAX_CONTEXT_TOKENS)
 
 
 def _non_negative_float(text: str) -> float:
+    """GiB of free memory: a finite number from 0 to MAX_FREE_GIB (``inf``, ``nan``, ``1e400`` are refused)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a finite number of GiB")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+        raise argparse.ArgumentTypeError(f"{value:g} must not be negative")
+    if value > MAX_FREE_GIB:
+        raise argparse.ArgumentTypeError(f"{value:g} GiB is more memory than any machine has (limit {MAX_FREE_GIB:g})")
     return value
+
+
+def _precision(text: str) -> str:
+    """A precision in any case (the dashboard shows "BF16"); argparse's choices check the value."""
+    return text.strip().lower()
+
+
+def _usage_error(args: argparse.Namespace, error: MemctlError) -> int:
+    """A bad argument found after parsing (needs the model): same output as cli.main's errors, exit 2."""
+    if getattr(args, "json", False):
+        print(json.dumps(error.to_dict(), ensure_ascii=False, indent=2))
+    print(f"error: {error.message}", file=sys.stderr)
+    if error.hint:
+        print(f"hint: {error.hint}", file=sys.stderr)
+    return 2
+
+
+def recommendation_lines(rec: dict[str, Any]) -> list[str]:
+    """``memctl status``'s recommendation in words: what to run, then why (the guide's table row by name,
+    apart from the precision actually used, which can differ: fp16 becomes bf16 on the CPU)."""
+    p = rec["profile"]
+    mode = {"transformers": "Transformers (in-process)", "vllm": "vLLM (Docker)"}.get(p["mode"], p["mode"])
+    band = rec["band"]
+    reason = str(rec.get("reason", ""))
+    row = f"row \"{band}\" of the guide's table"
+    why = reason.replace(f"→ {band}", f"→ {row}") if f"→ {band}" in reason else f"{reason} → {row}"
+    return [
+        f"Recommended: {mode}, precision {p['precision']}, context {p['context_tokens']:,} tokens, "
+        f"batch {p['batch']}, on {p['device']}",
+        f"  why: {why} (a row's name is not the precision used)",
+    ]
 
 
 def _default_device(settings: Settings) -> str:
     """cuda when the probe sees a GPU, else cpu (so a CPU-only machine gets no CUDA reserve)."""
-    from .probe import DeviceProbe
+    from memory_controller.probe import DeviceProbe
 
     snap = DeviceProbe(nvml_module_name=settings.nvml_module).snapshot()
     return "cuda" if snap.has_gpu else "cpu"
@@ -54,10 +106,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("estimate", help="memory a model needs under a profile (weights, KV cache, ...)")
     p.add_argument("model", help="Hugging Face id (org/name) or an absolute path inside a local model dir")
-    p.add_argument("--dtype", choices=[x.value for x in Precision], default=Precision.BF16.value,
-                   help="fp32/fp16/bf16, or bitsandbytes int8/nf4/fp4 (default bf16)")
-    p.add_argument("--context", type=_positive_int, default=2048, help="context tokens (default 2048)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="sequences served at once (default 1)")
+    p.add_argument("--dtype", type=_precision, choices=[x.value for x in Precision], default=Precision.BF16.value,
+                   help="fp32/fp16/bf16, or bitsandbytes int8/nf4/fp4, any case (default bf16)")
+    p.add_argument("--context", type=_positive_int, default=2048,
+                   help="context tokens (default 2048; at most the model's own maximum)")
+    p.add_argument("--batch", type=_whole_number(MAX_BATCH), default=1,
+                   help=f"sequences served at once (default 1, at most {MAX_BATCH})")
     p.add_argument("--double-quant", action="store_true", help="4-bit double quantisation")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="cuda adds the CUDA context reserve (default: cuda when a GPU is found, else cpu)")
@@ -69,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     """List the catalog; warnings (corrupt entries, missing cache) go beside the list. Exit 0."""
-    from .catalog import scan_models
+    from memory_controller.catalog import scan_models
 
     result = scan_models(settings)
     if args.json:
@@ -99,10 +153,17 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
     """Print the estimate's breakdown (and the max context for ``--free-gib``). Raises project errors."""
-    from . import estimate as est
-    from .catalog import resolve_model
+    from memory_controller import estimate as est
+    from memory_controller.catalog import resolve_model
 
     model = resolve_model(args.model, settings)
+    max_positions = est.read_model_spec(model.path).max_position_embeddings
+    if max_positions and args.context > max_positions:
+        return _usage_error(args, MemctlError(
+            f"context {args.context:,} tokens exceeds the model's maximum of {max_positions:,} "
+            f"(max_position_embeddings of {model.model_id})",
+            f"choose --context {max_positions} or less", code="context_over_model_maximum",
+            args={"context": args.context, "max_positions": max_positions}))
     profile = Profile(
         mode=Mode.TRANSFORMERS,
         precision=Precision(args.dtype),

@@ -1,0 +1,81 @@
+"""What runs (every backend's deployments, one stop button each) and the cached models with the
+verdict for the profile on screen (the same verdict as the selector and the plan)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import streamlit as st
+
+from memory_controller.backend import Deployment, DeploymentState
+from memory_controller.types import CachedModel
+from pages import plan_view, ui_ops
+from pages import ui_common as ui
+
+
+def _unload(handle: str) -> None:
+    ctl = ui.controller()
+    ui_ops.submit(lambda: ui_ops.submit_unload(ctl, handle))
+
+
+def deployment_row(ctl: Any, d: Deployment) -> str:
+    t = ui.tr()
+    parts = [f"**{d.model_id}**", ui.backend_label(ctl, d.backend_id)]
+    if d.device and (len(d.memory_bytes) != 1 or d.device == "cpu"):  # where it runs, unless the memory says it
+        parts.append(ui.device_key_label(d.device) if d.device.startswith("cuda") else d.device)
+    memory = ", ".join(f"{ui.device_key_label(k)}: {ui.gib(v)}" for k, v in d.memory_bytes.items())
+    if memory:
+        parts.append(memory)
+    prof = d.profile
+    if prof is not None:
+        parts.append(f"{prof.precision.value.upper()}, {t.count('unit.tokens', prof.context_tokens)}, "
+                     f"{t('rec.batch_inline', batch=prof.batch)}")
+    if d.endpoint:
+        parts.append(t("deploy.endpoint", endpoint=d.endpoint))
+    parts.append(t(f"state.{d.state.value}"))
+    if d.started_at:
+        parts.append(t("deploy.since", time=ui.fmt_time(d.started_at),
+                       uptime=ui.fmt_duration(time.time() - d.started_at)))
+    return " · ".join(parts)
+
+
+def deployments_section(ctl: Any, running: list[Deployment], busy: bool) -> None:
+    t = ui.tr()
+    st.subheader(t("deploy.title"))
+    shown = [d for d in running if d.state is not DeploymentState.STOPPED]
+    if not shown:
+        st.caption(t("deploy.none"))
+    for d in shown:
+        try:
+            http = ctl.backend(d.backend_id).capabilities.serves_http
+        except Exception:  # noqa: BLE001
+            http = bool(d.endpoint)
+        icon = "🛑" if http else "🗑️"
+        c1, c2 = st.columns([12, 1], vertical_alignment="center")
+        c1.markdown(deployment_row(ctl, d))
+        for w in d.warnings:
+            c1.caption(f"⚠️ {ui.sentence(ui.render(w))}")
+        c2.button(icon, key=f"unload::{d.handle}", help=t("deploy.stop_help", model=d.model_id),
+                  disabled=busy or d.state is DeploymentState.STOPPING, on_click=_unload, args=(d.handle,))
+
+
+def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[str, Any], has_profile: bool) -> None:
+    t = ui.tr()
+    st.subheader(t("cached.title"))
+    st.caption(t("cached.caption", dir=getattr(catalog, "cache_dir", None) or "—"))
+    for w in getattr(catalog, "warnings", ()):
+        st.warning(f"⚠️ {t('cached.warning')}: `{ui.cell(str(w))}`")
+    if not models:
+        st.info(t("controls.no_models"))
+        return
+    head = (f"| {t('cached.model')} | {t('cached.size')} | {t('cached.arch')} | {t('cached.revision')} | "
+            f"{t('cached.needed')} | {t('cached.fit')} |")
+    rows = [head, "|---|---|---|---|---|---|"]
+    for m in models:
+        plan = plans.get(m.model_id)
+        verdict = plan_view.verdict_text(plan) if has_profile else "—"
+        needed = ui.gib(plan.needed_bytes) if plan is not None else "—"
+        rows.append(f"| {m.model_id} | {ui.gib(m.size_on_disk_bytes)} | {m.architecture or '—'} | "
+                    f"{(m.revision or '—')[:10]} | {needed} | {verdict} |")
+    st.markdown("\n".join(rows))
