@@ -6,11 +6,14 @@
 #   /v1/models        {"data":[{"id": <--served-model-name>, ...}]}
 #   /fake/args        the argv it got, one per line
 #   /fake/env         its environment, sorted
+#   /fake/last_request   the body of the last POST
+#   POST /v1/chat/completions, /v1/completions   streamed or not, with a scripted tool call (serve.sh)
 # Behaviour by environment:
 #   FAKE_VLLM_START_DELAY_S=N   "load weights" for N seconds (log lines, port closed) first
 #   FAKE_VLLM_CRASH=oom|kv|maxlen   exit 1 with the vLLM-style error line for that failure
 #   FAKE_VLLM_NEVER_READY=1     serve, but /health stays 404 (never healthy)
 mkdir -p /www/v1 /www/fake /tmp
+: > /www/fake/last_request
 : > /www/fake/args
 for a in "$@"; do printf '%s\n' "$a" >> /www/fake/args; done
 env | sort > /www/fake/env
@@ -62,4 +65,10 @@ printf '{"object":"list","data":[{"id":"%s","object":"model","owned_by":"vllm","
 if [ "$FAKE_VLLM_NEVER_READY" != "1" ]; then : > /www/health; fi
 echo "INFO [launcher.py] Starting vLLM API server on http://$host:$port"
 echo "INFO:     Application startup complete."
+if [ "$host" = "0.0.0.0" ]; then
+  # In its own network namespace (ports published on loopback by Docker): the full fake, chat included;
+  # busybox nc forks serve.sh per connection (it cannot bind one address, hence only here).
+  exec nc -ll -p "$port" -e /serve.sh
+fi
+# Host networking: listen on the one address asked for; static files only (no chat).
 exec httpd -f -p "$host:$port" -h /www

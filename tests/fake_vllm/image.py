@@ -17,6 +17,7 @@ from pathlib import Path
 FAKE_IMAGE_REPO = "memctl-test/fake-vllm"
 FAKE_IMAGE_TAG = "test"
 ENTRYPOINT = Path(__file__).with_name("entrypoint.sh")
+SERVE = Path(__file__).with_name("serve.sh")  # one HTTP request per connection (chat, completions, files)
 
 
 def find_busybox() -> str | None:
@@ -49,12 +50,13 @@ def build_rootfs_tar(dest: Path, busybox: str) -> Path:
             link.type = tarfile.SYMTYPE
             link.linkname = "busybox"
             tar.addfile(link)
-        data = ENTRYPOINT.read_bytes()
-        info = tarfile.TarInfo("entrypoint.sh")
-        info.size = len(data)
-        info.mode = 0o755
-        info.mtime = int(time.time())
-        tar.addfile(info, io.BytesIO(data))
+        for script in (ENTRYPOINT, SERVE):
+            data = script.read_bytes()
+            info = tarfile.TarInfo(script.name)
+            info.size = len(data)
+            info.mode = 0o755
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(data))
         passwd = b"root:x:0:0:root:/root:/bin/sh\n"
         info = tarfile.TarInfo("etc/passwd")
         info.size = len(passwd)
@@ -72,6 +74,7 @@ FAKE_VARIANTS: dict[str, dict[str, str]] = {
     "kv": {"FAKE_VLLM_CRASH": "kv"},
     "maxlen": {"FAKE_VLLM_CRASH": "maxlen"},
     "never-ready": {"FAKE_VLLM_NEVER_READY": "1"},
+    "slow-tokens": {"FAKE_VLLM_TOKEN_DELAY_S": "0.2"},
 }
 
 

@@ -1,0 +1,88 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "code"}}`` with the right HTTP status.
+
+Every :class:`MemctlError` maps to one status; nothing else reaches the client as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from memory_controller import errors as E
+from memory_controller.units import fmt_bytes
+
+log = logging.getLogger("memctl.server.openai")
+
+# The openai clients retry 408/409/429/5xx unless told not to; a retry cannot fix these.
+NO_RETRY = {"x-should-retry": "false"}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, OpenAI ``type`` and ``code``, a message a user can act on."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    def sse(self) -> bytes:
+        """The error as a stream event (the openai clients raise it as an APIError)."""
+        return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code, headers=NO_RETRY)
+
+
+def insufficient_memory(message: str, needed_bytes: int | None, free_bytes: int | None,
+                        hint: str | None) -> ApiError:
+    parts = [message.rstrip(".")]
+    if needed_bytes is not None and free_bytes is not None:
+        parts.append(f"it needs {fmt_bytes(needed_bytes)}, {fmt_bytes(free_bytes)} is free")
+    text = "; ".join(parts) + "."
+    if hint:
+        text += f" {hint}"
+    return ApiError(503, text, type_="server_error", code="insufficient_memory", headers=NO_RETRY)
+
+
+def from_memctl(exc: E.MemctlError) -> ApiError:
+    """The HTTP answer for a controller error."""
+    text = str(exc)
+    if isinstance(exc, (E.ModelNotFoundError, E.InvalidModelIdError)):
+        return ApiError(404, text, code="model_not_found", param="model", headers=NO_RETRY)
+    if isinstance(exc, E.InsufficientMemoryError):
+        return insufficient_memory(exc.message, exc.needed_bytes, exc.free_bytes, exc.hint)
+    if isinstance(exc, (E.OperationBusyError, E.StalePlanError)):
+        return ApiError(409, text, type_="server_error", code=exc.code if exc.code != "error" else "busy",
+                        headers={"Retry-After": "2"})
+    if isinstance(exc, E.OperationCancelledError):
+        return ApiError(503, text, type_="server_error", code="cancelled", headers=NO_RETRY)
+    if isinstance(exc, E.OperationTimeoutError):
+        return ApiError(504, text, type_="server_error", code="timeout", headers=NO_RETRY)
+    code = exc.code if exc.code != "error" else type(exc).__name__
+    return ApiError(500, text, type_="server_error", code=code, headers=NO_RETRY)
+
+
+def from_exception(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, E.MemctlError):
+        return from_memctl(exc)
+    log.exception("unexpected error while serving a request", exc_info=exc)
+    return ApiError(500, f"internal error ({type(exc).__name__}); see the memctl server log",
+                    type_="server_error", code="internal_error", headers=NO_RETRY)
