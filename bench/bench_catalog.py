@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from memory_controller import catalog  # noqa: E402
 from memory_controller import estimate as est  # noqa: E402
 from memory_controller.settings import load_settings  # noqa: E402
-from memory_controller.types import Mode, Precision, Profile  # noqa: E402
+from memory_controller.types import Precision, Profile  # noqa: E402
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 
@@ -63,7 +63,7 @@ def estimate_all_ms(hub: Path) -> float:
     """Warm: estimate every listed model once (what a page that shows a verdict per model pays)."""
     settings = load_settings(hf_cache_dir=hub, local_model_dirs=[])
     models = catalog.scan_models(settings).models
-    profile = Profile(Mode.TRANSFORMERS, Precision.BF16, 1024, 1, device="cpu")
+    profile = Profile("transformers", Precision.BF16, 1024, 1, device="cpu")
     for m in models:
         est.estimate(m, profile, settings)
     samples = []

@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from memory_controller import MemoryController  # noqa: E402
 from memory_controller.settings import load_settings  # noqa: E402
-from memory_controller.types import Mode, Precision, Profile  # noqa: E402
+from memory_controller.types import Precision, Profile  # noqa: E402
 from tests import model_factory as mf  # noqa: E402
 
 ROUNDS = 3
-PROFILE = Profile(mode=Mode.TRANSFORMERS, precision=Precision.BF16, context_tokens=512, batch=1, device="cpu")
+PROFILE = Profile(mode="transformers", precision=Precision.BF16, context_tokens=512, batch=1, device="cpu")
 
 
 def main() -> None:
@@ -45,26 +45,25 @@ def main() -> None:
                                  docker_host="unix:///nonexistent/docker.sock")
         ctl = MemoryController(settings)
         ca, cb = ctl.resolve(a), ctl.resolve(b)
-        tf = ctl.transformers
-        ctl.apply(Mode.TRANSFORMERS, a, PROFILE)  # warm-up: imports, first-load overhead
+        tf = ctl.backend("transformers")  # the same backend the controller drives (public registry)
+        ctl.apply("transformers", a, PROFILE)  # warm-up: imports, first-load overhead
 
         switch_s, unload_s, load_s, steps = [], [], [], []
         for _ in range(ROUNDS):
             t = time.perf_counter()
-            rec = ctl.apply(Mode.TRANSFORMERS, b, PROFILE)
+            rec = ctl.apply("transformers", b, PROFILE)
             switch_s.append(time.perf_counter() - t)
             steps.append({s.name: s.duration_s for s in rec.steps})
-            ctl.apply(Mode.TRANSFORMERS, a, PROFILE)
+            ctl.apply("transformers", a, PROFILE)
             # the same work by hand, straight on the backend
             t = time.perf_counter()
-            tf.unload(a)
+            tf.stop(a)
             unload_s.append(time.perf_counter() - t)
             t = time.perf_counter()
-            tf.load(cb, PROFILE)
+            tf.start(cb, PROFILE, None)
             load_s.append(time.perf_counter() - t)
-            tf.unload(b)
-            tf.load(ca, PROFILE)
-            ctl._active = (a, PROFILE)  # the backend was driven by hand: tell the controller what is active
+            tf.stop(b)
+            tf.start(ca, PROFILE, None)  # what runs is read back from the backend: nothing to tell
         ctl.emergency_clear()
 
         med = statistics.median

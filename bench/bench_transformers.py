@@ -41,7 +41,7 @@ from memory_controller import estimate as est  # noqa: E402
 from memory_controller.backend import GenerationRequest  # noqa: E402
 from memory_controller.catalog import resolve_model  # noqa: E402
 from memory_controller.settings import load_settings  # noqa: E402
-from memory_controller.types import Mode, Precision, Profile  # noqa: E402
+from memory_controller.types import Precision, Profile  # noqa: E402
 from memory_controller.units import fmt_bytes  # noqa: E402
 from tests import model_factory as mf  # noqa: E402
 
@@ -57,7 +57,7 @@ def out(line: str = "") -> None:
 
 
 def profile(precision: Precision) -> Profile:
-    return Profile(Mode.TRANSFORMERS, precision, 2048, 1, device="cpu")
+    return Profile("transformers", precision, 2048, 1, device="cpu")
 
 
 def raw_read_s(files: list[Path]) -> float:

@@ -96,10 +96,9 @@ _CHILD = textwrap.dedent(r"""
         time.sleep(0.05)
     now = time.time()
     snap = ctl.devices()
-    with ctl._state_lock:  # synthetic history: the bench must not wait ten minutes for it
-        ctl._samples.clear()
-        for i in range(300):
-            ctl._samples.append((now - 600 + 2 * i, {{d.key: (d.used_bytes, d.free_bytes) for d in snap.devices}}))
+    # synthetic history: the bench must not wait ten minutes for it
+    ctl.seed_memory_history([(now - 600 + 2 * i, {{d.key: (d.used_bytes, d.free_bytes) for d in snap.devices}})
+                             for i in range(300)])
     live = []
     for _ in range(22):
         at2.run()

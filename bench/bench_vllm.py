@@ -28,14 +28,14 @@ import docker  # noqa: E402
 
 from backends.vllm import VllmDockerBackend  # noqa: E402
 from memory_controller.settings import load_settings  # noqa: E402
-from memory_controller.types import Mode, Precision, Profile  # noqa: E402
+from memory_controller.types import Precision, Profile  # noqa: E402
 from tests.fake_vllm.engine import start_engine  # noqa: E402
 from tests.fake_vllm.image import FAKE_IMAGE_REPO, build_fake_image  # noqa: E402
 from tests.fixtures_docker import fake_probe, free_port, make_cached_model, vllm_start  # noqa: E402
 
 GIB = 1024**3
 RUNS = 5
-PROFILE = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=1024, batch=2)
+PROFILE = Profile(mode="vllm", precision=Precision.FP16, context_tokens=1024, batch=2)
 SNAPSHOT = fake_probe((24, 23)).snapshot()  # one 24 GiB GPU, 23 GiB free (the fake NVML)
 VARIANTS = {"test": {}, "bench-slow": {"FAKE_VLLM_START_DELAY_S": "1.5"}}
 

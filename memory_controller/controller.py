@@ -142,6 +142,12 @@ class MemoryController(ServingMixin, StatusMixin):
         with self._state_lock:
             return list(self._samples)
 
+    def seed_memory_history(self, samples: list[tuple[float, dict[str, tuple[int | None, int | None]]]]) -> None:
+        """Replace the memory history (benchmarks and demos that cannot wait minutes for real samples)."""
+        with self._state_lock:
+            self._samples.clear()
+            self._samples.extend(samples)
+
     def level(self, device: DeviceSnapshot) -> Level:
         return level_for(device.free_bytes, self.settings.green_min_bytes, self.settings.yellow_min_bytes)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):  # str(Mode.VLLM) == "vllm": a backend id
     VLLM = "vllm"
     TRANSFORMERS = "transformers"
 

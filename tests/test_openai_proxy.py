@@ -179,8 +179,6 @@ def test_tool_call_streamed_back_through_the_real_vllm_backend(proxied_vllm):
     _tool_call_roundtrip(ctl, client, settings)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: ctl.serving_backend_id() returns a Mode enum and ctl.plan() "
-                                       "does str(backend_id) -> 'Mode.VLLM' (unknown backend)")
 def test_on_demand_load_through_the_real_vllm_backend(proxied_vllm):
     ctl, client, settings = proxied_vllm
     _tool_call_roundtrip(ctl, client, settings)

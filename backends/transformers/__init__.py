@@ -20,7 +20,7 @@ __all__ = ["TransformersBackend", "create"]
 def create(settings: Any, probe: Any) -> TransformersBackend:
     """Registry factory (``[backends] transformers = "backends.transformers:create"``).
 
-    ``probe`` is a ``memory_controller.devices.DeviceProbe`` (``gpu_used_bytes(index)`` measures a
+    ``probe`` is a ``memory_controller.probe.DeviceProbe`` (``gpu_used_bytes(index)`` measures a
     release on GPU) or None.
     """
     from .backend import TransformersBackend
