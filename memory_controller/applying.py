@@ -270,7 +270,7 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
         with _Step(ctl, ctx, "prepare", plan.device_key) as st:
             claim = plan.claim or Claim({plan.device_key: plan.needed_bytes})
             dep = ctx.call(lambda p: backend.start(cached, plan.profile, claim, progress=p, cancel=lambda: ctx.cancelled),
-                           what=f"starting {plan.model_id}", deadline_s=_start_deadline(ctl),
+                           what=f"starting {plan.model_id}", deadline_s=_start_deadline(ctl, backend),
                            on_late_result=lambda d: backend.stop(d.handle))
             mine.append(dep)
             where = f" at {dep.endpoint}" if dep.endpoint else ""
@@ -306,8 +306,11 @@ def _unload_ollama(ctl: MemoryController, ctx: OperationContext, names: tuple[st
     return "; ".join(parts)
 
 
-def _start_deadline(ctl: MemoryController) -> float:
-    return max(ctl.settings.operation_timeout_s, ctl.settings.vllm_ready_timeout_s + 60)
+def _start_deadline(ctl: MemoryController, backend: object) -> float:
+    """A backend that waits on an engine of its own may say how long a start takes (``start_timeout_s``);
+    otherwise a start has ``operation_timeout_s``."""
+    own = getattr(backend, "start_timeout_s", None)
+    return float(own) if isinstance(own, (int, float)) and own > 0 else ctl.settings.operation_timeout_s
 
 
 def _rollback(ctl: MemoryController, ctx: OperationContext, plan: Plan, exc: BaseException,
@@ -347,7 +350,7 @@ def _restore(ctl: MemoryController, ctx: OperationContext, previous: list[Deploy
         backend = ctl.backend(prev.backend_id)
         cached = ctl.resolve(prev.model_id)
         ctx.call(lambda p: backend.start(cached, plan.profile, plan.claim, progress=p), what=f"restoring {prev.model_id}",
-                 deadline_s=_start_deadline(ctl), on_late_result=lambda d: backend.stop(d.handle), cancellable=True)
+                 deadline_s=_start_deadline(ctl, backend), on_late_result=lambda d: backend.stop(d.handle), cancellable=True)
         return prev.model_id
     except BaseException as e:  # noqa: BLE001 - restoring is best effort, reported in the log
         ctx.record.steps.append(StepRecord("restore", Outcome.WARNING, 0.0, f"could not restore {prev.model_id}: {e}"))

@@ -117,6 +117,11 @@ class VllmDockerBackend:
             self._docker_status = (time.monotonic(), problem)
         return problem
 
+    @property
+    def start_timeout_s(self) -> float:
+        """How long the controller waits for a start: vLLM's own readiness deadline plus container set-up."""
+        return self.settings.vllm_ready_timeout_s + 60
+
     def availability(self, snapshot: SystemSnapshot) -> Availability:
         try:
             if not snapshot.has_gpu:
