@@ -130,6 +130,8 @@ def _env(tmp: Path, hub: Path, root: Path) -> dict[str, str]:
         "MEMCTL_FAKE_NVML": "one_gpu", "MEMCTL_DOCKER_HOST": "unix:///nonexistent/memctl-bench/docker.sock",
         "MEMCTL_POLL_INTERVAL_S": os.environ.get("BENCH_POLL_S", "2"),
         "MEMCTL_BACKENDS": '{"inmem": "tests.inmemory_backend:create"}',
+        "MEMCTL_TEST_SEAMS": "1",  # the fake NVML is a test-only seam
+        "MEMCTL_DASHBOARD_SERVES": "false",
     })
     return env
 

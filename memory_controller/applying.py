@@ -62,13 +62,32 @@ def _default_profile(ctl: MemoryController, backend_id: str, cached: CachedModel
     return profile, notes
 
 
+class LiveState:
+    """What plans read from the live system, read once: a batch of plans (a verdict per cached model)
+    shares one snapshot, one list of deployments and one census of holders."""
+
+    def __init__(self, ctl: MemoryController) -> None:
+        self.ctl = ctl
+        self.snap = ctl.devices()
+        self.running = ctl.deployments()
+        self._holders: tuple | None = None
+
+    def holders(self) -> tuple:
+        if self._holders is None:
+            from . import holding
+
+            self._holders = (holding.holders(self.ctl, self.snap), holding.ollama_models(self.ctl))
+        return self._holders
+
+
 def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profile: Profile | None,
-              purpose: str, unload_ollama: bool = False) -> Plan:
+              purpose: str, unload_ollama: bool = False, *, live: LiveState | None = None,
+              with_suggestion: bool = True) -> Plan:
     from . import estimate as est
 
     backend = ctl.backend(backend_id)
-    snap = ctl.devices()
-    running = ctl.deployments()
+    live = live or LiveState(ctl)
+    snap, running = live.snap, live.running
     notes: tuple[Message, ...] = ()
     if profile is None:
         profile, notes = _default_profile(ctl, backend_id, cached, running, snap, purpose)
@@ -98,6 +117,8 @@ def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profi
         return backend.claim(cached, profile, estimate, after)
 
     def suggest(free_after: int) -> tuple[int | None, Message | None]:
+        if not with_suggestion:
+            return None, None
         max_ctx = est.max_context_that_fits(cached, free_after, profile, ctl.settings)
         fitted = ctl._fit(cached, profile, free_after)
         if fitted is None:
@@ -113,12 +134,11 @@ def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profi
                               purpose=purpose, suggest=suggest)
     if plan.already_active or not plan.device_key.startswith("gpu:"):
         return plan
-    from . import holding
     from .holders import fit_with_holders
 
-    hs = holding.holders(ctl, snap)
+    hs, ollama = live.holders()
     shortfall = plan.needed_bytes - (plan.free_bytes_after_unload or 0)
-    fit = fit_with_holders(hs, plan.device_key, shortfall, holding.ollama_models(ctl))
+    fit = fit_with_holders(hs, plan.device_key, shortfall, ollama)
     return planning.with_holders(plan, fit, unload_ollama=unload_ollama)
 
 

@@ -276,6 +276,20 @@ class MemoryController(ServingMixin, StatusMixin):
         """
         return applying.make_plan(self, str(backend_id), self.resolve(model), profile, purpose, unload_ollama)
 
+    def plans(self, backend_id: str, models: list[CachedModel] | tuple[CachedModel, ...],
+              profile: Profile) -> dict[str, Plan | None]:
+        """One plan per model for the same profile, read against one live state (a verdict beside each
+        cached model on every rerun); no suggestion is computed. A model whose plan fails maps to None."""
+        live = applying.LiveState(self)
+        out: dict[str, Plan | None] = {}
+        for m in models:
+            try:
+                out[m.model_id] = applying.make_plan(self, str(backend_id), m, profile, "switch", live=live,
+                                                     with_suggestion=False)
+            except MemctlError:
+                out[m.model_id] = None
+        return out
+
     def holders(self, snapshot: SystemSnapshot | None = None) -> list:
         """Who holds GPU memory, named (holders.MemoryHolder), per process NVML reports."""
         from . import holding
