@@ -18,6 +18,7 @@ from memory_controller.backend import ReleaseReport
 from memory_controller.errors import MemctlError
 from memory_controller.reports import ClearReport, EmergencyReport
 from memory_controller.types import OperationRecord, Outcome, StepRecord
+from pages import holders_view
 from pages import ui_common as ui
 
 SEEN_VERSION_KEY = "_runner_version_seen"
@@ -42,31 +43,6 @@ def submit(start: Callable[[], Any]) -> Any:
     mine.append(op.op_id)
     del mine[:-20]
     return op
-
-
-def submit_unload(ctl: Any, handle: str) -> Any:
-    """Unload one deployment as a runner operation that returns at once (its ReleaseReport is the result)."""
-    own = getattr(ctl, "submit_unload", None)
-    if own is not None:
-        return own(handle)
-    from memory_controller import maintenance
-    from memory_controller.errors import ModelNotFoundError
-
-    dep = ctl.find_deployment(handle)
-    if dep is None:
-        raise ModelNotFoundError(f"{handle} is not loaded", "see the list of what runs", code="not_loaded",
-                                 args={"model": handle})
-    return ctl.runner.submit("unload", dep.model_id, lambda ctx: maintenance.run_unload(ctl, ctx, dep),
-                             {"model": dep.model_id, "backend": dep.backend_id, "handle": dep.handle})
-
-
-def submit_clear(ctl: Any) -> Any:
-    own = getattr(ctl, "submit_clear", None)
-    if own is not None:
-        return own()
-    from memory_controller import maintenance
-
-    return ctl.runner.submit("clear_memory", "clear caches", lambda ctx: maintenance.run_clear(ctl, ctx), {})
 
 
 def busy(ctl: Any) -> bool:
@@ -176,6 +152,7 @@ def emergency_report(rep: EmergencyReport, record: OperationRecord | None, has_g
         kind = rep.cancelled_operation
         st.caption(t("emergency.cancelled", op=t(f"opkind.{kind}") if t.has(f"opkind.{kind}") else kind))
     steps_table(rep.steps, has_gpu)
+    holders_view.emergency_remaining(rep)
     if record is not None:
         memory_change_caption(record)
 
