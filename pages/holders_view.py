@@ -73,7 +73,7 @@ def _ollama_result() -> None:
         ui.error_box(res)
         return
     show = {Outcome.SUCCESS: st.success, Outcome.WARNING: st.warning, Outcome.ERROR: st.error}[res.outcome]
-    show(f"{ui.outcome_emoji(res.outcome)} {ui.sentence(ui.render(res.message))}")
+    show(f"{ui.outcome_emoji(res.outcome)} {ui.render(res.message)}")  # starts with a model name: as it is
 
 
 def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None:

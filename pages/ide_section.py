@@ -15,6 +15,7 @@ from typing import Any
 
 import streamlit as st
 
+from memory_controller.errors import InsufficientMemoryError
 from memory_controller.ide import continue_config, max_output_tokens, roo_settings
 from pages import ui_common as ui
 
@@ -55,8 +56,13 @@ def ide_section(ctl: Any, selected_model: str | None) -> None:
             return
         from server.cli import served_context
 
-        served = ui.run_safely(lambda: served_context(serving, model_id), context=t("ide.cannot_serve", model=model_id))
-        if served is None:
+        try:
+            served = served_context(serving, model_id)
+        except InsufficientMemoryError:
+            st.warning(t("ide.does_not_fit", model=model_id))
+            return
+        except Exception as exc:  # noqa: BLE001 - shown in words, never a traceback
+            ui.error_box(exc, context=t("ide.cannot_serve", model=model_id))
             return
         model_id, window, notes = served
         out = max_output_tokens(window)
