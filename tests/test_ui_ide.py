@@ -37,8 +37,8 @@ def memctl_ide(tmp_path, hf_cache, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_ide_section_numbers_equal_memctl_ide_for_the_selected_and_the_running_model(  # noqa: F811
-        app_factory, hf_cache, tmp_path):
+def test_ide_section_numbers_equal_memctl_ide_for_the_selected_and_the_running_model(
+        app_factory, hf_cache, tmp_path):  # noqa: F811
     port = free_port()
     at = choose_inmem(app_factory(hub=hf_cache, MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=port))
     at.selectbox(key="f_model").set_value(TINY_ID).run()
