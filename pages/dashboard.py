@@ -59,7 +59,8 @@ def main() -> None:
     deployments.deployments_section(ctl, running, ui_ops.busy(ctl))
     ide_section.ide_section(ctl, chosen.model.model_id if chosen.model is not None else None)
     deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)
-    holders_view.holders_section(ctl, snap)
+    if snap.gpus:  # on the host the live panel lists the processes; there is no GPU memory to name
+        holders_view.holders_section(ctl, snap)
     history.log_section(ctl, snap.has_gpu)
     memory_panel.warm_chart_libraries()
     t0 = st.session_state.pop("_perf_t0", None)
