@@ -66,7 +66,10 @@ def ownership(ctl: Any | None = None) -> Any | None:
         return None
     with _ownership_lock:
         if _ownership is not None and _ownership[0] == id(ctl):
-            return _ownership[1]
+            found = _ownership[1]
+            if found.is_owner or _owner_alive(found):
+                return found
+            found.ctl.close()  # the other owner is gone: take the machine over (its lock was dropped)
         from server.runner import Ownership, own_or_connect
 
         try:
@@ -75,6 +78,17 @@ def ownership(ctl: Any | None = None) -> Any | None:
             found = Ownership(ctl, None, exc)
         _ownership = (id(ctl), found)
         return found
+
+
+def _owner_alive(found: Any) -> bool:
+    """True while the owner this process acts through still holds the lock under the same PID."""
+    from server.owner import read_owner
+
+    try:
+        info = read_owner(found.ctl.settings, wait_s=0)
+    except MemctlError:  # the lock is held, the address not yet published: someone is starting
+        return True
+    return info is not None and info.pid == found.ctl.owner.pid
 
 
 def release_ownership() -> None:

@@ -83,6 +83,17 @@ def test_dashboard_beside_a_live_owner_names_it(app_factory, owner, hf_cache):  
     assert read_owner(load_settings(), wait_s=0).pid == proc.pid  # the owner is still the other process
 
 
+def test_dashboard_takes_the_machine_over_when_the_other_owner_dies(app_factory, owner, hf_cache):  # noqa: F811
+    proc, info = owner
+    port = free_port()
+    at = app_factory(hub=hf_cache, MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=port)
+    assert f"PID {proc.pid}, {info.url}" in texts(at)
+    stop(proc)  # killed: the kernel drops its lock
+    at.run()
+    assert not at.exception and f"Сервер memctl: http://127.0.0.1:{port}" in texts(at)
+    assert read_owner(load_settings(), wait_s=0).pid == os.getpid()
+
+
 def test_diagnostic_page_emergency_clear_clears_the_model_the_owner_loaded(app_factory, owner, hf_cache):  # noqa: F811
     proc, info = owner
     client = connect(load_settings())
