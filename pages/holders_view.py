@@ -158,6 +158,9 @@ def emergency_confirm_text(ctl: Any) -> str:
         loaded = client.loaded() if client is not None else None
         names = ", ".join(m.name for m in loaded) if loaded else None
         steps.insert(1, t("emergency.does_ollama_named", models=names) if names else t("emergency.does_ollama"))
+    owner = getattr(ui.ownership(ctl), "ctl", None)
+    if getattr(owner, "remote", False):
+        steps.insert(1, t("emergency.does_owner", pid=owner.owner.pid))
     steps.append(t("emergency.does_report"))
     return (f"🚨 {t('emergency.confirm_intro')}\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
             + f"\n\n{t('emergency.confirm_question')}")

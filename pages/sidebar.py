@@ -83,8 +83,7 @@ def _cancel_emergency() -> None:
 
 def _emergency() -> None:
     st.session_state["confirm_emergency"] = False
-    ctl = ui.controller()
-    ui_ops.submit(ctl.submit_emergency)
+    ui_ops.emergency(ui.controller())
 
 
 def _reset_profile() -> None:

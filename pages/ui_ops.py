@@ -34,6 +34,7 @@ def submit(start: Callable[[], Any]) -> Any:
     this session's, or keep the refusal (busy, bad input) to show on the next run."""
     st.session_state.pop(SUBMIT_ERROR_KEY, None)
     st.session_state.pop(DISMISSED_KEY, None)
+    st.session_state.pop(OWNER_EMERGENCY_KEY, None)
     try:
         op = start()
     except MemctlError as exc:
@@ -261,6 +262,7 @@ def op_panel(ctl: Any, has_gpu: bool) -> None:
         refused = st.session_state.pop(SUBMIT_ERROR_KEY, None)
         if refused is not None:
             ui.error_box(refused)
+        owner_emergency_result(has_gpu)
         for op in ctl.runner.running():
             op_status(ctl, op, has_gpu)
         finished = ctl.runner.finished(1)
@@ -271,3 +273,39 @@ def op_panel(ctl: Any, has_gpu: bool) -> None:
             st.button(t("ops.dismiss"), key=f"dismiss::{op.op_id}", on_click=_dismiss, args=(op.op_id,))
 
     _panel()
+
+
+# ============================================================================ the emergency clear, through the owner
+OWNER_EMERGENCY_KEY = "_owner_emergency"
+
+
+def other_owner(ctl: Any) -> Any | None:
+    """The client of the memctl process that owns the machine when it is not this one, else None."""
+    found = ui.ownership(ctl)
+    return found.ctl if found is not None and not found.is_owner and found.error is None else None
+
+
+def emergency(ctl: Any) -> None:
+    """The emergency clear: this process's (a runner operation), then, when another memctl process owns
+    the machine, the owner's own (its models are not this process's to see), whose report is kept for
+    the page. The owner that cannot be reached is said in words (OwnerUnreachableError)."""
+    submit(ctl.submit_emergency)
+    remote = other_owner(ctl)
+    if remote is None:
+        return
+    try:
+        st.session_state[OWNER_EMERGENCY_KEY] = (remote.owner.pid, remote.owner.url, remote.emergency_clear())
+    except MemctlError as exc:
+        st.session_state[OWNER_EMERGENCY_KEY] = (remote.owner.pid, remote.owner.url, exc)
+
+
+def owner_emergency_result(has_gpu: bool) -> None:
+    found = st.session_state.get(OWNER_EMERGENCY_KEY)  # kept until the next operation is submitted
+    if found is None:
+        return
+    pid, url, rep = found
+    st.info(ui.tr()("diag.via_owner", pid=pid, url=url))
+    if isinstance(rep, BaseException):
+        ui.error_box(rep)
+    else:
+        emergency_report(rep, None, has_gpu)

@@ -20,7 +20,7 @@ from server.owner import connect, lock_is_held, read_owner
 from tests.fixtures_models import TINY_ID
 from tests.model_factory import hf_env
 from tests.test_owner import start_owner, stop, wait_published
-from tests.ui_harness import DIAG, app_factory, buttons, texts  # noqa: F401
+from tests.ui_harness import DIAG, app_factory, buttons, settle, texts  # noqa: F401
 
 BACKENDS = json.dumps({"inmem": "tests.inmemory_backend:create"})
 
@@ -92,6 +92,19 @@ def test_dashboard_takes_the_machine_over_when_the_other_owner_dies(app_factory,
     at.run()
     assert not at.exception and f"Сервер memctl: http://127.0.0.1:{port}" in texts(at)
     assert read_owner(load_settings(), wait_s=0).pid == os.getpid()
+
+
+def test_dashboard_emergency_clear_beside_an_owner_clears_the_owners_model_too(app_factory, owner, hf_cache):  # noqa: F811
+    proc, info = owner
+    with connect(load_settings()) as client:
+        client.apply("inmem", TINY_ID)
+        at = app_factory(hub=hf_cache, MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=free_port())
+        at.button(key="btn_emergency").click().run()
+        assert f"то же в процессе-владельце memctl (PID {proc.pid})" in texts(at)
+        at.button(key="btn_emergency_confirm").click().run()
+        settle(at)
+        assert f"Через процесс-владелец memctl (PID {proc.pid}, {info.url})" in texts(at)
+        assert client.deployments() == []
 
 
 def test_diagnostic_page_emergency_clear_clears_the_model_the_owner_loaded(app_factory, owner, hf_cache):  # noqa: F811
