@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from typing import Any
 
 import streamlit as st
@@ -41,6 +42,25 @@ def model_for_ide(ctl: Any, selected: str | None) -> str | None:
     return selected
 
 
+SERVED_TTL_S = 5.0  # a planned context is re-planned at most this often (a full rerun would cost ~30 ms)
+
+
+def _served(serving: Any, model_id: str) -> tuple[str, int, tuple[Any, ...]]:
+    """``server.cli.served_context`` (what `memctl ide` prints), kept a few seconds per model and per what
+    runs: a running model's context is read at once, a planned one follows free memory within the TTL."""
+    from server.cli import served_context
+
+    running = tuple(sorted((d.handle, d.context_tokens) for d in serving.deployments()))
+    key = (id(serving), model_id, running)
+    cached = st.session_state.get("_ide_served")
+    now = time.monotonic()
+    if cached is not None and cached[0] == key and now - cached[1] < SERVED_TTL_S:
+        return cached[2]
+    served = served_context(serving, model_id)
+    st.session_state["_ide_served"] = (key, now, served)
+    return served
+
+
 def ide_section(ctl: Any, selected_model: str | None) -> None:
     t = ui.tr()
     found = ui.ownership(ctl)
@@ -54,10 +74,8 @@ def ide_section(ctl: Any, selected_model: str | None) -> None:
         if not model_id:
             st.info(t("ide.no_model"))
             return
-        from server.cli import served_context
-
         try:
-            served = served_context(serving, model_id)
+            served = _served(serving, model_id)
         except InsufficientMemoryError:
             st.warning(t("ide.does_not_fit", model=model_id))
             return
