@@ -57,7 +57,7 @@ def main() -> None:
     rec_card.recommendation_card(ctl, snap, dev, chosen.rec)
     rec_card.model_context_line(ctl, chosen.model, chosen.profile, available)
     deployments.deployments_section(ctl, running, ui_ops.busy(ctl))
-    ide_section.ide_section(ctl, chosen.model.model_id if chosen.model is not None else None)
+    ide_section.ide_section(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
     deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)
     if snap.gpus:  # on the host the live panel lists the processes; there is no GPU memory to name
         holders_view.holders_section(ctl, snap)

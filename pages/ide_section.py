@@ -43,15 +43,17 @@ def model_for_ide(ctl: Any, selected: str | None) -> str | None:
 
 
 SERVED_TTL_S = 5.0  # a planned context is re-planned at most this often (a full rerun would cost ~30 ms)
+FREE_STEP_BYTES = 256 * 1024**2
 
 
-def _served(serving: Any, model_id: str) -> tuple[str, int, tuple[Any, ...]]:
-    """``server.cli.served_context`` (what `memctl ide` prints), kept a few seconds per model and per what
-    runs: a running model's context is read at once, a planned one follows free memory within the TTL."""
+def _served(serving: Any, model_id: str, snap: Any) -> tuple[str, int, tuple[Any, ...]]:
+    """``server.cli.served_context`` (what `memctl ide` prints), kept a few seconds per model, per what
+    runs and per free memory (in 256 MiB steps): a change of any of them is planned again at once."""
     from server.cli import served_context
 
     running = tuple(sorted((d.handle, d.context_tokens) for d in serving.deployments()))
-    key = (id(serving), model_id, running)
+    free = tuple((d.key, (d.free_bytes or 0) // FREE_STEP_BYTES) for d in snap.devices)
+    key = (id(serving), model_id, running, free)
     cached = st.session_state.get("_ide_served")
     now = time.monotonic()
     if cached is not None and cached[0] == key and now - cached[1] < SERVED_TTL_S:
@@ -61,7 +63,7 @@ def _served(serving: Any, model_id: str) -> tuple[str, int, tuple[Any, ...]]:
     return served
 
 
-def ide_section(ctl: Any, selected_model: str | None) -> None:
+def ide_section(ctl: Any, snap: Any, selected_model: str | None) -> None:
     t = ui.tr()
     found = ui.ownership(ctl)
     serving = found.ctl if found is not None and not found.is_owner else ctl  # the owner sees what runs
@@ -75,7 +77,7 @@ def ide_section(ctl: Any, selected_model: str | None) -> None:
             st.info(t("ide.no_model"))
             return
         try:
-            served = _served(serving, model_id)
+            served = _served(serving, model_id, snap)
         except InsufficientMemoryError:
             st.warning(t("ide.does_not_fit", model=model_id))
             return
