@@ -61,6 +61,7 @@ def render() -> None:
     owner = ui.run_safely(lambda: diag.acting_controller(ctl))
     if owner is not None and owner is not ctl:
         st.info(t("diag.via_owner", pid=owner.owner.pid, url=owner.owner.url))
+        owner.close()
     st.checkbox(t("diag.include_switch"), key="diag_include_switch")
     st.checkbox(t("diag.include_emergency"), key="diag_include_emergency")
     st.button(t("diag.run_all"), key="diag_run_all", type="primary", on_click=_request_all)

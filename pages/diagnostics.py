@@ -231,12 +231,18 @@ def run_check(name: str, ctl: Any, model_id: str | None, backend_id: str | None)
                 res = check_memory(ctl, say)
             elif name == "recommend":
                 res = check_recommend(ctl, say)
-            elif name == "switch":
-                res = check_switch(acting_controller(ctl), say, model_id, backend_id)
-            elif name == "clear":
-                res = check_clear(acting_controller(ctl), say)
             else:
-                res = check_emergency(acting_controller(ctl), say)
+                acting = acting_controller(ctl)
+                try:
+                    if name == "switch":
+                        res = check_switch(acting, say, model_id, backend_id)
+                    elif name == "clear":
+                        res = check_clear(acting, say)
+                    else:
+                        res = check_emergency(acting, say)
+                finally:
+                    if acting is not ctl:
+                        acting.close()
         except Failed as exc:
             res = CheckResult("failed", 0.0, 0.0, [f"❌ {exc}"])
         except Exception as exc:  # noqa: BLE001 - shown with the guide's advice
