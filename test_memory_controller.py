@@ -12,6 +12,7 @@ import time
 import streamlit as st
 
 from pages import diagnostics as diag
+from pages import holders_view
 from pages import ui_common as ui
 
 
@@ -57,6 +58,10 @@ def render() -> None:
     else:
         c2.warning(t("controls.no_backends"))
     st.caption(t("diag.warning"))
+    owner = ui.run_safely(lambda: diag.acting_controller(ctl))
+    if owner is not None and owner is not ctl:
+        st.info(t("diag.via_owner", pid=owner.owner.pid, url=owner.owner.url))
+        owner.close()
     st.checkbox(t("diag.include_switch"), key="diag_include_switch")
     st.checkbox(t("diag.include_emergency"), key="diag_include_emergency")
     st.button(t("diag.run_all"), key="diag_run_all", type="primary", on_click=_request_all)
@@ -67,7 +72,7 @@ def render() -> None:
         else:
             row.button(t(f"diag.check_{name}"), key=f"diag_run_{name}", on_click=_request, args=((name,),))
     if st.session_state.get("diag_confirm_emergency"):
-        st.warning(t("emergency.confirm_text"))
+        st.warning(holders_view.emergency_confirm_text(ctl))
         b1, b2, _rest = st.columns([2, 1, 3])
         b1.button(t("emergency.confirm"), key="diag_emergency_confirm", type="primary", width="stretch",
                   on_click=_request, args=(diag.DESTRUCTIVE,))
@@ -86,6 +91,7 @@ def render() -> None:
         live.empty()
     st.subheader(t("diag.results"))
     diag.render_results(results)
+    holders_view.holders_section(ctl, snap, unload_buttons=False)
 
 
 def _is_entrypoint() -> bool:

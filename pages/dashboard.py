@@ -12,7 +12,7 @@ import time
 
 import streamlit as st
 
-from pages import deployments, history, memory_panel, rec_card, sidebar, ui_ops
+from pages import deployments, history, holders_view, ide_section, memory_panel, rec_card, sidebar, ui_ops
 from pages import ui_common as ui
 
 
@@ -50,13 +50,17 @@ def main() -> None:
 
     available = None if chosen.plan is None else chosen.plan.free_bytes_after_unload
     st.title(t("app.title"))
+    ui.ownership_line(ctl)
     rec_card.environment_notice(ctl, snap, availability)
     ui_ops.op_panel(ctl, snap.has_gpu)
     memory_panel.live_panel(ctl, dev.key, live_box, float(ctl.settings.poll_interval_s))
     rec_card.recommendation_card(ctl, snap, dev, chosen.rec)
     rec_card.model_context_line(ctl, chosen.model, chosen.profile, available)
     deployments.deployments_section(ctl, running, ui_ops.busy(ctl))
+    ide_section.ide_section(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
     deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)
+    if snap.gpus:  # on the host the live panel lists the processes; there is no GPU memory to name
+        holders_view.holders_section(ctl, snap)
     history.log_section(ctl, snap.has_gpu)
     memory_panel.warm_chart_libraries()
     t0 = st.session_state.pop("_perf_t0", None)

@@ -16,7 +16,7 @@ from pages import ui_common as ui
 
 def _unload(handle: str) -> None:
     ctl = ui.controller()
-    ui_ops.submit(lambda: ui_ops.submit_unload(ctl, handle))
+    ui_ops.submit(lambda: ctl.submit_unload(handle))
 
 
 def deployment_row(ctl: Any, d: Deployment) -> str:

@@ -23,7 +23,7 @@ from memory_controller.types import (
     SystemSnapshot,
 )
 from memory_controller.units import GIB
-from pages import rec_card, ui_ops
+from pages import holders_view, rec_card, ui_ops
 from pages import ui_common as ui
 
 CHECKS = ("memory", "recommend", "switch", "clear", "emergency")
@@ -142,7 +142,7 @@ def check_switch(ctl: Any, say: Any, model_id: str | None, backend_id: str | Non
         raise Failed(t("diag.switch_not_listed", model=model_id))
     from pages.deployments import deployment_row
 
-    lines.append(t("diag.switch_listed", model=model_id, row=deployment_row(ctl, found[0])))
+    lines.append(t("diag.switch_listed", model=model_id, row=deployment_row(ui.controller(), found[0])))
     say(lines[-1])
     status = "warning" if record.outcome is Outcome.WARNING else "passed"
     rep = ctl.unload(found[0].handle)
@@ -168,16 +168,36 @@ def check_clear(ctl: Any, say: Any) -> CheckResult:
 
 
 def check_emergency(ctl: Any, say: Any) -> CheckResult:
+    """The emergency clear of the controller that owns the machine: through the owner's client when
+    another process owns it (the models it loaded are cleared, or OwnerUnreachableError says why not)."""
     t = ui.tr()
     has_gpu = ctl.devices().has_gpu
+    before = [d.model_id for d in ctl.deployments()]
+    owner = getattr(ctl, "owner", None)
+    if owner is not None:
+        say(t("diag.via_owner", pid=owner.pid, url=owner.url))
     rep = ctl.emergency_clear()
-    lines = [_step_line(s, has_gpu) for s in rep.steps]
+    lines = ([t("diag.via_owner", pid=owner.pid, url=owner.url)] if owner is not None else []) + [
+        t("diag.emergency_unloaded", models=", ".join(before)) if before else t("diag.emergency_none")]
+    lines += [_step_line(s, has_gpu) for s in rep.steps]
+    if getattr(rep, "verdict", None) is not None:
+        lines.append(ui.sentence(ui.render(rep.verdict)))
+    lines += holders_view.remaining_lines(getattr(rep, "remaining", None) or [])
     for line in lines:
         say(line)
     left = [d.model_id for d in ctl.deployments()]
     if left:
         raise Failed(t("diag.emergency_left", models=", ".join(left)))
     return CheckResult("passed" if rep.outcome is Outcome.SUCCESS else "warning", 0.0, 0.0, lines)
+
+
+def acting_controller(ctl: Any) -> Any:
+    """The controller the switch, clear and emergency checks act on: the live owner's client when
+    another memctl process owns the machine (the dashboard, ``memctl serve``), else this process's.
+    Raises OwnerUnreachableError when a live owner does not answer (nothing is done behind its back)."""
+    from server.owner import connect
+
+    return connect(ctl.settings) or ctl
 
 
 def _synthetic_gpu(free_bytes: int) -> SystemSnapshot:
@@ -198,7 +218,8 @@ def _host(free_bytes: int) -> DeviceSnapshot:
 
 # ============================================================================ running and rendering
 def run_check(name: str, ctl: Any, model_id: str | None, backend_id: str | None) -> CheckResult:
-    """One check inside ``st.status``; any error marks it failed (never a traceback)."""
+    """One check inside ``st.status``; any error marks it failed (never a traceback). The switch,
+    clear and emergency checks act through the machine's owner (:func:`acting_controller`)."""
     t = ui.tr()
     t0 = time.perf_counter()
     with st.status(t("diag.running", name=t(f"diag.check_{name}")), expanded=True) as box:
@@ -210,12 +231,18 @@ def run_check(name: str, ctl: Any, model_id: str | None, backend_id: str | None)
                 res = check_memory(ctl, say)
             elif name == "recommend":
                 res = check_recommend(ctl, say)
-            elif name == "switch":
-                res = check_switch(ctl, say, model_id, backend_id)
-            elif name == "clear":
-                res = check_clear(ctl, say)
             else:
-                res = check_emergency(ctl, say)
+                acting = acting_controller(ctl)
+                try:
+                    if name == "switch":
+                        res = check_switch(acting, say, model_id, backend_id)
+                    elif name == "clear":
+                        res = check_clear(acting, say)
+                    else:
+                        res = check_emergency(acting, say)
+                finally:
+                    if acting is not ctl:
+                        acting.close()
         except Failed as exc:
             res = CheckResult("failed", 0.0, 0.0, [f"❌ {exc}"])
         except Exception as exc:  # noqa: BLE001 - shown with the guide's advice

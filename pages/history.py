@@ -13,18 +13,25 @@ from pages import ui_ops
 ADVICE_BY_KIND = {"apply": "model_not_loading", "emergency_clear": "container_not_stopping"}
 
 
+def _acknowledge() -> None:
+    ui.controller().acknowledge_log_errors()
+
+
 def log_problems(ctl: Any) -> None:
-    """A failed log write is the user's business: their history is not being kept."""
-    problems = list(getattr(ctl, "log_warnings", []) or [])
-    write_errors = getattr(ctl, "log_write_errors", None)  # kept apart by newer controllers
-    if callable(write_errors):
-        problems += [p for p in write_errors() if p not in problems]
-    if not problems:
-        return
+    """A failed log write is the user's business: their history is not being kept. Write failures
+    (``ctl.log_write_errors()``) stay until a write succeeds or the user presses OK."""
     t = ui.tr()
-    st.warning(t("log.write_failed"), icon="⚠️")
-    with st.expander(t("error.details")):
-        st.code("\n".join(problems), language=None)
+    write_errors = list(ctl.log_write_errors())
+    problems = [p for p in getattr(ctl, "log_warnings", []) or [] if p not in write_errors]
+    if write_errors:
+        st.warning(t("log.write_failed"), icon="⚠️")
+        with st.expander(t("error.details")):
+            st.code("\n".join(write_errors), language=None)
+        st.button(t("log.acknowledge"), key="log_ack", on_click=_acknowledge)
+    if problems:
+        st.warning(t("log.read_problems"), icon="⚠️")
+        with st.expander(t("error.details")):
+            st.code("\n".join(problems), language=None)
 
 
 def log_section(ctl: Any, has_gpu: bool) -> None:

@@ -157,7 +157,8 @@ def live_panel(ctl: Any, device_key: str, sidebar_box: Any, every_s: float) -> N
                      every=f"{every_s:g}"))
         running_line(ctl)
         chart(ctl, dev)
-        processes(dev)
+        if dev.kind is DeviceKind.HOST:  # a GPU's processes are named in "Процессы, занимающие память" below
+            processes(dev)
         st.session_state["_perf_live_panel_s"] = time.perf_counter() - t0
 
     _live()

@@ -23,7 +23,7 @@ from memory_controller.types import (
     Recommendation,
     SystemSnapshot,
 )
-from pages import plan_view, rec_card, ui_ops
+from pages import holders_view, plan_view, rec_card, ui_ops
 from pages import ui_common as ui
 
 CONTEXT_RANGE = (16, 1_048_576)
@@ -70,7 +70,7 @@ def _apply() -> None:
 
 def _clear() -> None:
     ctl = ui.controller()
-    ui_ops.submit(lambda: ui_ops.submit_clear(ctl))
+    ui_ops.submit(ctl.submit_clear)
 
 
 def _ask_emergency() -> None:
@@ -83,8 +83,7 @@ def _cancel_emergency() -> None:
 
 def _emergency() -> None:
     st.session_state["confirm_emergency"] = False
-    ctl = ui.controller()
-    ui_ops.submit(ctl.submit_emergency)
+    ui_ops.emergency(ui.controller())
 
 
 def _reset_profile() -> None:
@@ -264,6 +263,8 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
     plan = plans.get(model.model_id) if model is not None else None
     if model is not None and profile is not None and plan is None:
         ui.run_safely(lambda: ctl.plan(backend_id, model, profile), context=t("plan.failed"))
+    if plan is not None and plan.ollama_offer is not None:
+        plan = plan_view.ollama_choice(ctl, plan, backend_id, model, profile)
     if plan is not None:
         plan_view.render_plan(ctl, plan, snap.has_gpu)
     st.session_state[PLAN_KEY] = plan
@@ -278,7 +279,7 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
     clear_label = t("controls.clear") if snap.has_gpu else t("controls.clear_host")
     st.button(clear_label, key="btn_clear", width="stretch", disabled=busy, on_click=_clear)
     if st.session_state.get("confirm_emergency"):
-        st.warning(t("emergency.confirm_text"))
+        st.warning(holders_view.emergency_confirm_text(ctl))
         st.button(t("emergency.confirm"), key="btn_emergency_confirm", type="primary", width="stretch",
                   on_click=_emergency)
         st.button(t("emergency.cancel"), key="btn_emergency_cancel", width="stretch", on_click=_cancel_emergency)

@@ -10,6 +10,7 @@ statements arrive as :class:`Message` codes (rendered by :func:`render`) and err
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,86 @@ def _controller() -> Any:
     from memory_controller.controller import shared_controller
 
     return shared_controller()
+
+
+_ownership: tuple[int, Any] | None = None  # (id of the controller it was made for, server.runner.Ownership)
+_ownership_lock = threading.Lock()
+
+
+def ownership(ctl: Any | None = None) -> Any | None:
+    """The process-wide controller paired once per process with the memctl server
+    (``server.runner.own_or_connect``): this process becomes the owner and serves on
+    127.0.0.1:serve_port, or finds a live owner elsewhere (``memctl serve``). None when
+    ``settings.dashboard_serves`` is off. A failure (a live owner that does not answer) is kept as
+    ``Ownership.error``, never raised into the page."""
+    global _ownership
+    ctl = ctl if ctl is not None else _controller()
+    if not getattr(ctl.settings, "dashboard_serves", False):
+        return None
+    with _ownership_lock:
+        if _ownership is not None and _ownership[0] == id(ctl):
+            found = _ownership[1]
+            if found.is_owner or _owner_alive(found):
+                return found
+            found.ctl.close()  # the other owner is gone: take the machine over (its lock was dropped)
+        from server.runner import Ownership, own_or_connect
+
+        try:
+            found = own_or_connect(ctl.settings, lambda: ctl)
+        except MemctlError as exc:
+            found = Ownership(ctl, None, exc)
+        _ownership = (id(ctl), found)
+        return found
+
+
+def _owner_alive(found: Any) -> bool:
+    """True while the owner this process acts through still holds the lock under the same PID."""
+    from server.owner import read_owner
+
+    try:
+        info = read_owner(found.ctl.settings, wait_s=0)
+    except MemctlError:  # the lock is held, the address not yet published: someone is starting
+        return True
+    return info is not None and info.pid == found.ctl.owner.pid
+
+
+def release_ownership() -> None:
+    """Stop this process's server (or close the client of another owner); tests call it between runs."""
+    global _ownership
+    with _ownership_lock:
+        found, _ownership = (_ownership[1] if _ownership else None), None
+    if found is None:
+        return
+    if found.handle is not None:
+        found.handle.stop()
+    if not found.is_owner:
+        found.ctl.close()
+
+
+def server_url(ctl: Any) -> str | None:
+    """The memctl server's URL (this process's, or the live owner's), or None when none runs."""
+    found = ownership(ctl)
+    if found is None:
+        return None
+    if found.handle is not None:
+        return found.handle.url
+    owner = getattr(found.ctl, "owner", None)
+    return owner.url if owner is not None else None
+
+
+def ownership_line(ctl: Any) -> None:
+    """Who serves the machine: this dashboard's server URL, "owned by PID … at …", or why neither."""
+    t = tr()
+    found = ownership(ctl)
+    if found is None:
+        st.caption(t("owner.off"))
+    elif found.error is not None:
+        st.warning(f"⚠️ {t('owner.error')}: {error_text(found.error)}")
+    elif found.handle is not None:
+        st.caption(t("owner.self", url=found.handle.url))
+    else:
+        owner = found.ctl.owner
+        st.info(t("owner.other", pid=owner.pid, url=owner.url))
 
 
 def controller() -> Any:

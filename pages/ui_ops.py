@@ -18,6 +18,7 @@ from memory_controller.backend import ReleaseReport
 from memory_controller.errors import MemctlError
 from memory_controller.reports import ClearReport, EmergencyReport
 from memory_controller.types import OperationRecord, Outcome, StepRecord
+from pages import holders_view
 from pages import ui_common as ui
 
 SEEN_VERSION_KEY = "_runner_version_seen"
@@ -33,6 +34,7 @@ def submit(start: Callable[[], Any]) -> Any:
     this session's, or keep the refusal (busy, bad input) to show on the next run."""
     st.session_state.pop(SUBMIT_ERROR_KEY, None)
     st.session_state.pop(DISMISSED_KEY, None)
+    st.session_state.pop(OWNER_EMERGENCY_KEY, None)
     try:
         op = start()
     except MemctlError as exc:
@@ -42,31 +44,6 @@ def submit(start: Callable[[], Any]) -> Any:
     mine.append(op.op_id)
     del mine[:-20]
     return op
-
-
-def submit_unload(ctl: Any, handle: str) -> Any:
-    """Unload one deployment as a runner operation that returns at once (its ReleaseReport is the result)."""
-    own = getattr(ctl, "submit_unload", None)
-    if own is not None:
-        return own(handle)
-    from memory_controller import maintenance
-    from memory_controller.errors import ModelNotFoundError
-
-    dep = ctl.find_deployment(handle)
-    if dep is None:
-        raise ModelNotFoundError(f"{handle} is not loaded", "see the list of what runs", code="not_loaded",
-                                 args={"model": handle})
-    return ctl.runner.submit("unload", dep.model_id, lambda ctx: maintenance.run_unload(ctl, ctx, dep),
-                             {"model": dep.model_id, "backend": dep.backend_id, "handle": dep.handle})
-
-
-def submit_clear(ctl: Any) -> Any:
-    own = getattr(ctl, "submit_clear", None)
-    if own is not None:
-        return own()
-    from memory_controller import maintenance
-
-    return ctl.runner.submit("clear_memory", "clear caches", lambda ctx: maintenance.run_clear(ctl, ctx), {})
 
 
 def busy(ctl: Any) -> bool:
@@ -176,6 +153,7 @@ def emergency_report(rep: EmergencyReport, record: OperationRecord | None, has_g
         kind = rep.cancelled_operation
         st.caption(t("emergency.cancelled", op=t(f"opkind.{kind}") if t.has(f"opkind.{kind}") else kind))
     steps_table(rep.steps, has_gpu)
+    holders_view.emergency_remaining(rep)
     if record is not None:
         memory_change_caption(record)
 
@@ -284,6 +262,7 @@ def op_panel(ctl: Any, has_gpu: bool) -> None:
         refused = st.session_state.pop(SUBMIT_ERROR_KEY, None)
         if refused is not None:
             ui.error_box(refused)
+        owner_emergency_result(has_gpu)
         for op in ctl.runner.running():
             op_status(ctl, op, has_gpu)
         finished = ctl.runner.finished(1)
@@ -294,3 +273,39 @@ def op_panel(ctl: Any, has_gpu: bool) -> None:
             st.button(t("ops.dismiss"), key=f"dismiss::{op.op_id}", on_click=_dismiss, args=(op.op_id,))
 
     _panel()
+
+
+# ============================================================================ the emergency clear, through the owner
+OWNER_EMERGENCY_KEY = "_owner_emergency"
+
+
+def other_owner(ctl: Any) -> Any | None:
+    """The client of the memctl process that owns the machine when it is not this one, else None."""
+    found = ui.ownership(ctl)
+    return found.ctl if found is not None and not found.is_owner and found.error is None else None
+
+
+def emergency(ctl: Any) -> None:
+    """The emergency clear: this process's (a runner operation), then, when another memctl process owns
+    the machine, the owner's own (its models are not this process's to see), whose report is kept for
+    the page. The owner that cannot be reached is said in words (OwnerUnreachableError)."""
+    submit(ctl.submit_emergency)
+    remote = other_owner(ctl)
+    if remote is None:
+        return
+    try:
+        st.session_state[OWNER_EMERGENCY_KEY] = (remote.owner.pid, remote.owner.url, remote.emergency_clear())
+    except MemctlError as exc:
+        st.session_state[OWNER_EMERGENCY_KEY] = (remote.owner.pid, remote.owner.url, exc)
+
+
+def owner_emergency_result(has_gpu: bool) -> None:
+    found = st.session_state.get(OWNER_EMERGENCY_KEY)  # kept until the next operation is submitted
+    if found is None:
+        return
+    pid, url, rep = found
+    st.info(ui.tr()("diag.via_owner", pid=pid, url=url))
+    if isinstance(rep, BaseException):
+        ui.error_box(rep)
+    else:
+        emergency_report(rep, None, has_gpu)

@@ -36,6 +36,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NO_DOCKER = "unix:///nonexistent/memctl-browser-test/docker.sock"
+SERVED: dict = {}  # the dashboard's memctl server: port, state dir, environment (set by the server fixture)
 
 
 def _free_port() -> int:
@@ -69,10 +70,14 @@ def server(hf_cache, tmp_path_factory) -> Iterator[str]:
     for old in ARTIFACTS.glob("*.png"):  # screenshots of an earlier run must not pass for this one
         old.unlink()
     port = _free_port()
+    SERVED.update(port=_free_port(), state=state)
     (state / "no-user-config.toml").write_text("")  # an empty user config file: only the defaults apply
     env = subprocess_env(**hf_env(hf_cache), MEMCTL_STATE_DIR=str(state / "state"),
                          MEMCTL_CONFIG_FILE=str(state / "no-user-config.toml"), MEMCTL_DOCKER_HOST=NO_DOCKER,
-                         MEMCTL_POLL_INTERVAL_S="1", MEMCTL_BACKENDS='{"inmem": "tests.inmemory_backend:create"}')
+                         MEMCTL_POLL_INTERVAL_S="1", MEMCTL_BACKENDS='{"inmem": "tests.inmemory_backend:create"}',
+                         # the dashboard owns the machine: it runs the memctl server (issue 10.1)
+                         MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=str(SERVED["port"]))
+    SERVED["env"] = env
     log = open(state / "streamlit.log", "wb")  # noqa: SIM115 - closed after the process ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -198,6 +203,7 @@ def _user_path(page, browser, server: str) -> None:
     expect(sidebar.get_by_text(re.compile(r"^🚫 Эта модель уже загружена"))).to_have_count(1)
     _shot(page, "02-applied")
     _no_traceback(page)
+    _ide_section(page)
 
     # a second tab sees the same loaded model
     other = _open(browser, server)
@@ -227,6 +233,30 @@ def _user_path(page, browser, server: str) -> None:
     expect(sidebar.get_by_text("🔧 Modes and memory")).to_be_visible()
     expect(sidebar.get_by_role("button", name="🔄 Apply changes")).to_be_visible()
     _shot(page, "05-english")
+
+
+def _ide_section(page) -> None:
+    """Issue 10.9: the dashboard serves, and its "🔌 Подключить IDE" section carries what `memctl ide`
+    prints from another process (acting through this dashboard, the owner) for the running model."""
+    from playwright.sync_api import expect
+
+    base = f"http://127.0.0.1:{SERVED['port']}"
+    expect(page.get_by_text(f"Сервер memctl: {base}", exact=False)).to_be_visible()
+    page.get_by_text("🔌 Подключить IDE", exact=True).click()
+    section = page.locator("[data-testid=stExpander]").filter(has_text="🔌 Подключить IDE")
+    expect(section.get_by_text("Окно контекста (токенов)")).to_be_visible()
+    cli = subprocess.run([sys.executable, "-m", "memctl_cli", "ide", "roo"], cwd=ROOT, env=SERVED["env"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    import json
+
+    cfg = json.loads(cli.stdout)["providerProfiles"]["apiConfigs"]["memctl"]
+    info = cfg["openAiCustomModelInfo"]
+    assert cfg["openAiBaseUrl"] == f"{base}/v1" and cfg["openAiModelId"] == TINY_ID
+    codes = [c.strip() for c in section.locator("[data-testid=stCode] code").all_inner_texts()]
+    assert codes == [f"{base}/v1", TINY_ID, str(info["contextWindow"]), str(info["maxTokens"])], codes
+    expect(section.get_by_role("button", name="⬇️ Настройки Roo Code (JSON)")).to_be_visible()
+    _shot(page, "02b-ide")
 
 
 def test_an_invalid_batch_never_changes_the_chosen_model_in_the_browser(server, browser):

@@ -168,6 +168,25 @@ def test_a_failed_operation_log_write_is_shown_until_a_write_succeeds(dashboard)
     assert "Журнал операций не записывается" not in texts(at)
 
 
+def test_a_failed_log_write_is_acknowledged_with_ok(dashboard):
+    at = dashboard()
+    path = Path(_controller()._log.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    path.mkdir()
+    try:
+        buttons(at)["btn_clear"].click().run()
+        settle(at)
+        assert "Журнал операций не записывается" in texts(at)
+        assert _controller().log_write_errors()
+        buttons(at)["log_ack"].click().run()  # the user has read it
+        assert "Журнал операций не записывается" not in texts(at) and "log_ack" not in buttons(at)
+        assert _controller().log_write_errors() == []
+    finally:
+        path.rmdir()
+
+
 # ============================================================================ 12.8 the chart
 def test_the_chart_is_never_handed_an_empty_or_non_finite_series():
     from pages.memory_panel import chart_rows, chart_spec

@@ -38,7 +38,9 @@ logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").set
 def reset_shared_state() -> None:
     """Forget the previous test's controller and the NVML scenario read at import."""
     from memory_controller.controller import reset_shared_controller
+    from pages import ui_common
 
+    ui_common.release_ownership()  # stop the server a dashboard test started (dashboard_serves)
     st.cache_resource.clear()
     reset_shared_controller()
     sys.modules.pop("tests.fake_pynvml", None)

@@ -1,0 +1,166 @@
+""""Процессы, занимающие память": every process the driver reports on a GPU, named by the controller
+(``ctl.holders()`` → ``memory_controller.holders.holder_rows``), with a 🗑️ per Ollama model (unloaded
+through ``ctl.ollama().unload(name)``) and Ollama's own list of loaded models when it answers. memctl
+never stops anything else: the other rows carry the advice of the guide's "Решение проблем".
+Also what an emergency clear left behind (``report.remaining``), per GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import streamlit as st
+
+from memory_controller.errors import MemctlError
+from memory_controller.holders import KINDS, holder_rows
+from memory_controller.types import Message, Outcome
+from pages import ui_common as ui
+
+OLLAMA_RESULT_KEY = "_ollama_unload_result"
+
+
+def kind_label(kind: str) -> str:
+    t = ui.tr()
+    return t(f"holders.kind_{kind}") if kind in KINDS else kind
+
+
+def advice_text(code: str | None, text: str | None, args: Mapping[str, Any] | None = None) -> str:
+    """A holder's advice in the user's language (its Message code), else the core's words."""
+    if not code:
+        return text or ""
+    return ui.sentence(ui.render(Message(code, dict(args or {}), text or "")))
+
+
+def _row_advice(h: Any) -> str:
+    adv = getattr(h, "advice", None)
+    return advice_text(getattr(adv, "code", None), getattr(adv, "text", None), getattr(adv, "args", None))
+
+
+def holders_table(holders: list[Any]) -> None:
+    """Device, PID, name, kind, user, memory, advice: one row per process (largest first per device)."""
+    t = ui.tr()
+    if not holders:
+        st.caption(t("holders.none"))
+        return
+    rows = holder_rows(holders)
+    lines = [f"| {t('holders.device')} | PID | {t('holders.name')} | {t('holders.kind')} | {t('holders.user')} | "
+             f"{t('holders.memory')} | {t('holders.advice')} |", "|---|---|---|---|---|---|---|"]
+    for h, row in zip(holders, rows, strict=True):
+        name = row["name"] + (f" — {row['detail']}" if row["detail"] and row["kind"] != "process" else "")
+        lines.append(f"| {ui.device_key_label(row['device'])} | {row['pid'] if row['pid'] is not None else '—'} | "
+                     f"{ui.cell(name)} | {kind_label(row['kind'])} | {ui.cell(row['user'] or '—')} | "
+                     f"{ui.gib(row['bytes'])} | {ui.cell(_row_advice(h))} |")
+    st.markdown("\n".join(lines))
+
+
+def _unload_ollama(name: str) -> None:
+    ctl = ui.controller()
+    client = ctl.ollama()
+    try:
+        if client is None:
+            raise MemctlError("no Ollama client", "check ollama_host", code="ollama.down", args={"host": "?"})
+        st.session_state[OLLAMA_RESULT_KEY] = client.unload(name)
+    except MemctlError as exc:
+        st.session_state[OLLAMA_RESULT_KEY] = exc
+
+
+def _ollama_result() -> None:
+    res = st.session_state.pop(OLLAMA_RESULT_KEY, None)
+    if res is None:
+        return
+    if isinstance(res, BaseException):
+        ui.error_box(res)
+        return
+    show = {Outcome.SUCCESS: st.success, Outcome.WARNING: st.warning, Outcome.ERROR: st.error}[res.outcome]
+    show(f"{ui.outcome_emoji(res.outcome)} {ui.render(res.message)}")  # starts with a model name: as it is
+
+
+def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None:
+    """The table, the 🗑️ per Ollama model and Ollama's loaded models (the dashboard and the diagnostic page)."""
+    t = ui.tr()
+    st.subheader(t("holders.title"))
+    _ollama_result()
+    if not snap.gpus:
+        st.caption(t("holders.no_gpu"))
+    else:
+        holders = ui.run_safely(lambda: ctl.holders(snap)) or []
+        holders_table(holders)
+        freeable = [(h, m) for h in holders if h.freeable_by == "ollama" for m in h.models]
+        busy = ctl.runner.holder() is not None
+        for h, model in freeable if unload_buttons else ():
+            st.button(t("holders.unload_ollama", model=model, size=ui.gib(h.bytes)), key=f"ollama_unload::{model}",
+                      on_click=_unload_ollama, args=(model,), disabled=busy)
+    ollama_models(ctl)
+
+
+def ollama_models(ctl: Any) -> None:
+    """Ollama's own list (``/api/ps``) when it answers: name, memory in VRAM, unloads itself in."""
+    t = ui.tr()
+    client = ctl.ollama()
+    models = client.loaded() if client is not None else None
+    if models is None:
+        st.caption(t("holders.ollama_silent"))
+        return
+    if not models:
+        st.caption(t("holders.ollama_empty"))
+        return
+    lines = [f"| {t('holders.ollama_model')} | {t('holders.memory')} | {t('holders.ollama_expires')} |", "|---|---|---|"]
+    for m in models:
+        left = m.expires_in_s()
+        lines.append(f"| {ui.cell(m.name)} | {ui.gib(m.size_vram)} | {ui.fmt_duration(left) if left and left > 0 else '—'} |")
+    st.markdown(f"**{t('holders.ollama_title')}**\n\n" + "\n".join(lines))
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
+
+
+def remaining_lines(remaining: list[Any]) -> list[str]:
+    """What still holds memory after an emergency clear, per GPU, each holder with its advice.
+    Takes ``DeviceHolders`` values (local) or their JSON (through the owner's client)."""
+    t = ui.tr()
+    lines = []
+    for dev in remaining:
+        key = str(_get(dev, "device_key", "?"))
+        holders = list(_get(dev, "holders", ()) or ())
+        parts = []
+        for h in holders:
+            adv = _get(h, "advice")
+            advice = advice_text(_get(adv, "code"), _get(adv, "text"), _get(adv, "args")) if adv else ""
+            parts.append(t("holders.remaining_row", name=_get(h, "name", "?"), pid=_get(h, "pid") or "—",
+                           kind=kind_label(str(_get(h, "kind", ""))), size=ui.gib(_get(h, "bytes")), advice=advice))
+        rest = _get(dev, "unattributed_bytes")
+        if rest:
+            parts.append(t("holders.unattributed", size=ui.gib(rest)))
+        if parts:
+            lines.append(f"**{ui.device_key_label(key)}**\n" + "\n".join(f"- {p}" for p in parts))
+    return lines
+
+
+def emergency_remaining(report: Any) -> None:
+    """The emergency clear's verdict and, per GPU, every holder left with its advice."""
+    verdict = getattr(report, "verdict", None)
+    if verdict is not None:
+        text = ui.sentence(ui.render(verdict))
+        (st.info if verdict.code != "emergency.still_held" else st.warning)(text)
+    for line in remaining_lines(list(getattr(report, "remaining", None) or [])):
+        st.markdown(line)
+
+
+def emergency_confirm_text(ctl: Any) -> str:
+    """What the emergency clear will do, in order, for the confirmation dialog: Ollama's models
+    included when ``settings.emergency_unloads_ollama`` (named when Ollama answers)."""
+    t = ui.tr()
+    steps = [t("emergency.does_models"), t("emergency.does_cancel"), t("emergency.does_clear")]
+    if getattr(ctl.settings, "emergency_unloads_ollama", False):
+        client = ctl.ollama() if hasattr(ctl, "ollama") else None
+        loaded = client.loaded() if client is not None else None
+        names = ", ".join(m.name for m in loaded) if loaded else None
+        steps.insert(1, t("emergency.does_ollama_named", models=names) if names else t("emergency.does_ollama"))
+    owner = getattr(ui.ownership(ctl), "ctl", None)
+    if getattr(owner, "remote", False):
+        steps.insert(1, t("emergency.does_owner", pid=owner.owner.pid))
+    steps.append(t("emergency.does_report"))
+    return (f"🚨 {t('emergency.confirm_intro')}\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
+            + f"\n\n{t('emergency.confirm_question')}")
