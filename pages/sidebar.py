@@ -192,15 +192,12 @@ def _backend_choice(ctl: Any, availability: dict[str, Any], dev: DeviceSnapshot,
 
 def _plans_for(ctl: Any, backend_id: str, models: tuple[CachedModel, ...], profile: Profile | None
                ) -> dict[str, Plan | None]:
-    plans: dict[str, Plan | None] = {}
     if profile is None:
-        return plans
-    for m in models:
-        try:
-            plans[m.model_id] = ctl.plan(backend_id, m, profile)
-        except Exception:  # noqa: BLE001 - the chosen model's error is shown below; others get ⚠️
-            plans[m.model_id] = None
-    return plans
+        return {}
+    try:  # one live state for every model's verdict (2,000 cached models stay cheap)
+        return ctl.plans(backend_id, models, profile)
+    except Exception:  # noqa: BLE001 - the chosen model's error is shown below; others get ⚠️
+        return {m.model_id: None for m in models}
 
 
 # ============================================================================ the sidebar
