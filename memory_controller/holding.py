@@ -70,6 +70,19 @@ def holders(ctl: MemoryController, snap: SystemSnapshot | None = None) -> list[M
     return classify(snap, procs, containers, ollama_models(ctl), own, os.getpid())
 
 
+OWNER_FILE = "server.json"  # written by the owner process (server/owner.py): {"url", "pid", "token", ...}
+
+
 def _owner_pids(ctl: MemoryController) -> tuple[int, ...]:
-    pid = getattr(ctl, "owner_pid", None)
-    return (pid,) if isinstance(pid, int) and pid != os.getpid() else ()
+    """The owner process's PID (another memctl holding models), read from the state dir; the token in
+    that file is never read into memory beyond the parse."""
+    from .errors import CorruptDataError
+    from .safejson import loads_bounded
+
+    try:
+        data = loads_bounded((ctl.settings.state_dir / OWNER_FILE).read_bytes(), what=OWNER_FILE,
+                             max_bytes=64 * 1024, expect=dict)
+    except (OSError, CorruptDataError):
+        return ()
+    pid = data.get("pid")
+    return (pid,) if isinstance(pid, int) and not isinstance(pid, bool) and pid != os.getpid() else ()
