@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .probe import DeviceProbe
 
 _CATALOG_TTL_S = 10.0
+_PLANS_TTL_S = 5.0
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,255}$")
 
 
@@ -90,6 +91,7 @@ class MemoryController(ServingMixin, StatusMixin):
         self._samples: deque[tuple[float, dict[str, tuple[int | None, int | None]]]] = deque(maxlen=n)
         self._catalog: tuple[float, CatalogResult] | None = None
         self._slots: list[GenerationSlot] = []
+        self._plans_cache: tuple | None = None
 
     # ================================================================== backends
     def backends(self) -> dict[str, Backend]:
@@ -281,6 +283,15 @@ class MemoryController(ServingMixin, StatusMixin):
         """One plan per model for the same profile, read against one live state (a verdict beside each
         cached model on every rerun); no suggestion is computed. A model whose plan fails maps to None."""
         live = applying.LiveState(self)
+        # The verdicts change only when what runs or free memory (in 64 MiB steps) changes: a rerun of the
+        # dashboard with nothing changed reuses them for a few seconds.
+        target = planning.target_device(live.snap, profile)
+        free = (target.key, (target.free_bytes or 0) >> 26)
+        key = (str(backend_id), profile, tuple(m.model_id for m in models),
+               frozenset((d.backend_id, d.handle) for d in live.running), free)
+        cached = self._plans_cache
+        if cached is not None and cached[0] == key and time.monotonic() - cached[1] < _PLANS_TTL_S:
+            return dict(cached[2])
         out: dict[str, Plan | None] = {}
         for m in models:
             try:
@@ -288,7 +299,8 @@ class MemoryController(ServingMixin, StatusMixin):
                                                      with_suggestion=False)
             except MemctlError:
                 out[m.model_id] = None
-        return out
+        self._plans_cache = (key, time.monotonic(), out)
+        return dict(out)
 
     def holders(self, snapshot: SystemSnapshot | None = None) -> list:
         """Who holds GPU memory, named (holders.MemoryHolder), per process NVML reports."""

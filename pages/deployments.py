@@ -72,9 +72,10 @@ def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[st
     head = (f"| {t('cached.model')} | {t('cached.size')} | {t('cached.arch')} | {t('cached.revision')} | "
             f"{t('cached.needed')} | {t('cached.fit')} |")
     rows = [head, "|---|---|---|---|---|---|"]
+    labels = plan_view.verdict_labels()
     for m in models:
         plan = plans.get(m.model_id)
-        verdict = plan_view.verdict_text(plan) if has_profile else "—"
+        verdict = plan_view.verdict_text(plan, labels) if has_profile else "—"
         needed = ui.gib(plan.needed_bytes) if plan is not None else "—"
         rows.append(f"| {m.model_id} | {ui.gib(m.size_on_disk_bytes)} | {m.architecture or '—'} | "
                     f"{(m.revision or '—')[:10]} | {needed} | {verdict} |")

@@ -22,9 +22,17 @@ def verdict_mark(plan: Plan | None) -> str:
     return "❌"
 
 
-def verdict_text(plan: Plan | None) -> str:
+_VERDICT_KEYS = {"⚠️": "fit.unknown", "⛔": "fit.blocked", "✅": "fit.yes", "❌": "fit.no"}
+
+
+def verdict_labels() -> dict[str, str]:
+    """The four verdicts in the page's language, looked up once per table (2,000 rows stay cheap)."""
     t = ui.tr()
-    return t({"⚠️": "fit.unknown", "⛔": "fit.blocked", "✅": "fit.yes", "❌": "fit.no"}[verdict_mark(plan)])
+    return {mark: t(key) for mark, key in _VERDICT_KEYS.items()}
+
+
+def verdict_text(plan: Plan | None, labels: dict[str, str] | None = None) -> str:
+    return (labels or verdict_labels())[verdict_mark(plan)]
 
 
 def render_plan(ctl: Any, plan: Plan, has_gpu: bool) -> None:
