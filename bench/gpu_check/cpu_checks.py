@@ -18,7 +18,7 @@ from .common import (
     recommendation_rows,
     server_rows,
 )
-from .measure import meminfo_available_bytes, meminfo_total_bytes, process_resident_bytes
+from .measure import malloc_trim, meminfo_available_bytes, meminfo_total_bytes, process_resident_bytes
 from .models import LLAMA_SMALL, QWEN2_SMALL, ArchShape
 from .table import Row, b, not_run, pct, verdict, within
 
@@ -27,8 +27,10 @@ CONTEXT = 512
 WEIGHTS_REL = 0.02
 
 
-def _resident() -> int:
+def _resident(trim: bool = False) -> int:
     gc.collect()
+    if trim:
+        malloc_trim()
     return process_resident_bytes()
 
 
@@ -52,7 +54,7 @@ def load_unload_rows(ctl: Any, shape: ArchShape, precision: str) -> list[Row]:
     p = A.plan(ctl, mid, prof)
     if not p.fits or p.blockers:
         return [Row(f"{shape.name} {precision}: plan", "fits", f"fits={p.fits} {'; '.join(p.blockers)}", verdict(False))]
-    before = _resident()
+    before = _resident(trim=True)
     A.apply(ctl, p)
     after = _resident()
     took = after - before
@@ -66,7 +68,8 @@ def load_unload_rows(ctl: Any, shape: ArchShape, precision: str) -> list[Row]:
     report_ok = abs(u.still_held_bytes - max(0, held)) <= tol
     rows.append(Row(f"{shape.name} {precision}: unload gives host memory back",
                     f"held <= {b(tol)}; report's figure within {b(tol)} of it",
-                    f"held {b(held)}; report: {b(u.freed_bytes)} freed, {b(u.still_held_bytes)} held",
+                    f"held {b(held)}; report: {b(u.freed_bytes)} freed, {b(u.still_held_bytes)} held "
+                    f"(by {u.measure})",
                     verdict(held <= tol and report_ok and A.loaded_ids(ctl) == [])))
     return rows
 
