@@ -1,5 +1,5 @@
 """The CPU-side rows (every machine): host probe, CLI, estimate vs a real CPU load, unload reclaim on the
-host, plan refusal, recommendation. Host memory is this process's RssAnon + RssFile (/proc)."""
+host, plan refusal, recommendation. Host memory is this process's RssAnon + the resident pages of the model files it maps (/proc)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ from .table import Row, b, not_run, pct, verdict, within
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
 CONTEXT = 512
 WEIGHTS_REL = 0.02
+# The CPU rows load ~0.1 B models (86-190 MiB): between the two readings the controller's own bookkeeping
+# (operation log, progress events, the verify pass's tokenizer) allocates and frees a few MiB of Python
+# and heap memory, measured -3.0 to +2.8 MiB over 16 rows (2.5 % of the smallest). So a CPU row passes
+# within max(2 %, 4 MiB); the GPU rows (1.5-3.6 B models, NVML) keep 2 %. Real faults are far outside it:
+# the mapped-file fault was +73 to +210 %, the untrimmed verify pass +24 to +42 %.
+WEIGHTS_ABS_BYTES = 4 * MIB
 
 
 def _resident(trim: bool = False) -> int:
@@ -59,8 +65,9 @@ def load_unload_rows(ctl: Any, shape: ArchShape, precision: str) -> list[Row]:
     after = _resident()
     took = after - before
     rows = [Row(f"{shape.name} {precision}: weights estimate vs CPU load",
-                f"{b(est.weights_bytes)} ±2%", f"{b(took)} ({pct(took, est.weights_bytes)}) RssAnon+RssFile",
-                verdict(within(took, est.weights_bytes, rel=WEIGHTS_REL)))]
+                f"{b(est.weights_bytes)} ±max(2%, {b(WEIGHTS_ABS_BYTES)})",
+                f"{b(took)} ({pct(took, est.weights_bytes)}) RssAnon + model files",
+                verdict(within(took, est.weights_bytes, rel=WEIGHTS_REL, abs_bytes=WEIGHTS_ABS_BYTES)))]
     u = A.unload(ctl, mid)
     now = _resident()
     held = now - before
