@@ -42,6 +42,17 @@ def test_within_uses_the_larger_of_relative_and_absolute_tolerance():
     assert not within(96, 100, rel=0.02, abs_bytes=3)
 
 
+def test_cpu_weights_rows_allow_less_below_the_estimate_than_above_it():
+    from bench.gpu_check.cpu_checks import weights_ok
+
+    est = 100 * MIB  # small: the absolute margins apply (2 % = 2 MiB)
+    assert weights_ok(est + 4 * MIB, est) and not weights_ok(est + 4 * MIB + 1, est)  # over: runs out of memory
+    assert weights_ok(est - 8 * MIB, est) and not weights_ok(est - 8 * MIB - 1, est)
+    big = 1 * GIB  # large: 2 % both ways
+    assert weights_ok(int(big * 1.02), big) and not weights_ok(int(big * 1.02) + 1, big)
+    assert not weights_ok(int(est * 1.24), est)  # the untrimmed nf4 verify pass (+24 %) fails
+
+
 def test_reclaim_tolerance_is_64_mib_or_two_percent():
     assert reclaim_tolerance(1 * GIB) == 64 * MIB
     assert reclaim_tolerance(10 * GIB) == int(0.2 * GIB)

@@ -25,12 +25,20 @@ from .table import Row, b, not_run, pct, verdict, within
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
 CONTEXT = 512
 WEIGHTS_REL = 0.02
-# The CPU rows load ~0.1 B models (86-190 MiB): between the two readings the controller's own bookkeeping
-# (operation log, progress events, the verify pass's tokenizer) allocates and frees a few MiB of Python
-# and heap memory, measured -3.0 to +2.8 MiB over 16 rows (2.5 % of the smallest). So a CPU row passes
-# within max(2 %, 4 MiB); the GPU rows (1.5-3.6 B models, NVML) keep 2 %. Real faults are far outside it:
-# the mapped-file fault was +73 to +210 %, the untrimmed verify pass +24 to +42 %.
-WEIGHTS_ABS_BYTES = 4 * MIB
+# The CPU rows load ~0.1 B models (86-190 MiB), where the process's own allocator state is a few percent:
+# twelve load/unload cycles in one process measured the same fp16 load (189.8 MiB of tensors) at -7.3 to
+# +1.0 MiB from its tensor bytes, other rows at up to +2.8 MiB (pages that earlier rows freed, and glibc
+# could not trim, get reused or released during the load; the interpreter's bookkeeping comes and goes).
+# So a CPU row passes within max(2 %, 4 MiB) above the estimate (the direction that runs out of memory)
+# and max(2 %, 8 MiB) below it; the GPU rows (1.5-3.6 B models, NVML) keep 2 % both ways. Real faults
+# are far outside: the mapped-file fault was +73 to +210 %, the untrimmed verify pass +24 to +42 %.
+WEIGHTS_OVER_BYTES = 4 * MIB
+WEIGHTS_UNDER_BYTES = 8 * MIB
+
+
+def weights_ok(took: int, estimate: int) -> bool:
+    return (-max(WEIGHTS_REL * estimate, WEIGHTS_UNDER_BYTES) <= took - estimate
+            <= max(WEIGHTS_REL * estimate, WEIGHTS_OVER_BYTES))
 
 
 def _resident(trim: bool = False) -> int:
@@ -65,9 +73,9 @@ def load_unload_rows(ctl: Any, shape: ArchShape, precision: str) -> list[Row]:
     after = _resident()
     took = after - before
     rows = [Row(f"{shape.name} {precision}: weights estimate vs CPU load",
-                f"{b(est.weights_bytes)} ±max(2%, {b(WEIGHTS_ABS_BYTES)})",
+                f"{b(est.weights_bytes)} +max(2%, {b(WEIGHTS_OVER_BYTES)}) -max(2%, {b(WEIGHTS_UNDER_BYTES)})",
                 f"{b(took)} ({pct(took, est.weights_bytes)}) RssAnon + model files",
-                verdict(within(took, est.weights_bytes, rel=WEIGHTS_REL, abs_bytes=WEIGHTS_ABS_BYTES)))]
+                verdict(weights_ok(took, est.weights_bytes)))]
     u = A.unload(ctl, mid)
     now = _resident()
     held = now - before
