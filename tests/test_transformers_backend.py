@@ -14,7 +14,6 @@ from backends.transformers.memory import model_footprint_bytes, process_private_
 from memory_controller import estimate as est
 from memory_controller.backend import Backend, DeploymentState, GenerationRequest, InProcessGenerator
 from memory_controller.catalog import resolve_model
-from memory_controller.devices import DeviceProbe
 from memory_controller.errors import (
     MemctlError,
     ModelLoadError,
@@ -22,6 +21,7 @@ from memory_controller.errors import (
     OperationCancelledError,
     QuantizationUnavailableError,
 )
+from memory_controller.probe import DeviceProbe
 from memory_controller.types import Mode, Outcome, Precision, Profile
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 
@@ -367,7 +367,7 @@ def test_a_claim_for_a_quantised_profile_imports_no_torch(hf_settings):
 
     code = ("import sys; from pathlib import Path; from backends.transformers import create; "
             "from memory_controller.settings import load_settings; from memory_controller.catalog import resolve_model; "
-            "from memory_controller.devices import DeviceProbe; from memory_controller import estimate as est; "
+            "from memory_controller.probe import DeviceProbe; from memory_controller import estimate as est; "
             "from memory_controller.types import Mode, Precision, Profile; "
             f"s = load_settings(hf_cache_dir=Path({str(hf_settings.hf_cache_dir)!r}), local_model_dirs=[]); "
             f"m = resolve_model({TINY_ID!r}, s); p = Profile(Mode.TRANSFORMERS, Precision.NF4, 256, 1, device='cpu'); "
