@@ -8,6 +8,7 @@ quantity (RssAnon), and the host's available memory moves by that much — check
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -199,3 +200,40 @@ print(json.dumps(out))
     assert out["held"] < 50 * MB, out
 
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [Precision.INT8, Precision.NF4])
+def test_a_quantised_cpu_load_holds_its_estimate_not_the_whole_mapped_file(big_model, precision):
+    """bitsandbytes leaves embeddings, norms and lm_head as views into the mapped 16-bit file, which kept
+    the whole file mapped and resident (int8 +73-123 % over the estimate); an nf4 verify pass then left
+    its temporaries in the heap (+24-42 %). Once loaded and verified, the process holds the estimate."""
+    pytest.importorskip("bitsandbytes")
+    from backends.transformers.memory import malloc_trim, mapped_ranges
+    from memory_controller.estimate import estimate
+
+    backend = TransformersBackend(big_model.settings)
+    model = resolve_model(BIG_ID, big_model.settings)
+    profile = _profile(precision)
+    backend.verify(backend.start(model, profile, None))  # one-time overhead (kernels, thread pools) apart
+    backend.stop(BIG_ID)
+    weights = estimate(model, profile, big_model.settings).weights_bytes
+    gc.collect()  # garbage and freed pages of earlier tests must not be reused and counted as nothing here
+    malloc_trim()
+    anon0, file0 = process_resident_bytes()
+    dep = backend.start(model, profile, None)
+    backend.verify(dep)  # as apply() does after the load
+    anon1, file1 = process_resident_bytes()
+    weight_files = sorted(Path(model.path).glob("*.safetensors"))
+    try:
+        assert weight_files and mapped_ranges(weight_files) == []  # the 16-bit file is no longer mapped
+        assert dep.detail["mapped_bytes"] == 0 and dep.footprint_bytes == dep.detail["tensor_bytes"]
+        assert abs(dep.footprint_bytes - weights) <= 0.01 * weights  # the backend's count = the estimate
+        # An upper bound only: inside a pytest process a load reuses pages that earlier loads left resident
+        # but free (measured here: nf4 after int8 took 50 % of the estimate; 0-2 % off in a fresh process,
+        # which bench/gpu_check's CPU rows check both ways).
+        held = (anon1 + file1) - (anon0 + file0)
+        assert held <= 1.03 * weights, (held, weights, anon1 - anon0, file1 - file0)
+    finally:
+        report = backend.stop(BIG_ID)
+    assert report.verdict is Outcome.SUCCESS and report.freed_bytes >= 0.9 * dep.footprint_bytes

@@ -215,9 +215,11 @@ def load(model: CachedModel, profile: Profile, settings: Any, *, progress: Progr
         obj = from_pretrained(model, config, profile, dm, mm, off)
         check_cancel("weights")
         emit("placing", "placing weights on devices")
+        weight_files = [Path(model.path) / n for n, _size in spec.weight_files]
+        if precision.is_quantized and mem.copy_out_of_mapped(obj, weight_files):
+            mem.clear_caches()  # the last view of the mapped file is gone: unmapped; malloc_trim
         tensors = list(mem.unique_tensors(obj))  # one walk of the module tree serves the next steps
         device, gpus = mem.device_summary(obj, tensors)
-        weight_files = [Path(model.path) / n for n, _size in spec.weight_files]
         by_device, mapped = mem.bytes_by_device(tensors, weight_files)
         total = sum(t.nbytes for t in tensors)
         gpu_before = (sum(gpu_used0[g] or 0 for g in gpus)

@@ -272,6 +272,44 @@ def bytes_by_device(tensors: list[Any], weight_files: list[Path]) -> tuple[dict[
     return out, mapped
 
 
+def copy_out_of_mapped(model: Any, weight_files: list[Path]) -> int:
+    """Copy every CPU parameter and buffer of ``model`` that lives in a memory-mapped weight file into
+    private memory; returns the bytes copied (shared storage once).
+
+    For a bitsandbytes (int8/nf4) load: its embeddings, norms and ``lm_head`` stay views into the mapped
+    16-bit file, and one view keeps the *whole* file mapped (and, after quantising read it, resident):
+    measured on a 0.1 B model, 187 MiB of file pages for 47 MiB of such tensors. Copied out, the mapping
+    goes with the last view (the caller then runs ``malloc_trim``), and the process holds what the
+    estimate counts. Tied weights stay tied: one Parameter object is replaced in place.
+    """
+    import torch
+
+    ranges = mapped_ranges(weight_files)
+    if not ranges:
+        return 0
+    copies: dict[tuple[int, int, tuple[int, ...]], Any] = {}
+
+    def private(t: Any) -> Any | None:
+        if t is None or t.device.type != "cpu" or not any(lo <= t.data_ptr() < hi for lo, hi in ranges):
+            return None
+        key = (t.data_ptr(), t.nbytes, tuple(t.shape))
+        if key not in copies:
+            copies[key] = t.detach().clone()
+        return copies[key]
+
+    with torch.no_grad():
+        for module in model.modules():
+            for _name, p in list(module._parameters.items()):
+                c = private(p)
+                if c is not None:
+                    p.data = c  # the same Parameter object: ties and hooks keep pointing at it
+            for name, b in list(module._buffers.items()):
+                c = private(b)
+                if c is not None:
+                    module._buffers[name] = c
+    return sum(c.nbytes for c in copies.values())
+
+
 def device_summary(model: Any, tensors: list[Any]) -> tuple[str, tuple[int, ...]]:
     """("cpu", "cuda:0", "cuda:0,1", "cuda:0+cpu", "cpu+disk"..., GPU indices) of a loaded model."""
     dm = getattr(model, "hf_device_map", None)

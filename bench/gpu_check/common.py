@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,16 +50,18 @@ def guide_band(free_bytes: int, vllm_available: bool, on_cpu: bool, cpu_half: st
 
 def lowered(ctl: Any, model_id: str, start: Expected, free_bytes: int, device: str,
             gpu_index: int | None) -> tuple[str, int] | None:
-    """The model-aware lowering as issue 14 states it: keep the band's precision and lower the context
-    (not below min(256, band context)); when that does not fit, step down to int8, then nf4 (4-bit with
-    double quantisation, as memctl loads it)."""
+    """The model-aware lowering as issue 14 states it, with the README's context rule: keep the band's
+    precision while some context of at least min(256, band context) fits, else step down to int8, then
+    nf4 (4-bit with double quantisation, as memctl loads it); the context is then the largest that fits,
+    up to the model's maximum (the band's context is a floor for an IDE, not a ceiling)."""
     bits = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "nf4": 4}
     ladder = [start.precision] + [p for p in QUANTISED if bits[p] < bits[start.precision]]
+    model_max = A.model_max_context(ctl, model_id)
     for precision in ladder:
         prof = A.profile(precision, start.context, device, gpu_index, double_quant=precision == "nf4")
         ctx = A.max_context(ctl, model_id, prof, free_bytes)
         if ctx >= min(256, start.context):
-            return precision, min(ctx, start.context)
+            return precision, min(ctx, model_max) if model_max else ctx
     return None
 
 
@@ -84,7 +87,7 @@ def recommendation_rows(ctl: Any, label: str, free_bytes: int, model_id: str, de
     rows.append(Row(
         f"model-aware lowering, {model_id.split('/')[-1]} ({label})",
         "none fits" if want_m is None else f"{want_m[0]} ctx {want_m[1]}, estimate <= {b(free_bytes)}",
-        f"{got_m[0]} ctx {got_m[1]}, estimate {b(est)}" + (f" ({'; '.join(rec_m.notes)})" if rec_m.notes else ""),
+        f"{got_m[0]} ctx {got_m[1]}, estimate {b(est)}" + (f" ({'; '.join(str(n) for n in rec_m.notes)})" if rec_m.notes else ""),
         verdict(ok)))
     return rows
 
@@ -92,17 +95,35 @@ def recommendation_rows(ctl: Any, label: str, free_bytes: int, model_id: str, de
 def cli_rows(ctl: Any, model_id: str, prof: Any, device_key: str, free_now: Callable[[], int]) -> list[Row]:
     """``memctl status --json`` sees the device's free memory; ``memctl estimate --json`` = the controller's."""
     rows: list[Row] = []
-    rc, data, err = A.cli("status")
+    # Free memory is read every 50 ms while the CLI runs (seconds): other processes on a shared machine
+    # move the host figure by 100-450 MiB within a second, and the CLI's own process counts while it reads.
+    samples: list[int] = [free_now()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            samples.append(free_now())
+
+    sampler = threading.Thread(target=sample, name="gpu-check-free", daemon=True)
+    sampler.start()
+    try:
+        rc, data, err = A.cli("status")
+    finally:
+        stop.set()
+        sampler.join(5)
+    samples.append(free_now())
     dev = next((d for d in (data or {}).get("devices", []) if d.get("key") == device_key), None)
-    truth = free_now()
     if rc != 0 or dev is None or dev.get("free_bytes") is None:
         rows.append(Row(f"memctl status: free on {device_key}", "exit 0, the device listed",
                         f"exit {rc}: {err.strip()[-200:]}", Verdict.FAIL))
     else:
         total = dev.get("total_bytes") or 1
-        diff = abs(dev["free_bytes"] - truth)
-        rows.append(Row(f"memctl status: free on {device_key}", f"{b(truth)} ±1% of total",
-                        f"{b(dev['free_bytes'])} (diff {b(diff)})", verdict(diff <= 0.01 * total)))
+        lo, hi = min(samples), max(samples)
+        diff = max(0, lo - dev["free_bytes"], dev["free_bytes"] - hi)
+        rows.append(Row(f"memctl status: free on {device_key}",
+                        f"{b(lo)}..{b(hi)} while it ran, ±1% of total",
+                        f"{b(dev['free_bytes'])} (outside by {b(diff)}; {len(samples)} samples)",
+                        verdict(diff <= 0.01 * total)))
     est = A.estimate(ctl, model_id, prof)
     args = ["estimate", model_id, "--dtype", prof.precision.value, "--context", str(prof.context_tokens),
             "--device", prof.device]
@@ -140,16 +161,19 @@ def bnb_available() -> tuple[bool, str]:
 
 
 def server_rows(ctl: Any, settings: Any, model_id: str, prof: Any) -> list[Row]:
-    """A streamed chat through the memctl server, with ``model_id`` running under ``prof``."""
-    check, expected = f"streamed chat through the memctl server ({prof.device})", "content chunks, then [DONE]"
-    if not (A.ROOT / "server").is_dir():
-        return [not_run(check, expected, "no server/ in this checkout (the serving issue has not landed)")]
+    """A streamed chat through the memctl server, with ``model_id`` running under ``prof``. Random weights
+    often pick token ids the check's small tokenizer renders as no text: the generated tokens (the usage
+    chunk) are what is checked, the text is shown."""
+    check, expected = f"streamed chat through the memctl server ({prof.device})", "tokens streamed, usage, then [DONE]"
+    if not A.has_server():
+        return [not_run(check, expected, "no server/openai_api in this checkout (the serving issue has not landed)")]
     for mod in ("fastapi", "uvicorn", "httpx"):
         try:
             __import__(mod)
         except ImportError:
             return [not_run(check, expected, f"{mod} not installed")]
     A.apply(ctl, A.plan(ctl, model_id, prof))
-    chunks, done, text = A.serve_chat(ctl, settings, model_id)
-    return [Row(check, expected, f"{chunks} chunks, done={done}, {len(text)} characters", verdict(chunks > 0 and done))]
-
+    chat = A.serve_chat(ctl, settings, model_id)
+    return [Row(check, expected, f"{chat.events} events, {chat.completion_tokens} completion tokens, "
+                                 f"done={chat.done}, text {chat.text[:40]!r}",
+                verdict(chat.events > 0 and bool(chat.completion_tokens) and chat.done))]

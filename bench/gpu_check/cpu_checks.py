@@ -1,5 +1,5 @@
 """The CPU-side rows (every machine): host probe, CLI, estimate vs a real CPU load, unload reclaim on the
-host, plan refusal, recommendation. Host memory is this process's RssAnon + RssFile (/proc)."""
+host, plan refusal, recommendation. Host memory is this process's RssAnon + the resident pages of the model files it maps (/proc)."""
 
 from __future__ import annotations
 
@@ -18,17 +18,33 @@ from .common import (
     recommendation_rows,
     server_rows,
 )
-from .measure import meminfo_available_bytes, meminfo_total_bytes, process_resident_bytes
+from .measure import malloc_trim, meminfo_available_bytes, meminfo_total_bytes, process_resident_bytes
 from .models import LLAMA_SMALL, QWEN2_SMALL, ArchShape
 from .table import Row, b, not_run, pct, verdict, within
 
 PRECISIONS = ("fp16", "bf16", "int8", "nf4")
 CONTEXT = 512
 WEIGHTS_REL = 0.02
+# The CPU rows load ~0.1 B models (86-190 MiB), where the process's own allocator state is a few percent:
+# twelve load/unload cycles in one process measured the same fp16 load (189.8 MiB of tensors) at -7.3 to
+# +1.0 MiB from its tensor bytes, other rows at up to +2.8 MiB (pages that earlier rows freed, and glibc
+# could not trim, get reused or released during the load; the interpreter's bookkeeping comes and goes).
+# So a CPU row passes within max(2 %, 4 MiB) above the estimate (the direction that runs out of memory)
+# and max(2 %, 8 MiB) below it; the GPU rows (1.5-3.6 B models, NVML) keep 2 % both ways. Real faults
+# are far outside: the mapped-file fault was +73 to +210 %, the untrimmed verify pass +24 to +42 %.
+WEIGHTS_OVER_BYTES = 4 * MIB
+WEIGHTS_UNDER_BYTES = 8 * MIB
 
 
-def _resident() -> int:
+def weights_ok(took: int, estimate: int) -> bool:
+    return (-max(WEIGHTS_REL * estimate, WEIGHTS_UNDER_BYTES) <= took - estimate
+            <= max(WEIGHTS_REL * estimate, WEIGHTS_OVER_BYTES))
+
+
+def _resident(trim: bool = False) -> int:
     gc.collect()
+    if trim:
+        malloc_trim()
     return process_resident_bytes()
 
 
@@ -52,21 +68,28 @@ def load_unload_rows(ctl: Any, shape: ArchShape, precision: str) -> list[Row]:
     p = A.plan(ctl, mid, prof)
     if not p.fits or p.blockers:
         return [Row(f"{shape.name} {precision}: plan", "fits", f"fits={p.fits} {'; '.join(p.blockers)}", verdict(False))]
-    before = _resident()
+    before = _resident(trim=True)
     A.apply(ctl, p)
     after = _resident()
-    took = after - before
-    rows = [Row(f"{shape.name} {precision}: weights estimate vs CPU load",
-                f"{b(est.weights_bytes)} ±2%", f"{b(took)} ({pct(took, est.weights_bytes)}) RssAnon+RssFile",
-                verdict(within(took, est.weights_bytes, rel=WEIGHTS_REL)))]
     u = A.unload(ctl, mid)
     now = _resident()
+    # The baseline is the lower of the readings before the load and after the unload: memory an earlier
+    # row left held and that is freed during this load (seen: 32 MiB after an nf4 unload, freed during the
+    # next fp16 load) would count as less taken. A leak is not hidden: then the reading before is lower.
+    base = min(before, now)
+    took = after - base
+    freed_early = f"; {b(before - now)} held before the load, freed during it" if now < before else ""
+    rows = [Row(f"{shape.name} {precision}: weights estimate vs CPU load",
+                f"{b(est.weights_bytes)} +max(2%, {b(WEIGHTS_OVER_BYTES)}) -max(2%, {b(WEIGHTS_UNDER_BYTES)})",
+                f"{b(took)} ({pct(took, est.weights_bytes)}) RssAnon + model files{freed_early}",
+                verdict(weights_ok(took, est.weights_bytes)))]
     held = now - before
     tol = reclaim_tolerance(est.weights_bytes)
     report_ok = abs(u.still_held_bytes - max(0, held)) <= tol
     rows.append(Row(f"{shape.name} {precision}: unload gives host memory back",
                     f"held <= {b(tol)}; report's figure within {b(tol)} of it",
-                    f"held {b(held)}; report: {b(u.freed_bytes)} freed, {b(u.still_held_bytes)} held",
+                    f"held {b(held)}; report: {b(u.freed_bytes)} freed, {b(u.still_held_bytes)} held "
+                    f"(by {u.measure})",
                     verdict(held <= tol and report_ok and A.loaded_ids(ctl) == [])))
     return rows
 

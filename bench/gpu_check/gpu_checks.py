@@ -111,14 +111,13 @@ def probe_rows(ctl: Any, g: Gpu) -> list[Row]:
                     f"free {b(dev.free_bytes)} vs {b(free)}, used {b(dev.used_bytes)} vs {b(total - free)}, "
                     f"total {b(dev.total_bytes)} vs {b(total)}", verdict(all(abs(d) <= tol for d in diffs))))
     me = os.getpid()
-    listed = {p.pid: p.used_bytes for p in dev.processes}
     nvml_pids = g.nv.processes()
     check = "probe: this process among the holders, with its bytes"
     if not nvml_pids or not any(os.path.exists(f"/proc/{pid}") for pid in nvml_pids):
         rows.append(not_run(check, f"pid {me} >= {b(reserved)}",
                             "NVML lists no process of this PID namespace (a container?)"))
     else:
-        mine = listed.get(me)
+        mine = A.holders_of(ctl, me, f"gpu:{g.index}")
         rows.append(Row(check, f"pid {me} listed with >= {b(reserved)} (torch reserved)",
                         "not listed" if mine is None else f"{b(mine)}", verdict(mine is not None and mine >= reserved)))
     x = None
@@ -165,7 +164,7 @@ def precision_rows(ctl: Any, g: Gpu, shape: ArchShape, precision: str) -> list[R
     rows.append(Row(f"{name} {precision}: unload gives the memory back (NVML)",
                     f"held <= {b(tol)} when unload returns; report within {b(tol)} of NVML",
                     f"held {b(held)} after {unload_s:.1f} s; report: {b(u.freed_bytes)} freed, "
-                    f"{b(u.still_held_bytes)} held ({u.verdict})",
+                    f"{b(u.still_held_bytes)} held ({u.verdict}, by {u.measure})",
                     verdict(held <= tol and report_ok and mid not in A.loaded_ids(ctl))))
     return rows
 
@@ -249,7 +248,7 @@ def clear_rows(ctl: Any, g: Gpu, shape: ArchShape) -> list[Row]:
                         f"within {b(tol)} of the loaded state", f"{b(cached)} cached by a forward pass; "
                         f"{b(above)} above the loaded state after clear; loaded {A.loaded_ids(ctl)}",
                         verdict(above <= tol and mid in A.loaded_ids(ctl))))
-        outcome = A.emergency_clear(ctl)
+        em = A.emergency_clear(ctl)
         held = g.nv.settle() - start
         procs = g.nv.processes()
         mine = procs.get(os.getpid())
@@ -258,8 +257,9 @@ def clear_rows(ctl: Any, g: Gpu, shape: ArchShape) -> list[Row]:
             os.path.exists(f"/proc/{pid}") for pid in procs))
         rows.append(Row("emergency clear: nothing of ours left, the other holder untouched",
                         f"held <= {b(tol)} beyond our CUDA context; ballast pid {other.pid} alive and listed",
-                        f"held {b(held)}; outcome {outcome}; loaded {A.loaded_ids(ctl) or 'nothing'}{ours}; "
-                        f"ballast {'alive' if other.alive() else 'GONE'}",
+                        f"held {b(held)}; outcome {em.outcome} ({', '.join(em.steps)}); "
+                        f"loaded {A.loaded_ids(ctl) or 'nothing'}{ours}; ballast {'alive' if other.alive() else 'GONE'}; "
+                        f"report: {em.verdict or '—'}",
                         verdict(held <= tol and not A.loaded_ids(ctl) and other_ok)))
     return rows
 

@@ -4,6 +4,7 @@ and a ballast process that holds GPU memory so that a chosen amount is free.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -111,10 +112,41 @@ def _status_kib(*keys: str) -> dict[str, int]:
     return out
 
 
+def mapped_resident_bytes(prefix: str) -> int:
+    """Resident bytes of this process's mappings of files under ``prefix`` (/proc/self/smaps ``Rss``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            head = line.split(maxsplit=5)
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                inside = len(head) == 6 and head[5].strip().startswith(prefix)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def process_resident_bytes() -> int:
-    """RssAnon + RssFile of this process: private memory plus weights memory-mapped from their files."""
-    d = _status_kib("RssAnon", "RssFile")
-    return d["RssAnon"] + d["RssFile"]
+    """RssAnon of this process plus the resident pages of the model files it maps (``MEMCTL_HF_CACHE_DIR``,
+    the check's own cache): private memory plus weights memory-mapped from their files. Other file pages
+    (shared libraries' code) are left out: on a busy machine the kernel drops and rereads them, which
+    moved RssFile by 3-5 MiB between two readings, 2 % of a small model."""
+    d = _status_kib("RssAnon")
+    hub = os.environ.get("MEMCTL_HF_CACHE_DIR")
+    return d["RssAnon"] + (mapped_resident_bytes(os.path.realpath(hub) + os.sep) if hub else 0)
+
+
+def malloc_trim() -> None:
+    """glibc ``malloc_trim(0)``: hand freed heap pages back (no-op elsewhere). The check trims before a
+    load, so that pages freed by an earlier row are not reused and counted as nothing by the next one;
+    never after a load (what the backend leaves there is what a user's process holds)."""
+    import ctypes
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def meminfo_available_bytes() -> int:
