@@ -60,6 +60,9 @@ def deployments_section(ctl: Any, running: list[Deployment], busy: bool) -> None
                   disabled=busy or d.state is DeploymentState.STOPPING, on_click=_unload, args=(d.handle,))
 
 
+TABLE_ROWS = 200
+
+
 def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[str, Any], has_profile: bool) -> None:
     t = ui.tr()
     st.subheader(t("cached.title"))
@@ -73,10 +76,14 @@ def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[st
             f"{t('cached.needed')} | {t('cached.fit')} |")
     rows = [head, "|---|---|---|---|---|---|"]
     labels = plan_view.verdict_labels()
-    for m in models:
+    # A table of thousands of rows helps nobody and costs every rerun: the first TABLE_ROWS, the rest counted
+    # (every model stays reachable through the sidebar's searchable selector).
+    for m in models[:TABLE_ROWS]:
         plan = plans.get(m.model_id)
         verdict = plan_view.verdict_text(plan, labels) if has_profile else "—"
         needed = ui.gib(plan.needed_bytes) if plan is not None else "—"
         rows.append(f"| {m.model_id} | {ui.gib(m.size_on_disk_bytes)} | {m.architecture or '—'} | "
                     f"{(m.revision or '—')[:10]} | {needed} | {verdict} |")
     st.markdown("\n".join(rows))
+    if len(models) > TABLE_ROWS:
+        st.caption(t("cached.more", shown=TABLE_ROWS, total=len(models)))
