@@ -164,12 +164,17 @@ class _Step:
     def __init__(self, ctl: MemoryController, ctx: OperationContext, name: str, device_key: str | None):
         self.ctl, self.ctx, self.name, self.device_key = ctl, ctx, name, device_key
         self.message, self.outcome, self._failed = "", Outcome.SUCCESS, False
+        self.code, self.args = "", {}
 
     def _used(self) -> int | None:
         if self.device_key is None:
             return None
         dev = self.ctl.probe.snapshot().device(self.device_key)
         return dev.used_bytes if dev else None
+
+    def say(self, code: str, text: str, **args: object) -> None:
+        """The step's result as a code the UI translates, with the English text beside it."""
+        self.code, self.args, self.message = code, dict(args), text
 
     def warn(self, message: str) -> None:
         self.outcome, self.message = Outcome.WARNING, message
@@ -193,7 +198,8 @@ class _Step:
         if exc is not None and not self._failed:
             self.outcome, self.message = Outcome.ERROR, str(exc)
         dur = time.perf_counter() - self.t0
-        self.ctx.record.steps.append(StepRecord(self.name, self.outcome, dur, self.message, self.before, self._used()))
+        self.ctx.record.steps.append(StepRecord(self.name, self.outcome, dur, self.message, self.before, self._used(),
+                                                self.code, self.args))
         self.ctx.emit(self.name, self.message or self.name, 1.0, dur)
 
 
@@ -238,7 +244,8 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
     planning.check_still_holds(plan, ctl.probe.snapshot(), ctl.deployments())
     if plan.already_active:
         text = f"{plan.model_id} is already active with this profile: nothing to do"
-        record.steps.append(StepRecord("noop", Outcome.SUCCESS, 0.0, text))
+        record.steps.append(StepRecord("noop", Outcome.SUCCESS, 0.0, text, code="step.noop",
+                                       args={"model": plan.model_id}))
         ctx.emit("noop", text)
         return record
     if plan.blockers:
@@ -254,7 +261,10 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
     try:
         with _Step(ctl, ctx, "unload", plan.device_key) as st:
             parts = stop_deployments(ctl, ctx, by_kind["unload"].targets, cancel_generation=cancel_generation)
-            st.message = "; ".join(parts) or "nothing was loaded"
+            if parts:
+                st.say("step.unload", "; ".join(parts), models=", ".join(d.model_id for d in by_kind["unload"].targets))
+            else:
+                st.say("step.unload_nothing", "nothing was loaded")
         ctx.check_cancel()
         if "unload_ollama" in by_kind:
             with _Step(ctl, ctx, "unload_ollama", plan.device_key) as st:
@@ -264,7 +274,7 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
             done = {}
             for b in ctl.registry.made().values():
                 done.update(b.clear_caches())
-            st.message = ", ".join(k for k, v in done.items() if v) or "nothing to clear"
+            st.say("step.clear", ", ".join(k for k, v in done.items() if v) or "nothing to clear")
         ctx.check_cancel()
         with _Step(ctl, ctx, "check", plan.device_key) as st:
             snap = ctl.probe.snapshot()
@@ -276,6 +286,11 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
                 if free is not None and need > free:
                     short.append((key, free))
             st.message = st.message.rstrip("; ")
+            target = by_kind["check"].bytes_by_device
+            need = target.get(plan.device_key, plan.needed_bytes)
+            dev = snap.device(plan.device_key)
+            st.code, st.args = "step.check", {"device": plan.device_key, "needed_bytes": need,
+                                              "free_bytes": dev.free_bytes if dev else None}
             if short:
                 if not force:
                     err = not_fit_error(plan, free_override=short[0][1])
@@ -285,7 +300,8 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
         ctx.check_cancel()
         with _Step(ctl, ctx, "switch", plan.device_key) as st:
             before = sorted({d.backend_id for d in plan.to_stop})
-            st.message = f"backend: {', '.join(before) or '—'} → {plan.backend_id}"
+            st.say("step.switch", f"backend: {', '.join(before) or '—'} → {plan.backend_id}",
+                   before=", ".join(before) or "—", after=plan.backend_id)
         prepare_started = True
         with _Step(ctl, ctx, "prepare", plan.device_key) as st:
             claim = plan.claim or Claim({plan.device_key: plan.needed_bytes})
@@ -294,12 +310,15 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
                            on_late_result=lambda d: backend.stop(d.handle))
             mine.append(dep)
             where = f" at {dep.endpoint}" if dep.endpoint else ""
-            st.message = f"{dep.model_id} ready on {dep.device or plan.device_key}{where}, {fmt_bytes(dep.footprint_bytes)}"
+            st.say("step.prepare", f"{dep.model_id} ready on {dep.device or plan.device_key}{where}, "
+                   f"{fmt_bytes(dep.footprint_bytes)}", model=dep.model_id, device=dep.device or plan.device_key,
+                   bytes=dep.footprint_bytes, endpoint=dep.endpoint or "")
             record.params["deployment"] = {"backend": dep.backend_id, "handle": dep.handle, "name": dep.name,
                                            "endpoint": dep.endpoint}
         ctx.check_cancel()
         with _Step(ctl, ctx, "verify", plan.device_key) as st:
-            st.message = ctx.call(lambda _p: backend.verify(dep), what="verify", deadline_s=ctl.settings.step_timeout_s)
+            detail = ctx.call(lambda _p: backend.verify(dep), what="verify", deadline_s=ctl.settings.step_timeout_s)
+            st.say("step.verify", detail, model=dep.model_id)
     except BaseException as exc:
         _rollback(ctl, ctx, plan, exc, mine, previous, prepare_started)
         if isinstance(exc, MemctlError) or not isinstance(exc, Exception):

@@ -28,7 +28,8 @@ def run_unload(ctl: MemoryController, ctx: OperationContext, dep: Deployment) ->
     backend = ctl.backend(dep.backend_id)
     report: ReleaseReport = ctx.call(lambda _p: backend.stop(dep.handle), what=f"unloading {dep.model_id}",
                                      deadline_s=ctl.settings.step_timeout_s + ctl.settings.vllm_stop_timeout_s * 4)
-    ctx.record.steps.append(StepRecord("unload", report.verdict, time.perf_counter() - t0, report.message.text))
+    ctx.record.steps.append(StepRecord("unload", report.verdict, time.perf_counter() - t0, report.message.text,
+                                       code=report.message.code, args=_scalars(report.message.args)))
     ctx.record.params["release"] = {"expected_bytes": report.expected_bytes, "freed_bytes": report.freed_bytes,
                                     "measure": report.measure}
     return report
@@ -62,9 +63,10 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
         ctx.emit(name, f"{name}…", 0.0)
         try:
             message = call_with_deadline(lambda _p: fn(), what=name, deadline_s=deadline_s)
-            steps.append(StepRecord(name, Outcome.SUCCESS, time.perf_counter() - t0, message))
+            steps.append(StepRecord(name, Outcome.SUCCESS, time.perf_counter() - t0, message, code="step.done"))
         except BaseException as exc:  # noqa: BLE001 - the next step must run anyway
-            steps.append(StepRecord(name, Outcome.ERROR, time.perf_counter() - t0, str(exc)))
+            steps.append(StepRecord(name, Outcome.ERROR, time.perf_counter() - t0, str(exc),
+                                    code=f"err.{getattr(exc, 'code', 'error')}", args=_scalars(getattr(exc, "args_", {}))))
         ctx.emit(name, steps[-1].message, 1.0, steps[-1].duration_s)
 
     def wait_running() -> str:
@@ -114,7 +116,8 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
             remaining = remaining_by_device(after, holding.holders(ctl, after))
             still, verdict = after_emergency(remaining)
             if still is Outcome.WARNING:
-                errors.append(StepRecord("still_held", Outcome.WARNING, 0.0, verdict.text))
+                errors.append(StepRecord("still_held", Outcome.WARNING, 0.0, verdict.text, code=verdict.code,
+                                         args=_scalars(verdict.args)))
                 steps.append(errors[-1])
     except Exception:  # noqa: BLE001 - naming holders is best effort; the steps above are the report
         pass
@@ -123,3 +126,10 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
     return EmergencyReport(steps=list(steps), outcome=ctx.record.outcome,
                            cancelled_operation=running.kind if running else None, remaining=remaining,
                            verdict=verdict)
+
+
+def _scalars(args: object) -> dict[str, object]:
+    """Message arguments a log line can carry (strings, numbers, booleans)."""
+    if not isinstance(args, dict):
+        return {}
+    return {k: v for k, v in args.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))}

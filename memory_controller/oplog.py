@@ -102,7 +102,21 @@ def _step(data: Any) -> StepRecord:
         message=_text(data.get("message", ""), "step message") or "",
         memory_before_bytes=_byte_count(data.get("memory_before_bytes"), "step memory_before_bytes"),
         memory_after_bytes=_byte_count(data.get("memory_after_bytes"), "step memory_after_bytes"),
+        code=_text(data.get("code", ""), "step code", max_len=100) or "",
+        args=_scalar_args(data.get("args")),
     )
+
+
+def _scalar_args(value: Any) -> dict[str, Any]:
+    """A step's message arguments: at most 20 keys of short strings, finite numbers or booleans."""
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in list(value.items())[:20]:
+        if isinstance(k, str) and len(k) <= 50 and (isinstance(v, (bool, int)) or (
+                isinstance(v, float) and math.isfinite(v)) or (isinstance(v, str) and len(v) <= 500)):
+            out[k] = v
+    return out
 
 
 def record_from_dict(data: Any) -> OperationRecord:

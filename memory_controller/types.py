@@ -301,6 +301,12 @@ class StepRecord:
     message: str = ""
     memory_before_bytes: int | None = None  # used on the target device
     memory_after_bytes: int | None = None
+    code: str = ""  # the message as a code (UIs translate ``msg.<code>`` with ``args``); "" = English only
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> Message:
+        return Message(self.code, dict(self.args), self.message)
 
 
 @dataclass

@@ -70,14 +70,14 @@ def result_is_relevant(op: Any, now: float | None = None) -> bool:
 
 # ============================================================================ rendering results
 def steps_table(steps: Iterable[StepRecord], has_gpu: bool = True) -> None:
-    """Outcome, step, time, memory before → after. The core's step messages are English: shown only
-    in the English UI (a Russian page never gets an English column)."""
+    """Outcome, step, time, memory before → after, and what happened: a step's code rendered in the page's
+    language; a step without a code (an older log line) shows its English text in the English UI only."""
     t = ui.tr()
     steps = list(steps)
     if not steps:
         return
     per_step = any(s.memory_before_bytes is not None or s.memory_after_bytes is not None for s in steps)
-    english = t.language == "en"
+    english = t.language == "en" or all(getattr(s, "code", "") for s in steps)
     head = ["", t("log.step"), t("log.duration")] + ([t("log.memory")] if per_step else []) + (
         [t("log.message")] if english else [])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -87,7 +87,9 @@ def steps_table(steps: Iterable[StepRecord], has_gpu: bool = True) -> None:
             known = s.memory_before_bytes is not None or s.memory_after_bytes is not None
             cells.append(f"{ui.gib(s.memory_before_bytes)} → {ui.gib(s.memory_after_bytes)}" if known else "—")
         if english:
-            cells.append(ui.cell(s.message))
+            code = getattr(s, "code", "")
+            text = ui.render(s.text) if code else (s.message if t.language == "en" else "")
+            cells.append(ui.cell(text))
         rows.append("| " + " | ".join(cells) + " |")
     st.markdown("\n".join(rows))
 

@@ -243,3 +243,20 @@ def test_the_recommended_context_is_the_largest_that_fits_up_to_the_models_maxim
     assert 1024 <= small.profile.context_tokens < 2048
     assert ctl.estimate(TINY_ID, small.profile).total_bytes <= free
     assert any(n.code == "rec.context_rule" and n.args["rule"] == "memory" for n in small.notes)
+
+
+def test_every_apply_step_says_what_happened_as_a_code_both_languages_render(ctl):
+    from memory_controller.i18n import Translator, render
+
+    rec = ctl.apply("inmem", TINY_ID, profile())
+    assert [s.name for s in rec.steps] == list(APPLY_STEPS)
+    for lang in ("ru", "en"):
+        t = Translator(lang)
+        for step in rec.steps:
+            assert step.code, step
+            assert t.has(f"msg.{step.code}"), (lang, step.code)
+            assert render(step.text, lang) and "{" not in render(step.text, lang)
+    ru = [render(s.text, "ru") for s in rec.steps]
+    assert any("готова" in line for line in ru) and not any("ready on" in line for line in ru)
+    again = ctl.history(1)[0]  # the codes survive the operation log
+    assert [s.code for s in again.steps] == [s.code for s in rec.steps]
