@@ -42,12 +42,8 @@ from .types import (
     ProgressCallback,
     SystemSnapshot,
 )
-from .types import (
-    Message as Message,  # re-exported: backends build messages from here
-)
-from .types import (
-    msg as msg,
-)
+from .types import Message as Message  # re-exported: backends build messages from here
+from .types import msg as msg
 
 
 # --------------------------------------------------------------------------- capabilities
