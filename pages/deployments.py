@@ -19,7 +19,18 @@ def _unload(handle: str) -> None:
     ui_ops.submit(lambda: ctl.submit_unload(handle))
 
 
-def deployment_row(ctl: Any, d: Deployment) -> str:
+def serving_status() -> dict[str, dict]:
+    """model_id -> the served API's status (requests in flight, idle-unload countdown) when this process
+    owns the server; {} otherwise."""
+    own = ui.ownership()
+    if own is None or getattr(own, "handle", None) is None:
+        return {}
+    from server.openai_api import status_of
+
+    return status_of(own.handle)
+
+
+def deployment_row(ctl: Any, d: Deployment, served: dict | None = None) -> str:
     t = ui.tr()
     parts = [f"**{d.model_id}**", ui.backend_label(ctl, d.backend_id)]
     if d.device and (len(d.memory_bytes) != 1 or d.device == "cpu"):  # where it runs, unless the memory says it
@@ -34,6 +45,10 @@ def deployment_row(ctl: Any, d: Deployment) -> str:
     if d.endpoint:
         parts.append(t("deploy.endpoint", endpoint=d.endpoint))
     parts.append(t(f"state.{d.state.value}"))
+    if served is not None:
+        parts.append(t("deploy.in_flight", n=int(served.get("in_flight") or 0)))
+        if served.get("idle_unload_in_s") is not None:
+            parts.append(t("deploy.idle_unload_in", s=round(served["idle_unload_in_s"])))
     if d.started_at:
         parts.append(t("deploy.since", time=ui.fmt_time(d.started_at),
                        uptime=ui.fmt_duration(time.time() - d.started_at)))
@@ -46,6 +61,10 @@ def deployments_section(ctl: Any, running: list[Deployment], busy: bool) -> None
     shown = [d for d in running if d.state is not DeploymentState.STOPPED]
     if not shown:
         st.caption(t("deploy.none"))
+    try:
+        served = serving_status() if shown else {}
+    except Exception:  # noqa: BLE001 - a status line must never break the page
+        served = {}
     for d in shown:
         try:
             http = ctl.backend(d.backend_id).capabilities.serves_http
@@ -53,7 +72,7 @@ def deployments_section(ctl: Any, running: list[Deployment], busy: bool) -> None
             http = bool(d.endpoint)
         icon = "🛑" if http else "🗑️"
         c1, c2 = st.columns([12, 1], vertical_alignment="center")
-        c1.markdown(deployment_row(ctl, d))
+        c1.markdown(deployment_row(ctl, d, served.get(d.model_id)))
         for w in d.warnings:
             c1.caption(f"⚠️ {ui.sentence(ui.render(w))}")
         c2.button(icon, key=f"unload::{d.handle}", help=t("deploy.stop_help", model=d.model_id),

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 
 from memory_controller import MemoryController
 from memory_controller.backend import DeploymentState
-from memory_controller.types import Precision, Profile
+from memory_controller.types import Precision, Profile, msg
 from server.openai_api import OpenAIService
 from tests.fake_pynvml import FakeGpu, FakeNvml
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
@@ -438,3 +438,20 @@ def test_close_ends_a_running_stream_with_an_error_event(served):
     while served.ctl.in_flight() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert served.ctl.in_flight() == {}
+
+
+class _NoTokenizerBackend(InMemoryBackend):
+    def check_model(self, model, profile):
+        return (msg("model.no_tokenizer", f"{model.model_id} has no tokenizer files in its folder; download "
+                    "the tokenizer too", model=model.model_id),)
+
+
+def test_a_model_that_cannot_be_served_for_a_non_memory_reason_is_400_naming_it(base_settings):
+    for s in _serve(base_settings, make_backend=_NoTokenizerBackend):
+        with pytest.raises(openai.BadRequestError) as err:
+            s.client.chat.completions.create(model=TINY_ID, messages=[{"role": "user", "content": "x"}])
+        body = err.value.body
+        assert err.value.status_code == 400
+        assert body["code"] == "model_not_servable" and body["type"] == "invalid_request_error"
+        assert "no tokenizer files" in body["message"] and "pick another cached model" in body["message"]
+        assert s.running() == []

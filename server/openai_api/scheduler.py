@@ -34,6 +34,11 @@ log = logging.getLogger("memctl.server.openai")
 IDLE_TICK_S = 0.25
 BUSY_RETRY_S = 0.5
 
+# Plan blockers that mean "not enough memory" (503, may pass once memory is freed); any other blocker
+# is a property of the model or the request (400 model_not_servable).
+MEMORY_BLOCKER_CODES = frozenset({"plan.blocked_by_holder", "plan.held_by_others", "backend.over_util_cap",
+                                  "backend.gpu_memory_unknown"})
+
 
 @dataclass
 class ModelState:
@@ -170,14 +175,19 @@ class Scheduler:
     def plan_load(self, model_id: str) -> Any:
         """The plan a switch to ``model_id`` would run (the same one ``ensure_deployment`` makes).
 
-        Raises ApiError 503 when a blocker forbids it, InsufficientMemoryError when it does not fit
-        (needed vs free and the suggestion); nothing is touched."""
+        Raises ApiError 503 (``insufficient_memory``) when a memory blocker forbids it or it does not fit
+        (needed vs free and the suggestion), ApiError 400 (``model_not_servable``) naming the reason and
+        what to do for any other blocker (no tokenizer, no chat template, context over the model's
+        maximum); nothing is touched."""
         plan = self.ctl.plan(self._backend_id(), model_id, purpose="ide")
         if plan.blockers:
-            first = plan.blockers[0]
-            raise ApiError(503, f"{model_id} cannot be served: " + "; ".join(str(b) for b in plan.blockers),
-                           type_="server_error", code=getattr(first, "code", None) or "cannot_serve",
-                           headers={"x-should-retry": "false"})
+            reasons = "; ".join(str(b) for b in plan.blockers)
+            if any(getattr(b, "code", "") in MEMORY_BLOCKER_CODES for b in plan.blockers):
+                raise ApiError(503, f"{model_id} cannot be served now: {reasons}", type_="server_error",
+                               code="insufficient_memory", headers={"x-should-retry": "false"})
+            raise ApiError(400, f"{model_id} cannot be served: {reasons}. Fix that (see `memctl plan "
+                           f"{model_id}`) or pick another cached model.", code="model_not_servable",
+                           param="model", headers={"x-should-retry": "false"})
         if not plan.fits:
             raise not_fit_error(plan)
         return plan
