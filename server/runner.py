@@ -96,6 +96,7 @@ class ServerHandle:
         self.port = settings.serve_port if port is None else port
         self.host = settings.bind_address
         self._app = app
+        self.app: Any = app
         self._log_level = log_level
         self._lock: OwnerLock | None = None
         self._server: Any = None  # uvicorn.Server
@@ -129,6 +130,7 @@ class ServerHandle:
             from .app import create_app
 
             app = create_app(self.ctl, self.settings, token=lock.token)
+        self.app = app  # the FastAPI app being served (its state holds the OpenAI service)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level=self._log_level,
                                 log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -392,8 +392,7 @@ __all__ = ["OpenAIService"]
 def status_of(handle: Any) -> dict[str, dict]:
     """``OpenAIService.status()`` of the app a running ``server.runner.ServerHandle`` serves (model_id ->
     {"in_flight", "queued", "idle_unload_in_s", ...}); {} when it serves no OpenAI API or is not running."""
-    server = getattr(handle, "_server", None)
-    app = getattr(getattr(server, "config", None), "app", None) or getattr(handle, "_app", None)
+    app = getattr(handle, "app", None)
     service = getattr(getattr(app, "state", None), "openai_service", None)
     try:
         return service.status() if service is not None else {}
