@@ -11,7 +11,6 @@ the running one instead of waiting. Generation (``generating``) never takes the 
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -22,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 from . import applying, maintenance, planning
 from .backend import Availability, Backend, Deployment, DeploymentState, ReleaseReport
 from .errors import InvalidModelIdError, MemctlError, ModelLoadError, ModelNotFoundError
+from .fitting import FittingMixin
 from .oplog import OperationLog
 from .planning import Plan
-from .recommend import level_for, recommend
+from .recommend import level_for
 from .registry import BackendRegistry
 from .reports import ClearReport, EmergencyReport, GenerationSlot
 from .runner import OperationRunner
@@ -36,12 +36,9 @@ from .types import (
     CatalogResult,
     DeviceSnapshot,
     Level,
-    MemoryEstimate,
-    Message,
     OperationRecord,
     Profile,
     ProgressCallback,
-    Recommendation,
     SystemSnapshot,
     msg,
 )
@@ -50,12 +47,11 @@ from .units import escape_text
 if TYPE_CHECKING:
     from .probe import DeviceProbe
 
-_CATALOG_TTL_S = 10.0
 _PLANS_TTL_S = 5.0
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,255}$")
 
 
-class MemoryController(ServingMixin, StatusMixin):
+class MemoryController(FittingMixin, ServingMixin, StatusMixin):
     """See the module docstring. ``MemoryController()`` reads settings from the environment.
 
     Args:
@@ -152,100 +148,6 @@ class MemoryController(ServingMixin, StatusMixin):
 
     def level(self, device: DeviceSnapshot) -> Level:
         return level_for(device.free_bytes, self.settings.green_min_bytes, self.settings.yellow_min_bytes)
-
-    def models(self, refresh: bool = False) -> CatalogResult:
-        from . import catalog
-
-        now = time.monotonic()
-        cached = self._catalog
-        if not refresh and cached is not None and now - cached[0] < _CATALOG_TTL_S:
-            return cached[1]
-        result = catalog.scan_models(self.settings)
-        self._catalog = (now, result)
-        return result
-
-    def resolve(self, model: str | CachedModel) -> CachedModel:
-        if isinstance(model, CachedModel):
-            return model
-        from . import catalog
-
-        mid = catalog.validate_model_id(model, self.settings)
-        cached = self._catalog
-        if cached is not None and time.monotonic() - cached[0] < _CATALOG_TTL_S:
-            for m in cached[1].models:
-                if m.model_id == mid and os.path.isdir(m.path):
-                    return m
-        return catalog.resolve_model(mid, self.settings)
-
-    def estimate(self, model: str | CachedModel, profile: Profile) -> MemoryEstimate:
-        from . import estimate as est
-
-        return est.estimate(self.resolve(model), profile, self.settings)
-
-    def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:
-        """Largest context for ``model`` under ``profile`` that fits ``free_bytes`` (default: free now on the
-        profile's device), never above the model's own maximum; 0 when even the weights don't fit."""
-        from . import estimate as est
-
-        cached = self.resolve(model)
-        if free_bytes is None:
-            free_bytes = planning.target_device(self.probe.snapshot(), profile).free_bytes or 0
-        ctx = est.max_context_that_fits(cached, free_bytes, profile, self.settings)
-        model_max = est.read_model_spec(cached.path).max_position_embeddings
-        return min(ctx, model_max) if model_max else ctx
-
-    def recommend(self, model: str | None = None, device_key: str | None = None,
-                  snapshot: SystemSnapshot | None = None) -> Recommendation:
-        """The guide's table for the device; with ``model``, fitted to that model (see planning.fit_profile)."""
-        snap = snapshot or self.devices()
-        vllm = self.availability("vllm", snap) if "vllm" in self.registry.ids() else Availability(False)
-        fit = None
-        if model is not None:
-            cached = self.resolve(model)
-
-            def fit(profile: Profile, free_bytes: int) -> tuple[Profile, tuple[Message, ...]] | None:
-                return self._fit(cached, profile, free_bytes)
-
-        return recommend(snap, bands=self.settings.bands, green_min_bytes=self.settings.green_min_bytes,
-                         yellow_min_bytes=self.settings.yellow_min_bytes,
-                         cpu_half_precision=self.settings.cpu_half_precision, docker_available=vllm.ok,
-                         docker_reason=vllm.reason.text if vllm.reason else None, device_key=device_key, fit=fit)
-
-    def _ladder(self, backend_id: str) -> tuple:
-        try:
-            return self.backend(backend_id).capabilities.fit_ladder
-        except MemctlError:
-            return ()
-
-    def _fit(self, cached: CachedModel, profile: Profile, free_bytes: int) -> tuple[Profile, tuple[Message, ...]] | None:
-        from . import estimate as est
-
-        model_max = est.read_model_spec(cached.path).max_position_embeddings
-        clamped = bool(model_max and profile.context_tokens > model_max)
-        if clamped:
-            profile = profile.with_(context_tokens=model_max)
-
-        def max_context(p: Profile) -> int:
-            return est.max_context_that_fits(cached, free_bytes, p, self.settings)
-
-        fitted = planning.fit_profile(
-            profile, free_bytes, ladder=self._ladder(profile.mode),
-            total_bytes=lambda p: est.estimate(cached, p, self.settings).total_bytes,
-            max_context=max_context, model_id=cached.model_id)
-        if fitted is None:
-            return None
-        p, notes = fitted
-        # The band's context is a floor, not a ceiling: offer the largest that fits, up to the model's maximum.
-        grown = min(max_context(p), model_max or p.context_tokens)
-        if grown > p.context_tokens:
-            rule = "model_max" if grown == model_max else "memory"
-            text = (f"context {grown} tokens: the model's maximum" if rule == "model_max"
-                    else f"context {grown} tokens: the largest that fits in free memory")
-            return p.with_(context_tokens=grown), (*notes, msg("rec.context_rule", text, rule=rule, tokens=grown))
-        if clamped:
-            notes = (*notes, msg("rec.context_rule", f"context {p.context_tokens} tokens: the model's maximum",
-                                 rule="model_max", tokens=p.context_tokens))
-        return p, notes
 
     def history(self, limit: int | None = 50) -> list[OperationRecord]:
         """Finished operations, newest first (read back from the log: survives restarts)."""

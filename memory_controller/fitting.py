@@ -1,0 +1,128 @@
+"""Catalog, estimates and recommendations of the controller (mixed into MemoryController): read-only.
+
+The recommendation is the guide's table for the device, fitted to the chosen model: context lowered, then
+precision stepped down the backend's fit ladder, until the estimate fits; and the band's context is a
+floor — the largest context that fits, up to the model's maximum, with the rule that chose it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from . import planning
+from .backend import Availability
+from .errors import MemctlError
+from .recommend import recommend
+from .types import (
+    CachedModel,
+    CatalogResult,
+    MemoryEstimate,
+    Message,
+    Profile,
+    Recommendation,
+    SystemSnapshot,
+    msg,
+)
+
+if TYPE_CHECKING:
+    from .controller import MemoryController
+
+CATALOG_TTL_S = 10.0
+
+
+class FittingMixin:
+    def models(self: MemoryController, refresh: bool = False) -> CatalogResult:
+        from . import catalog
+
+        now = time.monotonic()
+        cached = self._catalog
+        if not refresh and cached is not None and now - cached[0] < CATALOG_TTL_S:
+            return cached[1]
+        result = catalog.scan_models(self.settings)
+        self._catalog = (now, result)
+        return result
+
+    def resolve(self: MemoryController, model: str | CachedModel) -> CachedModel:
+        if isinstance(model, CachedModel):
+            return model
+        from . import catalog
+
+        mid = catalog.validate_model_id(model, self.settings)
+        cached = self._catalog
+        if cached is not None and time.monotonic() - cached[0] < CATALOG_TTL_S:
+            for m in cached[1].models:
+                if m.model_id == mid and os.path.isdir(m.path):
+                    return m
+        return catalog.resolve_model(mid, self.settings)
+
+    def estimate(self: MemoryController, model: str | CachedModel, profile: Profile) -> MemoryEstimate:
+        from . import estimate as est
+
+        return est.estimate(self.resolve(model), profile, self.settings)
+
+    def max_context(self: MemoryController, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:
+        """Largest context for ``model`` under ``profile`` that fits ``free_bytes`` (default: free now on the
+        profile's device), never above the model's own maximum; 0 when even the weights don't fit."""
+        from . import estimate as est
+
+        cached = self.resolve(model)
+        if free_bytes is None:
+            free_bytes = planning.target_device(self.probe.snapshot(), profile).free_bytes or 0
+        ctx = est.max_context_that_fits(cached, free_bytes, profile, self.settings)
+        model_max = est.read_model_spec(cached.path).max_position_embeddings
+        return min(ctx, model_max) if model_max else ctx
+
+    def recommend(self: MemoryController, model: str | None = None, device_key: str | None = None,
+                  snapshot: SystemSnapshot | None = None) -> Recommendation:
+        """The guide's table for the device; with ``model``, fitted to that model (see planning.fit_profile)."""
+        snap = snapshot or self.devices()
+        vllm = self.availability("vllm", snap) if "vllm" in self.registry.ids() else Availability(False)
+        fit = None
+        if model is not None:
+            cached = self.resolve(model)
+
+            def fit(profile: Profile, free_bytes: int) -> tuple[Profile, tuple[Message, ...]] | None:
+                return self._fit(cached, profile, free_bytes)
+
+        return recommend(snap, bands=self.settings.bands, green_min_bytes=self.settings.green_min_bytes,
+                         yellow_min_bytes=self.settings.yellow_min_bytes,
+                         cpu_half_precision=self.settings.cpu_half_precision, docker_available=vllm.ok,
+                         docker_reason=vllm.reason.text if vllm.reason else None, device_key=device_key, fit=fit)
+
+    def _ladder(self: MemoryController, backend_id: str) -> tuple:
+        try:
+            return self.backend(backend_id).capabilities.fit_ladder
+        except MemctlError:
+            return ()
+
+    def _fit(self: MemoryController, cached: CachedModel, profile: Profile, free_bytes: int) -> tuple[Profile, tuple[Message, ...]] | None:
+        from . import estimate as est
+
+        model_max = est.read_model_spec(cached.path).max_position_embeddings
+        clamped = bool(model_max and profile.context_tokens > model_max)
+        if clamped:
+            profile = profile.with_(context_tokens=model_max)
+
+        def max_context(p: Profile) -> int:
+            return est.max_context_that_fits(cached, free_bytes, p, self.settings)
+
+        fitted = planning.fit_profile(
+            profile, free_bytes, ladder=self._ladder(profile.mode),
+            total_bytes=lambda p: est.estimate(cached, p, self.settings).total_bytes,
+            max_context=max_context, model_id=cached.model_id)
+        if fitted is None:
+            return None
+        p, notes = fitted
+        # The band's context is a floor, not a ceiling: offer the largest that fits, up to the model's maximum.
+        grown = min(max_context(p), model_max or p.context_tokens)
+        if grown > p.context_tokens:
+            rule = "model_max" if grown == model_max else "memory"
+            text = (f"context {grown} tokens: the model's maximum" if rule == "model_max"
+                    else f"context {grown} tokens: the largest that fits in free memory")
+            return p.with_(context_tokens=grown), (*notes, msg("rec.context_rule", text, rule=rule, tokens=grown))
+        if clamped:
+            notes = (*notes, msg("rec.context_rule", f"context {p.context_tokens} tokens: the model's maximum",
+                                 rule="model_max", tokens=p.context_tokens))
+        return p, notes
