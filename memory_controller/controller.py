@@ -76,6 +76,10 @@ class MemoryController(FittingMixin, ServingMixin, StatusMixin):
         self.probe = probe
         specs = {} if backends is not None else self.settings.backends
         self.registry = BackendRegistry(specs, self.settings, probe, backends)
+        # Other holders memctl may ask to free memory (not backends: it starts nothing on them).
+        from .holding import OLLAMA_CLIENT
+
+        self.holder_sources = BackendRegistry({"ollama": OLLAMA_CLIENT}, self.settings, probe)
         self._log = OperationLog(self.settings.state_dir)
         try:
             self._log.interrupted()  # operations whose process died mid-way are marked interrupted

@@ -8,12 +8,11 @@ backend that can map PIDs to what it runs offers ``containers_for_pids(pids, tim
 
 from __future__ import annotations
 
-import importlib
 import os
-import threading
 from typing import TYPE_CHECKING, Any
 
 from .backend import DeploymentState
+from .errors import MemctlError
 from .holders import MemoryHolder, classify
 from .types import SystemSnapshot
 
@@ -21,22 +20,15 @@ if TYPE_CHECKING:
     from .controller import MemoryController
 
 OLLAMA_CLIENT = "backends.ollama:create"
-_lock = threading.Lock()
 
 
 def ollama_client(ctl: MemoryController) -> Any | None:
-    """The controller's one Ollama client (None when the client module cannot be built)."""
-    with _lock:
-        client = getattr(ctl, "_ollama_client", None)
-        if client is None and not getattr(ctl, "_ollama_failed", False):
-            module, _, attr = OLLAMA_CLIENT.partition(":")
-            try:
-                client = getattr(importlib.import_module(module), attr)(ctl.settings, ctl.probe)
-            except Exception:  # noqa: BLE001 - no client: Ollama is simply not asked
-                ctl._ollama_failed = True  # type: ignore[attr-defined]
-                return None
-            ctl._ollama_client = client  # type: ignore[attr-defined]
-        return client
+    """The controller's one Ollama client, built once by the registry mechanism the backends use
+    (``OLLAMA_CLIENT`` imported by name); None when it cannot be built (Ollama is then simply not asked)."""
+    try:
+        return ctl.holder_sources.get("ollama")
+    except MemctlError:
+        return None
 
 
 def ollama_models(ctl: MemoryController) -> list | None:
