@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from memctl_cli.output import print_error
 from memory_controller.errors import InvalidModelIdError, MemctlError, SettingsError
 from memory_controller.settings import Settings, load_settings, settings_warnings
 from memory_controller.units import escape_text, fmt_bytes
@@ -20,17 +21,15 @@ from memory_controller.units import escape_text, fmt_bytes
 _SUBCOMMAND_MODULES = ("memctl_cli.models", "memctl_cli.containers", "memctl_cli.ollama", "server.cli")
 
 
-def _print_error(exc: MemctlError) -> None:
-    print(f"error: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from memory_controller.controller import MemoryController
+    """Devices, the recommendation, backends and what runs: the owner's view when one runs."""
+    from server.connect import controller_for
 
-    ctl = MemoryController(settings)
-    data = ctl.status()
+    ctl = controller_for(settings)
+    try:
+        data = ctl.status()
+    finally:
+        ctl.close()
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2))
         return 0
@@ -84,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except SettingsError as exc:
-        _print_error(exc)
+        print_error(exc)
         return 2
     for warning in settings_warnings():
         print(f"warning: {warning}", file=sys.stderr)
@@ -95,9 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 1 if problems and code == 0 else code
     except MemctlError as exc:
-        if getattr(args, "json", False):  # keep stdout machine-readable
-            print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
-        _print_error(exc)
+        print_error(exc, bool(getattr(args, "json", False)))  # with --json stdout stays machine-readable
         # a malformed model id is a bad argument (2); anything else is a failed operation (1)
         return 2 if isinstance(exc, InvalidModelIdError) else 1
 

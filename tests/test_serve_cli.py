@@ -12,7 +12,7 @@ import yaml
 
 from memory_controller.ide import max_output_tokens
 from memory_controller.settings import load_settings
-from server.cli import controller_for
+from server.connect import controller_for
 from tests.conftest import ROOT
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 from tests.model_factory import hf_env

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from memory_controller.settings import load_settings
-from server.owner import connect, lock_is_held, read_owner
+from server.connect import connect
+from server.owner import lock_is_held, read_owner
 from tests.fixtures_models import TINY_ID
 from tests.model_factory import hf_env
 from tests.test_owner import start_owner, stop, wait_published
