@@ -29,7 +29,7 @@ def main() -> None:
         readable = [d for d in selectable if d.free_bytes is not None]
         best = max(readable, key=lambda d: d.free_bytes or 0) if readable else selectable[0]
         sidebar.set_field("device_key", best.key)
-    availability = {bid: ctl.availability(bid, snap) for bid in ctl.registry.ids()}
+    availability = {bid: ctl.availability(bid, snap) for bid in ctl.backend_ids()}
     catalog = ui.run_safely(ctl.models)
     models = tuple(catalog.models) if catalog is not None else ()
     running = ui.run_safely(ctl.deployments) or []
@@ -50,7 +50,7 @@ def main() -> None:
 
     available = None if chosen.plan is None else chosen.plan.free_bytes_after_unload
     st.title(t("app.title"))
-    ui.ownership_line(ctl)
+    ui.ownership_line()
     rec_card.environment_notice(ctl, snap, availability)
     ui_ops.op_panel(ctl, snap.has_gpu)
     memory_panel.live_panel(ctl, dev.key, live_box, float(ctl.settings.poll_interval_s))

@@ -382,6 +382,12 @@ class RemoteController:
     def log_write_errors(self) -> list[str]:
         return self._typed(list[str], "GET", "/log_write_errors")
 
+    def log_warnings(self) -> list[str]:
+        return self._typed(list[str], "GET", "/log_warnings")
+
+    def acknowledge_log_errors(self) -> None:
+        self._call("POST", "/acknowledge_log_errors")
+
     def status(self) -> dict:
         answer = self._typed(dict[str, Any], "GET", "/status", timeout_s=self._slow_s)
         missing = [k for k in ("devices", "deployments", "backends") if k not in answer]

@@ -231,6 +231,14 @@ def make_control_router(ctl: Any, token: str, *,
     def log_write_errors() -> Any:
         return [str(e) for e in api.log_write_errors()]
 
+    @router.get("/log_warnings")
+    def log_warnings() -> Any:
+        return [str(e) for e in api.log_warnings()]
+
+    @router.post("/acknowledge_log_errors")
+    def acknowledge_log_errors() -> None:
+        api.acknowledge_log_errors()
+
     @router.get("/status")
     def status() -> Any:
         return to_jsonable(api.status())

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from memctl_cli import containers as cli_containers
-from memctl_cli.main import _print_error
 from memctl_cli.output import fmt_duration
+from memctl_cli.output import print_error as _print_error
 from memory_controller.errors import MemctlError
 from memory_controller.types import Precision, Profile
 from tests.conftest import ROOT, subprocess_env

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from memory_controller.errors import MemctlError
 from memory_controller.settings import load_settings
+from server.connect import connect
 from server.owner import (
     INFO_NAME,
     TOKEN_HEADER,
@@ -27,7 +28,6 @@ from server.owner import (
     lock_is_held,
     read_owner,
 )
-from server.connect import connect
 from server.runner import PortBusyError, ServerHandle
 from tests.conftest import ROOT, subprocess_env
 
