@@ -206,6 +206,7 @@ class RemoteController:
         # added per request, and only once verify() succeeded.
         self._http = httpx.Client(base_url=owner.url + "/control", timeout=timeout_s, trust_env=False)
         self._ollama: Any = None
+        self._capabilities: dict[str, Capabilities] = {}
 
     def __repr__(self) -> str:
         return f"RemoteController(owner={self.owner!r})"
@@ -348,10 +349,15 @@ class RemoteController:
 
     def availability(self, backend_id: str, snapshot: SystemSnapshot | None = None) -> Availability:
         """The owner's answer (it reads its own snapshot; ``snapshot`` is for the in-process call)."""
-        return self._typed(Availability, "GET", "/availability", params={"backend_id": backend_id})
+        return self._typed(Availability, "GET", "/availability", params={"backend_id": backend_id},
+                           timeout_s=self._slow_s)
 
     def capabilities(self, backend_id: str) -> Capabilities:
-        return self._typed(Capabilities, "GET", "/capabilities", params={"backend_id": backend_id})
+        """A backend's capabilities (fixed for the owner's lifetime: asked once per backend)."""
+        if backend_id not in self._capabilities:
+            self._capabilities[backend_id] = self._typed(Capabilities, "GET", "/capabilities",
+                                                         params={"backend_id": backend_id})
+        return self._capabilities[backend_id]
 
     def recommend(self, model: str | None = None, device_key: str | None = None,
                   snapshot: SystemSnapshot | None = None) -> Recommendation:

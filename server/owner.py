@@ -226,7 +226,7 @@ def owner_proof(token: str, nonce: str, pid: int) -> str:
 
 
 def lock_holder_pids(settings: Settings) -> set[int] | None:
-    """The PIDs holding the owner lock per ``/proc/locks`` (Linux), or None when that cannot be read."""
+    """The PIDs holding the owner lock per ``/proc/locks`` (Linux), or None when that cannot be told."""
     lock_path, _ = _paths(settings)
     try:
         inode = os.stat(lock_path).st_ino
@@ -245,7 +245,7 @@ def lock_holder_pids(settings: Settings) -> set[int] | None:
             continue
         if ino == inode:
             pids.add(pid)
-    return pids
+    return pids or None  # none listed under this inode (an overlay filesystem shows another): unknown
 
 
 def is_loopback_url(url: str) -> bool:

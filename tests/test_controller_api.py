@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,19 @@ import pytest
 from memory_controller.api import LOCAL_CALLS, ROUTED_CALLS, ControllerAPI, InProcessController, api_calls
 from memory_controller.settings import load_settings
 from server.client import OwnerAnswerError, RemoteController
-from server.owner import TOKEN_HEADER, OwnerIdentityError, OwnerInfo, owner_proof, read_owner
+from server.owner import (
+    TOKEN_HEADER,
+    OwnerIdentityError,
+    OwnerInfo,
+    listener_is_pid,
+    lock_holder_pids,
+    owner_proof,
+    read_owner,
+)
 from tests.conftest import ROOT
 from tests.fixtures_models import TINY_ID
 from tests.test_owner import _env, stop, wait_published
-from tests.test_ui_owner import owner  # noqa: F401 - the fixture: `memctl serve` in another process
+from tests.test_ui_owner import owner, settle_owner  # noqa: F401 - owner: `memctl serve` in another process
 from tests.ui_harness import app_factory, buttons, choose_inmem, texts  # noqa: F401
 from tests.ui_harness import controller as local_controller
 
@@ -93,13 +100,6 @@ def _memctl(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.Compl
                           capture_output=True, text=True, timeout=120)
 
 
-def _owner_idle(client: RemoteController, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(op.running for op in client.operations(0)):
-        assert time.monotonic() < deadline, "the owner's operation did not finish in time"
-        time.sleep(0.1)
-
-
 def test_a_second_dashboard_applies_through_the_owner_which_ps_and_status_show(
         app_factory, owner, hf_cache, tmp_path, monkeypatch):  # noqa: F811
     from server.connect import connect
@@ -114,9 +114,8 @@ def test_a_second_dashboard_applies_through_the_owner_which_ps_and_status_show(
     buttons(at)["btn_apply"].click().run()
     assert not at.exception
     with connect(load_settings()) as client:
-        _owner_idle(client)
+        settle_owner(at, client)
         assert [d.model_id for d in client.deployments()] == [TINY_ID]
-    at.run()
     assert f"unload::{TINY_ID}" in buttons(at)  # the owner's model, listed with its 🗑️
     assert local_controller().deployments() == []  # this process holds no model
     assert local_controller().runner.finished() == []  # nor ran the apply itself
@@ -134,7 +133,7 @@ def test_a_second_dashboard_applies_through_the_owner_which_ps_and_status_show(
     # and the unload button unloads in the owner
     buttons(at)[f"unload::{TINY_ID}"].click().run()
     with connect(load_settings()) as client:
-        _owner_idle(client)
+        settle_owner(at, client)
         assert client.deployments() == []
 
 
@@ -237,6 +236,9 @@ def test_without_the_listener_check_the_proof_still_keeps_the_token(foreign, mon
 
 def test_a_pid_that_does_not_hold_the_lock_is_refused_before_anything_is_sent(foreign):
     server, info = foreign
+    if Path("/proc/locks").exists():  # Linux: the kernel names the lock's holder
+        assert lock_holder_pids(load_settings()) == {info.pid}
+        assert listener_is_pid(info.url, info.pid) is False  # the foreign server is this process's socket
     client = RemoteController(info, load_settings(), timeout_s=5)
     with pytest.raises(OwnerIdentityError, match="does not hold the memctl owner lock"):
         client.verify(lock_pids={info.pid + 1})

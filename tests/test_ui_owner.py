@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 import httpx
 import pytest
@@ -44,6 +45,16 @@ def owner(tmp_path, hf_cache, monkeypatch):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)
         stop(proc)
+
+
+def settle_owner(at, client, timeout_s: float = 120):
+    """Wait for the owner's operations to end (the page's operations run there), then rerun."""
+    deadline = time.monotonic() + timeout_s
+    while any(op.running for op in client.operations(0)):
+        assert time.monotonic() < deadline, "the owner's operation did not finish in time"
+        time.sleep(0.1)
+    at.run()
+    return at
 
 
 def diag_row(at, name: str) -> str:
@@ -103,7 +114,7 @@ def test_dashboard_emergency_clear_beside_an_owner_clears_the_owners_model_too(a
         at.button(key="btn_emergency").click().run()
         assert f"то же в процессе-владельце memctl (PID {proc.pid})" in texts(at)
         at.button(key="btn_emergency_confirm").click().run()
-        settle(at)
+        settle_owner(at, client)
         assert f"Через процесс-владелец memctl (PID {proc.pid}, {info.url})" in texts(at)
         assert client.deployments() == []
 
