@@ -99,7 +99,7 @@ class ControllerAPI(Protocol):
     def backend_ids(self) -> list[str]: ...
     def availability(self, backend_id: str, snapshot: SystemSnapshot | None = None) -> Availability: ...
     def capabilities(self, backend_id: str) -> Capabilities: ...
-    def recommend(self, model: str | None = None, device_key: str | None = None,
+    def recommend(self, model: str | CachedModel | None = None, device_key: str | None = None,
                   snapshot: SystemSnapshot | None = None) -> Recommendation: ...
     def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int: ...
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
@@ -159,7 +159,7 @@ class InProcessController:
         self.settings = ctl.settings
 
     def __repr__(self) -> str:
-        return f"InProcessController(pid-local, state_dir={self.settings.state_dir!r})"
+        return f"InProcessController({self.local!r})"
 
     # ------------------------------------------------------------------ read calls
     def devices(self) -> SystemSnapshot:
@@ -183,7 +183,7 @@ class InProcessController:
     def capabilities(self, backend_id: str) -> Capabilities:
         return self.local.backend(backend_id).capabilities
 
-    def recommend(self, model: str | None = None, device_key: str | None = None,
+    def recommend(self, model: str | CachedModel | None = None, device_key: str | None = None,
                   snapshot: SystemSnapshot | None = None) -> Recommendation:
         return self.local.recommend(model=model, device_key=device_key, snapshot=snapshot)
 

@@ -359,9 +359,10 @@ class RemoteController:
                                                          params={"backend_id": backend_id})
         return self._capabilities[backend_id]
 
-    def recommend(self, model: str | None = None, device_key: str | None = None,
+    def recommend(self, model: str | CachedModel | None = None, device_key: str | None = None,
                   snapshot: SystemSnapshot | None = None) -> Recommendation:
-        params = {k: v for k, v in (("model", model), ("device_key", device_key)) if v is not None}
+        model_id = None if model is None else _model_id(model)
+        params = {k: v for k, v in (("model", model_id), ("device_key", device_key)) if v is not None}
         return self._typed(Recommendation, "GET", "/recommend", params=params, timeout_s=self._slow_s)
 
     def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:
