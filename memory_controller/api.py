@@ -152,8 +152,6 @@ class InProcessController:
     """:class:`ControllerAPI` over this process's ``MemoryController`` (``ctl``): same answers, operation
     ids instead of runner objects. ``ctl`` stays reachable as ``.local`` for the server it may run."""
 
-    remote = False
-
     def __init__(self, ctl: Any) -> None:
         self.local = ctl
         self.settings = ctl.settings

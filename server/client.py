@@ -195,8 +195,6 @@ class RemoteController:
     """The owner's controller, seen from another process: ``ControllerAPI`` over the control API,
     plus ``owner`` (its :class:`~server.owner.OwnerInfo`)."""
 
-    remote = True
-
     def __init__(self, owner: OwnerInfo, settings: Settings, *, timeout_s: float = 5.0) -> None:
         self.owner = owner
         self.settings = settings
