@@ -9,15 +9,29 @@ reads the state once and hands it to them.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import streamlit as st
 
+from memory_controller.errors import MemctlError
 from pages import deployments, history, holders_view, ide_section, memory_panel, rec_card, sidebar, ui_ops
 from pages import ui_common as ui
 
 
 def main() -> None:
     ctl = ui.controller()
+    try:
+        page(ctl)
+    except MemctlError as exc:
+        if not ui.owner_trouble(exc):
+            raise
+        # the owner this dashboard acts through stopped answering: say it, act on nothing behind its back
+        st.title(ui.tr()("app.title"))
+        ui.ownership_line()
+        ui.error_box(exc)
+
+
+def page(ctl: Any) -> None:
     ui_ops.mark_seen(ctl)
     t = ui.tr()
     snap = ctl.devices()

@@ -154,6 +154,15 @@ def ownership_line() -> None:
         st.caption(t("owner.off"))
 
 
+OWNER_TROUBLE = ("owner_unreachable", "owner_token", "owner_bad_answer", "owner_identity")
+
+
+def owner_trouble(exc: BaseException) -> bool:
+    """True for an error of the owner this process acts through (it stopped answering, restarted,
+    answered nonsense), as opposed to an error of the call itself."""
+    return getattr(exc, "code", None) in OWNER_TROUBLE and not ownership().is_owner
+
+
 def controller() -> Any:
     """The ``ControllerAPI`` pages act on: the owner's client when another process owns the machine,
     else this process's controller; on invalid settings shows the field and stops the page."""

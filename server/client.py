@@ -263,6 +263,7 @@ class RemoteController:
             return errors.OperationTimeoutError(
                 f"the memctl owner (PID {self.owner.pid}, {self.owner.url}) did not answer {path} in time",
                 "it may be busy with a long operation; try again, or look at that process",
+                code="owner_unreachable",
             )
         return errors.MemctlError(
             f"cannot reach the memctl owner (PID {self.owner.pid}) at {self.owner.url}: {type(exc).__name__}",

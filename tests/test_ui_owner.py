@@ -95,6 +95,22 @@ def test_dashboard_beside_a_live_owner_names_it(app_factory, owner, hf_cache):  
     assert read_owner(load_settings(), wait_s=0).pid == proc.pid  # the owner is still the other process
 
 
+def test_dashboard_beside_an_owner_that_stops_answering_says_so_without_a_traceback(app_factory, owner, hf_cache):  # noqa: F811
+    proc, info = owner
+    at = app_factory(hub=hf_cache, MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=free_port())
+    assert f"PID {proc.pid}, {info.url}" in texts(at)
+    os.kill(proc.pid, signal.SIGSTOP)  # alive, holding the lock, not answering
+    try:
+        at.run()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert not at.exception
+    page = texts(at)
+    assert "Процесс-владелец memctl не отвечает" in page and f"PID {proc.pid}, {info.url}" in page
+    at.run()  # answering again: the page is back
+    assert not at.exception and "Процесс-владелец memctl не отвечает" not in texts(at)
+
+
 def test_dashboard_takes_the_machine_over_when_the_other_owner_dies(app_factory, owner, hf_cache):  # noqa: F811
     proc, info = owner
     port = free_port()
