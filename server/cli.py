@@ -20,9 +20,6 @@ from memctl_cli.output import fmt_duration, print_error, table
 from memory_controller import errors
 from memory_controller.types import to_jsonable
 
-from .client import RemoteController
-from .connect import controller_for, local_controller
-
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.settings import Settings
 
@@ -44,6 +41,8 @@ def _port(text: str) -> int:
 def run_handler(handler: Handler, args: argparse.Namespace, settings: Settings, *, local: bool = False) -> int:
     """Build the controller (``local``: this process's, never a client) and run ``handler``; errors
     become exit codes."""
+    from .connect import controller_for, local_controller  # httpx loads only for commands that need it
+
     as_json = bool(getattr(args, "json", False))
     ctl = None
     try:
@@ -141,8 +140,16 @@ def _pid() -> int:
 
 
 # --------------------------------------------------------------------------- ps
+def _owner(ctl: Any) -> Any | None:
+    """The owner's OwnerInfo when ``ctl`` is its client, else None (this process's controller)."""
+    from .client import RemoteController
+
+    return ctl.owner if isinstance(ctl, RemoteController) else None
+
+
 def _base_url(ctl: Any) -> str | None:
-    return f"{ctl.owner.url}/v1" if isinstance(ctl, RemoteController) else None
+    owner = _owner(ctl)
+    return f"{owner.url}/v1" if owner is not None else None
 
 
 def ps_rows(ctl: Any) -> list[dict[str, Any]]:
@@ -175,11 +182,11 @@ def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
 
     rows = ps_rows(ctl)
     if args.json:
-        owner = ctl.owner if isinstance(ctl, RemoteController) else None
+        owner = _owner(ctl)
         print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows},
                          ensure_ascii=False, indent=2))
         return 0
-    if not isinstance(ctl, RemoteController):
+    if _owner(ctl) is None:
         print("No memctl server runs (`memctl serve` starts one); models of this process only.", file=sys.stderr)
     if not rows:
         print("No models running.")
