@@ -174,6 +174,11 @@ def fit_on_gpus(model: CachedModel, settings: Settings, *, mode: str, gpu_bytes:
     if not 0 < usable_fraction <= 1:
         raise SettingsError(f"usable fraction {usable_fraction!r} must be in (0, 1]",
                             "fix the engine's utilisation settings")
+    for name, value in (("context", context), ("batch", batch)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BadExportRequestError(f"{name} must be a whole number of at least 1, got {value!r}",
+                                        f"give --{'max-num-seqs' if name == 'batch' else name} 1 or more",
+                                        args={name: str(value)[:40]})
     spec = est.read_model_spec(model.path)
     _check_gpus(model, gpus, spec.num_attention_heads)
     model_max = spec.max_position_embeddings

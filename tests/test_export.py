@@ -46,6 +46,7 @@ MODEL = f"{mf.TEST_ORG}/qwen2-7b"
 def hub(tmp_path_factory) -> Path:
     hub = tmp_path_factory.mktemp("export") / "hub"
     mf.sparse_into_cache(hub, "qwen2-7b", QWEN7, config={"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    mf.sparse_into_cache(hub, "llama2-like", mf.TINY)  # a 1000-token vocabulary: no tool-call family
     return hub
 
 
@@ -160,6 +161,18 @@ def test_tensor_parallelism_splits_the_need(ctl):
     assert two.fit.per_gpu_bytes == math.ceil(two.fit.estimate.total_bytes / 2)
 
 
+def test_a_model_without_a_tool_family_gets_no_parser_and_says_so(ctl):
+    result = ctl.export("production-stack", f"{mf.TEST_ORG}/llama2-like", gpu_bytes=24 * GIB, batch=2)
+    jsonschema.Draft202012Validator(PS_SCHEMA).validate(result.document)
+    spec = _model_spec(result)
+    assert "enableTool" not in spec and "toolCallParser" not in spec
+    assert spec["vllmConfig"]["maxNumSeqs"] == 2 and spec["vllmConfig"]["maxModelLen"] == mf.TINY.max_position_embeddings
+    assert [n.code for n in result.notes] == ["ide.model_max_below_minimum", "export.tools_not_parsed"]
+    assert "tool calls are off" in result.text
+    cfg = _llm_config(ctl.export("rayservice", f"{mf.TEST_ORG}/llama2-like", gpu_bytes=24 * GIB))
+    assert "tool_call_parser" not in cfg["engine_kwargs"] and "accelerator_type" not in cfg
+
+
 # --------------------------------------------------------------------------- RayService
 @pytest.mark.parametrize("gpu_gib", [24, 80])
 def test_rayservice_passes_kuberays_schema_and_rays_field_names(ctl, gpu_gib):
@@ -229,6 +242,10 @@ def test_bad_requests_say_what_to_do(ctl):
         ctl.export("production-stack", MODEL, gpu_bytes=24 * GIB, gpus=3)
     with pytest.raises(BadExportRequestError, match="maximum of 131,072"):
         ctl.export("production-stack", MODEL, gpu_bytes=80 * GIB, context=200_000)
+    with pytest.raises(BadExportRequestError, match="context must be a whole number"):
+        ctl.export("production-stack", MODEL, gpu_bytes=80 * GIB, context=0)
+    with pytest.raises(BadExportRequestError, match="batch must be a whole number"):
+        ctl.export("production-stack", MODEL, gpu_bytes=80 * GIB, batch=-1)
     with pytest.raises(BadExportRequestError, match="unknown export format"):
         ctl.export("helmfile", MODEL, gpu_bytes=24 * GIB)
     with pytest.raises(BadExportRequestError, match="no GPU"):
