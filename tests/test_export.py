@@ -35,6 +35,7 @@ PS_SCHEMA = json.loads((DATA / "production-stack" / "values.schema.json").read_t
 PS_TEMPLATE = (DATA / "production-stack" / "deployment-vllm-multi.yaml").read_text()
 RAYSERVICE_SCHEMA = json.loads((DATA / "kuberay" / "rayservice-v1.schema.json").read_text())
 RAY_FIELDS = json.loads((DATA / "ray" / "llm_config_fields.json").read_text())
+VLLM_FIELDS = json.loads((DATA / "vllm" / "engine_kwargs_fields.json").read_text())
 
 # Qwen2-7B's layout (7.6 B parameters, bf16, 131072 positions): family qwen -> vLLM's hermes parser.
 QWEN7 = mf.LlamaShape(hidden_size=3584, intermediate_size=18944, layers=28, heads=28, kv_heads=4,
@@ -193,6 +194,14 @@ def test_rayservice_passes_kuberays_schema_and_rays_field_names(ctl, gpu_gib):
             ek["dtype"]) == (vc["maxModelLen"], vc["gpuMemoryUtilization"], vc["tensorParallelSize"],
                              vc["maxNumSeqs"], vc["dtype"])
     assert ek["enable_auto_tool_choice"] is True and ek["tool_call_parser"] == "hermes"
+
+
+def test_engine_kwargs_are_arguments_ray_hands_to_vllm(ctl):
+    # Ray Serve LLM splits engine_kwargs into vLLM's FrontendArgs and AsyncEngineArgs and refuses any other key.
+    known = set(VLLM_FIELDS["AsyncEngineArgs"]) | set(VLLM_FIELDS["FrontendArgs"])
+    cfg = _llm_config(ctl.export("rayservice", MODEL, gpu_bytes=24 * GIB))
+    assert set(cfg["engine_kwargs"]) <= known
+    assert {"enable_auto_tool_choice", "tool_call_parser"} <= set(VLLM_FIELDS["FrontendArgs"])
 
 
 def test_engine_kwargs_are_the_flags_memctl_passes_to_vllm(ctl):
