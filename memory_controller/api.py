@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backend import Availability, Capabilities, Deployment, ReleaseReport
+    from .clusterfit import ExportResult
     from .holders import MemoryHolder
     from .planning import Plan
     from .reports import ClearReport, EmergencyReport
@@ -106,6 +107,10 @@ class ControllerAPI(Protocol):
              purpose: str = "switch", unload_ollama: bool = False) -> Plan: ...
     def plans(self, backend_id: str, models: Sequence[str | CachedModel],
               profile: Profile) -> dict[str, Plan | None]: ...
+    def export_formats(self) -> tuple[str, ...]: ...
+    def export(self, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None, gpus: int = 1,
+               context: int | None = None, batch: int | None = None, accelerator: str | None = None,
+               max_replicas: int = 2) -> ExportResult: ...
     def holders(self, snapshot: SystemSnapshot | None = None) -> list[MemoryHolder]: ...
     def history(self, limit: int = 50) -> list[OperationRecord]: ...
     def log_write_errors(self) -> list[str]: ...
@@ -196,6 +201,15 @@ class InProcessController:
               profile: Profile) -> dict[str, Plan | None]:
         resolved = [self.local.resolve(m) for m in models]
         return self.local.plans(backend_id, resolved, profile)
+
+    def export_formats(self) -> tuple[str, ...]:
+        return tuple(self.local.export_formats())
+
+    def export(self, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None, gpus: int = 1,
+               context: int | None = None, batch: int | None = None, accelerator: str | None = None,
+               max_replicas: int = 2) -> ExportResult:
+        return self.local.export(fmt, model, gpu_bytes=gpu_bytes, gpus=gpus, context=context, batch=batch,
+                                 accelerator=accelerator, max_replicas=max_replicas)
 
     def holders(self, snapshot: SystemSnapshot | None = None) -> list[MemoryHolder]:
         return self.local.holders(snapshot)

@@ -29,6 +29,7 @@ import httpx
 from memory_controller import errors
 from memory_controller.api import MemorySample, OperationView
 from memory_controller.backend import Availability, Capabilities, Deployment, ReleaseReport
+from memory_controller.clusterfit import ExportResult
 from memory_controller.holders import MemoryHolder
 from memory_controller.planning import Plan
 from memory_controller.reports import ClearReport, EmergencyReport
@@ -138,15 +139,24 @@ def to_json(value: Any) -> Any:
     return plain(to_jsonable(value))
 
 
+def _error_classes() -> dict[str, type[errors.MemctlError]]:
+    """Every MemctlError subclass this process has loaded, by name (the core's and its modules')."""
+    found: dict[str, type[errors.MemctlError]] = {}
+    todo: list[type[errors.MemctlError]] = [errors.MemctlError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.__name__, cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
 def error_from_body(body: Any, status_code: int) -> errors.MemctlError:
     """The MemctlError (same class when known) the owner raised, from its JSON error body."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         return errors.MemctlError(f"the memctl owner answered HTTP {status_code}",
                                   "see the owner process's log", code="owner_error")
-    cls = getattr(errors, str(err.get("error", "")), None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.MemctlError)):
-        cls = errors.MemctlError
+    cls = _error_classes().get(str(err.get("error", "")), errors.MemctlError)
     exc = cls.__new__(cls)
     errors.MemctlError.__init__(exc, str(err.get("message") or f"HTTP {status_code}"), err.get("hint"),
                                 details=err.get("details"), code=err.get("code"), args=err.get("args") or {})
@@ -378,6 +388,16 @@ class RemoteController:
               profile: Profile) -> dict[str, Plan | None]:
         body = {"backend_id": backend_id, "model_ids": [_model_id(m) for m in models], "profile": to_json(profile)}
         return self._typed(dict[str, Plan | None], "POST", "/plans", json=body, timeout_s=self._slow_s)
+
+    def export_formats(self) -> tuple[str, ...]:
+        return self._typed(tuple[str, ...], "GET", "/export_formats")
+
+    def export(self, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None, gpus: int = 1,
+               context: int | None = None, batch: int | None = None, accelerator: str | None = None,
+               max_replicas: int = 2) -> ExportResult:
+        body = {"fmt": fmt, "model_id": _model_id(model), "gpu_bytes": gpu_bytes, "gpus": gpus, "context": context,
+                "batch": batch, "accelerator": accelerator, "max_replicas": max_replicas}
+        return self._typed(ExportResult, "POST", "/export", json=body, timeout_s=self._slow_s)
 
     def holders(self, snapshot: SystemSnapshot | None = None) -> list[MemoryHolder]:
         return self._typed(list[MemoryHolder], "GET", "/holders", timeout_s=self._slow_s)

@@ -82,6 +82,17 @@ class MaxContextBody(BaseModel):
     free_bytes: int | None = Field(None, ge=0)
 
 
+class ExportBody(BaseModel):
+    fmt: str = Field(min_length=1, max_length=64)
+    model_id: str = Field(min_length=1, max_length=1000)
+    gpu_bytes: int | None = Field(None, ge=1)
+    gpus: int = Field(1, ge=1, le=4096)
+    context: int | None = Field(None, ge=1)
+    batch: int | None = Field(None, ge=1)
+    accelerator: str | None = Field(None, max_length=64)
+    max_replicas: int = Field(2, ge=1, le=100_000)
+
+
 class ApplyBody(BaseModel):
     # either a plan as the client got it from /plan (run exactly, or 409 stale_plan), or what to plan
     plan: dict[str, Any] | None = None
@@ -218,6 +229,16 @@ def make_control_router(ctl: Any, token: str, *,
         profile = _profile(body.profile)
         assert profile is not None
         return to_jsonable(api.plans(body.backend_id, body.model_ids, profile))
+
+    @router.get("/export_formats")
+    def export_formats() -> Any:
+        return list(api.export_formats())
+
+    @router.post("/export")
+    def export(body: ExportBody) -> Any:
+        return to_jsonable(api.export(body.fmt, body.model_id, gpu_bytes=body.gpu_bytes, gpus=body.gpus,
+                                      context=body.context, batch=body.batch, accelerator=body.accelerator,
+                                      max_replicas=body.max_replicas))
 
     @router.get("/holders")
     def holders() -> Any:
