@@ -18,6 +18,7 @@ from memory_controller.backend import Deployment, DeploymentState, ReleaseReport
 from memory_controller.errors import (
     InsufficientMemoryError,
     InvalidModelIdError,
+    MemctlError,
     ModelLoadError,
     ModelNotFoundError,
     StalePlanError,
@@ -165,6 +166,14 @@ def _finished(client, op_id: str, timeout_s: float = 60):
     return view
 
 
+def _outcome(call):
+    """A call's value, or its error's class, code and message (the same either side of the wire)."""
+    try:
+        return call()
+    except MemctlError as exc:
+        return type(exc), exc.code, exc.message
+
+
 def test_every_call_answers_the_same_through_the_client_as_in_process(owner):
     """Each call of ControllerAPI, through the control API and in process: the same values (the host's
     moving figures aside), operations submitted on one side seen the same from the other."""
@@ -198,6 +207,8 @@ def test_every_call_answers_the_same_through_the_client_as_in_process(owner):
         "plans": lambda c: {k: (p.model_id, p.backend_id) for k, p in c.plans("inmem", [TINY_ID], profile).items()},
         "status": lambda c: sorted(c.status()),
         "memory_history": lambda c: type(c.memory_history()),
+        "export_formats": lambda c: c.export_formats(),
+        "export": lambda c: _outcome(lambda: c.export("helm", TINY_ID, gpu_bytes=24 << 30)),
     }
     for name, call in same.items():
         assert call(client) == call(local), name

@@ -259,3 +259,31 @@ def test_a_200_with_an_empty_object_is_not_taken_for_a_result(foreign, monkeypat
         with pytest.raises(OwnerAnswerError, match="not its result"):
             call()
     assert read_owner(load_settings()).pid == info.pid  # nothing else changed
+
+
+def test_a_cluster_export_through_the_client_is_the_owners_document(hf_cache):
+    """The export (a document for a cluster engine) comes back as the same ExportResult, and its
+    refusals as the same error classes (DoesNotFitError with the GPU count that would fit)."""
+    from memory_controller import MemoryController
+    from memory_controller.clusterfit import BadExportRequestError, DoesNotFitError
+    from server.runner import ServerHandle
+    from tests.fake_pynvml import FakeNvml
+
+    settings = load_settings(hf_cache_dir=hf_cache, local_model_dirs=[])
+    ctl = MemoryController(settings, nvml=FakeNvml(gpus=[]).module())
+    handle = ServerHandle(ctl, settings, port=0).start()
+    try:
+        with RemoteController(read_owner(settings), settings, timeout_s=30) as client:
+            formats = client.export_formats()
+            assert formats and formats == ctl.export_formats()
+            for fmt in formats:
+                remote = client.export(fmt, TINY_ID, gpu_bytes=24 << 30, gpus=1)
+                assert remote == ctl.export(fmt, TINY_ID, gpu_bytes=24 << 30, gpus=1)
+                assert remote.text and remote.fit.context_tokens > 0
+            with pytest.raises(DoesNotFitError) as err:
+                client.export(formats[0], TINY_ID, gpu_bytes=1 << 20)
+            assert err.value.code == "export.does_not_fit"
+            with pytest.raises(BadExportRequestError):
+                client.export(formats[0], TINY_ID, gpu_bytes=24 << 30, context=10**9)
+    finally:
+        handle.stop()
