@@ -286,6 +286,8 @@ class RemoteController:
               timeout_s: float | None = None) -> Any:
         if not self._verified:
             self.verify()
+        if method == "POST" and json is None:
+            json = {}  # every state-changing request is JSON (a server may refuse other content types)
         try:
             resp = self._http.request(method, path, json=json, params=params, headers={TOKEN_HEADER: self.owner.token},
                                       timeout=timeout_s if timeout_s is not None else self._timeout_s)

@@ -214,9 +214,10 @@ def test_a_foreign_server_at_the_owner_url_never_gets_the_token_and_the_cli_says
     code = main(command)
     err = capsys.readouterr().err
     assert code == 1, err
-    assert f"not the memctl owner process (PID {info.pid})" in err and "did not send its token" in err
-    assert "Traceback" not in err
-    assert _tokens_sent(server, info) == [] and server.seen == []  # refused before any request
+    assert "Traceback" not in err and "did not send its token" in err
+    assert _tokens_sent(server, info) == []
+    if Path("/proc/net/tcp").exists():  # Linux names the listener: refused before any request
+        assert f"not the memctl owner process (PID {info.pid})" in err and server.seen == []
 
 
 def test_without_the_listener_check_the_proof_still_keeps_the_token(foreign, monkeypatch, capsys):
