@@ -130,11 +130,17 @@ def test_a_second_dashboard_applies_through_the_owner_which_ps_and_status_show(
     assert status.returncode == 0, status.stderr
     assert [d["model_id"] for d in json.loads(status.stdout)["deployments"]] == [TINY_ID]
 
-    # and the unload button unloads in the owner
+    # and the unload and clear buttons act in the owner too
     buttons(at)[f"unload::{TINY_ID}"].click().run()
     with connect(load_settings()) as client:
         settle_owner(at, client)
         assert client.deployments() == []
+        buttons(at)["btn_clear"].click().run()
+        settle_owner(at, client)
+        kinds = [(op.kind, type(op.result).__name__) for op in client.operations(3)]
+        assert kinds[:3] == [("clear_memory", "ClearReport"), ("unload", "ReleaseReport"), ("apply", "OperationRecord")]
+    assert local_controller().runner.finished() == []  # none of it ran in this process
+    assert "| Устройство | Было занято | Стало занято | Освобождено |" in texts(at)  # the owner's report, here
 
 
 # ============================================================================ identity
