@@ -57,10 +57,10 @@ _ownership_lock = threading.Lock()
 
 
 def ownership() -> Any:
-    """Who this process acts through, found once per process (``server.runner.Ownership``): with
-    ``settings.dashboard_serves`` this process becomes the owner and serves on 127.0.0.1:serve_port
-    (``server.runner.own_or_connect``); with a live owner elsewhere (``memctl serve``) ``.ctl`` is its
-    client; otherwise ``.ctl`` is this process's controller. A failure (a live owner that does not
+    """Who this process acts through (``server.connect.attach``, the rule every entry point follows),
+    found once per process: with a live owner elsewhere (``memctl serve``) ``.ctl`` is its client; with
+    ``settings.dashboard_serves`` this process becomes the owner and serves on 127.0.0.1:serve_port;
+    otherwise ``.ctl`` is this process's controller. A failure (a live owner that does not
     answer, or is not who server.json says) is kept as ``Ownership.error``, never raised into the page."""
     global _ownership
     local = _controller()
@@ -76,15 +76,11 @@ def ownership() -> Any:
             if not found.is_owner:
                 found.ctl.close()  # the other owner is gone: take the machine over (its lock was dropped)
         from memory_controller.api import InProcessController
-        from server.connect import connect
-        from server.runner import Ownership, own_or_connect
+        from server.connect import attach
+        from server.runner import Ownership
 
         try:
-            if serves:
-                found = own_or_connect(settings, lambda: local)
-            else:
-                client = connect(settings)
-                found = Ownership(client if client is not None else InProcessController(local), None)
+            found = attach(settings, serve=serves, make_controller=lambda: local)
         except MemctlError as exc:
             found = Ownership(InProcessController(local), None, exc)
         _ownership = (id(local), found)

@@ -167,8 +167,6 @@ def error_from_body(body: Any, status_code: int) -> errors.MemctlError:
     return exc
 
 
-
-
 class OwnerAnswerError(errors.MemctlError):
     """The owner's server answered something that is not what the call returns."""
 

@@ -1,5 +1,6 @@
-"""Which controller an entry point talks to: :func:`controller_for` (every CLI command, the dashboard,
-the diagnostic page) and :func:`connect` (a client of the live owner, or None).
+"""Which controller an entry point talks to: :func:`controller_for` (every CLI command) and
+:func:`attach` (the same rule, for the dashboard and the diagnostic page, which may also become the
+owner), built on :func:`connect` (a client of the live owner, or None).
 
 With a live owner (``memctl serve`` or a dashboard that serves) every other process gets its client,
 a :class:`~server.client.RemoteController`; without one, the caller becomes the owner (``serve``: the
@@ -57,19 +58,32 @@ def connect(settings: Settings, *, timeout_s: float = 5.0) -> RemoteController |
 
 def controller_for(settings: Settings, *, make_controller: Callable[[], Any] | None = None) -> ControllerAPI:
     """The controller an entry point acts on: the live owner's client, else this process's controller
-    (``make_controller()``, default a new ``MemoryController(settings)``) as a ControllerAPI.
+    (``make_controller()``, default a new ``MemoryController(settings)``) as a ControllerAPI."""
+    return attach(settings, make_controller=make_controller).ctl
 
-    The dashboard, which may become the owner itself, goes through :func:`server.runner.own_or_connect`
-    (the same rule, plus starting the server)."""
+
+def attach(settings: Settings, *, serve: bool = False, make_controller: Callable[[], Any] | None = None,
+           port: int | None = None) -> Any:
+    """The one rule every entry point follows, as a ``server.runner.Ownership``: with a live owner its
+    client; else, with ``serve`` (the dashboard), this process becomes the owner (its controller plus
+    the server on a background thread, :func:`server.runner.own_or_connect`); else this process's
+    controller. Raises what :func:`connect` raises."""
+    from .runner import Ownership, own_or_connect
+
+    if serve:
+        make = make_controller or (lambda: _new_controller(settings))
+        return own_or_connect(settings, make, port=port)
     client = connect(settings)
     if client is not None:
-        return client
-    return local_controller(settings, make_controller)
+        return Ownership(client, None)
+    return Ownership(local_controller(settings, make_controller), None)
+
+
+def _new_controller(settings: Settings) -> Any:
+    from memory_controller import MemoryController
+
+    return MemoryController(settings)
 
 
 def local_controller(settings: Settings, make_controller: Callable[[], Any] | None = None) -> InProcessController:
-    if make_controller is None:
-        from memory_controller import MemoryController
-
-        return InProcessController(MemoryController(settings))
-    return InProcessController(make_controller())
+    return InProcessController(make_controller() if make_controller is not None else _new_controller(settings))
