@@ -205,7 +205,7 @@ class TransformersBackend:
                 except Exception:  # noqa: BLE001 - dropping our reference below still frees it in most cases
                     pass
                 del model_obj
-                mem.clear_caches()
+                mem.clear_caches(freeze=not self._entries)
             finally:
                 if locked:
                     entry.gen_lock.release()
@@ -256,8 +256,9 @@ class TransformersBackend:
             return [self.stop(h) for h in list(self._entries)]
 
     def clear_caches(self) -> dict[str, Any]:
-        """gc, CUDA caches when CUDA is up, malloc_trim: ``{action: done?}`` (see memory.clear_caches)."""
-        return mem.clear_caches()
+        """gc, CUDA caches when CUDA is up, malloc_trim: ``{action: done?}`` (see memory.clear_caches).
+        With no model loaded, what survives the collection is frozen (see memory.collect_garbage)."""
+        return mem.clear_caches(freeze=not self._entries)
 
     def verify(self, deployment: Deployment) -> str:
         """Generate ``settings.transformers_verify_tokens`` tokens; a short detail, or a MemctlError."""
