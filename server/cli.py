@@ -4,8 +4,9 @@ Each handler is ``(args, ctl_or_client) -> exit code``: the local controller, or
 :class:`~server.client.RemoteController` of the machine's owner process when one runs (then the
 command acts on the models that process holds). :func:`add_commands` registers them with
 ``func(args, settings)`` wrappers that pick the controller, so ``memctl_cli.main`` runs
-them like its other sub-commands. Exit codes: 0 ok, 1 the operation failed, 2 bad input (unknown or
-malformed model id, bad port); messages and hints on stderr, never a traceback.
+them like its other sub-commands. Exit codes (as ``memctl_cli.main`` documents them): 0 ok, 1 the
+operation failed or had nothing to act on (``unload`` of a model that is not loaded), 2 bad input
+(unknown or malformed model id, bad port); messages and hints on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Handler = Callable[[argparse.Namespace, Any], int]
 _BAD_INPUT = (errors.InvalidModelIdError, errors.ModelNotFoundError, errors.SettingsError)
+NOT_LOADED = "not_loaded"  # a well-formed name of nothing running: the unload had nothing to act on (1, not 2)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -71,7 +73,7 @@ def run_handler(handler: Handler, args: argparse.Namespace, settings: Settings, 
         return int(handler(args, ctl))
     except errors.MemctlError as exc:
         _print_error(exc, as_json)
-        return 2 if isinstance(exc, _BAD_INPUT) else 1
+        return 2 if isinstance(exc, _BAD_INPUT) and exc.code != NOT_LOADED else 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug must still not print a traceback at the user

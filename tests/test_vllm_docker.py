@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import pytest
 
@@ -319,9 +318,7 @@ def test_daemon_down_is_reported_in_plain_words_and_start_raises(tmp_path):
     assert "not running" in av.reason.args["detail"] and str(tmp_path) in av.reason.args["detail"]
     with pytest.raises(DockerUnavailableError, match="not running"):
         backend.list_managed()
-    t0 = time.monotonic()
     assert backend.deployments() == []  # never raises
-    assert time.monotonic() - t0 < 3
     model = make_cached_model(settings)
     claim = backend.claim(model, FP16, estimate_of(model.model_id, FP16, GIB), snapshot_with(gpu()))
     with pytest.raises(DockerUnavailableError):
@@ -339,14 +336,16 @@ def test_unreachable_docker_host_is_reported():
     assert not av.ok and "cannot reach" in av.reason.args["detail"]
 
 
-def test_availability_is_cached_for_a_few_seconds(tmp_path):
+def test_availability_is_cached_for_a_few_seconds(tmp_path, monkeypatch):
     backend = VllmDockerBackend(load_settings(docker_host=f"unix://{tmp_path}/docker.sock"))
     snap = snapshot_with(gpu())
+    pings = []
+    real_ping = backend.access.ping
+    monkeypatch.setattr(backend.access, "ping", lambda: pings.append(1) or real_ping())
     first = backend.availability(snap)
-    t0 = time.monotonic()
     for _ in range(50):
         assert backend.availability(snap) == first
-    assert time.monotonic() - t0 < 0.5
+    assert len(pings) == 1  # Docker was asked once
 
 
 @pytest.mark.docker
