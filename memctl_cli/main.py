@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from memory_controller.backend import describe_memory
 from memory_controller.errors import InvalidModelIdError, MemctlError, SettingsError
 from memory_controller.settings import Settings, load_settings, settings_warnings
 from memory_controller.units import escape_text, fmt_bytes
@@ -58,7 +59,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if not b["available"]:
             print(f"{bid} unavailable: {b['reason']}")
     for d in data["deployments"]:
-        mem = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in d["memory_bytes"].items()) or "—"
+        mapped = int((d.get("detail") or {}).get("mapped_bytes") or 0)
+        mem = describe_memory(d["memory_bytes"], mapped) or "—"
         print(f"running: {escape_text(d['model_id'])} ({d['backend_id']}, {d['state']}) {mem}"
               + (f" at {d['endpoint']}" if d["endpoint"] else ""))
     return 0

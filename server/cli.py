@@ -191,6 +191,7 @@ def ps_rows(ctl: Any) -> list[dict[str, Any]]:
             "context_tokens": d.context_tokens,
             "precision": getattr(getattr(d.profile, "precision", None), "value", None),
             "memory_bytes": dict(d.memory_bytes),
+            "mapped_bytes": getattr(d, "mapped_bytes", 0),  # resident pages of memory-mapped weight files
             "in_flight": s.get("in_flight", in_flight.get(d.model_id, 0)),
             "queued": s.get("queued", 0),
             "idle_unload_in_s": s.get("idle_unload_in_s"),
@@ -212,7 +213,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
-    from memory_controller.units import fmt_bytes
+    from memory_controller.backend import describe_memory
 
     rows = ps_rows(ctl)
     if args.json:
@@ -227,7 +228,7 @@ def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
         return 0
     table = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN"]]
     for r in rows:
-        memory = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(r["memory_bytes"].items())) or "—"
+        memory = describe_memory(dict(sorted(r["memory_bytes"].items())), r.get("mapped_bytes") or 0) or "—"
         flight = str(r["in_flight"]) + (f" (+{r['queued']} queued)" if r["queued"] else "")
         table.append([r["model"], r["backend"], r["endpoint"] or "—",
                       "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory, flight,

@@ -271,6 +271,33 @@ def mapped_ranges(files: list[Path]) -> list[tuple[int, int]]:
     return ranges
 
 
+def mapped_resident_bytes(files: list[Path]) -> int:
+    """Resident bytes of this process's mappings of ``files`` (the ``Rss`` of their /proc/self/smaps
+    entries): what a memory-mapped model occupies of its weight files. 0 when none is mapped."""
+    wanted = set()
+    for f in files:
+        try:
+            wanted.add(os.path.realpath(f))
+        except OSError:
+            pass
+    if not wanted:
+        return 0
+    total = 0
+    inside = False
+    try:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                head = line[:1]
+                if head.isdigit() or ("a" <= head <= "f"):  # a mapping's header: "lo-hi perms off dev inode path"
+                    parts = line.split(maxsplit=5)
+                    inside = len(parts) == 6 and "-" in parts[0] and parts[5].strip() in wanted
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
 def bytes_by_device(tensors: list[Any], weight_files: list[Path]) -> tuple[dict[str, int], int]:
     """({device key: bytes}, mapped bytes) of a loaded model's tensors.
 
