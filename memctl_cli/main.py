@@ -5,7 +5,8 @@ Exit codes (every sub-command):
 * 0 — done (also with no GPU);
 * 1 — the operation failed or could not act: a model that is not loaded, Docker or Ollama down, a
   release that failed, an internal error;
-* 2 — bad arguments or settings: a malformed or unknown model id, an invalid ``MEMCTL_*`` value;
+* 2 — bad arguments or settings: a malformed model id, an invalid ``MEMCTL_*`` value, a bad port,
+  ``ide --model`` naming a model that is not cached;
 * 130 — interrupted (Ctrl-C); 141 — the output was closed early (``memctl models --json | head``).
 
 With ``--json`` an error is also printed as JSON on stdout.

@@ -228,7 +228,7 @@ def test_claim_blockers_are_messages_with_codes(tmp_path):
         "backend.gpu_memory_unknown"]
     over = b.claim(model, FP16, estimate_of(model.model_id, FP16, 23 * GIB), snapshot_with(gpu(free_gib=24)))
     assert [m.code for m in over.blockers] == ["backend.over_util_cap"]
-    assert "vllm_gpu_util_max" in over.blockers[0].text and over.blockers[0].args["cap"] == 0.95
+    assert "MEMCTL_VLLM_GPU_UTIL_MAX" in over.blockers[0].text and over.blockers[0].args["cap"] == 0.95
     assert b.claim(model, FP16, est, snapshot_with(gpu())).blockers == ()
 
 

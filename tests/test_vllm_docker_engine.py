@@ -222,7 +222,8 @@ def test_stop_with_init_is_quick_and_removes_the_container_and_is_idempotent(vll
     backend = make_vllm_backend(vllm_settings)
     dep = vllm_start(backend, make_cached_model(vllm_settings), FP16)
     report = backend.stop(dep.handle)
-    assert report.message.args["seconds"] < 2.0  # docker stop + remove, before the memory read-back
+    # the container ended on SIGTERM (its init forwards it): docker stop did not wait out its kill timeout
+    assert report.message.args["seconds"] < vllm_settings.vllm_stop_timeout_s
     assert dep.name not in names_on_engine(docker_client)
     assert report.handle == dep.handle and report.model_id == "Org/Tiny-Llama" and not report.already_gone
     # The fake NVML's used memory did not move: the report says so instead of assuming success.
