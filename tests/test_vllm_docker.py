@@ -283,7 +283,7 @@ def test_memory_is_checked_before_docker_is_touched(tmp_path):
         backend.start(model, FP16, claim)
     assert "only 5.00 GiB is free" in err.value.message
     for profile, needed, gpus, error, words in [
-        (FP16, 23 * GIB, [gpu(free_gib=24)], InsufficientMemoryError, "vllm_gpu_util_max"),
+        (FP16, 23 * GIB, [gpu(free_gib=24)], InsufficientMemoryError, "MEMCTL_VLLM_GPU_UTIL_MAX"),
         (FP16, GIB, [], ContainerError, "needs a GPU"),
         (FP16.with_(gpu_ids=(3,)), GIB, [gpu(0)], ContainerError, "GPU 3"),
         (FP16, GIB, [dataclasses.replace(gpu(), status=DeviceStatus.LOST, free_bytes=None)],
