@@ -13,6 +13,7 @@ torch is imported lazily (only once a model is loaded).
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -105,7 +106,10 @@ def process_free_bytes() -> int | None:
 _malloc_tuned = False
 
 
+@functools.cache
 def _glibc() -> Any | None:
+    """libc.so.6 on glibc Linux, else None; once per process (``platform.libc_ver`` reads the interpreter's
+    binary: tens of milliseconds a call)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -274,8 +278,36 @@ def mapped_ranges(files: list[Path]) -> list[tuple[int, int]]:
 
 
 def mapped_resident_bytes(files: list[Path]) -> int:
-    """Resident bytes of this process's mappings of ``files`` (the ``Rss`` of their /proc/self/smaps
-    entries): what a memory-mapped model occupies of its weight files. 0 when none is mapped."""
+    """Resident bytes of this process's mappings of ``files``: what a memory-mapped model occupies of
+    its weight files; 0 when none is mapped.
+
+    ``mincore(2)`` over the mapped ranges (/proc/self/maps): ~1 ms for a 1 GB file. Reading
+    /proc/self/smaps instead makes the kernel count every mapping of the process (torch's libraries
+    too): measured 60 ms a call on the loaded 2-core machine, three calls per apply + unload. smaps is
+    the fallback when mincore is not available.
+    """
+    ranges = mapped_ranges(files)
+    if not ranges:
+        return 0
+    libc = _glibc()
+    if libc is not None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        resident = 0
+        try:
+            for lo, hi in ranges:
+                n = (hi - lo + page - 1) // page
+                vec = (ctypes.c_ubyte * n)()
+                if libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), vec) != 0:
+                    raise OSError(ctypes.get_errno(), "mincore failed")
+                resident += n - bytes(vec).count(0)  # the low bit of each byte: resident
+            return resident * page
+        except (OSError, AttributeError, ValueError):
+            pass
+    return _smaps_rss(files)
+
+
+def _smaps_rss(files: list[Path]) -> int:
+    """The ``Rss`` of the /proc/self/smaps entries that map ``files`` (slow: see mapped_resident_bytes)."""
     wanted = set()
     for f in files:
         try:
