@@ -247,7 +247,7 @@ def test_a_memory_mapped_model_names_its_mapped_pages_and_private_bytes_everywhe
     """Issue 20.2: a bf16 model read from a bf16 file stays memory-mapped; "128 B" (its private bytes
     alone) was shown as its size. The deployment, the step message, `memctl ps` and the release name
     both parts, and the release measures the mapping going away."""
-    from backends.transformers.memory import mapped_resident_bytes
+    from backends.transformers.memory import _smaps_rss, mapped_resident_bytes
     from memory_controller.backend import describe_memory
     from memory_controller.controller import MemoryController
     from server.cli import ps_rows
@@ -262,6 +262,7 @@ def test_a_memory_mapped_model_names_its_mapped_pages_and_private_bytes_everywhe
     weights = sum(p.stat().st_size for p in files)
     assert dep.mapped_bytes >= 0.9 * weights  # the whole file is resident (touched)
     assert dep.mapped_bytes == mapped_resident_bytes(files)
+    assert abs(_smaps_rss(files) - dep.mapped_bytes) <= 2 * 4096  # mincore agrees with the kernel's Rss
     assert dep.memory_bytes["host"] < 0.5 * weights  # private bytes: counted apart
     prepare = next(s for s in record.steps if s.name == "prepare")
     assert prepare.code == "step.prepare_mapped" and prepare.args["mapped_bytes"] == dep.mapped_bytes

@@ -3,7 +3,7 @@
 One accounting (issue 12.3): a bf16 load memory-maps its weight file, and those pages are page cache,
 not memory the plan may promise twice nor memory an unload gives back. So a deployment's ``"host"``
 bytes are the *private* (anonymous) bytes its tensors hold; what it occupies of its mapped weight
-files is counted apart: ``mapped_bytes``, the resident pages of those mappings (/proc/self/smaps), shown
+files is counted apart: ``mapped_bytes``, the resident pages of those mappings (``mincore``), shown
 beside the private bytes everywhere (issue 20.2). A release on the host is measured on ``RssAnon`` and,
 for the mapped part, on the mappings' resident pages before and after.
 
