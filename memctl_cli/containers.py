@@ -3,7 +3,7 @@
 Everything goes through the controller (``server.connect.controller_for``: the owner process's when
 one runs, so the list is what the owner runs): stops take the operation slot and are logged like any
 other operation, and only deployments a backend owns (memctl's labelled containers) are listed or stopped.
-Exit codes: 0 ok, 1 a stop failed, 2 a malformed name.
+Exit codes: 0 ok, 1 a stop failed, nothing of that name runs or Docker is down, 2 a malformed name.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from memctl_cli.output import fmt_duration, table
 from memory_controller.backend import Deployment
-from memory_controller.errors import MemctlError
+from memory_controller.errors import DockerUnavailableError, MemctlError, ModelNotFoundError
 from memory_controller.types import to_jsonable
 from memory_controller.units import escape_text
 
@@ -92,10 +92,26 @@ def cmd_stop(args: argparse.Namespace, settings: Settings) -> int:
     ctl = _controller(settings)
     try:
         report = ctl.unload(args.name)
+    except ModelNotFoundError as exc:
+        _why_not_found(ctl, args.name, exc)
+        raise
     finally:
         ctl.close()
     print(f"stopped {escape_text(report.model_id)}: {report.message.text}")
     return 0
+
+
+def _why_not_found(ctl: ControllerAPI, name: str, exc: ModelNotFoundError) -> None:
+    """A name not found may be a container Docker cannot be asked about: say that Docker is down
+    (DockerUnavailableError) rather than "not loaded"."""
+    try:
+        out_of_process(ctl)
+    except DockerUnavailableError as down:
+        raise DockerUnavailableError(
+            f"{name} is not a model of this process, and memctl's containers cannot be listed: {down.message}",
+            down.hint, details=down.details, args={"name": name}) from exc
+    except MemctlError:
+        pass
 
 
 def cmd_stop_all(args: argparse.Namespace, settings: Settings) -> int:
