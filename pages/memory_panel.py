@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import streamlit as st
@@ -68,7 +69,14 @@ def chart_rows(samples: list[tuple[float, tuple[int | None, int | None]]]) -> li
             if used is not None and ts == ts and ts not in (float("inf"), float("-inf"))]
     step = max(1, -(-len(good) // CHART_MAX_POINTS))
     picked = good[::-1][::step][::-1]
-    return [{"t": int(ts * 1000), "gib": round(used / GIB, 3)} for ts, used in picked]
+    # "t" is a float: inline rows travel to the browser as Arrow, where an int64 column arrives as a
+    # BigInt that Vega cannot read as a time (every point at NaN, the axis "NaN:NaN:NaN").
+    return [{"t": float(round(ts * 1000)), "gib": round(used / GIB, 3)} for ts, used in picked]
+
+
+def _iso(ms: float) -> str:
+    """``ms`` since the epoch as an ISO 8601 UTC instant, the form Vega reads as a time domain."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def chart_spec(rows: list[dict[str, Any]], total_bytes: int | None, used_label: str) -> dict[str, Any] | None:
@@ -93,8 +101,11 @@ def chart_spec(rows: list[dict[str, Any]], total_bytes: int | None, used_label: 
     layers: list[dict[str, Any]] = [{
         "mark": {"type": "area", "line": True, "opacity": 0.35, "color": "#e4572e", "interpolate": "step-after"},
         "encoding": {
+            # The time domain as ISO instants: a numeric domain on a temporal scale is drawn as
+            # NaN:NaN:NaN in the browser (issue 20.1); without a domain, Vega warns of an infinite
+            # extent while the rows are still on their way.
             "x": {"field": "t", "type": "temporal", "title": None, "axis": {"format": "%H:%M:%S"},
-                  "scale": {"domain": [t_lo, t_hi]}},
+                  "scale": {"domain": [_iso(t_lo), _iso(t_hi)]}},
             "y": {"field": "gib", "type": "quantitative", "title": used_label,
                   "scale": {"domain": [round(y_lo, 3), round(y_hi, 3)], "zero": False, "clamp": True}},
             "tooltip": [{"field": "t", "type": "temporal", "format": "%H:%M:%S"},

@@ -197,7 +197,7 @@ def test_the_chart_is_never_handed_an_empty_or_non_finite_series():
     assert chart_spec(chart_rows([(1.0, (None, None)), (2.0, (None, None))]), 24 * GIB, "used") is None
     rows = chart_rows([(float("nan"), (GIB, 0)), (1.0, (GIB, 0)), (2.0, (None, 0)), (3.0, (2 * GIB, 0))])
     spec = chart_spec(rows, None, "used")
-    assert spec is not None and [r["t"] for r in rows] == [1000, 3000]
+    assert spec is not None and [r["t"] for r in rows] == [1000.0, 3000.0]
     json.dumps(spec, allow_nan=False)  # every number finite
 
 
