@@ -55,9 +55,10 @@ def deployment_row(ctl: Any, d: Deployment, served: dict | None = None) -> str:
     return " · ".join(parts)
 
 
-def deployments_section(ctl: Any, running: list[Deployment], busy: bool) -> None:
+def deployments_section(ctl: Any, running: list[Deployment], busy: bool, has_gpu: bool = True) -> None:
     t = ui.tr()
     st.subheader(t("deploy.title"))
+    ui_ops.op_panel(ctl, has_gpu, kinds=ui_ops.BESIDE_ITS_BUTTON)  # the 🗑️'s progress and report, here
     shown = [d for d in running if d.state is not DeploymentState.STOPPED]
     if not shown:
         st.caption(t("deploy.none"))
@@ -100,6 +101,8 @@ def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[st
     for m in models[:TABLE_ROWS]:
         plan = plans.get(m.model_id)
         verdict = plan_view.verdict_text(plan, labels) if has_profile else "—"
+        if has_profile and plan is not None and plan.blockers:  # ⛔ with its why, not alone (issue 20.10)
+            verdict += f": {ui.cell(ui.render(plan.blockers[0]))}"
         needed = ui.gib(plan.needed_bytes) if plan is not None else "—"
         rows.append(f"| {m.model_id} | {ui.gib(m.size_on_disk_bytes)} | {m.architecture or '—'} | "
                     f"{(m.revision or '—')[:10]} | {needed} | {verdict} |")

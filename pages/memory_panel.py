@@ -19,8 +19,8 @@ import streamlit as st
 
 from memory_controller.types import DeviceKind, DeviceSnapshot
 from memory_controller.units import GIB
+from pages import holders_view, ui_ops
 from pages import ui_common as ui
-from pages import ui_ops
 
 CHART_MAX_POINTS = 120  # per series: the browser redraws every tick, keep it light
 MIN_SPAN_GIB = 1.0  # the y axis spans at least this much, so noise of a few MiB stays flat
@@ -131,14 +131,7 @@ def chart(ctl: Any, dev: DeviceSnapshot) -> None:
 
 
 def processes(dev: DeviceSnapshot) -> None:
-    t = ui.tr()
-    st.markdown(f"**{t('live.processes')}**")
-    if not dev.processes:
-        st.caption(t("live.no_processes"))
-        return
-    rows = [f"| PID | {t('live.process')} | {t('live.process_memory')} |", "|---|---|---|"]
-    rows += [f"| {p.pid} | {ui.cell(p.name) or '—'} | {ui.gib(p.used_bytes)} |" for p in dev.processes]
-    st.markdown("\n".join(rows))
+    holders_view.host_processes(dev, ui.tr()("live.processes"))
 
 
 def running_line(ctl: Any) -> None:

@@ -428,6 +428,10 @@ def test_a_context_above_the_models_maximum_is_a_russian_blocker_and_apply_is_di
     assert not [s for s in at.sidebar.success if "Помещается" in str(s.value)]
     # the user changed a field: the values are no longer "filled in by the recommendation"
     assert not [c for c in at.sidebar.caption if "Поля заполнены по рекомендации" in str(c.value)]
+    # issue 20.10: the cached-models table says why a model cannot run, beside its ⛔
+    table = next(m.value for m in at.markdown if "| Модель |" in m.value or f"| {TINY_ID} |" in m.value)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {TINY_ID} |"))
+    assert "⛔ нельзя запустить: контекст 4096 больше максимума модели" in row, row
 
 
 def test_the_prefilled_note_starts_its_sentences_with_a_capital_letter(dashboard, hf_cache):
@@ -528,3 +532,12 @@ def test_an_invalid_setting_stops_the_page_naming_the_field_and_value(dashboard)
     assert not at.metric and not at.button  # nothing else is drawn on invalid settings
     # one declared page: Streamlit does not list pages/*.py (the page parts) on its own
     assert [p["page_name"] for p in at._registered_pages.values()] == ["Ошибка настроек"]
+
+
+def test_with_one_mode_that_can_run_the_mode_is_said_and_the_other_is_explained(app_factory):  # noqa: F811
+    """Issue 20.10: no greyed one-option radio; the mode in words, and why the other mode cannot run."""
+    at = app_factory(APP, "library_missing", MEMCTL_BACKENDS="{}")  # transformers and vLLM only; no GPU
+    assert not [r for r in at.radio if r.key == "f_mode"]
+    side = [str(m.value) for m in at.sidebar.markdown] + [str(c.value) for c in at.sidebar.caption]
+    assert "**Режим выполнения:** Transformers" in side, side
+    assert any(s.startswith("vLLM недоступен: ") for s in side), side
