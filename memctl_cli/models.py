@@ -83,11 +83,12 @@ def recommendation_lines(rec: dict[str, Any]) -> list[str]:
     reason = str(rec.get("reason", ""))
     row = f"row \"{band}\" of the guide's table"
     why = reason.replace(f"→ {band}", f"→ {row}") if f"→ {band}" in reason else f"{reason} → {row}"
+    model = rec.get("model")
     return [
-        f"Recommended: {mode}, precision {p['precision']}, context {p['context_tokens']:,} tokens, "
-        f"batch {p['batch']}, on {p['device']}",
+        f"Recommended{f' for {model}' if model else ''}: {mode}, precision {p['precision']}, "
+        f"context {p['context_tokens']:,} tokens, batch {p['batch']}, on {p['device']}",
         f"  why: {why} (a row's name is not the precision used)",
-    ]
+    ] + [f"  note: {n.get('text') or n.get('code')}" for n in rec.get("notes") or () if isinstance(n, dict)]
 
 
 def _default_device(settings: Settings) -> str:

@@ -30,6 +30,7 @@ from pages import ui_common as ui
 CONTEXT_RANGE = (16, 1_048_576)
 BATCH_RANGE = (1, 256)
 KEPT = "_kept"
+CONTEXT_NOTES = ("rec.context_raised", "rec.context_capped", "rec.context_rule")  # the rec names its own rule
 PLAN_KEY = "_shown_plan"
 
 
@@ -144,7 +145,7 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
     band_ctx = band.context_tokens if band is not None else context
     band_name = rec_card.band_title(rec.band, bands)
     rule: list[str] = []
-    if any(n.code == "rec.context_rule" for n in rec.notes):
+    if any(n.code.startswith(CONTEXT_NOTES) for n in rec.notes):
         pass  # the recommendation names its own rule (rendered with the notes below)
     elif model_max is not None and context == model_max and context < band_ctx:
         rule.append(t("controls.rule_model_max", tokens=t.count("unit.tokens", context),

@@ -20,6 +20,7 @@ from tests.conftest import subprocess_env
 from tests.fixtures_models import TINY_ID
 from tests.ui_harness import (  # noqa: F401 - app_factory is a fixture
     APP,
+    DIAG,
     GIB,
     INMEM,
     INMEM_BACKENDS,
@@ -541,3 +542,29 @@ def test_with_one_mode_that_can_run_the_mode_is_said_and_the_other_is_explained(
     side = [str(m.value) for m in at.sidebar.markdown] + [str(c.value) for c in at.sidebar.caption]
     assert "**Режим выполнения:** Transformers" in side, side
     assert any(s.startswith("vLLM недоступен: ") for s in side), side
+
+
+def test_one_recommendation_everywhere_and_the_raise_is_said_as_a_raise(dashboard, hf_cache):
+    """Issue 20.5: the sidebar's fields, the card's «Сейчас рекомендуется», the diagnostic page and
+    `memctl status` (the controller's status) give one profile; the caption says the context was raised
+    from the table's value and what bounded it (never «не больше максимума модели», which reads as a cap)."""
+    at = dashboard("library_missing", hub=hf_cache)
+    model = at.selectbox(key="f_model").value
+    context = at.number_input(key="f_context").value
+    ctl = _controller()
+    status = ctl.status()["recommendation"]
+    assert status["model"] == model and status["profile"]["context_tokens"] == context
+    page = texts(at)
+    card = next(str(s.value) for s in at.success if "Сейчас рекомендуется" in str(s.value))
+    assert f"{context} токен" in card, card
+    caption = next(str(c.value) for c in at.sidebar.caption if "Поля заполнены по рекомендации" in str(c.value))
+    band_ctx = next(n.args["band_ctx"] for n in ctl.recommend_in_view(device_key="host").notes
+                    if n.code.startswith("rec.context_raised"))
+    assert f"контекст поднят с {band_ctx} токен" in caption and f"до {context} токен" in caption, caption
+    assert "предел — максимум самой модели" in caption or "помещается в свободную память" in caption, caption
+    assert "не больше максимума модели" not in page
+    diag = AppTest.from_file(DIAG, default_timeout=60)  # the diagnostic page's line: the same profile
+    diag.run()
+    diag.button(key="diag_run_recommend").click().run()
+    line = "\n".join(texts(diag).splitlines())
+    assert f"{context} токен" in line and "поднят с" in line, line

@@ -232,8 +232,10 @@ def test_deployment_states_only_move_along_the_lifecycle():
 def test_the_recommended_context_is_the_largest_that_fits_up_to_the_models_maximum(ctl, gpu):
     rec = ctl.recommend(TINY_ID)  # 22 GiB free, a tiny model with 2,048 positions
     assert rec.profile.context_tokens == 2048
-    rule = next(n for n in rec.notes if n.code == "rec.context_rule")
-    assert rule.args["rule"] == "model_max"
+    rule = next(n for n in rec.notes if n.code.startswith("rec.context_"))
+    # issue 20.5: said as a raise from the table's value, bounded by the model's own maximum
+    assert rule.code == "rec.context_raised_model_max" and rule.args["rule"] == "model_max"
+    assert rule.args["band_ctx"] < 2048 == rule.args["tokens"] == rule.args["model_max"]
     probe = Profile(mode="transformers", precision=Precision.INT8, context_tokens=1024, batch=1, device="cuda",
                     gpu_ids=(0,))
     free = ctl.estimate(TINY_ID, probe).total_bytes  # exactly what 1,024 tokens need: memory decides
@@ -242,7 +244,7 @@ def test_the_recommended_context_is_the_largest_that_fits_up_to_the_models_maxim
     assert small.profile.precision is Precision.INT8
     assert 1024 <= small.profile.context_tokens < 2048
     assert ctl.estimate(TINY_ID, small.profile).total_bytes <= free
-    assert any(n.code == "rec.context_rule" and n.args["rule"] == "memory" for n in small.notes)
+    assert any(n.code == "rec.context_raised_memory" and n.args["rule"] == "memory" for n in small.notes)
 
 
 def test_every_apply_step_says_what_happened_as_a_code_both_languages_render(ctl):
