@@ -4,6 +4,7 @@ verdict for the profile on screen (the same verdict as the selector and the plan
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -87,7 +88,13 @@ def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[st
     t = ui.tr()
     st.subheader(t("cached.title"))
     st.caption(t("cached.caption", dir=getattr(catalog, "cache_dir", None) or "—"))
+    cache_dir = getattr(catalog, "cache_dir", None)
+    missing = cache_dir is not None and not Path(cache_dir).exists()
+    if missing:  # said in the page's language; the catalog's own (English) warning says the same
+        st.info(t("cached.no_cache_dir", dir=cache_dir))
     for w in getattr(catalog, "warnings", ()):
+        if missing and str(cache_dir) in str(w):
+            continue
         st.warning(f"⚠️ {t('cached.warning')}: `{ui.cell(str(w))}`")
     if not models:
         st.info(t("controls.no_models"))

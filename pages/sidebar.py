@@ -129,7 +129,6 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
         rec = ctl.recommend(device_key=dev.key, snapshot=snap)
     if st.session_state.get("_prefill_for") == key and "f_precision" in st.session_state:
         return rec
-    t = ui.tr()
     precision = rec.profile.precision.value
     if precision not in precisions:
         precision = precisions[0]
@@ -140,6 +139,21 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
     set_field("f_precision", precision)
     set_field("f_context", context)
     set_field("f_batch", int(rec.profile.batch))
+    st.session_state["_prefill_for"] = key
+    # What chose the values, kept as data and worded on every run: a caption kept as text stayed in the
+    # language it was first written in after the language switch (issue 20.4).
+    st.session_state["_prefill_rule"] = (context, model_max, rec)
+    st.session_state["_prefill_values"] = (precision, context, int(rec.profile.batch))
+    return rec
+
+
+def _prefill_rule_text(ctl: Any) -> str:
+    """The caption's rule in the page's language now: the recommendation's own notes, or the table's row."""
+    found = st.session_state.get("_prefill_rule")
+    if not isinstance(found, tuple):
+        return ""
+    context, model_max, rec = found
+    t = ui.tr()
     bands = ctl.settings.bands
     band = next((b for b in bands if b.name == rec.band), None)
     band_ctx = band.context_tokens if band is not None else context
@@ -154,10 +168,7 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
     elif context == band_ctx:
         rule.append(t("controls.rule_band", tokens=t.count("unit.tokens", context), band=band_name))
     rule += [rec_card.note_text(n, bands) for n in rec.notes]
-    st.session_state["_prefill_for"] = key
-    st.session_state["_prefill_rule"] = "; ".join(rule)
-    st.session_state["_prefill_values"] = (precision, context, int(rec.profile.batch))
-    return rec
+    return "; ".join(rule)
 
 
 def _profile_from_fields(backend_id: str, dev: DeviceSnapshot) -> Profile:
@@ -262,7 +273,7 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
         st.error(f"⛔ {err}")
     now = (st.session_state.get("f_precision"), st.session_state.get("f_context"), st.session_state.get("f_batch"))
     if st.session_state.get("_prefill_values") == now:
-        st.caption(t("controls.prefilled") + " " + ui.sentence(st.session_state.get("_prefill_rule", "")) + ".")
+        st.caption(t("controls.prefilled") + " " + ui.sentence(_prefill_rule_text(ctl)) + ".")
     st.button(t("controls.reset_profile"), key="btn_reset_profile", on_click=_reset_profile)
 
     plan = plans.get(model.model_id) if model is not None else None

@@ -95,11 +95,22 @@ def steps_table(steps: Iterable[StepRecord], has_gpu: bool = True) -> None:
 
 
 def _with_op_kind(message: Any, t: Any) -> Any:
-    """A step's message whose ``op`` argument is an operation kind ("apply"): the kind in the page's words."""
-    op = message.args.get("op") if isinstance(message.args, dict) else None
+    """A step's message with its identifiers in the page's words: an operation kind (``op``: "apply"), a
+    device key (``device``: "host" → «Оперативная память хоста»), backend ids (``before``/``after``/
+    ``backend``: "transformers" → «Transformers»). The core's arguments stay ids; only this renders them."""
+    args = dict(message.args) if isinstance(message.args, dict) else {}
+    op = args.get("op")
     if isinstance(op, str) and t.has(f"opkind.{op}"):
-        return type(message)(message.code, {**message.args, "op": t(f"opkind.{op}")}, message.text)
-    return message
+        args["op"] = t(f"opkind.{op}")
+    if isinstance(args.get("device"), str):
+        args["device"] = ui.device_key_label(args["device"])
+    ctl = None
+    for key in ("before", "after", "backend"):
+        value = args.get(key)
+        if isinstance(value, str) and value not in ("", "—"):
+            ctl = ctl or ui.controller()
+            args[key] = ", ".join(ui.backend_label(ctl, b.strip()) for b in value.split(","))
+    return type(message)(message.code, args, message.text)
 
 
 def memory_change_text(before: dict[str, int | None], after: dict[str, int | None]) -> str:

@@ -568,3 +568,34 @@ def test_one_recommendation_everywhere_and_the_raise_is_said_as_a_raise(dashboar
     diag.button(key="diag_run_recommend").click().run()
     line = "\n".join(texts(diag).splitlines())
     assert f"{context} токен" in line and "поднят с" in line, line
+
+
+def test_the_profile_caption_follows_the_language_switch_both_ways(dashboard, hf_cache):
+    """Issue 20.4: the caption was written once and kept: English in the Russian UI after a switch back."""
+    at = dashboard("library_missing", hub=hf_cache)
+
+    def caption() -> str:
+        return next(str(c.value) for c in at.sidebar.caption
+                    if "Поля заполнены" in str(c.value) or "filled in" in str(c.value).lower())
+
+    ru = caption()
+    at.radio(key="_lang_widget").set_value("en").run()
+    en = caption()
+    assert not re.search("[А-Яа-яЁё]", en), en
+    at.radio(key="_lang_widget").set_value("ru").run()
+    assert caption() == ru
+    assert "The table says" not in texts(at)
+
+
+def test_no_english_left_in_the_russian_page_after_an_apply(dashboard, hf_cache):
+    """Issue 20.4: the steps' arguments (device «host», mode «transformers») and the device's «Host RAM»
+    are said in Russian; a missing cache folder is said in Russian too."""
+    at = dashboard("library_missing", hub=hf_cache)
+    _apply_tiny(at)
+    page = texts(at)
+    assert "Host RAM" not in page and "на host" not in page and "→ inmem" not in page, page
+    table = next(m.value for m in at.markdown if "| Шаг |" in m.value and "Проверка доступности" in m.value)
+    assert "Оперативная память хоста: нужно" in table and "→ in-memory (tests)" in table, table
+    empty = dashboard("library_missing")  # the HF cache folder does not exist
+    page = texts(empty)
+    assert "Папки кеша Hugging Face" in page and "does not exist yet" not in page
