@@ -58,7 +58,11 @@ def device_metrics(dev: DeviceSnapshot, ctl: Any) -> None:
     st.metric(t("metrics.free"), ui.gib(dev.free_bytes))
     st.metric(t("metrics.util"), util, help=util_help)
     st.markdown(ui.level_badge(ctl.level(dev), ctl.settings))
-    if dev.hint:
+    budget = getattr(ctl.settings, "host_memory_budget_bytes", None)
+    if dev.kind is DeviceKind.HOST and budget is not None:
+        # The configured budget is what limits (issue 20.8): not data that cannot be read.
+        st.caption(f"ℹ️ {t('metrics.budget', budget=ui.gib(budget))}")
+    elif dev.hint:
         st.caption(f"ℹ️ {t('metrics.partial')}")
 
 

@@ -599,3 +599,13 @@ def test_no_english_left_in_the_russian_page_after_an_apply(dashboard, hf_cache)
     empty = dashboard("library_missing")  # the HF cache folder does not exist
     page = texts(empty)
     assert "Папки кеша Hugging Face" in page and "does not exist yet" not in page
+
+
+def test_a_host_memory_budget_is_shown_as_the_limit_not_as_unreadable_data(dashboard):
+    """Issue 20.8: with MEMCTL_HOST_MEMORY_BUDGET_BYTES the sidebar said «Часть данных… не читается»."""
+    at = dashboard("library_missing", MEMCTL_HOST_MEMORY_BUDGET_BYTES=str(3 * GIB))
+    side = [str(c.value) for c in at.sidebar.caption]
+    assert not [c for c in side if "не читается" in c], side
+    assert any("ограничено бюджетом памяти для моделей: 3.00 GiB (MEMCTL_HOST_MEMORY_BUDGET_BYTES)" in c
+               for c in side), side
+    assert metrics(at)["Доступно"] == "3.00 GiB"
