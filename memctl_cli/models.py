@@ -149,7 +149,24 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for w in result.warnings:
         print(f"warning: {w}")
+    for m in result.models:  # a model listed but unusable says why and what to do (issue 20.3)
+        problem = model_problem(m)
+        if problem:
+            print(f"warning: {m.model_id}: {problem}")
     return 0
+
+
+def model_problem(model: Any) -> str | None:
+    """What is wrong with a cached model's files (truncated, corrupt, no weights) and the fix; None if fine."""
+    from memory_controller.estimate import read_model_spec
+
+    try:
+        read_model_spec(model.path)
+    except MemctlError as exc:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - any other failure shows when the model is planned
+        return None
+    return None
 
 
 def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:

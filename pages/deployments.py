@@ -84,6 +84,24 @@ def deployments_section(ctl: Any, running: list[Deployment], busy: bool, has_gpu
 TABLE_ROWS = 200
 
 
+def model_problem(model: CachedModel) -> str | None:
+    """What is wrong with a cached model's files and what to do, in the page's language (a truncated or
+    corrupt weights file, no weights); None when its files read well."""
+    from memory_controller.errors import MemctlError
+    from memory_controller.estimate import read_model_spec
+
+    try:
+        read_model_spec(model.path)
+    except MemctlError as exc:
+        t = ui.tr()
+        code = getattr(exc, "code", "")
+        fix = t(f"hint.{code}") if code and t.has(f"hint.{code}") else (exc.hint or "")
+        return f"{ui.error_text(exc)} {fix}".strip()
+    except Exception:  # noqa: BLE001 - any other failure: the plan's own error box says it
+        return None
+    return None
+
+
 def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[str, Any], has_profile: bool) -> None:
     t = ui.tr()
     st.subheader(t("cached.title"))
@@ -110,6 +128,10 @@ def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[st
         verdict = plan_view.verdict_text(plan, labels) if has_profile else "—"
         if has_profile and plan is not None and plan.blockers:  # ⛔ with its why, not alone (issue 20.10)
             verdict += f": {ui.cell(ui.render(plan.blockers[0]))}"
+        elif has_profile and plan is None:  # no plan: the model's own problem and its fix (issue 20.3)
+            problem = model_problem(m)
+            if problem:
+                verdict = f"❌ {ui.cell(problem)}"
         needed = ui.gib(plan.needed_bytes) if plan is not None else "—"
         rows.append(f"| {m.model_id} | {ui.gib(m.size_on_disk_bytes)} | {m.architecture or '—'} | "
                     f"{(m.revision or '—')[:10]} | {needed} | {verdict} |")

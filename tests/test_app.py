@@ -609,3 +609,20 @@ def test_a_host_memory_budget_is_shown_as_the_limit_not_as_unreadable_data(dashb
     assert any("ограничено бюджетом памяти для моделей: 3.00 GiB (MEMCTL_HOST_MEMORY_BUDGET_BYTES)" in c
                for c in side), side
     assert metrics(at)["Доступно"] == "3.00 GiB"
+
+
+def test_a_corrupt_model_says_its_cause_and_fix_first_in_russian(app_factory, bad_hf_cache, bad_models):  # noqa: F811
+    """Issue 20.3: a truncated safetensors file gave «❌ План не составлен: Ошибка.» with the cause in English
+    under «Подробности», and «⚠️ неизвестно» in the table. Now the cause and the fix, in Russian, first."""
+    at = app_factory(APP, "library_missing", hub=bad_hf_cache)
+    choose_inmem(at)
+    bad = bad_models["truncated"]
+    at.selectbox(key="f_model").set_value(bad).run()
+    errors = [str(e.value) for e in at.sidebar.error]
+    assert any("План не составлен: Файл весов model.safetensors обрезан" in e for e in errors), errors
+    assert not any(e.rstrip("*").endswith("Ошибка.") for e in errors), errors
+    hints = [str(i.value) for i in at.sidebar.info]
+    assert any("Удалите модель из кеша" in h for h in hints), hints
+    table = next(m.value for m in at.markdown if f"| {bad} |" in m.value)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {bad} |"))
+    assert "⚠️ неизвестно" not in row and "обрезан" in row and "Удалите модель из кеша" in row, row
