@@ -121,7 +121,11 @@ register = add_commands  # memctl_cli's sub-command modules expose register(subp
 
 # --------------------------------------------------------------------------- serve
 def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
+    from memory_controller.quiet import quiet_library_output
+
     from .owner import read_owner
+
+    quiet_library_output()  # the server's log says what memctl does, not Transformers' progress bars
 
     try:
         owner = read_owner(settings, wait_s=0.5)

@@ -626,3 +626,9 @@ def test_a_corrupt_model_says_its_cause_and_fix_first_in_russian(app_factory, ba
     table = next(m.value for m in at.markdown if f"| {bad} |" in m.value)
     row = next(line for line in table.splitlines() if line.startswith(f"| {bad} |"))
     assert "⚠️ неизвестно" not in row and "обрезан" in row and "Удалите модель из кеша" in row, row
+
+
+def test_gb_and_gib_are_said_once(dashboard):
+    """Issue 20.12: the guide's thresholds are GB but compared in GiB: the page says which, once."""
+    at = dashboard("free_gib=9")
+    assert texts(at).count("сравниваются здесь в GiB (1 GiB = 1024³ байт ≈ 1.07 GB)") == 1

@@ -304,6 +304,12 @@ def _ide_section(page) -> None:
     codes = [c.strip() for c in section.locator("[data-testid=stCode] code").all_inner_texts()]
     assert codes == [f"{base}/v1", TINY_ID, str(info["contextWindow"]), str(info["maxTokens"])], codes
     expect(section.get_by_role("button", name="⬇️ Настройки Roo Code (JSON)")).to_be_visible()
+    # issue 20.12: the copy button the intro names is there, where it says (on hover, in the field's corner)
+    expect(section.get_by_text("копируется кнопкой 📋", exact=False)).to_be_visible()
+    field = section.locator("[data-testid=stCode]").first
+    field.hover()
+    copy = field.locator("button")
+    expect(copy.first).to_be_visible()
     _shot(page, "02b-ide")
 
 
@@ -316,6 +322,7 @@ def test_an_invalid_batch_never_changes_the_chosen_model_in_the_browser(server, 
         sidebar = page.locator("[data-testid=stSidebar]")
         model = sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель")
         model.get_by_role("button", name="Open").click()
+        model.get_by_role("combobox").press_sequentially("untied")  # the selector is searchable
         page.get_by_role("option", name=re.compile(r"^tiny-llama-untied · ")).click()
         chosen = model.get_by_role("combobox")
         expect(chosen).to_have_value(re.compile(r"^tiny-llama-untied · .+ · ✅$"))
