@@ -262,3 +262,19 @@ def test_every_apply_step_says_what_happened_as_a_code_both_languages_render(ctl
     assert any("готова" in line for line in ru) and not any("ready on" in line for line in ru)
     again = ctl.history(1)[0]  # the codes survive the operation log
     assert [s.code for s in again.steps] == [s.code for s in rec.steps]
+
+
+def test_the_emergency_clear_says_which_streams_it_cut_and_names_what_it_unloaded(ctl, backend):
+    """Issue 20.9: the result said «выполнено» four times; now the cancel step counts the response
+    streams it cut and the stop step names the model it unloaded."""
+    ctl.apply("inmem", TINY_ID, profile())
+    (dep,) = ctl.deployments()
+    with ctl.generating(dep) as slot:
+        report = ctl.emergency_clear()
+        assert slot.cancelled()
+    by_name = {s.name: s for s in report.steps}
+    assert by_name["cancel"].code == "emergency.cut_streams" and by_name["cancel"].args["streams"] == 1
+    assert by_name["stop_inmem"].code == "emergency.stopped" and TINY_ID in by_name["stop_inmem"].args["models"]
+    from memory_controller.i18n import render
+
+    assert render(by_name["cancel"].text, "ru") == "операций не шло; прервано потоков ответа: 1"
