@@ -179,9 +179,8 @@ def _user_path(page, browser, server: str) -> None:
         inmem.click()
 
     # choose the tiny model and apply
-    sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель").get_by_role("button", name="Open").click()
     # (no "/" in the pattern: Playwright's role selector does not escape it)
-    page.get_by_role("option", name=re.compile(r"^tiny-llama · .+ · ✅$")).click()  # short label, mark visible
+    _choose_model(page, "tiny-llama", re.compile(r"^tiny-llama · .+ · ✅$"))  # short label, mark visible
     expect(sidebar.get_by_text("Помещается", exact=True)).to_be_visible()  # ✅ becomes the icon
     expect(page.get_by_text("Сейчас рекомендуется:", exact=False)).to_be_visible()
 
@@ -234,6 +233,22 @@ def _user_path(page, browser, server: str) -> None:
     expect(sidebar.get_by_text("🔧 Modes and memory")).to_be_visible()
     expect(sidebar.get_by_role("button", name="🔄 Apply changes")).to_be_visible()
     _shot(page, "05-english")
+
+
+def _choose_model(page, typed: str, option: re.Pattern) -> None:
+    """Open the searchable model selector, type to filter, pick the option. The live panel reruns every
+    second and a rerun can close an open list: opened again until the option is there."""
+    model = page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").filter(has_text="Модель")
+    wanted = page.get_by_role("option", name=option)
+    for _ in range(5):
+        model.get_by_role("button", name="Open").click()
+        model.get_by_role("combobox").press_sequentially(typed)
+        try:
+            wanted.click(timeout=5_000)
+            return
+        except Exception:  # noqa: BLE001 - the list closed under a rerun: open it again
+            page.keyboard.press("Escape")
+    wanted.click()
 
 
 def _emergency_clear(page) -> None:
@@ -321,9 +336,7 @@ def test_an_invalid_batch_never_changes_the_chosen_model_in_the_browser(server, 
     try:
         sidebar = page.locator("[data-testid=stSidebar]")
         model = sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель")
-        model.get_by_role("button", name="Open").click()
-        model.get_by_role("combobox").press_sequentially("untied")  # the selector is searchable
-        page.get_by_role("option", name=re.compile(r"^tiny-llama-untied · ")).click()
+        _choose_model(page, "untied", re.compile(r"^tiny-llama-untied · "))
         chosen = model.get_by_role("combobox")
         expect(chosen).to_have_value(re.compile(r"^tiny-llama-untied · .+ · ✅$"))
         batch = sidebar.get_by_role("spinbutton", name="Батч размер")
