@@ -102,6 +102,8 @@ class ControllerAPI(Protocol):
     def capabilities(self, backend_id: str) -> Capabilities: ...
     def recommend(self, model: str | CachedModel | None = None, device_key: str | None = None,
                   snapshot: SystemSnapshot | None = None) -> Recommendation: ...
+    def recommend_in_view(self, device_key: str | None = None,
+                          snapshot: SystemSnapshot | None = None) -> Recommendation: ...
     def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int: ...
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
              purpose: str = "switch", unload_ollama: bool = False) -> Plan: ...
@@ -189,6 +191,10 @@ class InProcessController:
     def recommend(self, model: str | CachedModel | None = None, device_key: str | None = None,
                   snapshot: SystemSnapshot | None = None) -> Recommendation:
         return self.local.recommend(model=model, device_key=device_key, snapshot=snapshot)
+
+    def recommend_in_view(self, device_key: str | None = None,
+                          snapshot: SystemSnapshot | None = None) -> Recommendation:
+        return self.local.recommend_in_view(device_key=device_key, snapshot=snapshot)
 
     def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:
         return self.local.max_context(model, profile, free_bytes=free_bytes)

@@ -374,6 +374,12 @@ class RemoteController:
         params = {k: v for k, v in (("model", model_id), ("device_key", device_key)) if v is not None}
         return self._typed(Recommendation, "GET", "/recommend", params=params, timeout_s=self._slow_s)
 
+    def recommend_in_view(self, device_key: str | None = None,
+                          snapshot: SystemSnapshot | None = None) -> Recommendation:
+        """The recommendation for the model in view (the owner's: what it runs, else its first cached)."""
+        params = {"device_key": device_key} if device_key is not None else {}
+        return self._typed(Recommendation, "GET", "/recommend_in_view", params=params, timeout_s=self._slow_s)
+
     def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:
         return self._typed(int, "POST", "/max_context", json={"model_id": _model_id(model), "profile": to_json(profile),
                                                              "free_bytes": free_bytes}, timeout_s=self._slow_s)

@@ -213,6 +213,10 @@ def make_control_router(ctl: Any, token: str, *,
                   device_key: str | None = Query(None, min_length=1, max_length=64)) -> Any:
         return to_jsonable(api.recommend(model=model, device_key=device_key))
 
+    @router.get("/recommend_in_view")
+    def recommend_in_view(device_key: str | None = Query(None, min_length=1, max_length=64)) -> Any:
+        return to_jsonable(api.recommend_in_view(device_key=device_key))
+
     @router.post("/max_context")
     def max_context(body: MaxContextBody) -> Any:
         profile = _profile(body.profile)

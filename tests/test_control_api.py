@@ -204,6 +204,7 @@ def test_every_call_answers_the_same_through_the_client_as_in_process(owner):
         "holders": lambda c: c.holders(), "models": lambda c: [m.model_id for m in c.models().models],
         "devices": lambda c: [d.key for d in c.devices().devices],
         "recommend": lambda c: c.recommend(model=TINY_ID, device_key="host").profile.mode,
+        "recommend_in_view": lambda c: c.recommend_in_view(device_key="host").band,
         "plans": lambda c: {k: (p.model_id, p.backend_id) for k, p in c.plans("inmem", [TINY_ID], profile).items()},
         "status": lambda c: sorted(c.status()),
         "memory_history": lambda c: type(c.memory_history()),
