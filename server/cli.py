@@ -285,11 +285,9 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
     key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
     for note in notes:
         print(f"note: {_text(note)}", file=sys.stderr)
-    from memory_controller.controller import MemoryController
     from memory_controller.ide import model_max_positions, small_window_advice
 
-    local = ctl if hasattr(ctl, "resolve") else MemoryController(settings)  # the same HF cache
-    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(local, model_id))
+    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(ctl, model_id))
     if advice is not None:  # one piece of advice, fitting the cause (never "free memory" at the model's max)
         print(f"warning: {model_id}: {advice.text}", file=sys.stderr)
     if args.ide == "roo":

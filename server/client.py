@@ -349,6 +349,12 @@ class RemoteController:
     def models(self, refresh: bool = False) -> CatalogResult:
         return self._typed(CatalogResult, "GET", "/models", params={"refresh": refresh}, timeout_s=self._slow_s)
 
+    def resolve(self, model: str | CachedModel) -> CachedModel:
+        """The owner's catalog entry for a model id (InvalidModelIdError / ModelNotFoundError as there)."""
+        if isinstance(model, CachedModel):
+            return model
+        return self._typed(CachedModel, "GET", "/resolve", params={"model_id": model}, timeout_s=self._slow_s)
+
     def deployments(self, fresh: bool = False) -> list[Deployment]:
         return self._typed(list[Deployment], "GET", "/deployments", params={"fresh": fresh},
                            timeout_s=self._slow_s if fresh else None)

@@ -192,6 +192,10 @@ def make_control_router(ctl: Any, token: str, *,
     def models(refresh: bool = False) -> Any:
         return to_jsonable(api.models(refresh=refresh))
 
+    @router.get("/resolve")
+    def resolve(model_id: str = Query(min_length=1, max_length=1000)) -> Any:
+        return to_jsonable(api.resolve(model_id))
+
     @router.get("/deployments")
     def deployments(fresh: bool = False) -> Any:
         return to_jsonable(api.deployments(fresh=fresh))

@@ -202,6 +202,7 @@ def test_every_call_answers_the_same_through_the_client_as_in_process(owner):
         "log_warnings": lambda c: c.log_warnings(), "serving_backend_id": lambda c: c.serving_backend_id(),
         "in_flight": lambda c: c.in_flight(), "current_operation": lambda c: c.current_operation(),
         "holders": lambda c: c.holders(), "models": lambda c: [m.model_id for m in c.models().models],
+        "resolve": lambda c: (c.resolve(TINY_ID), _outcome(lambda: c.resolve("no-org/missing"))),
         "devices": lambda c: [d.key for d in c.devices().devices],
         "recommend": lambda c: c.recommend(model=TINY_ID, device_key="host").profile.mode,
         "recommend_in_view": lambda c: c.recommend_in_view(device_key="host").band,
