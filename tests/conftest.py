@@ -44,5 +44,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["MEMCTL_TEST_SEAMS"] = "1"
     env["MEMCTL_DASHBOARD_SERVES"] = "false"
+    # The CLI prints in the configured language (default ru); tests asserting its English text get en
+    # explicitly here; a test of the Russian output passes MEMCTL_LANGUAGE="ru".
+    env["MEMCTL_LANGUAGE"] = "en"
     env.update(extra)
     return env

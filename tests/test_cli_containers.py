@@ -22,6 +22,12 @@ GIB = 1024**3
 FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=1024, batch=2)
 
 
+@pytest.fixture(autouse=True)
+def _english_cli(monkeypatch):
+    """These tests assert the CLI's English text: the language is set explicitly (default is ru)."""
+    monkeypatch.setenv("MEMCTL_LANGUAGE", "en")
+
+
 def memctl(*argv: str, docker_host: str) -> subprocess.CompletedProcess:
     """Run ``python -m memctl_cli ARGV`` against ``docker_host``."""
     return subprocess.run([sys.executable, "-m", "memctl_cli", *argv], cwd=ROOT, text=True,

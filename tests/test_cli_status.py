@@ -135,3 +135,14 @@ def test_hints_name_the_environment_variable_a_user_sets():
         named = [(f, s) for s in strings(catalog) for f in fields
                  if re.search(rf"(?<![A-Za-z_]){f}(?![A-Za-z_])", s)]
         assert named == [], named
+
+
+def test_cli_error_lines_follow_the_language_setting(tmp_path):
+    ru = run_cli("unload", "memctl-test/not-loaded", MEMCTL_STATE_DIR=str(tmp_path), MEMCTL_LANGUAGE="ru")
+    assert ru.returncode == 1, ru.stderr
+    assert "error: memctl-test/not-loaded не запущена." in ru.stderr, ru.stderr
+    en = run_cli("unload", "memctl-test/not-loaded", MEMCTL_STATE_DIR=str(tmp_path), MEMCTL_LANGUAGE="en")
+    assert "is not loaded" in en.stderr and "не запущена" not in en.stderr
+    js = run_cli("unload", "memctl-test/not-loaded", "--json", MEMCTL_STATE_DIR=str(tmp_path),
+                 MEMCTL_LANGUAGE="ru")
+    assert "is not loaded" in json.loads(js.stdout)["message"]  # JSON stays language-neutral (English)
