@@ -26,9 +26,9 @@ from .oplog import OperationLog
 from .planning import Plan
 from .recommend import level_for
 from .registry import BackendRegistry
-from .reports import ClearReport, EmergencyReport, GenerationSlot
+from .reports import ClearReport, EmergencyReport
 from .runner import OperationRunner
-from .serving import ServingMixin
+from .serving import ServingMixin, ServingState
 from .settings import Settings, load_settings
 from .status import StatusMixin
 from .types import (
@@ -90,7 +90,7 @@ class MemoryController(FittingMixin, ServingMixin, StatusMixin):
         n = max(2, int(self.settings.memory_history_s / self.settings.poll_interval_s))
         self._samples: deque[tuple[float, dict[str, tuple[int | None, int | None]]]] = deque(maxlen=n)
         self._catalog: tuple[float, CatalogResult] | None = None
-        self._slots: list[GenerationSlot] = []
+        self._serving = ServingState()  # the one ledger of requests in flight, and the on-demand pause
         self._plans_cache: tuple | None = None
 
     # ================================================================== backends
@@ -248,6 +248,7 @@ class MemoryController(FittingMixin, ServingMixin, StatusMixin):
             plan = None
             backend_id, model_id = str(plan_or_backend), self.resolve(model).model_id
         params = {"backend": backend_id, "model": model_id, "force": force}
+        self._serving.resume()  # the user loads a model: on-demand loading is no longer paused
 
         def body(ctx):
             p = plan or self.plan(backend_id, model_id, profile)
