@@ -255,9 +255,21 @@ class ServingScheduler:
         return m
 
     # ------------------------------------------------------------------ leases
-    async def acquire(self, need: Need) -> Lease:
-        """Admit ``need``, load its model when it is not running (queued; shared with every request for the same
-        model), and return a lease on its READY deployment — with the FIFO turn when it generates in-process.
+    async def admit(self, need: Need) -> Facts:
+        """Admission alone (blocking work off the loop): the facts, or the refusal — the pause when the model is
+        not running and on-demand loading is paused. Nothing is loaded or evicted."""
+        dep = self.effects.ready(need.model_id)
+        pause = self.effects.paused(need.model_id)
+        if pause is not None:
+            raise paused_error(need.model_id, pause)
+        facts = await asyncio.to_thread(self.effects.admit, need, dep)
+        check_admission(need, facts)
+        return facts
+
+    async def acquire(self, need: Need, facts: Facts | None = None) -> Lease:
+        """Admit ``need`` (unless ``facts`` says it was), load its model when it is not running (queued; shared
+        with every request for the same model), and return a lease on its READY deployment — with the FIFO
+        turn when it generates in-process.
 
         Raises ModelNotFoundError, RequestRefusedError, InsufficientMemoryError (admission: nothing changed),
         ServingPausedError, GenerationCancelledError, or the load's error. Pair with :meth:`release`."""
@@ -268,20 +280,18 @@ class ServingScheduler:
             m.waiting += 1
         counted = False
         try:
-            facts: Facts | None = None
             for _ in range(self.max_rounds):
                 drain = self._draining.get(model_id)
                 if drain is not None:  # a load or an idle unload is stopping it: wait for that, then look again
                     await _settled(drain)
                     continue
+                if facts is None:
+                    facts = await self.admit(need)
+                    continue  # admission took time: look again at what runs
                 dep = self.effects.ready(model_id)
                 pause = self.effects.paused(model_id)
                 if pause is not None:  # an unload of it is under way, or loading is paused
                     raise paused_error(model_id, pause)
-                if facts is None:
-                    facts = await asyncio.to_thread(self.effects.admit, need, dep)
-                    check_admission(need, facts)
-                    continue  # admission took time: look again at what runs
                 if dep is None:
                     if not self.effects.on_demand():
                         raise RequestRefusedError(
@@ -310,6 +320,10 @@ class ServingScheduler:
                 with self._lock:
                     m.waiting -= 1
                     m.last_used_s = self.clock()
+
+    def gone_error(self, lease: Lease) -> MemctlError:
+        """What to tell a request whose lease was cancelled: the pause, or a retryable cancellation."""
+        return self._gone(lease.model_id, lease.reason)
 
     async def _take_turn(self, m: _Model, lease: Lease) -> None:
         if m.turn is None and not m.turns:

@@ -10,7 +10,7 @@ server tests a fast backend. Its "model" answers deterministically:
 * the memory it claims is the estimate, booked on a ledger (tests wire it to the fake NVML's used bytes).
 
 Knobs (class attributes a test may change on an instance): ``start_delay_s``, ``token_delay_s``,
-``fail_on_start`` / ``fail_on_verify`` (model ids).
+``fail_on_start`` / ``fail_on_verify`` / ``no_tools`` (model ids).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class InMemoryBackend:
         self.token_delay_s = 0.0
         self.fail_on_start: set[str] = set()
         self.fail_on_verify: set[str] = set()
+        self.no_tools: set[str] = set()  # model ids whose "template" does not render tools
         self.starts = 0
         self.stops = 0
         self._lock = threading.Lock()
@@ -151,7 +152,16 @@ class InMemoryBackend:
         return len(self._prompt_text(request).split()) + 3 * n_msgs + (8 * len(request.tools or ()))
 
     def model_family(self, deployment: Deployment) -> str | None:
-        return "qwen"
+        return None if deployment.model_id in self.no_tools else "qwen"
+
+    # optional: read before loading (the serving scheduler's admission)
+    def count_prompt_tokens(self, model: CachedModel, request: GenerationRequest) -> int:
+        """The prompt's tokens as :meth:`prompt_tokens` counts them, without the model running."""
+        return self.prompt_tokens(None, request)  # type: ignore[arg-type]
+
+    def tool_support(self, model: CachedModel) -> bool | None:
+        """Whether the model's "template" renders tools (``no_tools``: a knob)."""
+        return model.model_id not in self.no_tools
 
     def _answer(self, request: GenerationRequest) -> list[str]:
         if request.prompt is not None:
