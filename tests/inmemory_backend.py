@@ -60,7 +60,8 @@ class InMemoryBackend:
         self.token_delay_s = 0.0
         self.fail_on_start: set[str] = set()
         self.fail_on_verify: set[str] = set()
-        self.no_tools: set[str] = set()  # model ids whose "template" does not render tools
+        self.no_tools: set[str] = set()
+        self.requests: list[GenerationRequest] = []  # what generate_stream was asked, in order  # model ids whose "template" does not render tools
         self.starts = 0
         self.stops = 0
         self._lock = threading.Lock()
@@ -184,6 +185,7 @@ class InMemoryBackend:
     def generate_stream(self, deployment: Deployment, request: GenerationRequest,
                         cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
         with self._gen_lock:
+            self.requests.append(request)
             pieces = self._answer(request)
             prompt = self.prompt_tokens(deployment, request)
             produced = ""
