@@ -32,6 +32,7 @@ from memory_controller.backend import (
     msg,
 )
 from memory_controller.errors import (
+    MemctlError,
     ModelLoadError,
     ModelNotFoundError,
 )
@@ -94,6 +95,8 @@ class TransformersBackend:
         self._entries: dict[str, _Entry] = {}
         self._snapshot: tuple[Deployment, ...] = ()
         self._availability: Availability | None = None
+        self._tok_cache: dict[tuple[str, str], Any] = {}  # tokenizers of cached models (admission reads them)
+        self._tok_cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------ queries
     def availability(self, snapshot: Snapshot) -> Availability:
@@ -326,6 +329,60 @@ class TransformersBackend:
             yield from gen.stream(entry.model, self._tokenizer(entry), request, cancel,
                                   model_id=entry.cached.model_id, input_device=_input_device(entry.model),
                                   closing=lambda: entry.closing, on_worker=lambda t: setattr(entry, "worker", t))
+
+    # ------------------------------------------------------------------ read before loading (serving admission)
+    def _cached_tokenizer(self, model: CachedModel) -> Any:
+        """The tokenizer of a cached model without loading its weights (kept for a few models)."""
+        key = (model.model_id, model.path)
+        with self._tok_cache_lock:
+            hit = self._tok_cache.get(key)
+        if hit is not None:
+            return hit
+        if not checks.has_tokenizer_files(Path(model.path)):
+            raise ModelLoadError(f"{model.model_id} has no tokenizer files in {model.path}",
+                                 "download the tokenizer files (tokenizer.json, tokenizer_config.json) too",
+                                 code="model.no_tokenizer", args={"model": model.model_id})
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(model.path, local_files_only=True, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - any failure: the folder has no usable tokenizer
+            raise ModelLoadError(f"{model.model_id} has no usable tokenizer in {model.path}: "
+                                 f"{type(exc).__name__}: {exc}", "download the tokenizer files again",
+                                 code="model.no_tokenizer", args={"model": model.model_id}) from None
+        with self._tok_cache_lock:
+            if len(self._tok_cache) >= 4:
+                self._tok_cache.pop(next(iter(self._tok_cache)))
+            self._tok_cache[key] = tok
+        return tok
+
+    def count_prompt_tokens(self, model: CachedModel, request: GenerationRequest) -> int:
+        """Tokens the request's prompt takes once templated, counted with the tokenizer alone (the model need
+        not run: admission decides before loading). Raises MemctlError (no tokenizer, no chat template)."""
+        tok = self._cached_tokenizer(model)
+        with self._tok_cache_lock:  # tokenizers are not thread-safe
+            return len(gen.prompt_ids(tok, request, model.model_id))
+
+    def tool_support(self, model: CachedModel) -> bool | None:
+        """Whether the model's chat template renders tools: the same messages rendered with a tool and without
+        must differ (a template that ignores ``tools`` drops them silently). None: no chat template/tokenizer."""
+        try:
+            tok = self._cached_tokenizer(model)
+        except MemctlError:
+            return None
+        if gen.chat_template_of(tok) is None:
+            return None
+        tool = {"type": "function", "function": {"name": "memctl_probe_tool", "description": "probe",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+        messages = [{"role": "user", "content": "hi"}]
+        with self._tok_cache_lock:
+            try:
+                plain = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                with_tool = tok.apply_chat_template(messages, tools=[tool], tokenize=False,
+                                                    add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - a template that raises on tools does not support them
+                return False
+        return "memctl_probe_tool" in str(with_tool) and with_tool != plain
 
     def model_family(self, deployment: Deployment) -> str | None:
         entry = self._entry(deployment)
