@@ -94,7 +94,11 @@ def _wrap(handler: Handler, *, local: bool = False) -> Callable[[argparse.Namesp
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``serve``, ``ps``, ``unload``, ``ide`` on memctl's sub-command parser."""
-    p = subparsers.add_parser("serve", help="run the memctl server (OpenAI-compatible API for the IDE) here")
+    p = subparsers.add_parser("serve", help="run the memctl server (OpenAI-compatible API for the IDE) here; "
+                                            "`memctl serve resume`: allow loads on demand again after a clear")
+    p.add_argument("action", nargs="?", choices=["resume"], default=None,
+                   help="resume: lift the on-demand pause of the running server (after an emergency clear or "
+                        "an unload, requests do not load models until the user loads one or resumes)")
     p.add_argument("--port", type=_port, default=None, help="port (default: serve_port, 8765; 0: any free port)")
     p.set_defaults(func=cmd_serve_entry, handler=cmd_serve)
 
@@ -123,6 +127,8 @@ register = add_commands  # memctl_cli's sub-command modules expose register(subp
 def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
     from .owner import read_owner
 
+    if getattr(args, "action", None) == "resume":
+        return run_handler(cmd_serve_resume, args, settings)
     try:
         owner = read_owner(settings, wait_s=0.5)
     except errors.MemctlError as exc:
@@ -152,6 +158,21 @@ def cmd_serve(args: argparse.Namespace, ctl: Any) -> int:
     except KeyboardInterrupt:
         pass
     print("memctl server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_serve_resume(args: argparse.Namespace, ctl: Any) -> int:
+    """Lift the on-demand pause of the running server."""
+    if not getattr(ctl, "remote", False):
+        _print_error(errors.MemctlError("no memctl server runs, so nothing is paused",
+                                        "start one with `memctl serve`", code="no_owner"), False)
+        return 1
+    pause = ctl.serving_pause()
+    if ctl.resume_serving():
+        why = (pause or {}).get("reason", "a clear").replace("_", " ")
+        print(f"serving resumed: requests load models on demand again (paused since {why})")
+    else:
+        print("serving was not paused: requests load models on demand")
     return 0
 
 
@@ -193,8 +214,29 @@ def ps_rows(ctl: Any) -> list[dict[str, Any]]:
             "queued": s.get("queued", 0),
             "idle_unload_in_s": s.get("idle_unload_in_s"),
             "tools_parsed": s.get("tools_parsed"),
+            "tools": s.get("tools"),
         })
     return rows
+
+
+def _pause_of(ctl: Any) -> dict | None:
+    fn = getattr(ctl, "serving_pause", None)
+    try:
+        return fn() if fn is not None else None
+    except errors.MemctlError:
+        return None
+
+
+def _tools_cell(row: dict[str, Any]) -> str:
+    """yes (parsed by memctl or the engine), no (the template does not render tools: 400 tools_not_supported),
+    text (accepted, calls come back as text: unknown family), — (unknown)."""
+    if row.get("tools") is False:
+        return "no"
+    if row.get("tools_parsed"):
+        return "yes"
+    if row.get("tools_parsed") is False:
+        return "text"
+    return "—"
 
 
 def _fmt_idle(seconds: Any) -> str:
@@ -215,21 +257,25 @@ def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
     rows = ps_rows(ctl)
     if args.json:
         owner = getattr(ctl, "owner", None)
-        print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows},
-                         ensure_ascii=False, indent=2))
+        print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows,
+                          "paused": _pause_of(ctl)}, ensure_ascii=False, indent=2))
         return 0
     if not getattr(ctl, "remote", False):
         print("No memctl server runs (`memctl serve` starts one); models of this process only.", file=sys.stderr)
+    pause = _pause_of(ctl)
+    if pause is not None:
+        print(f"On-demand loading is paused since {str(pause.get('reason', '')).replace('_', ' ')}: requests do not "
+              "load models until you load one or run `memctl serve resume`.")
     if not rows:
         print("No models running.")
         return 0
-    table = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN"]]
+    table = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "TOOLS", "IN FLIGHT", "IDLE UNLOAD IN"]]
     for r in rows:
         memory = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(r["memory_bytes"].items())) or "—"
         flight = str(r["in_flight"]) + (f" (+{r['queued']} queued)" if r["queued"] else "")
         table.append([r["model"], r["backend"], r["endpoint"] or "—",
-                      "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory, flight,
-                      _fmt_idle(r["idle_unload_in_s"])])
+                      "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory,
+                      _tools_cell(r), flight, _fmt_idle(r["idle_unload_in_s"])])
     print(_table(table))
     for r in rows:
         if r["tools_parsed"] is False:

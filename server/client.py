@@ -281,6 +281,14 @@ class RemoteController:
     def in_flight(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self._call("GET", "/in_flight").items()}
 
+    def serving_pause(self) -> dict | None:
+        """The owner's on-demand pause (reason, since, models), or None."""
+        return self._call("GET", "/serving").get("pause")
+
+    def resume_serving(self) -> bool:
+        """Lift the owner's on-demand pause; True when there was one."""
+        return bool(self._call("POST", "/serving/resume", json={}).get("resumed"))
+
     def serve_status(self) -> dict[str, dict]:
         return self._call("GET", "/serve_status")
 

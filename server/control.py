@@ -174,6 +174,16 @@ def make_control_router(ctl: Any, token: str, *,
         fn = getattr(ctl, "in_flight", None)
         return dict(fn()) if fn is not None else {}
 
+    @router.get("/serving")
+    def serving() -> Any:
+        """The on-demand pause (None when loads on demand are allowed)."""
+        return {"pause": ctl.serving_pause()}
+
+    @router.post("/serving/resume")
+    def serving_resume() -> Any:
+        """Lift the on-demand pause (after an emergency clear or an unload); the dashboard and `memctl serve resume`."""
+        return {"resumed": bool(ctl.resume_serving())}
+
     @router.get("/serve_status")
     def serve_status_route() -> Any:
         return to_jsonable(serve_status()) if serve_status is not None else {}

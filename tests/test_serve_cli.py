@@ -111,3 +111,25 @@ def test_without_an_owner_the_commands_act_locally_and_say_so(tmp_path, hf_cache
 def test_serve_rejects_a_bad_port_with_exit_2(tmp_path, hf_cache):
     out = memctl(tmp_path, hf_cache, "serve", "--port", "70000")
     assert out.returncode == 2 and "70000" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_after_an_unload_ps_shows_the_pause_and_serve_resume_lifts_it(served, tmp_path, hf_cache):
+    with controller_for(load_settings()) as client:
+        client.apply("inmem", TINY_ID)
+        ps = json.loads(memctl(tmp_path, hf_cache, "ps", "--json").stdout)
+        assert ps["paused"] is None and ps["models"][0]["tools"] is True
+        assert "TOOLS" in memctl(tmp_path, hf_cache, "ps").stdout
+        assert memctl(tmp_path, hf_cache, "unload", TINY_ID).returncode == 0
+        assert client.serving_pause()["models"] == [TINY_ID]
+        text = memctl(tmp_path, hf_cache, "ps")
+        assert "paused" in text.stdout and "memctl serve resume" in text.stdout
+        resumed = memctl(tmp_path, hf_cache, "serve", "resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "serving resumed" in resumed.stdout and client.serving_pause() is None
+        again = memctl(tmp_path, hf_cache, "serve", "resume")
+        assert again.returncode == 0 and "was not paused" in again.stdout
+
+
+def test_serve_resume_without_a_server_says_nothing_runs(tmp_path, hf_cache):
+    r = memctl(tmp_path, hf_cache, "serve", "resume")
+    assert r.returncode == 1 and "no memctl server runs" in r.stderr and "Traceback" not in r.stderr
