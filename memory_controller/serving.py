@@ -357,13 +357,25 @@ class ControllerEffects:
         return self.ctl.subscribe_serving(fn)
 
     # ------------------------------------------------------------------ admission
-    def _backends_with(self, name: str) -> list[Any]:
+    def _backends_with(self, name: str, backend_id: str | None, *, others: bool) -> list[Any]:
+        """The serving backend's optional ``name`` method (it reads the tokenizer without loading), then, with
+        ``others``, any other backend's (a backend whose engine reads the tokenizer itself may have none)."""
         out = []
-        for b in self.ctl.backends().values():
-            fn = getattr(b, name, None)  # optional: a backend that can read the tokenizer without loading
+        backends = self.ctl.backends()
+        first = backends.get(backend_id) if backend_id else None
+        for b in [first, *(v for k, v in backends.items() if others and k != backend_id)]:
+            fn = getattr(b, name, None) if b is not None else None
             if callable(fn):
                 out.append(fn)
         return out
+
+    def _serving_id(self, deployment: Deployment | None) -> str | None:
+        if deployment is not None:
+            return deployment.backend_id
+        try:
+            return str(self.ctl.serving_backend_id())
+        except Exception:  # noqa: BLE001 - no backend available: nothing to ask
+            return None
 
     def tools_supported(self, cached: CachedModel, deployment: Deployment | None) -> bool | None:
         """Whether the model's chat template renders tools (None: unknown, or the engine parses them)."""
@@ -375,7 +387,7 @@ class ControllerEffects:
         if hit is not None and hit[0] > now:
             return hit[1]
         found: bool | None = None
-        for fn in self._backends_with("tool_support"):
+        for fn in self._backends_with("tool_support", self._serving_id(deployment), others=False):
             try:
                 found = fn(cached)
             except MemctlError:
@@ -409,7 +421,7 @@ class ControllerEffects:
         prompt_tokens = None
         context = plan.profile.context_tokens if plan.profile else None
         if need.request is not None and not (need.tools and tools is False):
-            for fn in self._backends_with("count_prompt_tokens"):
+            for fn in self._backends_with("count_prompt_tokens", self._serving_id(None), others=True):
                 try:
                     prompt_tokens = int(fn(cached, need.request))
                     break

@@ -111,12 +111,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_wrap(cmd_unload), handler=cmd_unload)
 
-    p = subparsers.add_parser("ide", help="print IDE settings for the memctl server (Roo Code, Continue)")
+    p = subparsers.add_parser("ide", help="print IDE settings for the memctl server (Roo Code/ZooCode, Continue, "
+                                          "Kilo Code, aider)")
     ide_sub = p.add_subparsers(dest="ide", required=True)
-    for name, what in (("roo", "a Roo Code settings file (Settings → Import)"),
-                       ("continue", "a Continue config.yaml")):
+    for name, what in (("roo", "a Roo Code / ZooCode settings file (Settings → Import)"),
+                       ("continue", "a Continue config.yaml"),
+                       ("kilo", "Kilo Code's kilo.json (./kilo.json or ~/.config/kilo/kilo.json)"),
+                       ("aider", "aider's .aider.model.metadata.json (--write DIR: it and .aider.model.settings.yml)")):
         q = ide_sub.add_parser(name, help=what)
         q.add_argument("--model", default=None, help="model id (default: the one running)")
+        if name == "aider":
+            q.add_argument("--write", default=None, metavar="DIR",
+                           help="write .aider.model.metadata.json and .aider.model.settings.yml into DIR")
         q.set_defaults(func=_wrap(cmd_ide), handler=cmd_ide)
 
 
@@ -341,8 +347,39 @@ def _text(m: Any) -> str:
     return str(m)
 
 
+def tools_honoured(ctl: Any, model_id: str) -> bool:
+    """Whether the server parses ``model_id``'s tool calls (its template renders tools and its family is known,
+    or the engine parses them): what IDE settings may promise. Asks the owner's /v1/models when one runs."""
+    owner = getattr(ctl, "owner", None)
+    if owner is not None:
+        import httpx
+
+        key = ctl.settings.serve_api_key
+        headers = {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+        try:
+            data = httpx.get(f"{owner.url}/v1/models", headers=headers, timeout=30, trust_env=False).json()
+            entry = next((m for m in data.get("data", []) if m.get("id") == model_id), None)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+        info = (entry or {}).get("memctl") or {}
+        return info.get("tool_parser") == "engine" or info.get("tools") is True
+    from memory_controller.serving import ControllerEffects
+
+    try:
+        return ControllerEffects(ctl, ctl.settings).tools_supported(ctl.resolve(model_id), None) is True
+    except errors.MemctlError:
+        return False
+
+
 def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
-    from memory_controller.ide import continue_config, roo_settings
+    from memory_controller.ide import (
+        aider_metadata,
+        aider_model_name,
+        aider_settings,
+        continue_config,
+        kilo_config,
+        roo_settings,
+    )
 
     settings = ctl.settings
     model_id, ctx, notes = served_context(ctl, args.model)
@@ -362,6 +399,28 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
               "model that fits a longer context", file=sys.stderr)
     if args.ide == "roo":
         print(json.dumps(roo_settings(base_url, model_id, ctx, key), ensure_ascii=False, indent=2))
+    elif args.ide == "continue":
+        sys.stdout.write(continue_config(base_url, model_id, ctx, key, tools=tools_honoured(ctl, model_id)))
+    elif args.ide == "kilo":
+        cfg = kilo_config(base_url, [(model_id, ctx, tools_honoured(ctl, model_id))], key)
+        print(json.dumps(cfg, ensure_ascii=False, indent=2))
+        print(f"note: save it as ./kilo.json (or ~/.config/kilo/kilo.json); run `kilo run -m memctl/{model_id} ...`",
+              file=sys.stderr)
     else:
-        sys.stdout.write(continue_config(base_url, model_id, ctx, key))
+        metadata = json.dumps(aider_metadata(model_id, ctx), ensure_ascii=False, indent=2)
+        run = (f"aider --model {aider_model_name(model_id)} --openai-api-base {base_url} "
+               f"--openai-api-key {'$MEMCTL_SERVE_API_KEY' if key else 'not-needed'}")
+        if args.write:
+            from pathlib import Path
+
+            folder = Path(args.write)
+            if not folder.is_dir():
+                raise errors.SettingsError(f"{args.write} is not a folder", "give an existing folder: --write DIR")
+            (folder / ".aider.model.metadata.json").write_text(metadata + "\n")
+            (folder / ".aider.model.settings.yml").write_text(aider_settings(model_id, ctx))
+            print(f"wrote {folder / '.aider.model.metadata.json'} and {folder / '.aider.model.settings.yml'}")
+        else:
+            print(metadata)
+        print(f"note: run `{run}` (in the folder holding the two files; `--write DIR` writes them)",
+              file=sys.stderr)
     return 0

@@ -133,3 +133,33 @@ def test_after_an_unload_ps_shows_the_pause_and_serve_resume_lifts_it(served, tm
 def test_serve_resume_without_a_server_says_nothing_runs(tmp_path, hf_cache):
     r = memctl(tmp_path, hf_cache, "serve", "resume")
     assert r.returncode == 1 and "no memctl server runs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ide_kilo_and_aider_through_the_owner_are_read_back(served, tmp_path, hf_cache):
+    with controller_for(load_settings()) as client:
+        (dep,) = [client.ensure_deployment(TINY_ID)] if hasattr(client, "ensure_deployment") else [None]
+        if dep is None:
+            client.apply("inmem", TINY_ID)
+            (dep,) = client.deployments()
+    kilo = memctl(tmp_path, hf_cache, "ide", "kilo")
+    assert kilo.returncode == 0, kilo.stderr
+    cfg = json.loads(kilo.stdout)
+    provider = cfg["provider"]["memctl"]
+    assert provider["options"]["baseURL"] == served.url + "/v1"
+    model = provider["models"][TINY_ID]
+    assert model["limit"] == {"context": dep.context_tokens, "output": max_output_tokens(dep.context_tokens)}
+    assert model["tool_call"] is True  # the in-memory backend's "template" renders tools (qwen family)
+    assert cfg["model"] == f"memctl/{TINY_ID}"
+
+    cont = yaml.safe_load(memctl(tmp_path, hf_cache, "ide", "continue").stdout)
+    assert cont["models"][0]["capabilities"] == ["tool_use"]
+
+    out = tmp_path / "aider"
+    out.mkdir()
+    aider = memctl(tmp_path, hf_cache, "ide", "aider", "--write", str(out))
+    assert aider.returncode == 0, aider.stderr
+    meta = json.loads((out / ".aider.model.metadata.json").read_text())[f"openai/{TINY_ID}"]
+    assert meta["max_input_tokens"] + meta["max_output_tokens"] == dep.context_tokens
+    (entry,) = yaml.safe_load((out / ".aider.model.settings.yml").read_text())
+    assert entry["extra_params"]["max_tokens"] == max_output_tokens(dep.context_tokens)
+    assert f"--openai-api-base {served.url}/v1" in aider.stderr
