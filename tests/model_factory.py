@@ -517,7 +517,7 @@ def chat_tokenizer(family: str, vocab_size: int = 400):
     return fast
 
 
-def build_chat_model(out_dir: Path, family: str, *, seed: int = 0) -> Path:
+def build_chat_model(out_dir: Path, family: str, *, seed: int = 0, max_position_embeddings: int = 2048) -> Path:
     """A tiny random-weight chat model of ``family`` ("qwen", "llama3", "mistral") with its template."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -529,7 +529,7 @@ def build_chat_model(out_dir: Path, family: str, *, seed: int = 0) -> Path:
     ids = tok.convert_tokens_to_ids(list(fam.specials[1:4]))
     cfg = AutoConfig.for_model(fam.arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                               max_position_embeddings=2048, tie_word_embeddings=False,
+                               max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
                                bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
