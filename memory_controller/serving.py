@@ -366,7 +366,7 @@ class ControllerEffects:
         for b in [first, *(v for k, v in backends.items() if others and k != backend_id)]:
             fn = getattr(b, name, None) if b is not None else None
             if callable(fn):
-                out.append(fn)
+                out.append((b is first, fn))
         return out
 
     def _serving_id(self, deployment: Deployment | None) -> str | None:
@@ -387,7 +387,7 @@ class ControllerEffects:
         if hit is not None and hit[0] > now:
             return hit[1]
         found: bool | None = None
-        for fn in self._backends_with("tool_support", self._serving_id(deployment), others=False):
+        for _own, fn in self._backends_with("tool_support", self._serving_id(deployment), others=False):
             try:
                 found = fn(cached)
             except MemctlError:
@@ -421,14 +421,14 @@ class ControllerEffects:
         prompt_tokens = None
         context = plan.profile.context_tokens if plan.profile else None
         if need.request is not None and not (need.tools and tools is False):
-            for fn in self._backends_with("count_prompt_tokens", self._serving_id(None), others=True):
+            for own, fn in self._backends_with("count_prompt_tokens", self._serving_id(None), others=True):
                 try:
                     prompt_tokens = int(fn(cached, need.request))
                     break
                 except RequestRefusedError:
                     raise
-                except MemctlError as exc:
-                    if exc.code in ("model.no_chat_template", "gen.template_error", "gen.bad_request"):
+                except MemctlError as exc:  # another backend's tokenizer only counts; its refusals are not ours
+                    if own and exc.code in ("model.no_chat_template", "gen.template_error", "gen.bad_request"):
                         raise RequestRefusedError(exc.message, exc.hint, code="model_not_servable",
                                                   param="messages", args={"model": cached.model_id}) from None
         facts = Facts(cached.model_id, context, prompt_tokens, tools,

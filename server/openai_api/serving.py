@@ -99,8 +99,14 @@ class Serving:
         release = self._releaser(lease)
         try:
             if lease.deployment.endpoint:
-                return await self.proxy.forward("chat/completions" if kind == "chat" else "completions",
-                                                json.loads(raw), lease.deployment, lease.slot, release)
+                forward = self.proxy.forward("chat/completions" if kind == "chat" else "completions",
+                                             json.loads(raw), lease.deployment, lease.slot, release)
+                if req.stream or request is None:
+                    return await forward
+                try:  # a non-streamed client that leaves: the upstream request is cancelled, the lease given back
+                    return await unless_gone(request, forward)
+                except ClientGone:
+                    return Response(status_code=499)
             run = self._new_run(req, lease)
             run.on_finish(release)
             first = await self._first_event(run, lease)
