@@ -222,7 +222,8 @@ class ServingScheduler:
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
-        """Bind to the running loop: subscribe to serving events, start the idle timer (idempotent)."""
+        """Bind to the running loop and start the idle timer (idempotent). Serving events are subscribed to at
+        the first request (before it, there is no lease or waiter an event could concern)."""
         if self._closed:
             return
         loop = asyncio.get_running_loop()
@@ -230,9 +231,14 @@ class ServingScheduler:
             self._loop = loop
             if self._unsubscribe is not None:
                 self._unsubscribe()
-            self._unsubscribe = self.effects.subscribe(self._event_from_thread)
+                self._unsubscribe = None
         if self._idle_task is None or self._idle_task.done():
             self._idle_task = loop.create_task(self._idle_loop(), name="memctl-idle-unload")
+
+    def _subscribed(self) -> None:
+        self.start()
+        if self._unsubscribe is None and not self._closed:
+            self._unsubscribe = self.effects.subscribe(self._event_from_thread)
 
     def close(self) -> None:
         """Stop the idle timer and the subscription (from any thread; idempotent)."""
@@ -258,6 +264,7 @@ class ServingScheduler:
     async def admit(self, need: Need) -> Facts:
         """Admission alone (blocking work off the loop): the facts, or the refusal — the pause when the model is
         not running and on-demand loading is paused. Nothing is loaded or evicted."""
+        self._subscribed()
         dep = self.effects.ready(need.model_id)
         pause = self.effects.paused(need.model_id)
         if pause is not None:
@@ -273,7 +280,7 @@ class ServingScheduler:
 
         Raises ModelNotFoundError, RequestRefusedError, InsufficientMemoryError (admission: nothing changed),
         ServingPausedError, GenerationCancelledError, or the load's error. Pair with :meth:`release`."""
-        self.start()
+        self._subscribed()
         model_id = need.model_id
         m = self._model(model_id)
         with self._lock:
