@@ -6,6 +6,9 @@ configs ``memctl ide continue`` and ``memctl ide kilo`` print.
 
 * ``cn`` with a model served at 32,768 tokens: its first request (system prompt and tools) is admitted, the
   model is loaded on demand, and the stream completes: ``cn`` prints the answer and exits 0.
+* ``cn`` with a deterministic model (real weights and template; its generation config biases it to call
+  Continue's ``Read`` tool, then to answer once the tool result is in its context): a full tool round trip —
+  memctl parses the call, ``cn`` reads the file and asks again, the answer comes back.
 * ``kilo`` with a model served at 2,048 tokens: Kilo's first request (~37,000 tokens with this tiny tokenizer)
   is over the context: a plain 400 ``context_length_exceeded`` before anything loads, which Kilo prints as the
   server's message (and compacts, asking again smaller); the model is never loaded.
@@ -35,6 +38,9 @@ pytestmark = [pytest.mark.agents, pytest.mark.slow]
 CLIS = ROOT / ".cache" / "agent-clis" / "node_modules" / ".bin"
 LONG = f"{mf.TEST_ORG}/tiny-qwen-long"  # served at 32,768 tokens
 SHORT = f"{mf.TEST_ORG}/tiny-qwen-short"  # served at 2,048 tokens
+TOOLS_MODEL = f"{mf.TEST_ORG}/tiny-qwen-tools"  # deterministic: a Read tool call, then an answer
+CN_CALL = '<tool_call>\n{"name": "Read", "arguments": {"filepath": "README.md"}}\n</tool_call>'
+CN_ANSWER = "The file says hello."
 
 
 def _clis() -> Path:
@@ -54,6 +60,9 @@ def agent_hub(tmp_path_factory) -> Path:
         with tempfile.TemporaryDirectory(dir=hub.parent) as tmp:
             mf.build_chat_model(Path(tmp), "qwen", seed=seed, max_position_embeddings=max_pos)
             mf.add_to_hf_cache(Path(tmp), hub, f"{mf.TEST_ORG}/{name}")
+    with tempfile.TemporaryDirectory(dir=hub.parent) as tmp:
+        mf.build_tool_model(Path(tmp), call_text=CN_CALL, answer_text=CN_ANSWER)
+        mf.add_to_hf_cache(Path(tmp), hub, TOOLS_MODEL)
     return hub
 
 
@@ -122,3 +131,21 @@ def test_kilo_cli_shows_the_servers_400_for_an_over_context_request_and_nothing_
     with controller_for(load_settings()) as client:
         assert client.deployments() == []  # refused before loading: nothing loaded, nothing evicted
         assert not [r for r in client.history(20) if r.kind == "apply"]
+
+
+def test_continue_cli_completes_a_tool_round_trip(owner, agent_hub, tmp_path):
+    clis = _clis()
+    cfg = memctl(tmp_path, agent_hub, "ide", "continue", "--model", TOOLS_MODEL)
+    assert cfg.returncode == 0, cfg.stderr
+    (tmp_path / "config.yaml").write_text(cfg.stdout)
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "README.md").write_text("hello\n")
+    run = subprocess.run([str(clis / "cn"), "--config", str(tmp_path / "config.yaml"), "-p",
+                          "Read README.md and tell me what it says"], cwd=work, env=agent_env(tmp_path / "home", work),
+                         capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    # the answer is only generated once the tool's result is in the model's context: the call was parsed by
+    # memctl, executed by cn, and its result sent back
+    assert CN_ANSWER in run.stdout, run.stdout[-2000:]
+    assert "<tool_call>" not in run.stdout
