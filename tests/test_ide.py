@@ -110,3 +110,18 @@ def test_aider_files_carry_the_served_context_and_a_max_tokens():
     assert meta["max_input_tokens"] + meta["max_output_tokens"] == 32768 and meta["max_tokens"] == out
     (entry,) = yaml.safe_load(aider_settings("org/m", 32768))
     assert entry["name"] == "openai/org/m" and entry["extra_params"] == {"max_tokens": out}
+
+
+def test_tool_support_is_read_from_the_template_files_alone(tmp_path):
+    import os
+
+    from backends.transformers.checks import template_renders_tools
+
+    assert template_renders_tools(tmp_path) is None  # no template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert template_renders_tools(tmp_path) is False
+    (tmp_path / "chat_template.jinja").write_text("{% if tools %}{{ tools | tojson }}{% endif %}{{ messages }}")
+    assert template_renders_tools(tmp_path) is True
+    (tmp_path / "chat_template.jinja").unlink()
+    os.mkfifo(tmp_path / "chat_template.jinja")  # never opened: it would block
+    assert template_renders_tools(tmp_path) is False

@@ -33,7 +33,6 @@ from memory_controller.backend import (
     msg,
 )
 from memory_controller.errors import (
-    MemctlError,
     ModelLoadError,
     ModelNotFoundError,
 )
@@ -375,25 +374,10 @@ class TransformersBackend:
             return len(gen.prompt_ids(tok, request, model.model_id))
 
     def tool_support(self, model: CachedModel) -> bool | None:
-        """Whether the model's chat template renders tools: the same messages rendered with a tool and without
-        must differ (a template that ignores ``tools`` drops them silently). None: no chat template/tokenizer."""
-        try:
-            tok = self._cached_tokenizer(model)
-        except MemctlError:
-            return None
-        if gen.chat_template_of(tok) is None:
-            return None
-        tool = {"type": "function", "function": {"name": "memctl_probe_tool", "description": "probe",
-                                                 "parameters": {"type": "object", "properties": {}}}}
-        messages = [{"role": "user", "content": "hi"}]
-        with self._tok_cache_lock:
-            try:
-                plain = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                with_tool = tok.apply_chat_template(messages, tools=[tool], tokenize=False,
-                                                    add_generation_prompt=True)
-            except Exception:  # noqa: BLE001 - a template that raises on tools does not support them
-                return False
-        return "memctl_probe_tool" in str(with_tool) and with_tool != plain
+        """Whether the model's chat template renders tools (a template that never uses ``tools`` drops them
+        silently). Read from the template files alone: no tokenizer, no heavy import (the dashboard's first
+        paint asks). None: no chat template."""
+        return checks.template_renders_tools(Path(model.path))
 
     def model_family(self, deployment: Deployment) -> str | None:
         entry = self._entry(deployment)

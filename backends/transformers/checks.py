@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -234,3 +235,53 @@ def has_chat_template(folder: Path) -> bool:
         return False
     tpl = data.get("chat_template")
     return bool(tpl) and isinstance(tpl, (str, list))
+
+
+_MAX_TEMPLATE_BYTES = 4 * MIB
+_TOOLS_RE = re.compile(r"\btools\b")
+
+
+def _small_text(path: Path, max_bytes: int = _MAX_TEMPLATE_BYTES) -> str | None:
+    """A regular file's text when it is at most ``max_bytes``, else None (never a FIFO or a device)."""
+    try:
+        st = os.stat(path, follow_symlinks=True)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        return None
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def chat_template_texts(folder: Path) -> list[str]:
+    """The chat templates a model folder holds (chat_template.jinja / .json, tokenizer_config.json's), as text;
+    read as bounded regular files, no tokenizer built (no heavy import)."""
+    out: list[str] = []
+    jinja = _small_text(folder / "chat_template.jinja")
+    if jinja:
+        out.append(jinja)
+    for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
+        raw = _small_text(folder / name, 64 * MIB)
+        if not raw:
+            continue
+        try:
+            data = loads_bounded(raw.encode(), what=str(folder / name), max_bytes=64 * MIB, expect=dict)
+        except CorruptDataError:
+            continue
+        tpl = data.get(key)
+        if isinstance(tpl, str):
+            out.append(tpl)
+        elif isinstance(tpl, list):
+            out += [t["template"] for t in tpl if isinstance(t, dict) and isinstance(t.get("template"), str)]
+    return out
+
+
+def template_renders_tools(folder: Path) -> bool | None:
+    """Whether the model's chat template uses the ``tools`` it is given (a template that never names them drops
+    them silently); None when the folder has no chat template."""
+    texts = chat_template_texts(folder)
+    if not texts:
+        return None
+    return any(_TOOLS_RE.search(t) for t in texts)
