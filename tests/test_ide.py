@@ -125,3 +125,11 @@ def test_tool_support_is_read_from_the_template_files_alone(tmp_path):
     (tmp_path / "chat_template.jinja").unlink()
     os.mkfifo(tmp_path / "chat_template.jinja")  # never opened: it would block
     assert template_renders_tools(tmp_path) is False
+def test_small_window_advice_fits_the_cause():
+    """Issue 20.6: at the model's own maximum more memory would not help; below it, memory is the cause."""
+    from memory_controller.ide import small_window_advice
+
+    assert small_window_advice(32768, 32768, 2048) is None
+    assert small_window_advice(2048, 32768, 2048).code == "ide.window_model_max"
+    assert small_window_advice(4096, 32768, 131072).code == "ide.window_memory"
+    assert small_window_advice(4096, 32768, None).code == "ide.window_memory"
