@@ -218,3 +218,23 @@ def test_statuses_tell_clients_what_a_retry_can_fix(srv):
     srv.ctl.emergency_clear()
     r = httpx.post(srv.base_url + "/chat/completions", timeout=30, json={"model": TINY_ID, "messages": USER})
     assert r.status_code == 503 and r.headers["retry-after"].isdigit()  # the pause: it ends when the user acts
+
+
+def test_a_load_failing_with_requests_queued_answers_each_with_the_cause_and_leaves_nothing_queued(srv):
+    srv.backend.fail_on_start.add(TINY_UNTIED_ID)
+    srv.backend.start_delay_s = 0.3
+    results: list[httpx.Response] = []
+
+    def ask() -> None:
+        results.append(httpx.post(srv.base_url + "/chat/completions", timeout=30,
+                                  json={"model": TINY_UNTIED_ID, "messages": USER}))
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [r.status_code for r in results] == [422, 422, 422]
+    assert all("told to fail" in r.json()["error"]["message"] for r in results)
+    assert srv.backend.starts == 0 and srv.ctl.in_flight() == {} and srv.service.status() == {}
+    loads = [r for r in srv.ctl.history(10) if r.kind == "apply"]
+    assert len(loads) == 1 and loads[0].params.get("on_demand") is True  # one load for the three requests
