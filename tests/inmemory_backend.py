@@ -100,6 +100,10 @@ class InMemoryBackend:
             if cancel is not None and cancel():
                 raise OperationCancelledError(f"start of {model.model_id} cancelled", "start it again")
             time.sleep(0.01)
+        if self.start_gate is not None:
+            while not self.start_gate.wait(0.01):
+                if cancel is not None and cancel():
+                    raise OperationCancelledError(f"start of {model.model_id} cancelled", "start it again")
         if model.model_id in self.fail_on_start:
             raise ModelLoadError(f"{model.model_id}: the in-memory backend was told to fail", "a test knob")
         dep = Deployment(

@@ -222,7 +222,7 @@ def test_statuses_tell_clients_what_a_retry_can_fix(srv):
 
 def test_a_load_failing_with_requests_queued_answers_each_with_the_cause_and_leaves_nothing_queued(srv):
     srv.backend.fail_on_start.add(TINY_UNTIED_ID)
-    srv.backend.start_delay_s = 0.3
+    srv.backend.start_gate = gate = threading.Event()
     results: list[httpx.Response] = []
 
     def ask() -> None:
@@ -231,6 +231,8 @@ def test_a_load_failing_with_requests_queued_answers_each_with_the_cause_and_lea
     threads = [threading.Thread(target=ask) for _ in range(3)]
     for t in threads:
         t.start()
+    assert _wait(lambda: srv.service.status().get(TINY_UNTIED_ID, {}).get("queued") == 3)
+    gate.set()  # the load fails now, with all three waiting on it
     for t in threads:
         t.join(30)
     assert [r.status_code for r in results] == [422, 422, 422]
