@@ -60,8 +60,9 @@ class InMemoryBackend:
         self.token_delay_s = 0.0
         self.fail_on_start: set[str] = set()
         self.fail_on_verify: set[str] = set()
-        self.no_tools: set[str] = set()
-        self.requests: list[GenerationRequest] = []  # what generate_stream was asked, in order  # model ids whose "template" does not render tools
+        self.no_tools: set[str] = set()  # model ids whose "template" does not render tools
+        self.requests: list[GenerationRequest] = []  # what generate_stream was asked, in order
+        self.start_gate: threading.Event | None = None  # set: a start waits for it (tests order events)
         self.starts = 0
         self.stops = 0
         self._lock = threading.Lock()

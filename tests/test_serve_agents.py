@@ -138,7 +138,7 @@ def test_requests_queued_behind_a_stream_get_the_pause_not_404_when_it_is_cleare
 
     def ask() -> None:
         results.append(httpx.post(srv.base_url + "/chat/completions", timeout=30,
-                                  json={"model": TINY_ID, "messages": [{"role": "user", "content": "a b c d"}]}))
+                                  json={"model": TINY_ID, "messages": [{"role": "user", "content": "w " * 50}]}))
     threads = [threading.Thread(target=ask) for _ in range(3)]
     for t in threads:
         t.start()
@@ -157,8 +157,8 @@ def test_a_non_streamed_client_that_goes_away_stops_its_generation(srv):
     srv.backend.token_delay_s = 0.2
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.base_url + "/chat/completions", timeout=0.5,
-                   json={"model": TINY_ID, "messages": [{"role": "user", "content": "w " * 40}]})
-    assert _wait(lambda: srv.ctl.in_flight() == {})
+                   json={"model": TINY_ID, "messages": [{"role": "user", "content": "w " * 200}]})
+    assert _wait(lambda: srv.ctl.in_flight() == {})  # long before the 40 s answer would have ended
     srv.backend.token_delay_s = 0
     r = srv.client.chat.completions.create(model=TINY_ID, messages=USER)  # its turn was given back
     assert r.choices[0].message.content == "echo: hello there"
