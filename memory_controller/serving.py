@@ -244,8 +244,6 @@ class ServingMixin:
         return next((d for d in self.deployments()
                      if d.model_id == model_id and d.state is DeploymentState.READY), None)
 
-    _ready = ready_deployment
-
     def serving_backend_id(self: MemoryController) -> str:
         """The backend on-demand loads use: the one running now, else the recommendation's when available."""
         current = self.mode
