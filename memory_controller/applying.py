@@ -80,11 +80,24 @@ class LiveState:
         return self._holders
 
 
+def _backend_for(ctl: MemoryController, cached: CachedModel, backend_id: str) -> str:
+    """A model a backend lists itself (``source`` is that backend's id) runs on that backend only; a
+    checkpoint asked of a backend that serves only its own models goes to the first other one available."""
+    ids = ctl.registry.ids()
+    if cached.source in ids:
+        return cached.source
+    if backend_id in ids and hasattr(ctl.backend(backend_id), "resolve_model"):
+        return next((b for b in ids if not hasattr(ctl.backend(b), "resolve_model") and ctl.availability(b).ok),
+                    backend_id)
+    return backend_id
+
+
 def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profile: Profile | None,
               purpose: str, unload_ollama: bool = False, *, live: LiveState | None = None,
               with_suggestion: bool = True) -> Plan:
     from . import estimate as est
 
+    backend_id = _backend_for(ctl, cached, backend_id)
     backend = ctl.backend(backend_id)
     live = live or LiveState(ctl)
     snap, running = live.snap, live.running

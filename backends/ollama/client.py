@@ -345,6 +345,53 @@ class OllamaClient:
             "ollama.unload.done", text, model=n, freed_bytes=freed, size_bytes=target.size_vram,
             waited_s=round(waited, 1), freed=fmt_bytes(freed), size=size))
 
+    # ------------------------------------------------------------------ models (the serving backend)
+    def tags(self) -> list[dict[str, Any]]:
+        """Installed models (``/api/tags``): dicts with ``name``, ``size``, ``details``; names validated."""
+        data = self._request("GET", "/api/tags")
+        items = data.get("models") if isinstance(data, dict) else None
+        if items is None:
+            return []
+        if not isinstance(items, list) or len(items) > MAX_MODELS * 16:
+            raise OllamaMalformedError("Ollama /api/tags: 'models' is not a list", "the server at ollama_host is not Ollama")
+        out = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            name = item.get("name") or item.get("model")
+            try:
+                validate_model_name(name)
+            except InvalidOllamaNameError:
+                continue  # a name memctl could not pass back safely is not listed
+            out.append(item)
+        return out
+
+    def show(self, name: str) -> dict[str, Any]:
+        """``/api/show`` for ``name``: ``model_info``, ``capabilities``, ``details``, ``parameters``."""
+        data = self._request("POST", "/api/show", {"model": validate_model_name(name)})
+        if not isinstance(data, dict):
+            raise OllamaMalformedError("Ollama /api/show: expected a JSON object", "the server at ollama_host is not Ollama")
+        return data
+
+    def create(self, name: str, from_: str, parameters: dict[str, Any], timeout_s: float = 120.0) -> None:
+        """A derived model (``/api/create`` with ``from`` and ``parameters``): no weights are copied."""
+        data = self._request("POST", "/api/create", {"model": validate_model_name(name), "from": validate_model_name(from_),
+                                                     "parameters": parameters, "stream": False}, timeout_s=timeout_s)
+        status = data.get("status") if isinstance(data, dict) else None
+        if status != "success":
+            raise OllamaMalformedError(f"Ollama /api/create for {name} did not say success ({str(status)[:60]!r})",
+                                       "see Ollama's log (journalctl -u ollama)")
+
+    def delete(self, name: str) -> None:
+        self._request("DELETE", "/api/delete", {"model": validate_model_name(name)})
+
+    def load(self, name: str, keep_alive: str | int, timeout_s: float = 600.0) -> None:
+        """Load ``name`` (``/api/generate`` without a prompt, with ``keep_alive``) and wait until it is."""
+        self._request("POST", "/api/generate", {"model": validate_model_name(name), "keep_alive": keep_alive,
+                                                "stream": False}, timeout_s=timeout_s)
+        with self._lock:
+            self._cache = None
+
     def emergency_unload(self, wait_s: float = 10.0) -> str:
         """The emergency clear's Ollama step: unload every model; a one-line summary of what came back.
         Raises OllamaError when Ollama does not answer or a model could not be unloaded."""
