@@ -86,6 +86,8 @@ def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operati
                 reason = avail.reason.text if avail.reason else "unavailable"
                 if b.capabilities.needs_gpu and not snap.has_gpu:
                     return f"no GPU: nothing of {bid} can run ({reason})"
+                if avail.reason is not None and avail.reason.code == "backend.not_running":
+                    return f"nothing of {bid} runs ({reason})"  # its server is down: no model of it is loaded
                 raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
                                   "check it by hand", code="emergency.backend_unreachable",
                                   args={"backend": bid, "reason": reason})

@@ -32,7 +32,7 @@ from .client import (
 __all__ = ["BACKEND_ID", "HolderView", "InvalidOllamaNameError", "ModelInfo", "OllamaBackend", "OllamaClient",
            "OllamaError", "OllamaMalformedError", "OllamaModel", "OllamaRefusedError", "OllamaTimeoutError",
            "OllamaUnavailableError", "OllamaUnloadReport", "base_of", "create", "derived_name", "gpu_free_reader",
-           "host_setting", "parse_host", "validate_model_name"]
+           "client_for", "host_setting", "parse_host", "validate_model_name"]
 
 DEFAULT_HOST = "127.0.0.1:11434"
 

@@ -58,7 +58,7 @@ from memory_controller.units import escape_text, fmt_bytes
 
 from . import sizing
 from .calibration import Calibration
-from .client import OllamaClient, OllamaError, OllamaModel, validate_model_name
+from .client import OllamaClient, OllamaError, OllamaModel, OllamaUnavailableError, validate_model_name
 from .gguf_spec import GgufSpec, models_dirs, spec_from_folder, spec_from_metadata
 
 BACKEND_ID = "ollama"
@@ -143,6 +143,10 @@ class OllamaBackend:
         self._avail: tuple[float, Availability] | None = None
         self._sleep = sleep
         est.register_sizer(self.prefix, self)
+
+    @staticmethod
+    def derived_name(model: str, num_ctx: int) -> str:
+        return derived_name(model, num_ctx)
 
     # ------------------------------------------------------------------ other holders (issue 17.5)
     @property
@@ -289,8 +293,10 @@ class OllamaBackend:
             a = Availability(True, msg("backend.ollama_ok", f"Ollama {version} at {self.client.base_url}",
                                        version=version, host=self.client.base_url))
         except OllamaError as exc:
-            a = Availability(False, msg("backend.unavailable", exc.message, backend=BACKEND_ID,
-                                        host=self.client.base_url))
+            # refused connection: the server is down, so none of its runners hold a model ("not running");
+            # a slow or odd answer: it may still hold some (plain "unavailable")
+            code = "backend.not_running" if isinstance(exc, OllamaUnavailableError) else "backend.unavailable"
+            a = Availability(False, msg(code, exc.message, backend=BACKEND_ID, host=self.client.base_url))
         with self._lock:
             self._avail = (time.monotonic(), a)
         return a
