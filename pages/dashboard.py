@@ -58,7 +58,8 @@ def main() -> None:
     rec_card.model_context_line(ctl, chosen.model, chosen.profile, available)
     deployments.deployments_section(ctl, running, ui_ops.busy(ctl))
     ide_section.ide_section(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
-    deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)
+    deployments.cached_section(catalog, sidebar.models_for(chosen.backend_id, models, set(availability)),
+                               chosen.plans, chosen.profile is not None)
     if snap.gpus:  # on the host the live panel lists the processes; there is no GPU memory to name
         holders_view.holders_section(ctl, snap)
     history.log_section(ctl, snap.has_gpu)
