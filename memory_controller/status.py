@@ -41,6 +41,6 @@ class StatusMixin:
             return {"answered": False, "error": "the Ollama client is not available", "models": []}
         models = client.loaded(max_age_s=5.0)
         err = getattr(client, "last_error", None)
-        return {"host": self.settings.ollama_host, "answered": models is not None,
+        return {"host": getattr(client, "base_url", self.settings.ollama_host), "answered": models is not None,
                 "error": err.message if models is None and err is not None else None,
                 "models": [to_jsonable(m) for m in models or ()]}

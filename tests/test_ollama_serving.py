@@ -104,6 +104,20 @@ def test_a_tools_request_for_a_model_without_tools_gets_400(served):
         served.client.chat.completions.create(model="codellama:small", tools=TOOLS,
                                               messages=[{"role": "user", "content": "read a.py"}])
     assert "does not support tools" in str(err.value)
+    assert served.fake.models == []  # refused before anything was loaded (or stopped)
+    assert not [r for r in served.fake.requests if r[0] == "CHAT"]
     # without tools the same model answers
     out = served.client.chat.completions.create(model="codellama:small", messages=[{"role": "user", "content": "hi"}])
     assert out.choices[0].message.content == "Hello from the stand-in Ollama."
+
+
+def test_ide_export_for_an_ollama_model_carries_its_fitted_context(served):
+    from memory_controller.ide import roo_settings
+    from server.cli import served_context
+
+    model_id, ctx, _notes = served_context(served.ctl, "qwen-coder:small")
+    assert (model_id, ctx) == ("qwen-coder:small", 32768)
+    cfg = roo_settings("http://127.0.0.1:8765/v1", model_id, ctx)
+    info = next(iter(cfg["providerProfiles"]["apiConfigs"].values()))
+    assert info["openAiModelId"] == "qwen-coder:small"
+    assert info["openAiCustomModelInfo"]["contextWindow"] == 32768

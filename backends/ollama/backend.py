@@ -330,6 +330,11 @@ class OllamaBackend:
             return (msg(exc.code, exc.message, model=model.model_id),)
         return ()
 
+    def supports_tools(self, model: CachedModel) -> bool | None:
+        """``tools`` in ``/api/show``'s capabilities (None when Ollama cannot be asked)."""
+        info = self.model_info(model.model_id)
+        return None if info is None else info.tools
+
     def model_info(self, model_id: str) -> ModelInfo | None:
         try:
             return self.info(model_id)

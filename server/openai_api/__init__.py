@@ -169,6 +169,10 @@ class OpenAIService:
             raw = await request.body()
             req = schemas.parse(model_cls, raw)
             schemas.generation_request(req, 1)  # validate messages/tools before anything loads
+            if getattr(req, "tools", None) and await asyncio.to_thread(self.ctl.supports_tools, req.model) is False:
+                raise ApiError(400, f"{req.model} does not support tools (its backend says so): choose a model "
+                                    "with tool calling for an agent", code="model_not_servable", param="tools",
+                               headers=NO_RETRY)
             if self.scheduler.ready(req.model) is None:
                 await asyncio.to_thread(self.ctl.resolve, req.model)  # 404 for a model not in the cache
                 if not self.settings.serve_on_demand:
