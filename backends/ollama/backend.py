@@ -453,6 +453,10 @@ class OllamaBackend:
                 needed_bytes=entry.size, free_bytes=entry.size_vram)
         dep = self._deployment(entry, self.probe.snapshot() if self.probe is not None else None)
         assert dep is not None
+        if entry.context_length is None:  # Ollama before 0.9.7 does not report it
+            dep = dataclasses.replace(dep, warnings=(msg(
+                "ollama.context_unverified", f"this Ollama does not report the context of {name}: "
+                f"num_ctx {num_ctx} is in the tag but could not be checked", model=name, tokens=num_ctx),))
         return dep
 
     def stop(self, handle: str) -> ReleaseReport:
