@@ -46,14 +46,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def client_for(ctl: Any) -> Any:
-    """The Ollama client: ``ctl.ollama()``; given Settings (or something with ``settings``/``probe``), a
-    local controller's."""
-    maker = getattr(ctl, "ollama", None)
-    if not callable(maker):
-        from memory_controller import MemoryController
-
-        maker = MemoryController(getattr(ctl, "settings", ctl), probe=getattr(ctl, "probe", None)).ollama
-    client = maker()
+    """The Ollama client: the ``ollama`` backend's (every model Ollama lists, memctl's derived tags too),
+    else the holder the controller has (``ctl.ollama()``); given Settings (or something with
+    ``settings``/``probe``), a local controller's."""
+    c = _controller(ctl)
+    try:
+        return c.backend("ollama").client
+    except (MemctlError, AttributeError):
+        pass
+    maker = getattr(c, "ollama", None)
+    client = maker() if callable(maker) else None
     if client is None:
         raise MemctlError("the Ollama client could not be built", "check the ollama_host setting")
     return client
