@@ -293,3 +293,28 @@ def test_fit_apply_creates_the_tag_and_ps_shows_it_fully_on_the_gpu(stand_in, ca
     entry = ps[applied["derived_tag"]]
     assert entry.size_vram == entry.size and entry.context_length == applied["num_ctx"]
     assert applied["derived_tag"] in stand_in.fake.installed
+
+
+def test_ollama_host_is_the_default_host_and_memctls_setting_wins():
+    from backends.ollama import host_setting
+
+    default = SimpleNamespace(ollama_host="127.0.0.1:11434")
+    assert host_setting(default, {"OLLAMA_HOST": "0.0.0.0:11500"}) == "0.0.0.0:11500"
+    assert host_setting(default, {}) == "127.0.0.1:11434"
+    assert host_setting(SimpleNamespace(ollama_host="gpu-box:11434"), {"OLLAMA_HOST": "x:1"}) == "gpu-box:11434"
+    assert host_setting(default, {"OLLAMA_HOST": "x:1", "MEMCTL_OLLAMA_HOST": "127.0.0.1:11434"}) == "127.0.0.1:11434"
+
+
+def test_a_hostile_manifest_is_not_read(tmp_path):
+    with FakeOllama(models_dir=tmp_path / "models") as fake:
+        fake.install("gpt-oss:20b", write_gguf(tmp_path / "a.gguf", **BIG))
+        manifest = tmp_path / "models" / "manifests" / "registry.ollama.ai" / "library" / "gpt-oss" / "20b"
+        good = manifest.read_bytes()
+        for bad in (b"[" * 100_000, b"{not json", json.dumps({"layers": [{"mediaType": "x"}] * 3}).encode(),
+                    json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                            "digest": "sha256:../../etc/passwd", "size": 10}]}).encode(),
+                    b" " * (2 * 1024 * 1024)):
+            manifest.write_bytes(bad)
+            assert spec_from_folder("gpt-oss:20b", [tmp_path / "models"]) is None
+        manifest.write_bytes(good)
+        assert spec_from_folder("gpt-oss:20b", [tmp_path / "models"]) is not None

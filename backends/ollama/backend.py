@@ -65,7 +65,7 @@ BACKEND_ID = "ollama"
 DERIVED = "-memctl-"
 _DERIVED_RE = re.compile(r"^(?P<base>.+)-memctl-(?P<ctx>\d+k?)$")
 KEEP_ALIVE = "30m"  # Ollama unloads it by itself after this long idle; memctl serve may unload sooner
-INFO_TTL_S = 30.0
+INFO_TTL_S = 600.0  # /api/show of one digest does not change; a new pull changes the digest
 MODELS_TTL_S = 5.0
 
 
