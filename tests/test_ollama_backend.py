@@ -318,3 +318,12 @@ def test_a_hostile_manifest_is_not_read(tmp_path):
             assert spec_from_folder("gpt-oss:20b", [tmp_path / "models"]) is None
         manifest.write_bytes(good)
         assert spec_from_folder("gpt-oss:20b", [tmp_path / "models"]) is not None
+
+
+def test_ollama_down_means_nothing_of_it_runs_and_it_is_not_offered(tmp_path):
+    settings = SimpleNamespace(state_dir=tmp_path / "state", ide_min_context=32768)
+    b = OllamaBackend(settings, None, OllamaClient("http://127.0.0.1:9"), dirs=[])  # nothing listens there
+    assert b.list_managed() == [] and b.deployments() == [] and b.list_models() == []
+    avail = b.availability()
+    assert not avail.ok and avail.reason.code == "backend.not_running"
+    assert b.resolve_model("gpt-oss:20b") is None

@@ -377,8 +377,14 @@ class OllamaBackend:
         return [d for d in (self._deployment(m, snap) for m in models) if d is not None]
 
     def list_managed(self) -> list[Deployment]:
+        """What runs, straight from ``/api/ps``. Ollama down (connection refused): nothing of it runs, [];
+        a slow or odd answer raises (what it holds is not known)."""
+        try:
+            models = self.client.ps()
+        except OllamaUnavailableError:
+            return []
         snap = self.probe.snapshot() if self.probe is not None else None
-        return [d for d in (self._deployment(m, snap) for m in self.client.ps()) if d is not None]
+        return [d for d in (self._deployment(m, snap) for m in models) if d is not None]
 
     def start(self, model: CachedModel, profile: Profile, claim: Claim, *,
               progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None) -> Deployment:
