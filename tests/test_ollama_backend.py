@@ -186,6 +186,8 @@ def test_start_creates_the_tag_loads_it_fully_on_the_gpu_and_stop_unloads_it(sta
     # the stand-in measured more than the formulas (its overhead): kept, and used next time
     assert b.calibration.delta("gpt-oss:20b") == stand_in.fake.overhead_bytes
     assert b.estimate(model, profile).total_bytes == est.total_bytes + stand_in.fake.overhead_bytes
+    note = next(n for n in b.claim(model, profile, est, b.probe.snapshot()).notes if n.code == "ollama.calibrated")
+    assert note.args["delta"] == "+96 MiB"  # shown beside the plan
     report = b.stop(dep.handle)
     assert report.freed_bytes == loaded.size and b.deployments() == []
     assert b.stop(dep.handle).already_gone

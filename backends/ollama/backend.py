@@ -308,6 +308,15 @@ class OllamaBackend:
         target = (snapshot.device(f"gpu:{profile.gpu_ids[0]}") if profile.gpu_ids else None) or (
             max(gpus, key=lambda g: g.free_bytes or 0) if gpus else snapshot.gpus[0])
         notes: list[Message] = []
+        cal = self.calibration.entry(model.model_id)
+        if cal is not None:
+            delta = self.calibration.delta(model.model_id)
+            notes.append(msg("ollama.calibrated",
+                             f"estimate corrected by {'+' if delta >= 0 else '-'}{fmt_bytes(abs(delta))}: Ollama took "
+                             f"{fmt_bytes(cal['measured'])} where memctl estimated {fmt_bytes(cal['estimated'])} "
+                             f"(num_ctx {cal.get('num_ctx')}) at the last load",
+                             delta=f"{'+' if delta >= 0 else '-'}{fmt_bytes(abs(delta))}", measured=fmt_bytes(cal["measured"]),
+                             estimated=fmt_bytes(cal["estimated"]), tokens=cal.get("num_ctx")))
         want = int(getattr(self.settings, "ide_min_context", 32768) or 32768)
         if profile.context_tokens < want and target.free_bytes is not None:
             try:
