@@ -265,7 +265,9 @@ class OllamaBackend:
                               source=spec.source, notes=tuple(notes))
 
     def _kv(self, profile: Profile) -> sizing.KvConfig:
-        return sizing.KvConfig(self.kv.cache_type, self.kv.flash_attention, max(1, int(profile.batch or 1)))
+        """The server's cache settings: parallel slots are Ollama's OLLAMA_NUM_PARALLEL (server-wide, not
+        per model), so a profile's batch does not change what a load takes."""
+        return self.kv
 
     def max_context_that_fits(self, model: CachedModel, free_bytes: int, profile: Profile, settings: Any = None) -> int:
         spec = self._spec(model)
