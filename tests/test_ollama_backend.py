@@ -329,3 +329,16 @@ def test_ollama_down_means_nothing_of_it_runs_and_it_is_not_offered(tmp_path):
     avail = b.availability()
     assert not avail.ok and avail.reason.code == "backend.not_running"
     assert b.resolve_model("gpt-oss:20b") is None
+
+
+def test_an_ollama_model_is_not_exported_for_a_cluster_engine(stand_in):
+    from backends.vllm import create as vllm_backend
+    from memory_controller import clusterfit
+
+    settings = _settings(stand_in)
+    probe = DeviceProbe(stand_in.nvml.module())
+    ctl = MemoryController(settings, probe=probe, backends={"ollama": create(settings, probe),
+                                                            "vllm": vllm_backend(settings, probe)})
+    assert "production-stack" in clusterfit.exporters(ctl)
+    with pytest.raises(clusterfit.BadExportRequestError, match="not a checkpoint"):
+        clusterfit.export(ctl, "production-stack", "gpt-oss:20b", gpu_bytes=80 * GIB)
