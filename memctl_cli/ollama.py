@@ -146,7 +146,8 @@ def fit_rows(ctl: Any, model: str | None = None) -> list[dict[str, Any]]:
                        needed_bytes=plan.needed_bytes, free_bytes=plan.free_bytes_after_unload,
                        derived_tag=backend.derived_name(m.name, plan.profile.context_tokens) if fits else None,
                        blockers=[b.text for b in plan.blockers],
-                       notes=[n.text for n in plan.notes if n.code in ("ollama.kv_advice", "ide.model_max_below_minimum")],
+                       notes=[n.text for n in plan.notes if n.code in ("ollama.kv_advice", "ollama.no_tools",
+                                                                       "ollama.calibrated", "ide.model_max_below_minimum")],
                        calibration_bytes=backend.calibration.delta(m.name))
             row["_plan"] = plan
         except MemctlError as exc:

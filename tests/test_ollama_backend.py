@@ -273,6 +273,7 @@ def test_memctl_ollama_fit_json_lists_both_models_with_a_context_that_stays_on_t
         assert r["fits"] and r["num_ctx"] >= 2048 and r["device"] == "gpu:0"
         assert r["needed_bytes"] <= r["free_bytes"]
     assert rows["codellama:7b"]["tools"] is False and rows["gpt-oss:20b"]["tools"] is True
+    assert any("no tool calling" in n for n in rows["codellama:7b"]["notes"])  # marked in the plan too
     assert rows["codellama:7b"]["num_ctx"] <= 16384  # never above the trained context
 
 
@@ -342,3 +343,20 @@ def test_an_ollama_model_is_not_exported_for_a_cluster_engine(stand_in):
     assert "production-stack" in clusterfit.exporters(ctl)
     with pytest.raises(clusterfit.BadExportRequestError, match="not a checkpoint"):
         clusterfit.export(ctl, "production-stack", "gpt-oss:20b", gpu_bytes=80 * GIB)
+
+
+def test_a_projector_blob_is_counted_with_the_weights(tmp_path):
+    with FakeOllama(models_dir=tmp_path / "models") as fake:
+        fake.install("llava:7b", write_gguf(tmp_path / "a.gguf", **CODELLAMA))
+        root = tmp_path / "models"
+        proj = b"\0" * (3 * MIB)
+        digest = __import__("hashlib").sha256(proj).hexdigest()
+        (root / "blobs" / f"sha256-{digest}").write_bytes(proj)
+        manifest = root / "manifests" / "registry.ollama.ai" / "library" / "llava" / "7b"
+        doc = json.loads(manifest.read_text())
+        doc["layers"].append({"mediaType": "application/vnd.ollama.image.projector", "digest": f"sha256:{digest}",
+                              "size": len(proj)})
+        manifest.write_text(json.dumps(doc))
+        spec = spec_from_folder("llava:7b", [root])
+        assert spec.projector_bytes == 3 * MIB and spec.weights_bytes == 8 * MIB
+        assert sizing.size(spec, 4096).weights_bytes == 11 * MIB

@@ -310,6 +310,10 @@ class OllamaBackend:
         target = (snapshot.device(f"gpu:{profile.gpu_ids[0]}") if profile.gpu_ids else None) or (
             max(gpus, key=lambda g: g.free_bytes or 0) if gpus else snapshot.gpus[0])
         notes: list[Message] = []
+        if self.supports_tools(model) is False:
+            notes.append(msg("ollama.no_tools", f"{model.model_id} has no tool calling (Ollama's capabilities): coding "
+                             "agents (Roo, Kilo, Continue) need it; a request with tools gets 400",
+                             model=model.model_id))
         cal = self.calibration.entry(model.model_id)
         if cal is not None:
             delta = self.calibration.delta(model.model_id)
