@@ -360,3 +360,13 @@ def test_a_projector_blob_is_counted_with_the_weights(tmp_path):
         spec = spec_from_folder("llava:7b", [root])
         assert spec.projector_bytes == 3 * MIB and spec.weights_bytes == 8 * MIB
         assert sizing.size(spec, 4096).weights_bytes == 11 * MIB
+
+
+def test_a_model_ollama_cannot_describe_does_not_hide_the_others(stand_in):
+    b = _backend(stand_in, dirs=[])
+    stand_in.fake.fail["/api/show"] = "malformed"
+    models = {m.name: m for m in b.installed(fresh=True)}
+    assert set(models) == {"gpt-oss:20b", "codellama:7b"}
+    assert all(m.spec is None and "JSON" in (m.spec_error or "") for m in models.values())
+    plan_blockers = b.check_model(b.cached(models["codellama:7b"]), _gpu_profile(4096))
+    assert plan_blockers and plan_blockers[0].code == "ollama.no_metadata"

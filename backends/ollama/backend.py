@@ -180,7 +180,12 @@ class OllamaBackend:
         if hit is not None and hit[1] == digest and now - hit[0] < INFO_TTL_S:
             return hit[2]
         size = tag.get("size") if isinstance(tag.get("size"), int) else 0
-        show = self.client.show(name)
+        try:
+            show = self.client.show(name)
+        except OllamaError as exc:  # one model Ollama cannot describe does not hide the others
+            if isinstance(exc, OllamaUnavailableError):
+                raise
+            show = {"model_info": None, "error": exc.message}
         details = show.get("details") if isinstance(show.get("details"), dict) else {}
         caps = show.get("capabilities")
         caps = tuple(str(c)[:32] for c in caps if isinstance(c, str)) if isinstance(caps, list) else ()
@@ -190,7 +195,8 @@ class OllamaBackend:
             info = show.get("model_info")
             try:
                 if not isinstance(info, dict):
-                    raise CorruptDataError("Ollama /api/show gave no model_info", "update Ollama")
+                    raise CorruptDataError(str(show.get("error") or "Ollama /api/show gave no model_info"),
+                                           "update Ollama")
                 # without the blobs, /api/tags' size (every layer: weights and projector) stands for the weights
                 spec = spec_from_metadata(info, source="api_show", weights_bytes=size, quantization=quant)
             except CorruptDataError as exc:

@@ -34,6 +34,7 @@ UNLOAD_REQUEST_TIMEOUT_S = 15.0  # Ollama answers an unload once the runner is t
 POLL_INTERVAL_S = 0.25
 MEMORY_BACK_SHARE = 0.75
 MAX_BODY_BYTES = 1024 * 1024
+SHOW_MAX_BYTES = 16 * 1024 * 1024
 MAX_MODELS = 256
 
 # Ollama's name parts: [host[:port]/][namespace/]model[:tag]; each part starts with a letter or digit.
@@ -214,7 +215,8 @@ class OllamaClient:
         self.last_error: OllamaError | None = None
 
     # ------------------------------------------------------------------ HTTP
-    def _request(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None) -> Any:
+    def _request(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None,
+                 max_bytes: int = MAX_BODY_BYTES) -> Any:
         timeout = httpx.Timeout(timeout_s or self.timeout_s, connect=CONNECT_TIMEOUT_S)
         where = f"{self.base_url}{path}"
         try:
@@ -224,8 +226,8 @@ class OllamaClient:
                 raw = bytearray()
                 for chunk in resp.iter_bytes():
                     raw += chunk
-                    if len(raw) > MAX_BODY_BYTES:
-                        raise OllamaMalformedError(f"Ollama {path}: answer over {MAX_BODY_BYTES} bytes",
+                    if len(raw) > max_bytes:
+                        raise OllamaMalformedError(f"Ollama {path}: answer over {max_bytes} bytes",
                                                    "the server at ollama_host is not Ollama")
                 status = resp.status_code
         except httpx.TimeoutException:
@@ -238,7 +240,7 @@ class OllamaClient:
                 f"Ollama does not answer at {self.base_url} ({type(exc).__name__})",
                 "start Ollama (ollama serve / systemctl start ollama) or set ollama_host",
                 args={"host": self.base_url}) from None
-        data = self._parse(bytes(raw), path)
+        data = self._parse(bytes(raw), path, max_bytes)
         if status >= 400:
             detail = data.get("error") if isinstance(data, dict) else None
             detail = escape_text(str(detail)[:300]) if detail else f"HTTP {status}"
@@ -251,14 +253,14 @@ class OllamaClient:
         return data
 
     @staticmethod
-    def _parse(raw: bytes, path: str) -> Any:
+    def _parse(raw: bytes, path: str, max_bytes: int = MAX_BODY_BYTES) -> Any:
         text = raw.strip()
         if b"\n" in text:  # a streamed answer (NDJSON): the last object is the final one
             text = text.rsplit(b"\n", 1)[-1]
         if not text:
             return {}
         try:
-            return loads_bounded(text, what=f"Ollama {path} answer", max_bytes=MAX_BODY_BYTES)
+            return loads_bounded(text, what=f"Ollama {path} answer", max_bytes=max_bytes)
         except CorruptDataError as exc:
             raise OllamaMalformedError(exc.message, "the server at ollama_host does not speak Ollama's API") from None
 
@@ -368,7 +370,8 @@ class OllamaClient:
 
     def show(self, name: str) -> dict[str, Any]:
         """``/api/show`` for ``name``: ``model_info``, ``capabilities``, ``details``, ``parameters``."""
-        data = self._request("POST", "/api/show", {"model": validate_model_name(name)})
+        # the answer lists every tensor and the license: larger than the other answers
+        data = self._request("POST", "/api/show", {"model": validate_model_name(name)}, max_bytes=SHOW_MAX_BYTES)
         if not isinstance(data, dict):
             raise OllamaMalformedError("Ollama /api/show: expected a JSON object", "the server at ollama_host is not Ollama")
         return data
