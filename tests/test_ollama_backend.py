@@ -54,6 +54,16 @@ def test_kv_matches_a_published_ollama_figure_for_llama3_8b_at_8192_f16(tmp_path
     assert kv == 2 * 32 * 8 * 128 * 8192 * 1 * 2
 
 
+def test_kv_and_graph_match_an_ollama_server_log_with_two_slots(tmp_path):
+    # Ollama 0.9.6's log for Meta-Llama-3-8B-Instruct Q4_0 with OLLAMA_CONTEXT_LENGTH=4096 and two slots
+    # (a public docker-compose log): "kv_size = 8192 ... KV self size = 1024.00 MiB" and
+    # "memory.graph.full=560.0 MiB".
+    spec = _spec(tmp_path, **LLAMA3_8B)
+    kv = sizing.KvConfig(parallel=2)
+    assert abs(sizing.kv_bytes(spec, 4096, kv) - 1024 * MIB) / (1024 * MIB) < 0.002
+    assert abs(sizing.graph_bytes(spec, 4096, 2) - 560 * MIB) / (560 * MIB) < 0.002
+
+
 @pytest.mark.parametrize(("kv_type", "fa", "k_num", "k_den", "v_num", "v_den"), [
     ("q8_0", True, 34, 32, 34, 32),
     ("q4_0", True, 18, 32, 18, 32),
