@@ -380,3 +380,14 @@ def test_a_model_ollama_cannot_describe_does_not_hide_the_others(stand_in):
     assert all(m.spec is None and "JSON" in (m.spec_error or "") for m in models.values())
     plan_blockers = b.check_model(b.cached(models["codellama:7b"]), _gpu_profile(4096))
     assert plan_blockers and plan_blockers[0].code == "ollama.no_metadata"
+
+
+def test_one_config_line_registers_the_backend_and_it_implements_the_protocol(tmp_path):
+    from memory_controller.backend import Backend
+    from memory_controller.registry import BackendRegistry
+
+    settings = load_settings(state_dir=str(tmp_path / "state"))
+    assert settings.backends["ollama"] == "backends.ollama:create"
+    b = BackendRegistry({"ollama": settings.backends["ollama"]}, settings, None).get("ollama")
+    assert isinstance(b, Backend) and b.id == "ollama" and b.capabilities.serves_http
+    assert not b.capabilities.generates_in_process and b.capabilities.label == "Ollama"
