@@ -391,3 +391,12 @@ def test_one_config_line_registers_the_backend_and_it_implements_the_protocol(tm
     b = BackendRegistry({"ollama": settings.backends["ollama"]}, settings, None).get("ollama")
     assert isinstance(b, Backend) and b.id == "ollama" and b.capabilities.serves_http
     assert not b.capabilities.generates_in_process and b.capabilities.label == "Ollama"
+
+
+def test_the_backend_answers_the_holder_calls_too(stand_in):
+    b = _backend(stand_in)
+    model = b.resolve_model("codellama:7b")
+    p = _gpu_profile(4096)
+    dep = b.start(model, p, b.claim(model, p, b.estimate(model, p), b.probe.snapshot()))
+    assert b.base_url == b.client.base_url and b.loaded(max_age_s=0) == [] and b.ps() == []  # its own tag left out
+    assert b.unload(dep.handle, wait_s=5).gone and b.list_managed() == []
