@@ -161,9 +161,10 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_fit(rows: list[dict[str, Any]]) -> str:
-    table = [("MODEL", "SIZE", "QUANT", "TRAINED", "NUM_CTX ON GPU", "TOOLS")]
+    table = [("MODEL", "SIZE", "QUANT", "TRAINED", "LARGEST NUM_CTX", "TOOLS")]
     for r in rows:
-        ctx = str(r["num_ctx"]) if r.get("fits") else "does not fit"
+        where = "the GPU" if str(r.get("device", "")).startswith("gpu") else "host memory (no GPU)"
+        ctx = f"{r['num_ctx']} in {where}" if r.get("fits") else "does not fit"
         table.append((r["model"], fmt_bytes(r["size_bytes"]), r.get("quantization") or "—",
                       str(r.get("trained_context") or "—"), ctx, "yes" if r["tools"] else "no (agents need tools)"))
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
