@@ -170,8 +170,8 @@ def format_fit(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
     for r in rows:
-        lines += [f"  {r['model']}: {b}" for b in r.get("blockers", [])]
-        lines += [f"  {r['model']}: {n}" for n in r.get("notes", [])]
+        lines += [f"⛔ {r['model']}: {b}" for b in r.get("blockers", [])]
+        lines += [f"ℹ️ {n}" for n in r.get("notes", [])]
     return "\n".join(lines)
 
 
