@@ -171,7 +171,7 @@ def format_fit(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
     for r in rows:
         lines += [f"⛔ {r['model']}: {b}" for b in r.get("blockers", [])]
-        lines += [f"ℹ️ {n}" for n in r.get("notes", [])]
+        lines += [f"ℹ️ {n}" if r["model"] in n else f"ℹ️ {r['model']}: {n}" for n in r.get("notes", [])]
     return "\n".join(lines)
 
 
