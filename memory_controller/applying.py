@@ -84,8 +84,12 @@ def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profi
               purpose: str, unload_ollama: bool = False, *, live: LiveState | None = None,
               with_suggestion: bool = True) -> Plan:
     from . import estimate as est
+    from . import safefiles
 
     backend = ctl.backend(backend_id)
+    # every file of the model: a bounded regular file inside its cache folder, before anything reads one
+    safefiles.check_model_dir(cached.path, safefiles.roots_of(cached.path, cached.source,
+                                                              ctl.settings.resolved_hf_cache_dir))
     live = live or LiveState(ctl)
     snap, running = live.snap, live.running
     notes: tuple[Message, ...] = ()
