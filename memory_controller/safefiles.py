@@ -199,3 +199,56 @@ def read_checked(path: str | os.PathLike[str], roots: tuple[str, ...] | None = N
     limit = limit_for(Path(path).name) if max_bytes is None else max_bytes
     with open_checked(path, roots, max_bytes=limit) as fh:
         return fh.read(limit + 1)
+
+
+def check_state_dir(path: str | os.PathLike[str]) -> Path:
+    """memctl's state dir (owner lock, ``server.json`` with the owner's token, the operation log), created
+    (mode 0700) when missing. Raises SettingsError naming the path when it is a file, not writable (a read-only
+    file system, no permission) or writable by every user (another user could plant ``server.json`` and
+    receive the owner's token, or rewrite the history)."""
+    import errno
+
+    from .errors import SettingsError
+
+    p = Path(path).expanduser()
+    fix = "set MEMCTL_STATE_DIR (state_dir) to a folder of your own, or fix this one"
+    try:
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise SettingsError(f"the state dir {_shown(p)} is a file, not a folder", fix,
+                            code="state_dir.not_a_folder", args={"path": str(p)}) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            why = "a path above it is a file, not a folder"
+        elif exc.errno == errno.EROFS:
+            why = "it is on a read-only file system"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            why = "memctl may not create it (permission denied)"
+        else:
+            why = exc.strerror or str(exc)
+        raise SettingsError(f"the state dir {_shown(p)} cannot be created: {why}", fix,
+                            code="state_dir.unusable", args={"path": str(p)}) from None
+    st = os.stat(p)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SettingsError(f"the state dir {_shown(p)} is not a folder", fix, code="state_dir.not_a_folder",
+                            args={"path": str(p)})
+    if st.st_mode & stat.S_IWOTH:
+        raise SettingsError(f"the state dir {_shown(p)} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): "
+                            "another user could plant the server file and receive memctl's owner token",
+                            f"run `chmod 700 {_shown(p)}`, or {fix}", code="state_dir.world_writable",
+                            args={"path": str(p)})
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise SettingsError(f"the state dir {_shown(p)} is not writable"
+                            + (" (a read-only file system)" if _read_only_fs(p) else " (permission denied)"), fix,
+                            code="state_dir.unusable", args={"path": str(p)})
+    if _read_only_fs(p):
+        raise SettingsError(f"the state dir {_shown(p)} is on a read-only file system", fix,
+                            code="state_dir.unusable", args={"path": str(p)})
+    return p
+
+
+def _read_only_fs(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

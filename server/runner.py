@@ -109,6 +109,9 @@ class ServerHandle:
     def _prepare(self) -> None:
         import uvicorn
 
+        from memory_controller.safefiles import check_state_dir
+
+        check_state_dir(self.settings.state_dir)  # a file, read-only or world-writable: said with the path
         lock = OwnerLock.try_acquire(self.settings)
         if lock is None:
             owner = read_owner(self.settings, wait_s=0.5)
