@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import planning
-from .backend import Claim, Deployment
+from .backend import Claim, Deployment, DeploymentState
 from .errors import (
     ContainerError,
     DockerUnavailableError,
@@ -258,7 +258,7 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
         raise not_fit_error(plan)
     backend = ctl.backend(plan.backend_id)
     cached = ctl.resolve(plan.model_id)
-    previous = [d for d in plan.to_stop if d.profile is not None]
+    previous = [d for d in plan.to_stop if d.profile is not None and d.state is not DeploymentState.FAILED]
     mine: list[Deployment] = []  # what this operation started: the only thing its clean-up touches
     prepare_started = False
     by_kind = {s.kind: s for s in plan.steps}
