@@ -109,6 +109,11 @@ CONTENT_CASES: dict[str, tuple[Callable[[Path], None], str]] = {  # class 10: ma
     "context-negative": (_config(lambda d: d.update(max_position_embeddings=-5.5)), "plausible"),
 }
 CASES = {**FILE_CASES, **CONTENT_CASES}
+# loops only on a longer chat: passes the check before a load, so the rendering budget at request time stops it
+LATER = f"{mf.TEST_ORG}/template-loops-later"
+LOOP_LATER = ("{% if messages|length > 1 %}" + LOOP_SILENT + "{% endif %}"
+              "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +134,13 @@ def hostile_hub(tmp_path_factory) -> tuple[Path, dict[str, str]]:
                 f.write_bytes(data)
         tamper(snap)
         ids[name] = model_id
+    snap = mf.add_to_hf_cache(built, hub, LATER, move=False)
+    for f in snap.iterdir():
+        if f.is_symlink():
+            data = f.read_bytes()
+            f.unlink()
+            f.write_bytes(data)
+    _template(LOOP_LATER)(snap)
     return hub, ids
 
 
@@ -203,3 +215,35 @@ def test_the_file_check_as_a_function(tmp_path):
     (tmp_path / "elsewhere.json").write_text("{}")
     with pytest.raises(safefiles.BadModelFileError, match="links outside"):
         safefiles.check_model_dir(snap)
+
+
+def test_a_template_that_loops_at_request_time_is_stopped_and_others_keep_serving(served_hostile, caplog):
+    """The template passes the one-message check, loads, then loops on a two-message chat: the rendering is
+    stopped by its budget on the generation thread (never on the event loop: the server answers meanwhile),
+    the request is a 400 naming the template, and the good model serves next."""
+    import threading
+
+    url = served_hostile.base_url
+    ok = httpx.post(url + "/chat/completions", timeout=120, json={
+        "model": LATER, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    answer: dict = {}
+
+    def looping() -> None:
+        answer["r"] = httpx.post(url + "/chat/completions", timeout=120, json={
+            "model": LATER, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "yes"},
+                                                          {"role": "user", "content": "again"}]})
+
+    with caplog.at_level(logging.INFO):
+        t = threading.Thread(target=looping)
+        t.start()
+        for _ in range(3):  # the event loop answers while the template runs
+            assert httpx.get(url + "/models", timeout=60).status_code == 200
+        t.join(120)
+    r = answer["r"]
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_not_servable" and "chat template" in err["message"] and "loops" in err["message"]
+    assert "Traceback" not in caplog.text
+    _good_chat(served_hostile)
