@@ -126,3 +126,19 @@ class FittingMixin:
             notes = (*notes, msg("rec.context_rule", f"context {p.context_tokens} tokens: the model's maximum",
                                  rule="model_max", tokens=p.context_tokens))
         return p, notes
+
+    def export(self: MemoryController, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None,
+               gpus: int = 1, context: int | None = None, batch: int | None = None,
+               accelerator: str | None = None, max_replicas: int = 2):
+        """A document for an engine a cluster runs (``export_formats()``), sized by the same estimator and fit
+        for ``gpus`` GPUs of ``gpu_bytes`` each (default: this machine's largest GPU); see clusterfit.py."""
+        from . import clusterfit
+
+        return clusterfit.export(self, fmt, model, gpu_bytes=gpu_bytes, gpus=gpus, context=context, batch=batch,
+                                 accelerator=accelerator, max_replicas=max_replicas)
+
+    def export_formats(self: MemoryController) -> tuple[str, ...]:
+        """The formats the configured backends write (e.g. Helm values, a RayService)."""
+        from . import clusterfit
+
+        return tuple(clusterfit.exporters(self))
