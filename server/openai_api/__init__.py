@@ -43,6 +43,25 @@ def _is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
+def _config_problem(model: Any) -> str | None:
+    """Why a cached model whose ``config.json`` exists cannot be listed normally (a link out of the cache, not a
+    regular file, malformed), or None when it has no config at all."""
+    import os
+
+    from memory_controller import safefiles
+
+    path = str(getattr(model, "path", "") or "")
+    if not path or not os.path.lexists(os.path.join(path, "config.json")):
+        return None
+    try:
+        safefiles.check_model_dir(path, safefiles.roots_of(path, getattr(model, "source", None)))
+    except MemctlError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{model.model_id}: its folder cannot be read ({exc.strerror or exc})"
+    return f"{model.model_id}: config.json is unreadable or malformed — download the model again"
+
+
 class OpenAIService:
     def __init__(self, ctl: Any, settings: Any) -> None:
         self.ctl = ctl
@@ -141,7 +160,17 @@ class OpenAIService:
         data: list[dict[str, Any]] = []
         seen: set[str] = set()
         for m in self.ctl.models().models:
-            if not m.has_config or m.model_id in seen:
+            if m.model_id in seen:
+                continue
+            if not m.has_config:
+                problem = _config_problem(m)  # a config that is there but unusable: listed as broken
+                if problem is None:
+                    continue  # no config at all: not a model memctl can serve
+                seen.add(m.model_id)
+                data.append({"id": m.model_id, "object": "model", "created": 0, "owned_by": "memctl",
+                             "max_model_len": None, "loaded": False,
+                             "memctl": {"state": "broken", "backend": None, "fits": False, "endpoint": None,
+                                        "problem": problem}})
                 continue
             seen.add(m.model_id)
             ctx, fits, problem = self._served_context(m.model_id, running, key)
