@@ -116,6 +116,11 @@ LATER = f"{mf.TEST_ORG}/template-loops-later"
 LOOP_LATER = ("{% if messages|length > 1 %}" + LOOP_SILENT + "{% endif %}"
               "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# repeats a long last message 100,000 times (100 GB for a 1 MB message); a short one renders normally
+AMPLIFY = f"{mf.TEST_ORG}/template-amplifies"
+AMPLIFY_TEMPLATE = ("{% if messages[-1]['content']|length > 1000 %}{% for i in range(100000) %}"
+                    "{{ messages[-1]['content'] }}{% endfor %}{% endif %}<|im_start|>user\n{{ messages[-1]['content'] }}"
+                    "<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +141,14 @@ def hostile_hub(tmp_path_factory) -> tuple[Path, dict[str, str]]:
                 f.write_bytes(data)
         tamper(snap)
         ids[name] = model_id
-    snap = mf.add_to_hf_cache(built, hub, LATER, move=False)
-    for f in snap.iterdir():
-        if f.is_symlink():
-            data = f.read_bytes()
-            f.unlink()
-            f.write_bytes(data)
-    _template(LOOP_LATER)(snap)
+    for model_id, template in ((LATER, LOOP_LATER), (AMPLIFY, AMPLIFY_TEMPLATE)):
+        snap = mf.add_to_hf_cache(built, hub, model_id, move=False)
+        for f in snap.iterdir():
+            if f.is_symlink():
+                data = f.read_bytes()
+                f.unlink()
+                f.write_bytes(data)
+        _template(template)(snap)
     return hub, ids
 
 
@@ -216,26 +222,33 @@ def test_the_file_check_as_a_function(tmp_path):
         safefiles.check_model_dir(snap)
 
 
-def test_a_template_that_loops_at_request_time_is_stopped_and_others_keep_serving(served_hostile, caplog):
-    """The template passes the one-message check, loads, then loops on a two-message chat: the rendering is
-    stopped by its budget on the generation thread (never on the event loop: the server answers meanwhile),
-    the request is a 400 naming the template, and the good model serves next."""
+BIG = "x" * (1024 * 1024)
+
+
+@pytest.mark.parametrize("model_id,messages,words", [
+    (LATER, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+             {"role": "user", "content": "again"}], "loops"),
+    (AMPLIFY, [{"role": "user", "content": BIG}], "read more than"),
+])
+def test_a_template_that_runs_away_at_request_time_is_stopped_and_others_keep_serving(served_hostile, caplog,
+                                                                                       model_id, messages, words):
+    """The template passes the one-message check and loads, then runs away on this request (loops, or blows up
+    its output): the rendering is stopped by its budget on the generation thread (never on the event loop: the
+    server answers meanwhile), the request is a 400 naming the template, and the good model serves next."""
     import threading
 
     url = served_hostile.base_url
     ok = httpx.post(url + "/chat/completions", timeout=120, json={
-        "model": LATER, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        "model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200, ok.text
     answer: dict = {}
 
-    def looping() -> None:
+    def running_away() -> None:
         answer["r"] = httpx.post(url + "/chat/completions", timeout=120, json={
-            "model": LATER, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"},
-                                                          {"role": "assistant", "content": "yes"},
-                                                          {"role": "user", "content": "again"}]})
+            "model": model_id, "max_tokens": 2, "messages": messages})
 
     with caplog.at_level(logging.INFO):
-        t = threading.Thread(target=looping)
+        t = threading.Thread(target=running_away)
         t.start()
         for _ in range(3):  # the event loop answers while the template runs
             assert httpx.get(url + "/models", timeout=60).status_code == 200
@@ -243,6 +256,6 @@ def test_a_template_that_loops_at_request_time_is_stopped_and_others_keep_servin
     r = answer["r"]
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["code"] == "model_not_servable" and "chat template" in err["message"] and "loops" in err["message"]
+    assert err["code"] == "model_not_servable" and "chat template" in err["message"] and words in err["message"]
     assert "Traceback" not in caplog.text
     _good_chat(served_hostile)
