@@ -12,8 +12,8 @@ no preflight) and, through DNS rebinding, requests whose ``Host`` is the attacke
 * A state-changing request with a body must say ``Content-Type: application/json`` (415 otherwise):
   a browser cannot send that cross-origin without a CORS preflight, which memctl never answers.
 * Bodies: a ``Content-Length`` over the limit is 413 before anything is read; a chunked body is read
-  only up to the limit (413 then); a JSON body nested deeper than the limit is 400 here, so no
-  route's parser meets it.
+  only up to the limit (413 then); a body that stops arriving is 408; a JSON body nested deeper than
+  the limit is 400 here, so no route's parser meets it.
 
 Errors have the OpenAI shape (``{"error": {"message", "type", "param", "code"}}``) plus the control
 API's ``hint``/``error`` fields, so both kinds of client read them.
@@ -34,6 +34,7 @@ from memory_controller.safejson import MAX_DEPTH
 log = logging.getLogger("memctl.server.security")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_READ_TIMEOUT_S = 30.0  # the longest pause between two pieces of a request body (then 408)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 BUILTIN_ORIGIN_SCHEMES = ("vscode-webview://",)
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
@@ -139,8 +140,10 @@ class SecurityMiddleware:
     ``max_body_bytes`` and ``max_depth`` bound request bodies."""
 
     def __init__(self, app: Any, *, bind_address: str = "127.0.0.1", allowed_origins: Iterable[str] = (),
-                 max_body_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_DEPTH) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_DEPTH,
+                 body_timeout_s: float = BODY_READ_TIMEOUT_S) -> None:
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.bind_address = str(bind_address)
         self.allowed_origins = tuple(allowed_origins)
         self.max_body_bytes = max_body_bytes
@@ -203,7 +206,12 @@ class SecurityMiddleware:
         chunks: list[bytes] = []
         total = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                await _answer(send, 408, f"the request body stopped arriving (nothing for {self.body_timeout_s:g} s)",
+                              "send the whole body at once", "body_timeout")
+                return
             if message["type"] == "http.disconnect":
                 return  # the client went away before its body was complete: nothing to answer
             piece = message.get("body", b"")
@@ -236,7 +244,8 @@ class SecurityMiddleware:
 def install(app: Any, settings: Any) -> None:
     """Put the protections in front of a Starlette/FastAPI ``app`` built for ``settings``."""
     app.add_middleware(SecurityMiddleware, bind_address=str(getattr(settings, "bind_address", "127.0.0.1")),
-                       allowed_origins=tuple(getattr(settings, "serve_allowed_origins", ()) or ()))
+                       allowed_origins=tuple(getattr(settings, "serve_allowed_origins", ()) or ()),
+                       body_timeout_s=BODY_READ_TIMEOUT_S)
 
 
 HEADER_TIMEOUT_S = 10.0  # a client has this long to send a request's headers (a new connection or kept alive)

@@ -228,3 +228,27 @@ def test_half_sent_headers_are_closed_by_a_read_timeout(server):
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"model": "x", '])
+def test_a_body_that_stops_arriving_is_a_408_and_others_are_served(hf_cache, monkeypatch, sent):
+    import server.security as security
+
+    monkeypatch.setattr(security, "BODY_READ_TIMEOUT_S", 1.0)
+    settings = load_settings(hf_cache_dir=hf_cache, local_model_dirs=[])
+    backend = InMemoryBackend(settings)
+    ctl = MemoryController(settings, backends={"inmem": backend})
+    handle = ServerHandle(ctl, settings, port=0).start()
+    try:
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n")
+        host, port = handle.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(head + sent)
+            assert httpx.get(handle.url + "/health", timeout=30).status_code == 200
+            answer = b""
+            while piece := s.recv(65536):  # until the server closes
+                answer += piece
+        assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+    finally:
+        handle.stop()
