@@ -131,3 +131,29 @@ def test_a_container_started_under_other_settings_is_not_adopted(vllm_settings, 
             assert key not in text and key not in str(seen.detail) and key not in caplog.text
     finally:
         backend.stop(dep.handle)
+
+
+@pytest.mark.docker
+def test_a_running_container_whose_api_never_answers_is_failed_after_the_start_deadline(vllm_settings, docker_client,
+                                                                                       fake_vllm_image):
+    """Running (Docker says so), but nothing answers on its port long after a cold start could take: not
+    "starting" for ever (which made every later load "nothing to do"), but failed, to be replaced."""
+    import time
+
+    from backends.vllm.labels import write_labels
+
+    settings = docker_fixtures.with_changes(vllm_settings, vllm_ready_timeout_s=1.0)
+    labels = write_labels(model_id="Org/Tiny-Llama", served_name="Org/Tiny-Llama", profile=FP16,
+                          port=settings.vllm_port, gpu_util=0.5, claim_bytes={"gpu:0": 1024**3}, tool_parser=None)
+    # the fake engine listens on another port than its labels say: memctl's probe is refused, as for a dead engine
+    c = docker_fixtures.run_foreign(docker_client, fake_vllm_image, labels=labels, port=docker_fixtures.free_port())
+    backend = docker_fixtures.make_vllm_backend(settings)
+    try:
+        time.sleep(1.5)
+        seen = _listed(backend, c.id)
+        assert seen.state is DeploymentState.FAILED, seen
+        assert any("has not answered" in w.text for w in seen.warnings)
+        patient = docker_fixtures.make_vllm_backend(vllm_settings)  # a 20 s deadline: still starting
+        assert _listed(patient, c.id).state is DeploymentState.STARTING
+    finally:
+        backend.stop(c.id)

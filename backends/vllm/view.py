@@ -114,6 +114,11 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
     else:
         state = DeploymentState.FAILED
     mismatch = settings_mismatch(settings, attrs, info) if status == "running" and not stopping else []
+    started = parse_docker_time(state_d.get("StartedAt")) or 0.0
+    if (state is DeploymentState.STARTING and health == "starting" and not starting and started > 0
+            and time.time() - started > float(settings.vllm_ready_timeout_s)):
+        # running, but its API has not answered for longer than a cold start may take: it is dead inside
+        mismatch = [*mismatch, f"its API has not answered in the {settings.vllm_ready_timeout_s:g} s a start may take"]
     if mismatch and state in (DeploymentState.READY, DeploymentState.STARTING):
         state = DeploymentState.FAILED  # never served as is; the next load of the model replaces it
     # An unreadable container is not vouched for: none of its numbers are used.
@@ -121,7 +126,7 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
     gpu_keys = sorted(claim, key=lambda k: int(k[4:]))
     warnings = (unreadable_warning(name, info),) if not info.readable else ()
     if mismatch:
-        warnings += (msg("deployment.settings_mismatch", f"{name} was started under other settings ("
+        warnings += (msg("deployment.settings_mismatch", f"{name} is not usable as it is ("
                          + "; ".join(mismatch) + "): it is not used; loading the model again replaces it",
                          container=name, problems=mismatch),)
     detail = {
