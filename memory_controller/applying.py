@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import planning
-from .backend import Claim, Deployment, DeploymentState
+from .backend import Claim, Deployment, DeploymentState, describe_memory
 from .errors import (
     ContainerError,
     DockerUnavailableError,
@@ -314,9 +314,14 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
                            on_late_result=lambda d: backend.stop(d.handle))
             mine.append(dep)
             where = f" at {dep.endpoint}" if dep.endpoint else ""
-            st.say("step.prepare", f"{dep.model_id} ready on {dep.device or plan.device_key}{where}, "
-                   f"{fmt_bytes(dep.footprint_bytes)}", model=dep.model_id, device=dep.device or plan.device_key,
-                   bytes=dep.footprint_bytes, endpoint=dep.endpoint or "")
+            on = dep.device or plan.device_key
+            if dep.mapped_bytes:  # a memory-mapped model: its resident weight-file pages and its private bytes
+                st.say("step.prepare_mapped", f"{dep.model_id} ready on {on}{where}: "
+                       f"{describe_memory(dep.memory_bytes, dep.mapped_bytes)}", model=dep.model_id, device=on,
+                       bytes=dep.footprint_bytes, mapped_bytes=dep.mapped_bytes, endpoint=dep.endpoint or "")
+            else:
+                st.say("step.prepare", f"{dep.model_id} ready on {on}{where}, {fmt_bytes(dep.footprint_bytes)}",
+                       model=dep.model_id, device=on, bytes=dep.footprint_bytes, endpoint=dep.endpoint or "")
             record.params["deployment"] = {"backend": dep.backend_id, "handle": dep.handle, "name": dep.name,
                                            "endpoint": dep.endpoint}
         ctx.check_cancel()

@@ -36,6 +36,7 @@ def run_unload(ctl: MemoryController, ctx: OperationContext, dep: Deployment) ->
 
 
 def clear_caches(ctl: MemoryController) -> dict[str, object]:
+    gc.unfreeze()  # the user's clear sweeps everything, objects a backend froze too (see gc.freeze)
     done: dict[str, object] = {"gc_collect": gc.collect() >= 0}
     for b in ctl.registry.made().values():
         done.update(b.clear_caches())
