@@ -295,10 +295,10 @@ class MemoryController(FittingMixin, ServingMixin, StatusMixin):
 
     def submit_emergency(self):
         running = self.runner.holder()
-        self.cancel_generation(None, "emergency_clear")
+        cut = self.cancel_generation(None, "emergency_clear")
         return self.runner.submit("emergency_clear", "emergency clear",
-                                  lambda ctx: maintenance.run_emergency(self, ctx, running),
-                                  {"cancelled": running.kind if running else None})
+                                  lambda ctx: maintenance.run_emergency(self, ctx, running, cut),
+                                  {"cancelled": running.kind if running else None, "streams_cut": cut})
 
     def _wait(self, op, progress: ProgressCallback | None) -> Any:
         return self.runner.run_existing(op, progress)

@@ -91,6 +91,30 @@ class FittingMixin:
                          cpu_half_precision=self.settings.cpu_half_precision, docker_available=vllm.ok,
                          docker_reason=vllm.reason.text if vllm.reason else None, device_key=device_key, fit=fit)
 
+    def model_in_view(self: MemoryController) -> str | None:
+        """The model every view recommends for when none is named: the one that runs, else the first
+        cached model (where the dashboard's selector starts). None when there is none."""
+        try:
+            running = [d.model_id for d in self.deployments()]
+            models = self.models().models
+        except MemctlError:
+            return None
+        ids = [m.model_id for m in models]
+        active = [mid for mid in running if mid in ids]
+        return active[0] if active else (ids[0] if ids else None)
+
+    def recommend_in_view(self: MemoryController, device_key: str | None = None,
+                          snapshot: SystemSnapshot | None = None) -> Recommendation:
+        """:meth:`recommend` for :meth:`model_in_view` (the dashboard's fields, its card, the diagnostic page
+        and ``memctl status`` say one profile); the table's alone when no model fits the question."""
+        model = self.model_in_view()
+        if model is not None:
+            try:
+                return self.recommend(model=model, device_key=device_key, snapshot=snapshot)
+            except Exception:  # noqa: BLE001 - an unreadable model: the table's profile, the model's error elsewhere
+                pass
+        return self.recommend(device_key=device_key, snapshot=snapshot)
+
     def _ladder(self: MemoryController, backend_id: str) -> tuple:
         try:
             return self.backend(backend_id).capabilities.fit_ladder
@@ -101,6 +125,7 @@ class FittingMixin:
         from . import estimate as est
 
         model_max = est.read_model_spec(cached.path).max_position_embeddings
+        band_ctx = profile.context_tokens  # the guide's table's value, before any change
         clamped = bool(model_max and profile.context_tokens > model_max)
         if clamped:
             profile = profile.with_(context_tokens=model_max)
@@ -116,15 +141,24 @@ class FittingMixin:
             return None
         p, notes = fitted
         # The band's context is a floor, not a ceiling: offer the largest that fits, up to the model's maximum.
+        # Said as what it is: a raise from the table's value, and what bounded it (issue 20.5).
         grown = min(max_context(p), model_max or p.context_tokens)
         if grown > p.context_tokens:
-            rule = "model_max" if grown == model_max else "memory"
-            text = (f"context {grown} tokens: the model's maximum" if rule == "model_max"
-                    else f"context {grown} tokens: the largest that fits in free memory")
-            return p.with_(context_tokens=grown), (*notes, msg("rec.context_rule", text, rule=rule, tokens=grown))
+            if grown == model_max:
+                note = msg("rec.context_raised_model_max",
+                           f"context raised from the table's {band_ctx} to {grown} tokens: memory allows more, "
+                           f"the model's own maximum ({model_max}) is the bound",
+                           rule="model_max", tokens=grown, band_ctx=band_ctx, model_max=model_max)
+            else:
+                note = msg("rec.context_raised_memory",
+                           f"context raised from the table's {band_ctx} to {grown} tokens: the largest that fits "
+                           "in free memory", rule="memory", tokens=grown, band_ctx=band_ctx)
+            return p.with_(context_tokens=grown), (*notes, note)
         if clamped:
-            notes = (*notes, msg("rec.context_rule", f"context {p.context_tokens} tokens: the model's maximum",
-                                 rule="model_max", tokens=p.context_tokens))
+            notes = (*notes, msg("rec.context_capped",
+                                 f"context lowered from the table's {band_ctx} to {p.context_tokens} tokens: "
+                                 "the model's own maximum", rule="model_max", tokens=p.context_tokens,
+                                 band_ctx=band_ctx, model_max=model_max))
         return p, notes
 
     def export(self: MemoryController, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None,

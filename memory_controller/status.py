@@ -15,7 +15,8 @@ class StatusMixin:
     def status(self: MemoryController) -> dict:
         """Devices, the recommendation, each backend's availability and what runs, as JSON-ready data."""
         snap = self.devices()
-        rec = self.recommend(snapshot=snap)
+        model = self.model_in_view()
+        rec = self.recommend_in_view(snapshot=snap)
         backends = {}
         for bid in self.registry.ids():
             a = self.availability(bid, snap)
@@ -32,7 +33,7 @@ class StatusMixin:
             "deployments": [to_jsonable(d) for d in self.deployments()],
             "holders": holder_rows(self.holders(snap)) if snap.gpus else [],
             "ollama": self._ollama_status(),
-            "recommendation": to_jsonable(rec),
+            "recommendation": dict(to_jsonable(rec), model=model),
             # the operation history: writes that failed since the last one that worked, and what reading skipped
             "history": {"write_errors": self.log_write_errors(), "warnings": list(self.log_warnings)},
         }
