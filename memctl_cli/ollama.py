@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from memctl_cli.output import fmt_duration, print_error, table
 from memory_controller.errors import MemctlError, SettingsError
 from memory_controller.types import Outcome, to_jsonable
 from memory_controller.units import fmt_bytes
@@ -48,11 +49,7 @@ def client_for(ctl: Any) -> Any:
 
 
 def _fail(exc: MemctlError, as_json: bool) -> int:
-    if as_json:
-        print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
-    print(f"error: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
+    print_error(exc, as_json)
     bad_input = isinstance(exc, SettingsError) or exc.code == "ollama.bad_name"
     return 2 if bad_input else 1
 
@@ -62,16 +59,14 @@ def _until(seconds: float | None) -> str:
         return "—"
     if seconds <= 0:
         return "now"
-    s = int(seconds)
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    return fmt_duration(seconds)
 
 
 def format_ps(models: list[Any]) -> str:
     rows = [("NAME", "SIZE", "IN VRAM", "UNLOADS IN")]
     for m in models:
         rows.append((m.name, fmt_bytes(m.size), fmt_bytes(m.size_vram), _until(m.expires_in_s())))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return table(rows)
 
 
 def cmd_ollama_ps(args: argparse.Namespace, ctl: Any) -> int:

@@ -237,7 +237,7 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
     precisions = [p.value for p in Precision]
     if backend_id is not None:
         try:
-            precisions = [p.value for p in ctl.backend(backend_id).capabilities.precisions] or precisions
+            precisions = [p.value for p in ctl.capabilities(backend_id).precisions] or precisions
         except Exception:  # noqa: BLE001 - the environment notice says why the backend is missing
             pass
     rec = _prefill(ctl, backend_id or "", model, dev, snap, precisions) if backend_id else None

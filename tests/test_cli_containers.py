@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from memctl_cli import containers as cli_containers
-from memctl_cli.main import _print_error
+from memctl_cli.output import fmt_duration
+from memctl_cli.output import print_error as _print_error
 from memory_controller.errors import MemctlError
 from memory_controller.types import Precision, Profile
 from tests.conftest import ROOT, subprocess_env
@@ -116,7 +117,7 @@ def test_commands_explain_a_daemon_that_is_down(tmp_path):
 
 
 def test_uptime_is_short_and_readable():
-    assert cli_containers.fmt_duration(None) == "—"
-    assert cli_containers.fmt_duration(12.7) == "12s"
-    assert cli_containers.fmt_duration(185) == "3m05s"
-    assert cli_containers.fmt_duration(3720) == "1h02m"
+    assert fmt_duration(None) == "—"
+    assert fmt_duration(12.7) == "12s"
+    assert fmt_duration(185) == "3m05s"
+    assert fmt_duration(3720) == "1h02m"
