@@ -34,6 +34,8 @@ class StatusMixin:
             "holders": holder_rows(self.holders(snap)) if snap.gpus else [],
             "ollama": self._ollama_status(),
             "recommendation": dict(to_jsonable(rec), model=model),
+            # the operation history: writes that failed since the last one that worked, and what reading skipped
+            "history": {"write_errors": self.log_write_errors(), "warnings": list(self.log_warnings)},
         }
 
     def _ollama_status(self: MemoryController) -> dict:
