@@ -239,6 +239,18 @@ class ServingMixin:
         with self._serving.quiet(model_id):
             return self.unload(model_id)
 
+    def supports_tools(self: MemoryController, model_id: str) -> bool | None:
+        """Whether ``model_id`` can call tools, as the backend that lists it says (its optional
+        ``supports_tools(model)``); None when no backend knows (tools are then passed on). Never raises."""
+        try:
+            cached = self.resolve(model_id)
+            if cached.source not in self.registry.ids():
+                return None
+            ask = getattr(self.backend(cached.source), "supports_tools", None)
+            return None if ask is None else ask(cached)
+        except MemctlError:
+            return None
+
     def ready_deployment(self: MemoryController, model_id: str) -> Deployment | None:
         """The READY deployment of ``model_id``, or None."""
         return next((d for d in self.deployments()
@@ -385,6 +397,10 @@ class ControllerEffects:
         if hit is not None and hit[0] > now:
             return hit[1]
         found: bool | None = None
+        said = getattr(self.ctl, "supports_tools", None)  # a backend that lists the model may know (Ollama)
+        if callable(said) and said(cached.model_id) is False:
+            self._tools[key] = (now + _TOOLS_TTL_S, False)
+            return False
         for _own, fn in self._backends_with("tool_support", self._serving_id(deployment), others=False):
             try:
                 found = fn(cached)
@@ -426,7 +442,7 @@ class ControllerEffects:
                 except RequestRefusedError:
                     raise
                 except MemctlError as exc:  # another backend's tokenizer only counts; its refusals are not ours
-                    if own and exc.code in ("model.no_chat_template", "gen.template_error", "gen.bad_request"):
+                    if own:
                         raise RequestRefusedError(exc.message, exc.hint, code="model_not_servable",
                                                   param="messages", args={"model": cached.model_id}) from None
         facts = Facts(cached.model_id, context, prompt_tokens, tools,
@@ -444,9 +460,10 @@ class ControllerEffects:
 
 
 def broken_error(model_id: str, exc: MemctlError) -> RequestRefusedError:
-    """A model whose files stop a plan (truncated or corrupt weights, a bad config): a 4xx with the fix."""
+    """A model whose files stop a plan (truncated or corrupt weights, a bad config): 400 ``model_not_servable``
+    with the fix."""
     hint = exc.hint or "delete it from the cache and download it again"
-    if "download" not in hint:
+    if "download" not in hint and exc.code not in ("model.bad_file",):
         hint += "; if the files are damaged, delete the model from the cache and download it again"
-    return RequestRefusedError(f"{model_id} is broken: {exc.message}", hint, code="model_broken", param="model",
-                               args={"model": model_id, "problem": exc.message})
+    return RequestRefusedError(f"{model_id} cannot be served: {exc.message}", hint, code="model_not_servable",
+                               param="model", args={"model": model_id, "problem": exc.message})

@@ -193,8 +193,9 @@ def test_a_model_with_truncated_weights_is_listed_broken_and_refused_with_the_fi
         assert "truncated" in truncated["memctl"]["reason"] and "download" in truncated["memctl"]["reason"]
         r = httpx.post(s.base_url + "/chat/completions", timeout=30,
                        json={"model": truncated["id"], "messages": USER})
-        assert r.status_code == 422
-        assert r.json()["error"]["code"] == "model_broken" and "download it again" in r.json()["error"]["message"]
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["code"] == "model_not_servable" and "download it again" in error["message"]
         assert s.running() == []
 
 

@@ -20,7 +20,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from memory_controller.backend import Deployment, DeploymentState
-from memory_controller.errors import InvalidModelIdError, MemctlError, ModelNotFoundError
+from memory_controller.errors import (
+    InsufficientMemoryError,
+    InvalidModelIdError,
+    MemctlError,
+    ModelNotFoundError,
+)
 from memory_controller.scheduler import ServingScheduler
 from memory_controller.serving import MEMORY_BLOCKER_CODES, ControllerEffects
 from memory_controller.toolcalls import normalize_family
@@ -40,6 +45,25 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return address == "localhost"
+
+
+def _config_problem(model: Any) -> str | None:
+    """Why a cached model whose ``config.json`` exists cannot be listed normally (a link out of the cache, not a
+    regular file, malformed), or None when it has no config at all."""
+    import os
+
+    from memory_controller import safefiles
+
+    path = str(getattr(model, "path", "") or "")
+    if not path or not os.path.lexists(os.path.join(path, "config.json")):
+        return None
+    try:
+        safefiles.check_model_dir(path, safefiles.roots_of(path, getattr(model, "source", None)))
+    except MemctlError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{model.model_id}: its folder cannot be read ({exc.strerror or exc})"
+    return f"{model.model_id}: config.json is unreadable or malformed — download the model again"
 
 
 class OpenAIService:
@@ -140,7 +164,9 @@ class OpenAIService:
         try:
             plan = self.ctl.plan(self._default_backend_id(), model, purpose="ide")
         except (ModelNotFoundError, InvalidModelIdError) as exc:
-            return {"state": "not_servable", "max_model_len": None, "reason": str(exc)}
+            return {"state": "broken", "max_model_len": None, "reason": str(exc)}
+        except InsufficientMemoryError as exc:
+            return {"state": "does_not_fit", "max_model_len": None, "reason": str(exc)}
         except MemctlError as exc:
             hint = exc.hint or ""
             if "download" not in hint:
@@ -149,7 +175,7 @@ class OpenAIService:
         ctx = plan.profile.context_tokens if plan.profile else None
         servable = [b for b in plan.blockers if b.code not in MEMORY_BLOCKER_CODES]
         if servable:
-            return {"state": "not_servable", "max_model_len": None, "reason": "; ".join(b.text for b in servable)}
+            return {"state": "broken", "max_model_len": None, "reason": "; ".join(b.text for b in servable)}
         if plan.blockers or not plan.fits:
             why = "; ".join(b.text for b in plan.blockers) or (
                 plan.suggestion.text if getattr(plan, "suggestion", None) else "it does not fit in free memory")
@@ -173,7 +199,17 @@ class OpenAIService:
         data: list[dict[str, Any]] = []
         seen: set[str] = set()
         for m in self.ctl.models().models:
-            if not m.has_config or m.model_id in seen:
+            if m.model_id in seen:
+                continue
+            if not m.has_config:
+                problem = _config_problem(m)  # a config that is there but unusable: listed as broken
+                if problem is None:
+                    continue  # no config at all: not a model memctl can serve
+                seen.add(m.model_id)
+                data.append({"id": m.model_id, "object": "model", "created": 0, "owned_by": "memctl",
+                             "max_model_len": None, "loaded": False,
+                             "memctl": {"state": "broken", "backend": None, "fits": False, "endpoint": None,
+                                        "problem": problem}})
                 continue
             seen.add(m.model_id)
             dep = running.get(m.model_id)
@@ -184,6 +220,7 @@ class OpenAIService:
                 "id": m.model_id, "object": "model", "created": int(dep.started_at) if dep else 0,
                 "owned_by": "memctl", "max_model_len": entry["max_model_len"], "loaded": dep is not None,
                 "memctl": {"state": entry["state"], "reason": entry["reason"],
+                           "problem": entry["reason"] if entry["state"] == "broken" else None,
                            "backend": dep.backend_id if dep else None,
                            "fits": entry["state"] in ("loaded", "available"),
                            "endpoint": dep.endpoint if dep else None,

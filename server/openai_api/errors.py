@@ -4,8 +4,8 @@ Every :class:`MemctlError` maps to one status; nothing else reaches the client a
 
 Retries: the clients' retry policies (the openai SDKs, ai-sdk, litellm) retry 408/409/429/5xx and read
 ``Retry-After``; several ignore ``x-should-retry``. So what waiting cannot fix is a 4xx they do not retry
-(400 for the request, 404 for the model id, 422 for a model that cannot be served as it is — broken files,
-or memory that will not be free until the user frees it); what waiting fixes is a 503 with ``Retry-After``
+(400 for the request or a model that cannot be served as it is — broken files, no tokenizer —, 404 for the
+model id, 422 for memory that will not be free until the user frees it); what waiting fixes is a 503 with ``Retry-After``
 (the on-demand pause, a cancelled request) or a 409 (another operation holds the controller).
 """
 
@@ -67,7 +67,7 @@ def insufficient_memory(message: str, needed_bytes: int | None, free_bytes: int 
     return ApiError(422, text, code="insufficient_memory", param="model", headers=NO_RETRY)
 
 
-REFUSAL_STATUS = {"model_not_loaded": 409, "model_broken": 422}
+REFUSAL_STATUS = {"model_not_loaded": 409}
 
 
 def from_memctl(exc: E.MemctlError) -> ApiError:
@@ -92,15 +92,27 @@ def from_memctl(exc: E.MemctlError) -> ApiError:
         return ApiError(503, text, type_="server_error", code="cancelled", headers=NO_RETRY)
     if isinstance(exc, E.OperationTimeoutError):
         return ApiError(504, text, type_="server_error", code="timeout", headers=NO_RETRY)
-    if isinstance(exc, E.CorruptDataError) or (isinstance(exc, E.ModelLoadError) and "download" in (exc.hint or "")):
-        return ApiError(422, text, code="model_broken", param="model", headers=NO_RETRY)
-    if exc.code.startswith(("gen.", "model.")):  # the request or the model's files, not the server
+    if not_servable(exc):
+        return ApiError(400, text, code="model_not_servable", param="model", headers=NO_RETRY)
+    if exc.code.startswith(("gen.", "model.")) and exc.code != "gen.failed":  # the request or the model's files
         return ApiError(400, text, code=exc.code, headers=NO_RETRY)
-    if isinstance(exc, E.ModelLoadError):
-        return ApiError(422, text, code=exc.code if exc.code != "error" else "model_load_failed", param="model",
-                        headers=NO_RETRY)
     code = exc.code if exc.code != "error" else type(exc).__name__
     return ApiError(500, text, type_="server_error", code=code, headers=NO_RETRY)
+
+
+# Generation failures that are the model's or the request's, not the server's (the chat template refused or ran
+# away, the request was malformed): 400, never "unload and load the model again".
+_NOT_SERVABLE_CODES = ("gen.template_error", "gen.template_runaway", "model.no_chat_template", "model.bad_file")
+
+
+def not_servable(exc: E.MemctlError) -> bool:
+    """A property of the model's files (corrupt, linked out of the cache, malformed tokenizer/config/template,
+    unknown code in auto_map, no usable quantisation): 400 ``model_not_servable``, its hint says what to do."""
+    if exc.code in _NOT_SERVABLE_CODES:
+        return True
+    if exc.code == "gen.failed":
+        return False  # the generation itself broke: a server error
+    return isinstance(exc, (E.ModelLoadError, E.CorruptDataError, E.QuantizationUnavailableError))
 
 
 def from_exception(exc: BaseException) -> ApiError:
