@@ -101,8 +101,10 @@ def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profi
     backend_id = _backend_for(ctl, cached, backend_id)
     backend = ctl.backend(backend_id)
     # every file of the model: a bounded regular file inside its cache folder, before anything reads one
-    safefiles.check_model_dir(cached.path, safefiles.roots_of(cached.path, cached.source,
-                                                              ctl.settings.resolved_hf_cache_dir))
+    # (a model in a backend's own store, addressed by a URL, has no files here: its backend checks them)
+    if "://" not in str(cached.path):
+        safefiles.check_model_dir(cached.path, safefiles.roots_of(cached.path, cached.source,
+                                                                  ctl.settings.resolved_hf_cache_dir))
     live = live or LiveState(ctl)
     snap, running = live.snap, live.running
     notes: tuple[Message, ...] = ()
