@@ -387,7 +387,8 @@ class ControllerEffects:
         except Exception:  # noqa: BLE001 - no backend available: nothing to ask
             return None
 
-    def tools_supported(self, cached: CachedModel, deployment: Deployment | None) -> bool | None:
+    def tools_supported(self, cached: CachedModel, deployment: Deployment | None,
+                        backend_id: str | None = None) -> bool | None:
         """Whether the model's chat template renders tools (None: unknown, or the engine parses them)."""
         if deployment is not None and deployment.endpoint:
             return None
@@ -401,7 +402,8 @@ class ControllerEffects:
         if callable(said) and said(cached.model_id) is False:
             self._tools[key] = (now + _TOOLS_TTL_S, False)
             return False
-        for _own, fn in self._backends_with("tool_support", self._serving_id(deployment), others=False):
+        bid = backend_id or self._serving_id(deployment)
+        for _own, fn in self._backends_with("tool_support", bid, others=False):
             try:
                 found = fn(cached)
             except MemctlError:
@@ -415,11 +417,14 @@ class ControllerEffects:
         from .scheduler import Facts
 
         cached = self.ctl.resolve(need.model_id)
+        said = getattr(self.ctl, "supports_tools", None)  # the backend that lists the model may know (Ollama)
+        if need.tools and deployment is None and callable(said) and said(cached.model_id) is False:
+            return Facts(cached.model_id, None, tools_supported=False)  # refused by check_admission
         if deployment is not None:
             return Facts(cached.model_id, deployment.context_tokens,
                          tools_supported=self.tools_supported(cached, deployment) if need.tools else None)
         try:
-            plan = self.ctl.plan(self.ctl.serving_backend_id(), cached, purpose="ide")
+            plan = self.ctl.plan(self.ctl.serving_backend_id(), cached.model_id, purpose="ide")
         except (ModelNotFoundError, InvalidModelIdError):
             raise
         except MemctlError as exc:
@@ -431,11 +436,12 @@ class ControllerEffects:
                                       f"fix that (see `memctl plan {cached.model_id}`) or pick another cached model",
                                       code="model_not_servable", param="model",
                                       args={"model": cached.model_id, "blocker": servable[0].code})
-        tools = self.tools_supported(cached, None) if need.tools else None
+        bid = str(getattr(plan, "backend_id", "") or "") or self._serving_id(None)
+        tools = self.tools_supported(cached, None, bid) if need.tools else None
         prompt_tokens = None
         context = plan.profile.context_tokens if plan.profile else None
         if need.request is not None and not (need.tools and tools is False):
-            for own, fn in self._backends_with("count_prompt_tokens", self._serving_id(None), others=True):
+            for own, fn in self._backends_with("count_prompt_tokens", bid, others=True):
                 try:
                     prompt_tokens = int(fn(cached, need.request))
                     break

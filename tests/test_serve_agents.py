@@ -236,7 +236,7 @@ def test_a_load_failing_with_requests_queued_answers_each_with_the_cause_and_lea
     gate.set()  # the load fails now, with all three waiting on it
     for t in threads:
         t.join(30)
-    assert [r.status_code for r in results] == [422, 422, 422]
+    assert [r.status_code for r in results] == [400, 400, 400]
     assert all("told to fail" in r.json()["error"]["message"] for r in results)
     assert srv.backend.starts == 0 and srv.ctl.in_flight() == {} and srv.service.status() == {}
     loads = [r for r in srv.ctl.history(10) if r.kind == "apply"]
