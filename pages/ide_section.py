@@ -125,10 +125,10 @@ def ide_section(ctl: Any, snap: Any, selected_model: str | None) -> None:
         c5.download_button(t("ide.download_aider_settings"), aider_settings(model_id, window),
                            file_name=".aider.model.settings.yml", mime="application/x-yaml", key="ide_aider_set")
         st.caption(t("ide.how"))
-        pause_fn = getattr(serving, "serving_pause", None)
-        pause = ui.run_safely(pause_fn) if pause_fn is not None else None
+        holder = serving if hasattr(serving, "serving_pause") else getattr(serving, "local", None)
+        pause = ui.run_safely(holder.serving_pause) if hasattr(holder, "serving_pause") else None
         if pause:
             st.warning(t("ide.paused", reason=t(f"ide.paused_{pause.get('reason', 'unload')}")))
             if st.button(t("ide.resume"), key="ide_resume"):
-                ui.run_safely(serving.resume_serving)
+                ui.run_safely(holder.resume_serving)
                 st.rerun()

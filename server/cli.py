@@ -340,6 +340,7 @@ def tools_honoured(ctl: Any, model_id: str) -> bool:
         return info.get("tool_parser") == "engine" or info.get("tools") is True
     from memory_controller.serving import ControllerEffects
 
+    ctl = getattr(ctl, "local", ctl)  # the in-process ControllerAPI wraps this process's controller
     try:
         return ControllerEffects(ctl, ctl.settings).tools_supported(ctl.resolve(model_id), None) is True
     except errors.MemctlError:

@@ -441,11 +441,11 @@ class RemoteController:
 
     def serving_pause(self) -> dict | None:
         """The owner's on-demand pause (reason, since, models), or None."""
-        return self._call("GET", "/serving").get("pause")
+        return self._call("GET", "/serving_pause").get("pause")
 
     def resume_serving(self) -> bool:
         """Lift the owner's on-demand pause; True when there was one."""
-        return bool(self._call("POST", "/serving/resume", json={}).get("resumed"))
+        return bool(self._call("POST", "/resume_serving", json={}).get("resumed"))
 
     def serve_status(self) -> dict[str, dict]:
         return self._typed(dict[str, dict], "GET", "/serve_status")

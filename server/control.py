@@ -280,13 +280,13 @@ def make_control_router(ctl: Any, token: str, *,
     def in_flight() -> Any:
         return api.in_flight()
 
-    @router.get("/serving")
-    def serving() -> Any:
+    @router.get("/serving_pause")
+    def serving_pause() -> Any:
         """The on-demand pause (None when loads on demand are allowed)."""
         return {"pause": ctl.serving_pause()}
 
-    @router.post("/serving/resume")
-    def serving_resume() -> Any:
+    @router.post("/resume_serving")
+    def resume_serving() -> Any:
         """Lift the on-demand pause (after an emergency clear or an unload); the dashboard and `memctl serve resume`."""
         return {"resumed": bool(ctl.resume_serving())}
 
