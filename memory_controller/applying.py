@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import planning
-from .backend import Claim, Deployment, describe_memory
+from .backend import Claim, Deployment, DeploymentState, describe_memory
 from .errors import (
     ContainerError,
     DockerUnavailableError,
@@ -80,12 +80,31 @@ class LiveState:
         return self._holders
 
 
+def _backend_for(ctl: MemoryController, cached: CachedModel, backend_id: str) -> str:
+    """A model a backend lists itself (``source`` is that backend's id) runs on that backend only; a
+    checkpoint asked of a backend that serves only its own models goes to the first other one available."""
+    ids = ctl.registry.ids()
+    if cached.source in ids:
+        return cached.source
+    if backend_id in ids and hasattr(ctl.backend(backend_id), "resolve_model"):
+        return next((b for b in ids if not hasattr(ctl.backend(b), "resolve_model") and ctl.availability(b).ok),
+                    backend_id)
+    return backend_id
+
+
 def make_plan(ctl: MemoryController, backend_id: str, cached: CachedModel, profile: Profile | None,
               purpose: str, unload_ollama: bool = False, *, live: LiveState | None = None,
               with_suggestion: bool = True) -> Plan:
     from . import estimate as est
+    from . import safefiles
 
+    backend_id = _backend_for(ctl, cached, backend_id)
     backend = ctl.backend(backend_id)
+    # every file of the model: a bounded regular file inside its cache folder, before anything reads one
+    # (a model in a backend's own store, addressed by a URL, has no files here: its backend checks them)
+    if "://" not in str(cached.path):
+        safefiles.check_model_dir(cached.path, safefiles.roots_of(cached.path, cached.source,
+                                                                  ctl.settings.resolved_hf_cache_dir))
     live = live or LiveState(ctl)
     snap, running = live.snap, live.running
     notes: tuple[Message, ...] = ()
@@ -254,7 +273,7 @@ def run_apply(ctl: MemoryController, ctx: OperationContext, plan: Plan, *, force
         raise not_fit_error(plan)
     backend = ctl.backend(plan.backend_id)
     cached = ctl.resolve(plan.model_id)
-    previous = [d for d in plan.to_stop if d.profile is not None]
+    previous = [d for d in plan.to_stop if d.profile is not None and d.state is not DeploymentState.FAILED]
     mine: list[Deployment] = []  # what this operation started: the only thing its clean-up touches
     prepare_started = False
     by_kind = {s.kind: s for s in plan.steps}

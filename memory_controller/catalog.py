@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import safefiles
 from .errors import CorruptDataError, InvalidModelIdError, ModelLoadError, ModelNotFoundError
 from .estimate.files import printable as _shown
 from .estimate.files import read_regular_file
@@ -127,6 +128,8 @@ def _describe_dir(
     architecture = None
     if has_config:
         try:
+            if source == "hf_cache":  # a config linked out of the repo folder (to /etc/passwd, say) is not read
+                safefiles.check_file(path / "config.json", safefiles.roots_of(path, source))
             architecture = _architecture(path / "config.json")
         except (OSError, ValueError, CorruptDataError) as exc:
             why = exc.message if isinstance(exc, CorruptDataError) else (

@@ -296,6 +296,11 @@ def export(ctl: Any, fmt: str, model: str | CachedModel, *, gpu_bytes: int | Non
         raise BadExportRequestError(f"unknown export format {fmt!r}; known: {known}",
                                     "choose one of the known formats", args={"format": fmt})
     cached = ctl.resolve(model)
+    if cached.source in ctl.registry.ids():  # a backend's own store (Ollama's GGUF files), not a checkpoint
+        raise BadExportRequestError(
+            f"{cached.model_id} is a model of the {cached.source} backend's own store, not a checkpoint a cluster "
+            "engine loads", "export a Hugging Face model (memctl models lists them)",
+            args={"model": cached.model_id})
     gpu_name = None
     if gpu_bytes is None:
         local = default_gpu(ctl.probe.snapshot())

@@ -76,10 +76,6 @@ class MemoryController(FittingMixin, ServingMixin, StatusMixin):
         self.probe = probe
         specs = {} if backends is not None else self.settings.backends
         self.registry = BackendRegistry(specs, self.settings, probe, backends)
-        # Other holders memctl may ask to free memory (not backends: it starts nothing on them).
-        from .holding import OLLAMA_CLIENT
-
-        self.holder_sources = BackendRegistry({"ollama": OLLAMA_CLIENT}, self.settings, probe)
         self._log = OperationLog(self.settings.state_dir)
         try:
             self._log.interrupted()  # operations whose process died mid-way are marked interrupted
@@ -215,7 +211,7 @@ class MemoryController(FittingMixin, ServingMixin, StatusMixin):
         return holding.holders(self, snapshot)
 
     def ollama(self):
-        """The Ollama client (backends/ollama), or None when it cannot be built."""
+        """The other holder a backend hands over (``holder_client``), or None when none does."""
         from . import holding
 
         return holding.ollama_client(self)

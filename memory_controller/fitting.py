@@ -7,13 +7,14 @@ floor — the largest context that fits, up to the model's maximum, with the rul
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import TYPE_CHECKING
 
 from . import planning
 from .backend import Availability
-from .errors import MemctlError
+from .errors import InvalidModelIdError, MemctlError, ModelNotFoundError
 from .recommend import recommend
 from .types import (
     CachedModel,
@@ -32,6 +33,31 @@ if TYPE_CHECKING:
 CATALOG_TTL_S = 10.0
 
 
+def _backend_models(ctl: MemoryController) -> list[CachedModel]:
+    """Models backends list themselves (their optional ``list_models()``): never raises."""
+    out: list[CachedModel] = []
+    for b in ctl.backends().values():
+        lister = getattr(b, "list_models", None)
+        if lister is not None:
+            try:
+                out.extend(lister())
+            except MemctlError:
+                continue
+    return out
+
+
+def _backend_model(ctl: MemoryController, model_id: str) -> CachedModel | None:
+    if not isinstance(model_id, str) or len(model_id) > 400:
+        return None
+    for b in ctl.backends().values():
+        resolver = getattr(b, "resolve_model", None)
+        if resolver is not None:
+            found = resolver(model_id)
+            if found is not None:
+                return found
+    return None
+
+
 class FittingMixin:
     def models(self: MemoryController, refresh: bool = False) -> CatalogResult:
         from . import catalog
@@ -41,6 +67,9 @@ class FittingMixin:
         if not refresh and cached is not None and now - cached[0] < CATALOG_TTL_S:
             return cached[1]
         result = catalog.scan_models(self.settings)
+        own = _backend_models(self)
+        if own:
+            result = dataclasses.replace(result, models=result.models + tuple(own))
         self._catalog = (now, result)
         return result
 
@@ -49,13 +78,19 @@ class FittingMixin:
             return model
         from . import catalog
 
-        mid = catalog.validate_model_id(model, self.settings)
         cached = self._catalog
-        if cached is not None and time.monotonic() - cached[0] < CATALOG_TTL_S:
-            for m in cached[1].models:
-                if m.model_id == mid and os.path.isdir(m.path):
-                    return m
-        return catalog.resolve_model(mid, self.settings)
+        try:
+            mid = catalog.validate_model_id(model, self.settings)
+            if cached is not None and time.monotonic() - cached[0] < CATALOG_TTL_S:
+                for m in cached[1].models:
+                    if m.model_id == mid and os.path.isdir(m.path):
+                        return m
+            return catalog.resolve_model(mid, self.settings)
+        except (InvalidModelIdError, ModelNotFoundError):
+            own = _backend_model(self, model)  # a model a backend lists itself (not a checkpoint folder)
+            if own is None:
+                raise
+            return own
 
     def estimate(self: MemoryController, model: str | CachedModel, profile: Profile) -> MemoryEstimate:
         from . import estimate as est

@@ -1,9 +1,9 @@
 """Who holds memory, at run time: the probe's processes, backends' containers, Ollama's models, named.
 
-Glue between the pure classifier (holders.py) and what can only be asked at run time. Ollama is not a
-backend memctl starts models on: it is another holder memctl may ask to unload, reached through the
-client named by :data:`OLLAMA_CLIENT` (imported by name: the core never imports ``backends``). A
-backend that can map PIDs to what it runs offers ``containers_for_pids(pids, timeout_s)``.
+Glue between the pure classifier (holders.py) and what can only be asked at run time. A server holding
+models memctl did not load (Ollama) is another holder memctl may ask to unload: a configured backend
+hands it over as ``holder_client`` (the core never names it). A backend that can map PIDs to what it
+runs offers ``containers_for_pids(pids, timeout_s)``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from .types import SystemSnapshot
 if TYPE_CHECKING:
     from .controller import MemoryController
 
-OLLAMA_CLIENT = "backends.ollama:create"
-
-
 def ollama_client(ctl: MemoryController) -> Any | None:
-    """The controller's one Ollama client, built once by the registry mechanism the backends use
-    (``OLLAMA_CLIENT`` imported by name); None when it cannot be built (Ollama is then simply not asked)."""
-    try:
-        return ctl.holder_sources.get("ollama")
-    except MemctlError:
-        return None
+    """The other holder a configured backend hands over (its ``holder_client``: a server holding models memctl
+    did not load, which it may ask to unload); None when no backend offers one."""
+    for b in ctl.backends().values():
+        try:
+            client = getattr(b, "holder_client", None)
+        except MemctlError:
+            client = None
+        if client is not None:
+            return client
+    return None
 
 
 def ollama_models(ctl: MemoryController) -> list | None:

@@ -32,7 +32,7 @@ def max_output_tokens(context_window: int) -> int:
 
 def model_max_positions(ctl: Any, model_id: str) -> int | None:
     """The model's own maximum context (``max_position_embeddings``), read through ``ctl.resolve``; None
-    when it cannot be read (a client of another process without ``resolve``, an unreadable config)."""
+    when it cannot be read (an unreadable config)."""
     from .estimate import read_model_spec
 
     try:

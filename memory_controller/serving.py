@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import applying
 from .backend import Deployment, DeploymentState
-from .errors import ModelLoadError
+from .errors import MemctlError, ModelLoadError
 from .reports import GenerationSlot
 from .types import ProgressCallback
 
@@ -42,6 +42,18 @@ class ServingMixin:
         if ready is None:
             raise ModelLoadError(f"{cached.model_id} was started but is not ready", "see the operation log")
         return ready
+
+    def supports_tools(self: MemoryController, model_id: str) -> bool | None:
+        """Whether ``model_id`` can call tools, as the backend that lists it says (its optional
+        ``supports_tools(model)``); None when no backend knows (tools are then passed on). Never raises."""
+        try:
+            cached = self.resolve(model_id)
+            if cached.source not in self.registry.ids():
+                return None
+            ask = getattr(self.backend(cached.source), "supports_tools", None)
+            return None if ask is None else ask(cached)
+        except MemctlError:
+            return None
 
     def _ready(self, model_id: str) -> Deployment | None:
         return next((d for d in self.deployments()

@@ -34,6 +34,8 @@ class StatusMixin:
             "holders": holder_rows(self.holders(snap)) if snap.gpus else [],
             "ollama": self._ollama_status(),
             "recommendation": dict(to_jsonable(rec), model=model),
+            # the operation history: writes that failed since the last one that worked, and what reading skipped
+            "history": {"write_errors": self.log_write_errors(), "warnings": list(self.log_warnings)},
         }
 
     def _ollama_status(self: MemoryController) -> dict:
@@ -42,6 +44,6 @@ class StatusMixin:
             return {"answered": False, "error": "the Ollama client is not available", "models": []}
         models = client.loaded(max_age_s=5.0)
         err = getattr(client, "last_error", None)
-        return {"host": self.settings.ollama_host, "answered": models is not None,
+        return {"host": getattr(client, "base_url", self.settings.ollama_host), "answered": models is not None,
                 "error": err.message if models is None and err is not None else None,
                 "models": [to_jsonable(m) for m in models or ()]}
