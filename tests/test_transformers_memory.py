@@ -227,6 +227,7 @@ def test_a_memory_mapped_model_names_its_mapped_pages_and_private_bytes_everywhe
     alone) was shown as its size. The deployment, the step message, `memctl ps` and the release name
     both parts, and the release measures the mapping going away."""
     from backends.transformers.memory import _smaps_rss, mapped_resident_bytes
+    from memory_controller.api import InProcessController
     from memory_controller.backend import describe_memory
     from memory_controller.controller import MemoryController
     from server.cli import ps_rows
@@ -246,7 +247,7 @@ def test_a_memory_mapped_model_names_its_mapped_pages_and_private_bytes_everywhe
     prepare = next(s for s in record.steps if s.name == "prepare")
     assert prepare.code == "step.prepare_mapped" and prepare.args["mapped_bytes"] == dep.mapped_bytes
     assert "mapped weight files" in prepare.message and "private" in prepare.message
-    (row,) = ps_rows(ctl)
+    (row,) = ps_rows(InProcessController(ctl))  # the CLI reads the ControllerAPI
     assert row["mapped_bytes"] == dep.mapped_bytes
     shown = describe_memory(row["memory_bytes"], row["mapped_bytes"])
     assert "private" in shown and "mapped weight files" in shown
