@@ -513,11 +513,15 @@ class RemoteController:
     def ollama(self) -> Any:
         """This process's Ollama client (Ollama is its own server), built as the controller builds it."""
         if self._ollama is None:
-            from memory_controller.holding import OLLAMA_CLIENT
             from memory_controller.registry import BackendRegistry
 
+            # the configured Ollama backend's holder view (Ollama is its own server), built here without a probe
+            spec = self.settings.backends.get("ollama")
+            if spec is None:
+                return None
             try:
-                self._ollama = BackendRegistry({"ollama": OLLAMA_CLIENT}, self.settings, None).get("ollama")
+                backend = BackendRegistry({"ollama": spec}, self.settings, None).get("ollama")
+                self._ollama = getattr(backend, "holder_client", None)
             except errors.MemctlError:
                 return None
         return self._ollama
