@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from memory_controller.errors import MemctlError
-from memory_controller.types import Mode, Precision, Profile, to_jsonable
+from memory_controller.types import Precision, Profile, to_jsonable
 from memory_controller.units import GIB, fmt_bytes
 
 MAX_CONTEXT_TOKENS = 1_048_576  # the dashboard's context field range ends here too
@@ -165,7 +165,7 @@ def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
             f"choose --context {max_positions} or less", code="context_over_model_maximum",
             args={"context": args.context, "max_positions": max_positions}))
     profile = Profile(
-        mode=Mode.TRANSFORMERS,
+        mode="transformers",
         precision=Precision(args.dtype),
         context_tokens=args.context,
         batch=args.batch,

@@ -392,3 +392,31 @@ def _cached_ids(cache_dir: Path) -> list[str]:
         return []
     ids = (n.removeprefix("models--").replace("--", "/") for n in names)
     return sorted(i for i in ids if _HF_ID_RE.match(i))
+
+
+CATALOG_TTL_S = 10.0
+
+
+class Catalog:
+    """The catalog service: owns the last scan (kept ``CATALOG_TTL_S`` seconds) and resolves model ids."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .cache import TTLCache
+
+        self.settings = settings
+        self._scan: TTLCache[CatalogResult] = TTLCache(CATALOG_TTL_S)
+
+    def models(self, refresh: bool = False) -> CatalogResult:
+        return self._scan.get_or(lambda: scan_models(self.settings), refresh=refresh)
+
+    def resolve(self, model: str | CachedModel) -> CachedModel:
+        """``model`` as a catalog entry (a recent scan's entry when it is still there, else read afresh)."""
+        if isinstance(model, CachedModel):
+            return model
+        mid = validate_model_id(model, self.settings)
+        recent = self._scan.get()
+        if recent is not None:
+            for m in recent.models:
+                if m.model_id == mid and os.path.isdir(m.path):
+                    return m
+        return resolve_model(mid, self.settings)

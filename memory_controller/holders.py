@@ -255,6 +255,7 @@ class HolderFit:
     notes: tuple[Message, ...] = ()
     blockers: tuple[Message, ...] = ()
     step: Message | None = None  # the opt-in step's label
+    source: str = ""  # the holder source the opt-in step asks (a MemoryHolder's freeable_by)
 
 
 def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall_bytes: int,
@@ -287,7 +288,8 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
         label = ", ".join(chosen_models)
         step = msg("plan.unload_ollama", f"also unload from Ollama: {label}, {fmt_bytes(nbytes)}",
                    models=list(chosen_models), names=label, bytes=nbytes, size=fmt_bytes(nbytes))
-        return HolderFit(shortfall_bytes, others, chosen_models, nbytes, True, notes=tuple(notes), step=step)
+        return HolderFit(shortfall_bytes, others, chosen_models, nbytes, True, notes=tuple(notes), step=step,
+                         source=str(runners[0].freeable_by))
     rest = [h for h in here if h.freeable_by is None and h.bytes]
     need = shortfall_bytes - freeable
     blocking: list[MemoryHolder] = []

@@ -1,94 +1,75 @@
-"""Serving from the controller: models on demand and generation slots (mixed into MemoryController).
+"""Serving: models on demand and generation slots, as one service the facade composes.
 
-Generation never takes the operation slot: a request holds a :class:`GenerationSlot`, which an emergency
-clear, an unload of that deployment, or (when asked) a switch cancels.
+Generation never takes the operation slot: a request holds a :class:`GenerationSlot` (the ledger's), which
+an emergency clear, an unload of that deployment, or (when asked) a switch cancels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from . import applying
-from .backend import Deployment, DeploymentState
+from .backend import Availability, Deployment
 from .errors import ModelLoadError
-from .reports import GenerationSlot
-from .types import ProgressCallback
+from .planning import Plan, not_fit_error
+from .reports import GenerationLedger, GenerationSlot
+from .types import CachedModel, ProgressCallback, Recommendation
 
 if TYPE_CHECKING:
-    from .controller import MemoryController
+    from .catalog import Catalog
+    from .fleet import Fleet
 
 
-class ServingMixin:
-    def ensure_deployment(self: MemoryController, model_id: str, *, progress: ProgressCallback | None = None) -> Deployment:
+class Serving:
+    """``plan(backend_id, cached)`` makes an IDE-aware plan; ``apply(plan, progress)`` runs it as an operation;
+    ``recommend()`` and ``availabilities()`` choose the backend of an on-demand load."""
+
+    def __init__(self, catalog: Catalog, fleet: Fleet, ledger: GenerationLedger,
+                 plan: Callable[[str, CachedModel], Plan], apply: Callable[[Plan, ProgressCallback | None], object],
+                 recommend: Callable[[], Recommendation], availabilities: Callable[[], Mapping[str, Availability]]
+                 ) -> None:
+        self.catalog, self.fleet, self.ledger = catalog, fleet, ledger
+        self._plan, self._apply, self._recommend, self._availabilities = plan, apply, recommend, availabilities
+
+    def ensure_deployment(self, model_id: str, *, progress: ProgressCallback | None = None) -> Deployment:
         """The READY deployment of ``model_id``, loading it on demand (IDE-aware plan) when it fits.
 
         Raises InsufficientMemoryError (with needed/free and the suggestion) leaving what runs untouched,
         OperationBusyError, ModelNotFoundError, ModelLoadError.
         """
-        cached = self.resolve(model_id)
-        ready = self._ready(cached.model_id)
+        cached = self.catalog.resolve(model_id)
+        ready = self.fleet.ready(cached.model_id)
         if ready is not None:
             return ready
-        plan = self.plan(self.serving_backend_id(), cached, purpose="ide")
+        plan = self._plan(self.serving_backend_id(), cached)
         if plan.blockers:
             raise ModelLoadError(f"{cached.model_id}: {plan.blockers[0].text}", "see the plan in the dashboard",
                                  code=plan.blockers[0].code, args=dict(plan.blockers[0].args))
         if not plan.fits:
-            raise applying.not_fit_error(plan)
-        self.apply(plan, progress=progress)
-        ready = self._ready(cached.model_id)
+            raise not_fit_error(plan)
+        self._apply(plan, progress)
+        ready = self.fleet.ready(cached.model_id)
         if ready is None:
             raise ModelLoadError(f"{cached.model_id} was started but is not ready", "see the operation log")
         return ready
 
-    def _ready(self, model_id: str) -> Deployment | None:
-        return next((d for d in self.deployments()
-                     if d.model_id == model_id and d.state is DeploymentState.READY), None)
-
     def serving_backend_id(self) -> str:
         """The backend on-demand loads use: the one running now, else the recommendation's when available."""
-        current = self.mode
+        current = self.fleet.mode()
         if current is not None:
             return current
-        rec = self.recommend()
-        if self.availability(rec.profile.mode).ok:
+        avail = self._availabilities()
+        rec = self._recommend()
+        if rec.profile.mode in avail and avail[rec.profile.mode].ok:
             return rec.profile.mode
-        return next(bid for bid in self.registry.ids() if self.availability(bid).ok)
+        return next(bid for bid, a in avail.items() if a.ok)
 
     @contextmanager
     def generating(self, deployment: Deployment) -> Iterator[GenerationSlot]:
         """A slot for one request on ``deployment``; cancelled by an emergency clear or an unload of it.
         Never takes the operation slot."""
-        backend = self.backend(deployment.backend_id)
+        backend = self.fleet.backend(deployment.backend_id)
         gen = backend if backend.capabilities.generates_in_process else None
-        slot = GenerationSlot(deployment, gen)  # type: ignore[arg-type]
-        with self._state_lock:
-            self._slots.append(slot)
-        try:
+        with self.ledger.hold(deployment, gen) as slot:  # type: ignore[arg-type]
             yield slot
-        finally:
-            with self._state_lock:
-                self._slots.remove(slot)
-
-    def in_flight(self) -> dict[str, int]:
-        with self._state_lock:
-            out: dict[str, int] = {}
-            for s in self._slots:
-                out[s.deployment.model_id] = out.get(s.deployment.model_id, 0) + 1
-            return out
-
-    def cancel_generation(self, handles: set[tuple[str, str]] | None, reason: str) -> int:
-        """Cancel slots on the given (backend id, handle) pairs (None: all). Returns how many."""
-        with self._state_lock:
-            hit = [s for s in self._slots
-                   if handles is None or (s.deployment.backend_id, s.deployment.handle) in handles]
-        for s in hit:
-            s.cancel(reason)
-        return len(hit)
-
-    def slots_on(self, handles: set[tuple[str, str]]) -> int:
-        with self._state_lock:
-            return sum(1 for s in self._slots if (s.deployment.backend_id, s.deployment.handle) in handles)
-

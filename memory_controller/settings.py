@@ -36,7 +36,7 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from .errors import CorruptDataError, SettingsError
 from .safejson import _depth_ok, loads_bounded
-from .types import Mode, Precision, ProfileBand
+from .types import Precision, ProfileBand
 from .units import gib_to_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ class ProfileBandConfig(BaseModel):
 
     name: str = Field(min_length=1)
     min_free_gib: float = Field(ge=0, le=MAX_GIB)
-    mode: Mode
+    mode: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")  # the backend id the band recommends
     precision: Precision
     context_tokens: int = Field(gt=0, le=1_048_576)
     batch: int = Field(gt=0, le=1024)
@@ -225,13 +225,10 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"profiles: names must be unique, got {names}")
         if not self.profiles:
-            raise ValueError("profiles: the recommendation table is empty; give at least one Transformers band "
-                             "with min_free_gib = 0 (see config/defaults.toml)")
+            raise ValueError("profiles: the recommendation table is empty; give at least one band with "
+                             "min_free_gib = 0 whose backend runs on the CPU (see config/defaults.toml)")
         if min(p.min_free_gib for p in self.profiles) != 0:
             raise ValueError("profiles: one band must have min_free_gib = 0 so every value has a band")
-        if not any(p.mode is Mode.TRANSFORMERS for p in self.profiles):
-            raise ValueError("profiles: the recommendation table has no Transformers band (mode = "
-                             "\"transformers\"); it is the fallback without vLLM and on the CPU: add one")
         return self
 
     @classmethod

@@ -22,7 +22,7 @@ import pytest
 from backends.transformers import TransformersBackend
 from backends.transformers.memory import host_available_bytes, process_private_bytes, process_resident_bytes
 from memory_controller.catalog import resolve_model
-from memory_controller.types import Mode, Outcome, Precision, Profile
+from memory_controller.types import Outcome, Precision, Profile
 from memory_controller.units import MIB
 from tests.fixtures_models import BIG_ID
 
@@ -39,7 +39,7 @@ ATTEMPTS = 5
 
 
 def _profile(precision: Precision = Precision.BF16, device: str = "cpu") -> Profile:
-    return Profile(Mode.TRANSFORMERS, precision, 256, 1, device=device)
+    return Profile("transformers", precision, 256, 1, device=device)
 
 
 def _cgroup_used() -> int | None:
@@ -165,11 +165,11 @@ from backends.transformers.memory import process_private_bytes
 from memory_controller.catalog import resolve_model
 from memory_controller.errors import InsufficientMemoryError
 from memory_controller.settings import load_settings
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 s = load_settings(hf_cache_dir=Path({str(big_model.hub_dir)!r}))
 be = TransformersBackend(s)
 m = resolve_model({BIG_ID!r}, s)
-profile = Profile(Mode.TRANSFORMERS, Precision.FP32, 256, 1, device="cpu")
+profile = Profile("transformers", Precision.FP32, 256, 1, device="cpu")
 be.start(m, profile, None)  # the first load's one-time overhead (imports, thread pools) is measured apart
 be.stop(m.model_id)
 before = process_private_bytes()

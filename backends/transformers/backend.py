@@ -21,6 +21,7 @@ from typing import Any
 
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -77,7 +78,7 @@ class _Entry:
     worker: threading.Thread | None = None  # the running generation's thread
 
 
-class TransformersBackend:
+class TransformersBackend(BackendBase):
     """Loads models into this process. Thread-safe; see the module docstring for the contracts."""
 
     id = BACKEND_ID

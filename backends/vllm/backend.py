@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -74,7 +75,7 @@ _BLOCKER_ERRORS: dict[str, type[MemctlError]] = {
 }
 
 
-class VllmDockerBackend:
+class VllmDockerBackend(BackendBase):
     """Starts, lists, verifies and stops memctl's vLLM containers. Thread-safe."""
 
     id = BACKEND_ID
@@ -121,6 +122,11 @@ class VllmDockerBackend:
     def start_timeout_s(self) -> float:
         """How long the controller waits for a start: vLLM's own readiness deadline plus container set-up."""
         return self.settings.vllm_ready_timeout_s + 60
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long a stop waits for the container to exit."""
+        return self.settings.vllm_stop_timeout_s
 
     def availability(self, snapshot: SystemSnapshot) -> Availability:
         try:

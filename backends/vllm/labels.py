@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from memory_controller.errors import CorruptDataError
 from memory_controller.safejson import loads_bounded
-from memory_controller.types import Mode, Precision, Profile, to_jsonable
+from memory_controller.types import Precision, Profile, to_jsonable
 
 MANAGED_LABEL = "memctl.managed"
 MODEL_LABEL = "memctl.model"
@@ -102,6 +103,9 @@ def _int_in(value: Any, lo: int, hi: int) -> int | None:
     return value if lo <= value <= hi else None
 
 
+_MODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # a backend id
+
+
 def parse_profile(text: str) -> Profile:
     """A Profile from the label's JSON; raises CorruptDataError naming what is wrong."""
     data = loads_bounded(text, what=f"label {PROFILE_LABEL}", max_bytes=LABEL_MAX_BYTES,
@@ -110,9 +114,11 @@ def parse_profile(text: str) -> Profile:
     def bad(why: str) -> CorruptDataError:
         return CorruptDataError(f"label {PROFILE_LABEL}: {why}", "the container's labels are not memctl's")
 
+    mode = data.get("mode", "vllm")
     try:
-        mode = Mode(data.get("mode", "vllm"))
         precision = Precision(data.get("precision"))
+        if not isinstance(mode, str) or not _MODE.match(mode):
+            raise ValueError(mode)
     except (ValueError, TypeError):
         raise bad("mode or precision is not one memctl knows") from None
     context = _int_in(data.get("context_tokens"), 1, _MAX_CONTEXT)
