@@ -47,7 +47,8 @@ class Services:
 def build(settings: Settings, probe: Any, backends: dict[str, Backend] | None = None) -> Services:
     """``backends``: ready-made ones used instead of the configured ones (tests, benchmarks)."""
     s = settings
-    registry = BackendRegistry({} if backends is not None else s.backends, s, probe, backends)
+    specs = {} if backends is not None else {bid: cfg.factory for bid, cfg in s.backends.items()}
+    registry = BackendRegistry(specs, s, probe, backends)
     sources = BackendRegistry({"ollama": OLLAMA_CLIENT}, s, probe)
     monitor = MemoryMonitor(probe, s.poll_interval_s, s.memory_history_s)
     fleet = Fleet(registry)

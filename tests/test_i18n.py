@@ -56,7 +56,7 @@ MESSAGE_CODES = (
     "backend.no_gpu", "backend.docker_unavailable", "backend.gpu_missing", "backend.gpu_memory_unknown",
     "backend.model_missing", "backend.over_util_cap", "backend.bad_settings", "backend.tools_not_parsed",
     "plan.context_over_model_max", "plan.suggest_smaller_model", "plan.suggest_profile", "fit.precision",
-    "fit.context", "rec.vllm_unavailable_fallback", "rec.cpu_half_precision", "rec.model_does_not_fit",
+    "fit.context", "rec.backend_unavailable_fallback", "rec.cpu_half_precision", "rec.model_does_not_fit",
     "rec.context_rule", "release.freed", "release.already_gone", "release.partial", "release.failed",
     "release.unmeasured", "deployment.unreadable_labels", "model.no_tokenizer", "model.no_chat_template",
     "quant.bitsandbytes_missing",

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .options import TransformersOptions
+
 if TYPE_CHECKING:
     from .backend import TransformersBackend
 
-__all__ = ["TransformersBackend", "create"]
+__all__ = ["OPTIONS_MODEL", "TransformersBackend", "TransformersOptions", "create"]
+
+OPTIONS_MODEL = TransformersOptions  # [backends.transformers] options (memory_controller.settings reads it)
 
 
 def create(settings: Any, probe: Any) -> TransformersBackend:
-    """Registry factory (``[backends] transformers = "backends.transformers:create"``).
+    """Registry factory (``[backends.transformers] factory = "backends.transformers:create"``).
 
     ``probe`` is a ``memory_controller.probe.DeviceProbe`` (``gpu_used_bytes(index)`` measures a
     release on GPU) or None.

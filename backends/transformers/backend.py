@@ -51,6 +51,7 @@ from memory_controller.units import MIB, fmt_bytes
 from . import checks, loading
 from . import generation as gen
 from . import memory as mem
+from .options import TransformersOptions
 
 BACKEND_ID = "transformers"
 # A release is clean when what stays held is within max(50 MiB, 5 % of the model's bytes).
@@ -261,8 +262,9 @@ class TransformersBackend(BackendBase):
         return mem.clear_caches()
 
     def verify(self, deployment: Deployment) -> str:
-        """Generate ``settings.transformers_verify_tokens`` tokens; a short detail, or a MemctlError."""
-        n = int(getattr(self.settings, "transformers_verify_tokens", 1) or 1)
+        """Generate ``verify_tokens`` ([backends.transformers]) tokens; a short detail, or a MemctlError."""
+        options = getattr(self.settings, "backend_options", None)
+        n = options(self.id, TransformersOptions).verify_tokens if options is not None else 1
         t0 = time.perf_counter()
         request = GenerationRequest(prompt=VERIFY_PROMPT, max_new_tokens=n, temperature=0.0)
         chunks = list(self.generate_stream(deployment, request, lambda: False))
