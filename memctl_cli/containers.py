@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from memory_controller.backend import Deployment
 from memory_controller.errors import MemctlError
 from memory_controller.types import to_jsonable
-from memory_controller.units import escape_text
+from memory_controller.units import escape_text, fmt_duration
 
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.controller import MemoryController
@@ -55,18 +55,6 @@ def out_of_process(ctl: MemoryController) -> list[Deployment]:
     backends = ctl.backends()
     return [d for d in ctl.deployments(fresh=True)
             if d.backend_id in backends and backends[d.backend_id].capabilities.serves_http]
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """``1h02m``, ``3m05s``, ``12s``; ``—`` for unknown."""
-    if seconds is None:
-        return "—"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def format_table(deps: list[Deployment], now: float) -> str:

@@ -15,11 +15,9 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from memory_controller.errors import MemctlError
-from memory_controller.types import Precision, Profile, to_jsonable
+from memory_controller.types import MAX_BATCH, MAX_CONTEXT_TOKENS, Precision, Profile, to_jsonable
 from memory_controller.units import GIB, fmt_bytes
 
-MAX_CONTEXT_TOKENS = 1_048_576  # the dashboard's context field range ends here too
-MAX_BATCH = 256  # the dashboard's batch field range
 MAX_FREE_GIB = 1_048_576.0  # 1 PiB: more is a typo
 
 if TYPE_CHECKING:

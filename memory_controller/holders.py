@@ -12,10 +12,12 @@ afterwards, with the advice for each holder. memctl frees only what it owns (``f
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import units
 from .types import Message, Outcome, SystemSnapshot, msg
 from .units import fmt_bytes
 
@@ -33,15 +35,8 @@ MAX_NAME_CHARS = 120
 
 
 def escape_text(text: str) -> str:
-    """``text`` with control characters (C0, DEL, C1, line/paragraph separators) shown as ``\\xNN``/``\\uNNNN``."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if code < 0x20 or 0x7F <= code < 0xA0 or code in (0x2028, 0x2029):
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    """``text`` with control and format characters shown as escapes, uncut (units.escape_text)."""
+    return units.escape_text(text, limit=sys.maxsize)
 
 
 def shorten(text: str, max_chars: int = MAX_NAME_CHARS) -> str:

@@ -332,3 +332,17 @@ def not_fit_error(plan: Plan, free_override: int | None = None) -> InsufficientM
     err.args_ = {"model": plan.model_id, "needed_bytes": plan.needed_bytes, "free_bytes": free,
                  "device": plan.device_key, "suggestion": plan.suggestion.text if plan.suggestion else None}
     return err
+
+
+_PLAN_ADAPTER: Any = None
+
+
+def plan_from_jsonable(data: Any) -> Plan:
+    """A plan back from its JSON (``to_jsonable(plan)``, e.g. sent to the owner process), every field checked
+    by its type (pydantic); raises ``ValueError`` (pydantic's ValidationError) naming what is wrong."""
+    global _PLAN_ADAPTER
+    if _PLAN_ADAPTER is None:
+        from pydantic import TypeAdapter
+
+        _PLAN_ADAPTER = TypeAdapter(Plan)
+    return _PLAN_ADAPTER.validate_python(data)

@@ -38,7 +38,7 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from .errors import CorruptDataError, SettingsError
 from .safejson import _depth_ok, loads_bounded
-from .types import Precision, ProfileBand
+from .types import MAX_BATCH, MAX_CONTEXT_TOKENS, Precision, ProfileBand
 from .units import gib_to_bytes
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -90,8 +90,8 @@ class ProfileBandConfig(BaseModel):
     min_free_gib: float = Field(ge=0, le=MAX_GIB)
     mode: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")  # the backend id the band recommends
     precision: Precision
-    context_tokens: int = Field(gt=0, le=1_048_576)
-    batch: int = Field(gt=0, le=1024)
+    context_tokens: int = Field(gt=0, le=MAX_CONTEXT_TOKENS)
+    batch: int = Field(gt=0, le=MAX_BATCH)
     limited: bool = False
 
     def to_band(self) -> ProfileBand:

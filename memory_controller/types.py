@@ -12,6 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# The one range of a profile's knobs: the config's bands, the dashboard's fields, the CLI's flags and labels
+# read back from a container all check against these.
+MAX_CONTEXT_TOKENS = 1_048_576
+MAX_BATCH = 256
+
 
 class Precision(str, enum.Enum):
     FP32 = "fp32"

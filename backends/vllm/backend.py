@@ -26,6 +26,7 @@ from memory_controller.backend import (
     ReleaseReport,
     msg,
 )
+from memory_controller.cache import TTLCache
 from memory_controller.errors import (
     ContainerError,
     InsufficientMemoryError,
@@ -95,7 +96,7 @@ class VllmDockerBackend(BackendBase):
             self.capabilities = dataclasses.replace(VllmDockerBackend.capabilities,
                                                     precisions=(Precision.FP16, Precision.BF16), fit_ladder=())
         self._lock = threading.RLock()
-        self._docker_status: tuple[float, dc.DockerUnavailableError | None] | None = None
+        self._docker_status: TTLCache[tuple[MemctlError | None]] = TTLCache(AVAILABILITY_TTL_S)
         self._cache: dict[str, Deployment] | None = None
         self._cache_at = 0.0
         self._generation = 0  # bumped by start/stop: a refresh begun before them is out of date
@@ -109,15 +110,7 @@ class VllmDockerBackend(BackendBase):
     # ---------------------------------------------------------------- availability
     def docker_problem(self, refresh: bool = False) -> MemctlError | None:
         """Why Docker cannot be used now (None when it answers); cached AVAILABILITY_TTL_S."""
-        now = time.monotonic()
-        with self._lock:
-            cached = self._docker_status
-        if cached is not None and not refresh and now - cached[0] < AVAILABILITY_TTL_S:
-            return cached[1]
-        problem = self.access.ping()
-        with self._lock:
-            self._docker_status = (time.monotonic(), problem)
-        return problem
+        return self._docker_status.get_or(lambda: (self.access.ping(),), refresh=refresh)[0]
 
     @property
     def start_timeout_s(self) -> float:
