@@ -36,7 +36,7 @@ from .planning import (
     not_fit_error,
     step_name,
 )
-from .types import Outcome, StepRecord, to_jsonable
+from .types import CachedModel, Outcome, StepRecord, to_jsonable
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ class _Run:
     """One apply's own state: what it started (the only thing its clean-up touches)."""
 
     plan: Plan
+    cached: CachedModel  # resolved before anything is touched
     force: bool
     cancel_generation: bool
     mine: list[Deployment] = field(default_factory=list)
@@ -150,7 +151,7 @@ class Executor:
             _raise_blocker(plan)
         if not plan.fits and not force:
             raise not_fit_error(plan)
-        run = _Run(plan, force, cancel_generation)
+        run = _Run(plan, self.catalog.resolve(plan.model_id), force, cancel_generation)
         previous = [d for d in plan.to_stop if d.profile is not None]
         try:
             for step in plan.steps:
@@ -191,7 +192,7 @@ class Executor:
                 st.say("step.switch", f"backend: {', '.join(before) or '—'} → {plan.backend_id}",
                        before=", ".join(before) or "—", after=plan.backend_id)
             case Start():
-                dep = self._start(ctx, plan, step.claim)
+                dep = self._start(ctx, plan, run.cached, step.claim)
                 run.mine.append(dep)
                 run.started = dep
                 where = f" at {dep.endpoint}" if dep.endpoint else ""
@@ -230,9 +231,8 @@ class Executor:
                 raise err
             st.warn(st.message + " (forced)")
 
-    def _start(self, ctx: OperationContext, plan: Plan, claim: Claim | None) -> Deployment:
+    def _start(self, ctx: OperationContext, plan: Plan, cached: CachedModel, claim: Claim | None) -> Deployment:
         backend = self.fleet.backend(plan.backend_id)
-        cached = self.catalog.resolve(plan.model_id)
         claim = claim or plan.claim or Claim({plan.device_key: plan.needed_bytes})
         return ctx.call(lambda p: backend.start(cached, plan.profile, claim, progress=p, cancel=lambda: ctx.cancelled),
                         what=f"starting {plan.model_id}", deadline_s=self.start_deadline(backend),
