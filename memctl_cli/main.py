@@ -17,7 +17,8 @@ from memory_controller.settings import Settings, load_settings, settings_warning
 from memory_controller.units import escape_text, fmt_bytes
 
 # Modules that add subcommands: each has register(subparsers) setting func(args, settings) -> int.
-_SUBCOMMAND_MODULES = ("memctl_cli.models", "memctl_cli.containers", "memctl_cli.ollama", "server.cli")
+_SUBCOMMAND_MODULES = ("memctl_cli.models", "memctl_cli.containers", "memctl_cli.ollama", "memctl_cli.export",
+                       "server.cli")
 
 
 def _print_error(exc: MemctlError) -> None:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import clusterfit
 from .backend import Availability, Backend, Deployment, ReleaseReport
 from .errors import ModelLoadError, ModelNotFoundError
 from .planning import Plan
@@ -47,12 +48,10 @@ class MemoryController:
         sv = self.services = build(s, probe, backends)
         sv.executor.step_hook = step_hook
         self.probe, self.registry, self.holder_sources, self.runner = probe, sv.registry, sv.holder_sources, sv.runner
-        self.fleet, self.sizer, self.planner, self.census = sv.fleet, sv.sizer, sv.planner, sv.census
-        self._log = sv.log
+        self.fleet, self.sizer, self.planner, self.census, self._log = sv.fleet, sv.sizer, sv.planner, sv.census, sv.log
         self.serving = Serving(sv.catalog, sv.fleet, sv.ledger, lambda b, m: self.plan(b, m, purpose="ide"),
                                lambda p, progress: self.apply(p, progress=progress), self.recommend,
                                lambda: self.fleet.availabilities(self.probe.snapshot()))
-        # the services' calls under the facade's stable names
         self.backends, self.backend, self.deployments = self.fleet.backends, self.fleet.backend, self.fleet.deployments
         self.find_deployment, self.models, self.resolve = sv.fleet.find, sv.catalog.models, sv.catalog.resolve
         self.memory_history, self.seed_memory_history = sv.monitor.history, sv.monitor.seed
@@ -62,20 +61,14 @@ class MemoryController:
         self.cancel_generation, self.slots_on = sv.ledger.cancel, sv.ledger.on
         self.log_write_errors, self.acknowledge_log_errors = self._log.write_errors, self._log.acknowledge
 
-    @property
-    def step_hook(self) -> Callable[[str], None] | None:
-        return self.services.executor.step_hook
-
-    @step_hook.setter
-    def step_hook(self, hook: Callable[[str], None] | None) -> None:
-        self.services.executor.step_hook = hook
+    step_hook = property(lambda self: self.services.executor.step_hook,  # settable: fault injection
+                         lambda self, hook: setattr(self.services.executor, "step_hook", hook))
 
     @property
     def mode(self) -> str | None:  # the backend of the newest deployment; None when nothing runs
         return self.fleet.mode()
 
-    # problems reading or writing the log; write failures stay until one succeeds
-    log_warnings = property(lambda self: list(self._log.warnings))
+    log_warnings = property(lambda self: list(self._log.warnings))  # reading/writing the log; writes stay till one works
 
     def availability(self, backend_id: str, snapshot: SystemSnapshot | None = None) -> Availability:
         return self.fleet.availability(backend_id, snapshot or self.probe.snapshot())
@@ -122,6 +115,16 @@ class MemoryController:
 
     def ollama(self) -> Any:  # the other holder's client, or None
         return self.census.ollama_client()
+
+    def export(self, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None, gpus: int = 1,
+               context: int | None = None, batch: int | None = None, accelerator: str | None = None,
+               max_replicas: int = 2):  # a document for a cluster engine (clusterfit.py)
+        return clusterfit.export(self.fleet, self.probe.snapshot, fmt, self.resolve(model), gpu_bytes=gpu_bytes,
+                                 gpus=gpus, context=context, batch=batch, accelerator=accelerator,
+                                 max_replicas=max_replicas)
+
+    def export_formats(self) -> tuple[str, ...]:  # the formats the configured backends write
+        return tuple(clusterfit.exporters(self.fleet))
 
     def status(self) -> dict:  # devices, recommendation, backends' availability, what runs: JSON-ready
         snap = self.devices()
@@ -180,20 +183,17 @@ class MemoryController:
                                   {"cancelled": running.kind if running else None})
 
 
-_shared: MemoryController | None = None
+_shared: list[MemoryController] = []
 _shared_lock = threading.Lock()
 
 
 def shared_controller() -> MemoryController:
     """The one controller of this process (not only in ``st.cache_resource``: "Clear cache" would orphan models)."""
-    global _shared
     with _shared_lock:
-        if _shared is None:
-            _shared = MemoryController()
-        return _shared
+        _shared[:] = _shared or [MemoryController()]
+        return _shared[0]
 
 
 def reset_shared_controller() -> None:
-    global _shared
     with _shared_lock:
-        _shared = None
+        _shared.clear()

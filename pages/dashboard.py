@@ -12,7 +12,17 @@ import time
 
 import streamlit as st
 
-from pages import deployments, history, holders_view, ide_section, memory_panel, rec_card, sidebar, ui_ops
+from pages import (
+    cluster_export,
+    deployments,
+    history,
+    holders_view,
+    ide_section,
+    memory_panel,
+    rec_card,
+    sidebar,
+    ui_ops,
+)
 from pages import ui_common as ui
 
 
@@ -57,6 +67,7 @@ def main() -> None:
     rec_card.model_context_line(ctl, chosen.model, chosen.profile, available)
     deployments.deployments_section(ctl, running, ui_ops.busy(ctl))
     ide_section.ide_section(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
+    cluster_export.cluster_export(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
     deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)
     if snap.gpus:  # on the host the live panel lists the processes; there is no GPU memory to name
         holders_view.holders_section(ctl, snap)

@@ -553,3 +553,28 @@ def build_chat_cache(hub_dir: Path) -> dict[str, str]:
     build_into_cache(hub_dir, "no-tokenizer", TINY, seed=20, tokenizer=False)
     ids["no_tokenizer"] = f"{TEST_ORG}/no-tokenizer"
     return ids
+
+
+def sparse_into_cache(hub_dir: Path, name: str, shape: LlamaShape, *, config: dict[str, Any] | None = None) -> Path:
+    """A header-only model of any size (``write_sparse_llama``: exact safetensors header, sparse data) placed
+    in ``hub_dir`` as ``memctl-test/<name>``, its config updated with ``config``; no file is hashed (a 7 B
+    layout costs nothing to create). Returns the snapshot dir."""
+    repo_id = f"{TEST_ORG}/{name}"
+    repo_dir = Path(hub_dir) / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    blobs, snap = repo_dir / "blobs", repo_dir / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=blobs) as tmp:
+        src = write_sparse_llama(Path(tmp), shape)
+        if config:
+            cfg = json.loads((src / "config.json").read_text())
+            cfg.update(config)
+            (src / "config.json").write_text(json.dumps(cfg, indent=2))
+        for p in sorted(src.iterdir()):
+            blob = blobs / hashlib.sha256(f"{repo_id}/{p.name}".encode()).hexdigest()
+            os.replace(p, blob)
+            (snap / p.name).symlink_to(os.path.relpath(blob, snap))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snap

@@ -86,6 +86,7 @@ class VllmDockerBackend(BackendBase):
         precisions=(Precision.FP16, Precision.BF16, Precision.NF4), devices=("cuda",), fit_ladder=(Precision.NF4,),
         serves_http=True, generates_in_process=False, needs_gpu=True, label="vLLM (Docker)")
     validate_container_name = staticmethod(validate_container_name)
+    export_formats = ("production-stack", "rayservice")  # documents for cluster engines (export.py)
 
     def __init__(self, settings: Settings, probe: DeviceProbe | None = None, *, network: str | None = None) -> None:
         self.settings = settings
@@ -136,6 +137,12 @@ class VllmDockerBackend(BackendBase):
         except Exception as exc:  # noqa: BLE001 - availability never raises
             return Availability(False, msg("backend.docker_unavailable", f"Docker check failed: {exc}",
                                            backend=self.id, detail=str(exc), host=self.access.host_label))
+
+    def export(self, fmt: str, model: CachedModel, request: Any) -> Any:
+        """A document for a cluster engine (``export_formats``), sized by memctl's fit (see export.py)."""
+        from .export import export
+
+        return export(self.settings, self.id, fmt, model, request)
 
     # ---------------------------------------------------------------- claim
     def check_model(self, model: CachedModel, profile: Profile) -> tuple[Message, ...]:
