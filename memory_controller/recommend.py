@@ -119,7 +119,7 @@ def recommend(
     if natural.name != band.name:
         notes.append(msg("rec.backend_unavailable_fallback",
                          f"the table says {natural.name}, but {natural.mode} is unavailable: {band.name} instead",
-                         table=natural.name, used=band.name, backend=natural.mode))
+                         table=natural.name, used=band.name, backend=natural.mode, used_backend=band.mode))
 
     precision = band.precision
     device = "cuda"

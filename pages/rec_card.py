@@ -57,8 +57,9 @@ def note_text(note: Message, bands: tuple[ProfileBand, ...]) -> str:
     for key in ("table", "used"):
         if key in args:
             args[key] = band_title(str(args[key]), bands)
-    if isinstance(args.get("backend"), str) and t.has(f"mode.{args['backend']}"):
-        args["backend"] = t(f"mode.{args['backend']}")  # a backend id as the catalog names it
+    for key in ("backend", "used_backend"):  # a backend id as the catalog names it
+        if isinstance(args.get(key), str) and t.has(f"mode.{args[key]}"):
+            args[key] = t(f"mode.{args[key]}")
     for key in ("was", "now", "precision"):
         if isinstance(args.get(key), str):
             args[key] = args[key].upper()

@@ -149,7 +149,8 @@ def test_recommendation_notes_are_message_codes_the_catalogs_translate():
     no_docker = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
                           availability={"vllm": Availability(False), "transformers": Availability(True)})
     assert [n.code for n in no_docker.notes] == ["rec.backend_unavailable_fallback"]
-    assert dict(no_docker.notes[0].args) == {"table": "vllm_full", "used": no_docker.band, "backend": "vllm"}
+    assert dict(no_docker.notes[0].args) == {"table": "vllm_full", "used": no_docker.band, "backend": "vllm",
+                                              "used_backend": "transformers"}
     on_cpu = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
                        device_key="host", cpu_half_precision="bf16")
     cpu_note = next(n for n in on_cpu.notes if n.code == "rec.cpu_half_precision")
