@@ -2,7 +2,7 @@
 
 Everything goes through the controller: stops take the operation slot and are logged like any other
 operation, and only deployments a backend owns (memctl's labelled containers) are listed or stopped.
-Exit codes: 0 ok, 1 a stop failed, 2 a malformed name.
+Exit codes: 0 ok, 1 a stop failed, nothing of that name runs or Docker is down, 2 a malformed name.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from memory_controller.backend import Deployment
-from memory_controller.errors import MemctlError
+from memory_controller.errors import DockerUnavailableError, MemctlError, ModelNotFoundError
 from memory_controller.types import to_jsonable
 from memory_controller.units import escape_text, fmt_duration
 
@@ -83,9 +83,26 @@ def cmd_containers(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_stop(args: argparse.Namespace, settings: Settings) -> int:
     ctl = _acting(settings)
-    report = ctl.unload(args.name)
+    try:
+        report = ctl.unload(args.name)
+    except ModelNotFoundError as exc:
+        _why_not_found(settings, args.name, exc)
+        raise
     print(f"stopped {escape_text(report.model_id)}: {report.message.text}")
     return 0
+
+
+def _why_not_found(settings: Settings, name: str, exc: ModelNotFoundError) -> None:
+    """A name not found may be a container Docker cannot be asked about: say that Docker is down
+    (DockerUnavailableError) rather than "not loaded"."""
+    try:
+        out_of_process(_controller(settings))
+    except DockerUnavailableError as down:
+        raise DockerUnavailableError(
+            f"{name} is not a model of this process, and memctl's containers cannot be listed: {down.message}",
+            down.hint, details=down.details, args={"name": name}) from exc
+    except MemctlError:
+        pass
 
 
 def cmd_stop_all(args: argparse.Namespace, settings: Settings) -> int:

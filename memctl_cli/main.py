@@ -1,7 +1,15 @@
 """``memctl`` command line: status, models, estimate, containers, stop, stop-all.
 
-Exit codes: 0 ok (also with no GPU), 1 an operation failed, 2 invalid settings or arguments
-(including a malformed model id). With ``--json`` an error is also printed as JSON on stdout.
+Exit codes (every sub-command):
+
+* 0 — done (also with no GPU);
+* 1 — the operation failed or could not act: a model that is not loaded, Docker or Ollama down, a
+  release that failed, an internal error;
+* 2 — bad arguments or settings: a malformed model id, an invalid ``MEMCTL_*`` value, a bad port,
+  ``ide --model`` naming a model that is not cached;
+* 130 — interrupted (Ctrl-C); 141 — the output was closed early (``memctl models --json | head``).
+
+With ``--json`` an error is also printed as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -9,9 +17,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
+from memory_controller.backend import describe_memory
 from memory_controller.errors import InvalidModelIdError, MemctlError, SettingsError
 from memory_controller.settings import Settings, load_settings, settings_warnings
 from memory_controller.units import escape_text, fmt_bytes
@@ -45,13 +55,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
               f"used {fmt_bytes(d['used_bytes'])}, free {fmt_bytes(d['free_bytes'])}, util {util}{status}")
     from memctl_cli.models import recommendation_lines
 
-    for line in recommendation_lines(data["recommendation"]):
+    for line in recommendation_lines(data["recommendation"], settings.bands):
         print(line)
     for bid, b in data["backends"].items():
         if not b["available"]:
             print(f"{bid} unavailable: {b['reason']}")
     for d in data["deployments"]:
-        mem = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in d["memory_bytes"].items()) or "—"
+        mapped = int((d.get("detail") or {}).get("mapped_bytes") or 0)
+        mem = describe_memory(d["memory_bytes"], mapped) or "—"
         print(f"running: {escape_text(d['model_id'])} ({d['backend_id']}, {d['state']}) {mem}"
               + (f" at {d['endpoint']}" if d["endpoint"] else ""))
     return 0
@@ -65,7 +76,10 @@ def log_write_errors() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memctl", description="Local LLM memory control (GPU / host)")
+    parser = argparse.ArgumentParser(prog="memctl", description="Local LLM memory control (GPU / host)",
+                                     epilog="exit codes: 0 done, 1 failed or nothing to act on, 2 bad arguments "
+                                            "or settings, 130 interrupted, 141 output closed early")
+    parser.add_argument("--version", action="version", version=f"memctl {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("status", help="devices, memory and the recommended profile")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -79,7 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's), or "unknown" when it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("memctl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+EXIT_PIPE_CLOSED = 141  # as a shell reports a program ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; its exit code. Output into a pipe closed early (``| head``) ends quietly."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and print a second error: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

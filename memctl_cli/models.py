@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from memory_controller.errors import MemctlError
@@ -72,19 +73,43 @@ def _usage_error(args: argparse.Namespace, error: MemctlError) -> int:
     return 2
 
 
-def recommendation_lines(rec: dict[str, Any]) -> list[str]:
-    """``memctl status``'s recommendation in words: what to run, then why (the guide's table row by name,
-    apart from the precision actually used, which can differ: fp16 becomes bf16 on the CPU)."""
+def band_label(name: str, bands: Sequence[Any], language: str = "en") -> str:
+    """The guide's heading of the table row ``name`` ("With 4-6 GB free"), as the dashboard's card
+    writes it; the name itself when ``bands`` has no such row."""
+    from memory_controller.i18n import Translator
+
+    ordered = sorted(bands, key=lambda b: b.min_free_bytes, reverse=True)
+    i = next((k for k, b in enumerate(ordered) if b.name == name), None)
+    if i is None:
+        return name
+
+    def gb(n_bytes: int) -> str:
+        value = n_bytes / GIB
+        return f"{value:.0f}" if abs(value - round(value)) < 1e-9 else f"{value:.1f}"
+
+    t = Translator(language)
+    low = ordered[i].min_free_bytes
+    if i == 0:
+        return t("rec.heading_top", low=gb(low))
+    if low == 0:
+        return t("rec.heading_bottom", high=gb(ordered[i - 1].min_free_bytes))
+    return t("rec.heading_mid", low=gb(low), high=gb(ordered[i - 1].min_free_bytes))
+
+
+def recommendation_lines(rec: dict[str, Any], bands: Sequence[Any] = ()) -> list[str]:
+    """``memctl status``'s recommendation in words: what to run, then why — the guide's table row by its
+    label ("With 4-6 GB free"), never by its internal name (which reads like a precision)."""
     p = rec["profile"]
     mode = {"transformers": "Transformers (in-process)", "vllm": "vLLM (Docker)"}.get(p["mode"], p["mode"])
     band = rec["band"]
+    label = band_label(band, bands)
     reason = str(rec.get("reason", ""))
-    row = f"row \"{band}\" of the guide's table"
+    row = f"the guide's row “{label}”" if label != band else "the guide's table"
     why = reason.replace(f"→ {band}", f"→ {row}") if f"→ {band}" in reason else f"{reason} → {row}"
     return [
         f"Recommended: {mode}, precision {p['precision']}, context {p['context_tokens']:,} tokens, "
         f"batch {p['batch']}, on {p['device']}",
-        f"  why: {why} (a row's name is not the precision used)",
+        f"  why: {why}",
     ]
 
 

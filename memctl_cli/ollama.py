@@ -20,7 +20,7 @@ from memory_controller.units import fmt_bytes
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``ollama ps`` and ``ollama unload NAME`` to memctl's sub-command parser."""
-    p = subparsers.add_parser("ollama", help="models an Ollama server holds in memory (ollama_host)")
+    p = subparsers.add_parser("ollama", help="models an Ollama server holds in memory (MEMCTL_OLLAMA_HOST)")
     sub = p.add_subparsers(dest="ollama_command", required=True)
     ps = sub.add_parser("ps", help="models Ollama has loaded: size, size in VRAM, unloads in")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
@@ -43,7 +43,7 @@ def client_for(ctl: Any) -> Any:
         maker = MemoryController(getattr(ctl, "settings", ctl), probe=getattr(ctl, "probe", None)).ollama
     client = maker()
     if client is None:
-        raise MemctlError("the Ollama client could not be built", "check the ollama_host setting")
+        raise MemctlError("the Ollama client could not be built", "check MEMCTL_OLLAMA_HOST")
     return client
 
 

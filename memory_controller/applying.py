@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import planning
-from .backend import Backend, Claim, Deployment
+from .backend import Backend, Claim, Deployment, describe_memory
 from .errors import (
     ContainerError,
     DockerUnavailableError,
@@ -196,9 +196,14 @@ class Executor:
                 run.mine.append(dep)
                 run.started = dep
                 where = f" at {dep.endpoint}" if dep.endpoint else ""
-                st.say("step.prepare", f"{dep.model_id} ready on {dep.device or plan.device_key}{where}, "
-                       f"{fmt_bytes(dep.footprint_bytes)}", model=dep.model_id, device=dep.device or plan.device_key,
-                       bytes=dep.footprint_bytes, endpoint=dep.endpoint or "")
+                on = dep.device or plan.device_key
+                if dep.mapped_bytes:  # a memory-mapped model: its resident weight-file pages and its private bytes
+                    st.say("step.prepare_mapped", f"{dep.model_id} ready on {on}{where}: "
+                           f"{describe_memory(dep.memory_bytes, dep.mapped_bytes)}", model=dep.model_id, device=on,
+                           bytes=dep.footprint_bytes, mapped_bytes=dep.mapped_bytes, endpoint=dep.endpoint or "")
+                else:
+                    st.say("step.prepare", f"{dep.model_id} ready on {on}{where}, {fmt_bytes(dep.footprint_bytes)}",
+                           model=dep.model_id, device=on, bytes=dep.footprint_bytes, endpoint=dep.endpoint or "")
                 ctx.record.params["deployment"] = {"backend": dep.backend_id, "handle": dep.handle, "name": dep.name,
                                                    "endpoint": dep.endpoint}
             case Verify():

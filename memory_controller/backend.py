@@ -131,6 +131,16 @@ class Deployment:
         return sum(self.memory_bytes.values())
 
     @property
+    def mapped_bytes(self) -> int:
+        """Resident pages of memory-mapped weight files the model reads its weights from (a bf16 load on
+        the CPU): page cache the model occupies, counted apart from ``memory_bytes`` (private memory,
+        which the plan counts); 0 when none (``detail["mapped_bytes"]``)."""
+        try:
+            return max(0, int(self.detail.get("mapped_bytes") or 0))
+        except (TypeError, ValueError):
+            return 0
+
+    @property
     def context_tokens(self) -> int | None:
         return self.profile.context_tokens if self.profile else None
 
@@ -156,10 +166,28 @@ class ReleaseReport:
     measure: str  # "nvml_used" | "rss_anon" | "docker" | "memory" ...
     verdict: Outcome
     message: Message
+    mapped_bytes: int = 0  # resident pages of mapped weight files before the stop (Deployment.mapped_bytes)
+    mapped_freed_bytes: int = 0  # of those, no longer mapped by the process after it (measured)
 
     @property
     def already_gone(self) -> bool:
         return self.message.code == "release.already_gone"
+
+
+def describe_memory(memory_bytes: Mapping[str, int], mapped_bytes: int = 0) -> str:
+    """What a deployment occupies, each part named: ``host 128 B private + 942.0 MiB mapped weight
+    files`` (English; UIs render the numbers themselves)."""
+    from .units import fmt_bytes
+
+    parts = []
+    for key, value in memory_bytes.items():
+        if key == "host" and mapped_bytes:
+            parts.append(f"host {fmt_bytes(value)} private + {fmt_bytes(mapped_bytes)} mapped weight files")
+        else:
+            parts.append(f"{key} {fmt_bytes(value)}")
+    if mapped_bytes and "host" not in memory_bytes:
+        parts.append(f"host {fmt_bytes(mapped_bytes)} mapped weight files")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- generation (serving)

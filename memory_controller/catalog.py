@@ -164,6 +164,24 @@ def _blobs_bytes(repo_dir: str) -> int:
     return total
 
 
+def _regular_files_bytes(folder: str) -> int:
+    """Bytes of the regular files under ``folder`` (symlinks, such as a snapshot's links into ``blobs/``,
+    are not followed nor counted): a copied cache or a ``local_dir`` download keeps real files in its
+    snapshot, and those are on disk too (issue 20.7: such a model showed 0 B)."""
+    total = 0
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        with contextlib.suppress(OSError), os.scandir(current) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
 def _stat_key(path: str) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
@@ -231,7 +249,8 @@ def _scan_repo_uncached(repo: str, warnings: list[str]) -> CachedModel:
             continue
         if problems:
             warnings.append(f"{repo_id}: {'; '.join(problems)}; using snapshot {_shown(snap_name[:40])}")
-        return _describe_dir(repo_id, Path(snap), snap_name, _blobs_bytes(repo), top, "hf_cache", warnings)
+        on_disk = _blobs_bytes(repo) + sum(_regular_files_bytes(os.path.join(snapshots, n)) for n in names)
+        return _describe_dir(repo_id, Path(snap), snap_name, on_disk, top, "hf_cache", warnings)
     raise _CorruptEntry("; ".join(problems) or "no snapshots")
 
 

@@ -78,7 +78,11 @@ class InsufficientMemoryError(MemctlError):
 
 
 class DockerUnavailableError(MemctlError):
-    advice_key = "container_not_stopping"
+    """Docker does not answer: the message says why and the hint how to start it (no guide entry
+    applies: "a container does not stop" is about a container Docker runs)."""
+
+    advice_key = None
+    code = "docker_unavailable"
 
 
 class ContainerError(MemctlError):

@@ -217,7 +217,7 @@ _ADVICE = {
                          "if you do not need it",
     "ollama_runner": "Ollama model {models}: unload it here (🗑️) or with `ollama stop`",
     "ollama_down": "an Ollama runner, but Ollama does not answer at its address: check the Ollama service "
-                   "(systemctl status ollama) or set ollama_host",
+                   "(systemctl status ollama) or set MEMCTL_OLLAMA_HOST",
     "ollama_server": "the Ollama server itself (little memory); stop the service if you need it all",
     "process": "another program (PID {pid}): close it if you do not need it; memctl never stops it",
     "desktop": "the desktop's graphics: freed only by logging out; choose a lighter model",

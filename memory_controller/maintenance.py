@@ -45,6 +45,7 @@ class Maintenance:
         return report
 
     def clear_caches(self) -> dict[str, object]:
+        gc.unfreeze()  # the user's clear sweeps everything, objects a backend froze too (see gc.freeze)
         done: dict[str, object] = {"gc_collect": gc.collect() >= 0}
         done.update(self.fleet.clear_caches())
         return done

@@ -156,7 +156,7 @@ def call_with_deadline(fn: Callable[[ProgressCallback], Any], *, what: str, dead
             raise OperationTimeoutError(
                 f"{what} did not finish within {deadline_s:.0f} s",
                 "it is abandoned and cleaned up when it returns; check the logs, or raise the deadline "
-                "(operation_timeout_s / step_timeout_s)", code="timeout", args={"what": what, "deadline_s": deadline_s})
+                "(MEMCTL_OPERATION_TIMEOUT_S / MEMCTL_STEP_TIMEOUT_S)", code="timeout", args={"what": what, "deadline_s": deadline_s})
     if "error" in box:
         raise box["error"]
     return box.get("result")

@@ -35,7 +35,10 @@ def deployment_row(ctl: Any, d: Deployment, served: dict | None = None) -> str:
     parts = [f"**{d.model_id}**", ui.backend_label(ctl, d.backend_id)]
     if d.device and (len(d.memory_bytes) != 1 or d.device == "cpu"):  # where it runs, unless the memory says it
         parts.append(ui.device_key_label(d.device) if d.device.startswith("cuda") else d.device)
-    memory = ", ".join(f"{ui.device_key_label(k)}: {ui.gib(v)}" for k, v in d.memory_bytes.items())
+    mapped = d.mapped_bytes  # a memory-mapped model: its weight files' resident pages, named apart
+    memory = ", ".join(t("deploy.memory_mapped", device=ui.device_key_label(k), mapped=ui.gib(mapped), private=ui.gib(v))
+                       if k == "host" and mapped else f"{ui.device_key_label(k)}: {ui.gib(v)}"
+                       for k, v in d.memory_bytes.items())
     if memory:
         parts.append(memory)
     prof = d.profile

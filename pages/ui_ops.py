@@ -122,9 +122,14 @@ def release_text(rep: ReleaseReport) -> str:
     if rep.already_gone:
         return t("unload.already_gone", model=rep.model_id)
     measure = t(f"unload.measure_{rep.measure}") if t.has(f"unload.measure_{rep.measure}") else t("unload.measure_other")
-    return t("unload.report", emoji=ui.outcome_emoji(rep.verdict), model=rep.model_id, freed=ui.gib(rep.freed_bytes),
+    text = t("unload.report", emoji=ui.outcome_emoji(rep.verdict), model=rep.model_id, freed=ui.gib(rep.freed_bytes),
              held=ui.gib(rep.still_held_bytes), expected=ui.gib(rep.expected_bytes),
              device=ui.device_key_label(rep.device or "host"), measure=measure)
+    mapped = getattr(rep, "mapped_bytes", 0)
+    if mapped:  # a memory-mapped model: the release of its weight files' pages, measured too
+        freed = getattr(rep, "mapped_freed_bytes", 0)
+        text += t("unload.mapped", freed=ui.gib(freed), mapped=ui.gib(mapped), left=ui.gib(max(0, mapped - freed)))
+    return text
 
 
 def release_report(rep: ReleaseReport) -> None:

@@ -4,8 +4,9 @@ Each handler is ``(args, ctl_or_client) -> exit code``: the local controller, or
 :class:`~server.client.RemoteController` of the machine's owner process when one runs (then the
 command acts on the models that process holds). :func:`add_commands` registers them with
 ``func(args, settings)`` wrappers that pick the controller, so ``memctl_cli.main`` runs
-them like its other sub-commands. Exit codes: 0 ok, 1 the operation failed, 2 bad input (unknown or
-malformed model id, bad port); messages and hints on stderr, never a traceback.
+them like its other sub-commands. Exit codes (as ``memctl_cli.main`` documents them): 0 ok, 1 the
+operation failed or had nothing to act on (``unload`` of a model that is not loaded), 2 bad input
+(unknown or malformed model id, bad port); messages and hints on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Handler = Callable[[argparse.Namespace, Any], int]
 _BAD_INPUT = (errors.InvalidModelIdError, errors.ModelNotFoundError, errors.SettingsError)
+NOT_LOADED = "not_loaded"  # a well-formed name of nothing running: the unload had nothing to act on (1, not 2)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -71,7 +73,7 @@ def run_handler(handler: Handler, args: argparse.Namespace, settings: Settings, 
         return int(handler(args, ctl))
     except errors.MemctlError as exc:
         _print_error(exc, as_json)
-        return 2 if isinstance(exc, _BAD_INPUT) else 1
+        return 2 if isinstance(exc, _BAD_INPUT) and exc.code != NOT_LOADED else 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug must still not print a traceback at the user
@@ -189,6 +191,7 @@ def ps_rows(ctl: Any) -> list[dict[str, Any]]:
             "context_tokens": d.context_tokens,
             "precision": getattr(getattr(d.profile, "precision", None), "value", None),
             "memory_bytes": dict(d.memory_bytes),
+            "mapped_bytes": getattr(d, "mapped_bytes", 0),  # resident pages of memory-mapped weight files
             "in_flight": s.get("in_flight", in_flight.get(d.model_id, 0)),
             "queued": s.get("queued", 0),
             "idle_unload_in_s": s.get("idle_unload_in_s"),
@@ -210,7 +213,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
-    from memory_controller.units import fmt_bytes
+    from memory_controller.backend import describe_memory
 
     rows = ps_rows(ctl)
     if args.json:
@@ -225,7 +228,7 @@ def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
         return 0
     table = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN"]]
     for r in rows:
-        memory = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(r["memory_bytes"].items())) or "—"
+        memory = describe_memory(dict(sorted(r["memory_bytes"].items())), r.get("mapped_bytes") or 0) or "—"
         flight = str(r["in_flight"]) + (f" (+{r['queued']} queued)" if r["queued"] else "")
         table.append([r["model"], r["backend"], r["endpoint"] or "—",
                       "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory, flight,

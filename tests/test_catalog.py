@@ -118,3 +118,40 @@ def test_resolving_a_corrupt_cache_entry_says_it_is_corrupt(hf_settings):
 def test_resolving_returns_the_catalog_entry(hf_settings):
     m = resolve_model(TINY_UNTIED_ID, hf_settings)
     assert m == next(x for x in scan_models(hf_settings).models if x.model_id == TINY_UNTIED_ID)
+
+
+def test_a_snapshot_of_regular_files_counts_their_bytes(tmp_path, hf_cache, capsys):
+    """A copied cache or a ``local_dir`` download keeps real files in snapshots/ (no links into blobs/):
+    the model list, the table, `memctl models` all show size_on_disk_bytes, which must count them."""
+    import argparse
+
+    from memctl_cli.models import cmd_models
+    from memory_controller.units import fmt_bytes
+
+    hub = tmp_path / "hub"
+    src = hf_cache / "models--memctl-test--tiny-llama"
+    dst = hub / "models--memctl-test--copied-llama"
+    shutil.copytree(src, dst, symlinks=False)  # links resolved: regular files in the snapshot
+    shutil.rmtree(dst / "blobs")
+    (dst / "blobs").mkdir()
+    snap = next((dst / "snapshots").iterdir())
+    (snap / "extra").mkdir()
+    (snap / "extra" / "notes.txt").write_bytes(b"x" * 1000)  # nested regular files count too
+    files = [p for p in snap.rglob("*") if p.is_file()]
+    assert files and not any(p.is_symlink() for p in files)
+    want = sum(p.stat().st_size for p in files)
+    (model,) = scan_models(load_settings(hf_cache_dir=hub, local_model_dirs=[])).models
+    assert model.model_id == "memctl-test/copied-llama"
+    assert model.size_on_disk_bytes == want > 0
+    settings = load_settings(hf_cache_dir=hub, local_model_dirs=[])
+    assert cmd_models(argparse.Namespace(json=False), settings) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "copied-llama" in line)
+    assert fmt_bytes(want) in row and " 0 B " not in row
+    # a mixed snapshot: links into blobs/ count once (as blobs), regular files beside them count too
+    link_repo = hub / "models--memctl-test--tiny-llama"
+    shutil.copytree(src, link_repo, symlinks=True)
+    link_snap = next((link_repo / "snapshots").iterdir())
+    (link_snap / "README.md").write_bytes(b"y" * 5000)
+    by_id = {m.model_id: m for m in scan_models(load_settings(hf_cache_dir=hub, local_model_dirs=[])).models}
+    blobs = sum(p.stat().st_size for p in (link_repo / "blobs").iterdir())
+    assert by_id[TINY_ID].size_on_disk_bytes == blobs + 5000

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -212,22 +210,27 @@ def test_spec_cache_notices_a_changed_config(hf_settings, tmp_path):
     assert after.kv_cache_bytes == 2 * before.kv_cache_bytes
 
 
-def test_estimate_takes_under_50ms_for_a_half_billion_parameter_layout(tmp_path, hf_settings):
+def test_a_half_billion_parameter_layout_is_estimated_from_headers_and_cached(tmp_path, hf_settings, monkeypatch):
+    """Reads the headers only (the weight bytes are a sparse hole) and re-estimates from the cache.
+    How long it takes is measured in bench/bench_transformers.py (part 4), not asserted here."""
+    from memory_controller.estimate import spec as spec_module
+
     path = mf.write_sparse_llama(tmp_path / "half-b", mf.BENCH_05B)
     model = _local(path)
     profile = _profile(Precision.NF4, context=4096)
-    cold = []
-    for _ in range(5):
-        est.clear_spec_cache()
-        t0 = time.perf_counter()
-        e = est.estimate(model, profile, hf_settings)
-        cold.append(time.perf_counter() - t0)
+    est.clear_spec_cache()
+    reads: list[object] = []
+    real = spec_module._read_spec
+    monkeypatch.setattr(spec_module, "_read_spec", lambda *a: reads.append(a) or real(*a))
+    e = est.estimate(model, profile, hf_settings)
     assert len(est.read_model_spec(path).tensors) > 300
     assert 0.45e9 < e.parameters < 0.5e9
-    assert statistics.median(cold) < 0.050, cold
-    t0 = time.perf_counter()
     est.estimate(model, profile, hf_settings)
-    assert time.perf_counter() - t0 < 0.010  # cached by path and mtime
+    assert len(reads) == 1  # cached by path and mtime
+    (path / "config.json").write_text((path / "config.json").read_text() + " ")
+    os.utime(path / "config.json", (1, 1))
+    est.estimate(model, profile, hf_settings)
+    assert len(reads) == 2  # a changed file is read again
 
 
 def test_catalog_estimator_cli_and_backend_import_without_torch(hf_cache):

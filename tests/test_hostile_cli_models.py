@@ -90,15 +90,18 @@ def test_a_typo_in_the_model_id_gets_did_you_mean(hf_cache, typo, meant):
     assert proc.returncode == 1 and f"did you mean {meant}" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_the_recommendation_names_the_table_row_apart_from_the_precision_used():
+def test_the_recommendation_names_the_table_row_by_its_label_apart_from_the_precision_used():
+    from memory_controller.settings import load_settings
+
+    bands = load_settings().bands
     rec = {"band": "transformers_fp16", "reason": "23.06 GiB free on host memory → transformers_fp16",
            "profile": {"mode": "transformers", "precision": "bf16", "context_tokens": 1024, "batch": 1,
                        "device": "cpu"}}
-    lines = cli_models.recommendation_lines(rec)
+    lines = cli_models.recommendation_lines(rec, bands)
     assert lines[0] == ("Recommended: Transformers (in-process), precision bf16, context 1,024 tokens, batch 1, "
                         "on cpu")
-    assert 'row "transformers_fp16" of the guide\'s table' in lines[1] and "23.06 GiB free" in lines[1]
-    assert "transformers_fp16 — transformers, bf16" not in "\n".join(lines)
+    assert lines[1] == "  why: 23.06 GiB free on host memory → the guide's row “With 4-6 GB free”"
     vllm = cli_models.recommendation_lines({**rec, "band": "vllm_full", "reason": "9 GiB free on GPU 0",
-                                            "profile": {**rec["profile"], "mode": "vllm", "device": "cuda"}})
-    assert vllm[0].startswith("Recommended: vLLM (Docker)") and 'row "vllm_full"' in vllm[1]
+                                            "profile": {**rec["profile"], "mode": "vllm", "device": "cuda"}}, bands)
+    assert vllm[0].startswith("Recommended: vLLM (Docker)") and "“With 8+ GB free”" in vllm[1]
+    assert "vllm_full" not in vllm[1]

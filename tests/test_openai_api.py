@@ -351,8 +351,8 @@ def test_idle_model_is_unloaded_after_the_setting_and_never_while_a_request_runs
         s.backend.token_delay_s = 0.4  # a 3-token answer takes 1.2 s > the idle time
         r = s.client.chat.completions.create(model=TINY_ID, messages=[{"role": "user", "content": "a b"}])
         assert r.choices[0].message.content == "echo: a b"  # not cut by the idle timer
-        status = s.service.status()[TINY_ID]
-        assert status["in_flight"] == 0 and 0 < status["idle_unload_in_s"] <= 0.6
+        status = s.service.status().get(TINY_ID)  # None: a loaded machine let the 0.6 s pass already
+        assert status is None or (status["in_flight"] == 0 and status["idle_unload_in_s"] <= 0.6)
         deadline = time.monotonic() + 5
         while s.running() and time.monotonic() < deadline:
             time.sleep(0.05)

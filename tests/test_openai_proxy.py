@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -111,7 +110,6 @@ def test_emergency_clear_during_a_proxied_stream_ends_it_with_an_error(proxied, 
     stream = proxied.client.chat.completions.create(
         model=TINY_ID, stream=True, messages=[{"role": "user", "content": " ".join(["w"] * 40)}])
     got, clearing = "", None
-    t0 = time.monotonic()
     with pytest.raises(openai.APIError) as err:
         for chunk in stream:
             got += chunk.choices[0].delta.content or "" if chunk.choices else ""
@@ -119,7 +117,7 @@ def test_emergency_clear_during_a_proxied_stream_ends_it_with_an_error(proxied, 
                 clearing = threading.Thread(target=proxied.ctl.emergency_clear, daemon=True)
                 clearing.start()
     clearing.join(20)
-    assert time.monotonic() - t0 < 8  # not the 8 s the whole answer would take
+    assert got.startswith("echo:") and got.count("w") < 40  # cut off mid-answer: not all 40 words echoed
     assert "generation stopped" in str(err.value.message)
     assert proxied.ctl.deployments() == []
 

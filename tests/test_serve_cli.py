@@ -88,12 +88,16 @@ def test_ide_for_a_model_not_running_carries_the_context_the_owner_would_serve(s
 
 
 @pytest.mark.parametrize("args", [("ide", "roo", "--model", "memctl-test/not-there"),
-                                  ("ide", "roo", "--model", "../etc"),
-                                  ("unload", TINY_ID)])
+                                  ("ide", "roo", "--model", "../etc")])
 def test_bad_input_through_the_owner_exits_2_with_a_message_and_no_traceback(served, tmp_path, hf_cache, args):
     out = memctl(tmp_path, hf_cache, *args)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_unloading_through_the_owner_a_model_it_does_not_hold_exits_1(served, tmp_path, hf_cache):
+    out = memctl(tmp_path, hf_cache, "unload", TINY_ID)  # 1: nothing to act on; 2 is for bad arguments
+    assert out.returncode == 1 and "is not loaded" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_without_an_owner_the_commands_act_locally_and_say_so(tmp_path, hf_cache):

@@ -130,6 +130,24 @@ def test_a_deployment_row_gives_its_endpoint_as_a_base_url_never_a_port():
     assert "vLLM" in row and "✅ готов" in row and "4096 токенов" in row
 
 
+def test_a_memory_mapped_model_shows_its_mapped_pages_and_private_bytes_each_named():
+    """Issue 20.2: «Оперативная память хоста: 128 B» for a bf16 model that maps 940 MiB of weights."""
+    from memory_controller.backend import ReleaseReport
+    from memory_controller.types import Outcome, msg
+    from pages.deployments import deployment_row
+    from pages.ui_ops import release_text
+
+    profile = Profile("transformers", Precision.BF16, 1024, 1, device="cpu")
+    dep = Deployment("transformers", "org/m", "org/m", profile, DeploymentState.READY, {"host": 128},
+                     started_at=1.0, device="cpu", detail={"mapped_bytes": 940 * 2**20})
+    row = deployment_row(None, dep)
+    assert "940 MiB отображённых файлов весов (в памяти) + 128 B собственной" in row, row
+    rep = ReleaseReport("transformers", "org/m", "org/m", "cpu", 128, 128, 0, "rss_anon", Outcome.SUCCESS,
+                        msg("release.freed", "unloaded"), mapped_bytes=940 * 2**20, mapped_freed_bytes=940 * 2**20)
+    text = release_text(rep)
+    assert "Отображённые файлы весов: освобождено" in text and "ещё отображено 0" in text, text
+
+
 # ============================================================================ 9.3 the plan shown is the plan applied
 def test_apply_after_what_runs_changed_shows_the_stale_plan_and_touches_nothing(dashboard, hf_cache):
     at = dashboard(hub=hf_cache)

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import pytest
 
@@ -229,7 +228,7 @@ def test_claim_blockers_are_messages_with_codes(tmp_path):
         "backend.gpu_memory_unknown"]
     over = b.claim(model, FP16, estimate_of(model.model_id, FP16, 23 * GIB), snapshot_with(gpu(free_gib=24)))
     assert [m.code for m in over.blockers] == ["backend.over_util_cap"]
-    assert "vllm_gpu_util_max" in over.blockers[0].text and over.blockers[0].args["cap"] == 0.95
+    assert "MEMCTL_VLLM_GPU_UTIL_MAX" in over.blockers[0].text and over.blockers[0].args["cap"] == 0.95
     assert b.claim(model, FP16, est, snapshot_with(gpu())).blockers == ()
 
 
@@ -284,7 +283,7 @@ def test_memory_is_checked_before_docker_is_touched(tmp_path):
         backend.start(model, FP16, claim)
     assert "only 5.00 GiB is free" in err.value.message
     for profile, needed, gpus, error, words in [
-        (FP16, 23 * GIB, [gpu(free_gib=24)], InsufficientMemoryError, "vllm_gpu_util_max"),
+        (FP16, 23 * GIB, [gpu(free_gib=24)], InsufficientMemoryError, "MEMCTL_VLLM_GPU_UTIL_MAX"),
         (FP16, GIB, [], ContainerError, "needs a GPU"),
         (FP16.with_(gpu_ids=(3,)), GIB, [gpu(0)], ContainerError, "GPU 3"),
         (FP16, GIB, [dataclasses.replace(gpu(), status=DeviceStatus.LOST, free_bytes=None)],
@@ -319,9 +318,7 @@ def test_daemon_down_is_reported_in_plain_words_and_start_raises(tmp_path):
     assert "not running" in av.reason.args["detail"] and str(tmp_path) in av.reason.args["detail"]
     with pytest.raises(DockerUnavailableError, match="not running"):
         backend.list_managed()
-    t0 = time.monotonic()
     assert backend.deployments() == []  # never raises
-    assert time.monotonic() - t0 < 3
     model = make_cached_model(settings)
     claim = backend.claim(model, FP16, estimate_of(model.model_id, FP16, GIB), snapshot_with(gpu()))
     with pytest.raises(DockerUnavailableError):
@@ -339,14 +336,16 @@ def test_unreachable_docker_host_is_reported():
     assert not av.ok and "cannot reach" in av.reason.args["detail"]
 
 
-def test_availability_is_cached_for_a_few_seconds(tmp_path):
+def test_availability_is_cached_for_a_few_seconds(tmp_path, monkeypatch):
     backend = VllmDockerBackend(load_settings(docker_host=f"unix://{tmp_path}/docker.sock"))
     snap = snapshot_with(gpu())
+    pings = []
+    real_ping = backend.access.ping
+    monkeypatch.setattr(backend.access, "ping", lambda: pings.append(1) or real_ping())
     first = backend.availability(snap)
-    t0 = time.monotonic()
     for _ in range(50):
         assert backend.availability(snap) == first
-    assert time.monotonic() - t0 < 0.5
+    assert len(pings) == 1  # Docker was asked once
 
 
 @pytest.mark.docker

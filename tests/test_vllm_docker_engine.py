@@ -153,12 +153,10 @@ def test_slow_start_is_awaited_with_progress_showing_the_latest_log_line(vllm_se
 def test_crash_during_start_fails_fast_with_status_log_tail_and_cause(vllm_settings, docker_client, tag, cause,
                                                                         words):
     settings = with_changes(vllm_settings, vllm_tag=tag, vllm_ready_timeout_s=60)
-    t0 = time.monotonic()
     with pytest.raises(ContainerStartError) as err:
         vllm_start(make_vllm_backend(settings), make_cached_model(settings), FP16)
-    assert time.monotonic() - t0 < 10  # fails fast, not at the 60 s deadline
     e = err.value
-    assert e.cause == cause
+    assert e.cause == cause  # the crash is the cause, not the 60 s readiness deadline ("ready_timeout")
     assert "exited with status 1" in e.message and words in e.message
     assert any("EngineCore failed to start" in line for line in e.log_tail)
     assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
@@ -177,10 +175,8 @@ def test_cancel_during_start_removes_the_container(vllm_settings, docker_client)
     settings = with_changes(vllm_settings, vllm_tag="never-ready", vllm_ready_timeout_s=30)
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
-    t0 = time.monotonic()
-    with pytest.raises(OperationCancelledError):
+    with pytest.raises(OperationCancelledError):  # cancelled, not the 30 s readiness deadline
         vllm_start(make_vllm_backend(settings), make_cached_model(settings), FP16, cancel=stop.is_set)
-    assert time.monotonic() - t0 < 5
     assert "memctl-vllm-org-tiny-llama" not in names_on_engine(docker_client)
 
 
@@ -226,7 +222,8 @@ def test_stop_with_init_is_quick_and_removes_the_container_and_is_idempotent(vll
     backend = make_vllm_backend(vllm_settings)
     dep = vllm_start(backend, make_cached_model(vllm_settings), FP16)
     report = backend.stop(dep.handle)
-    assert report.message.args["seconds"] < 2.0  # docker stop + remove, before the memory read-back
+    # the container ended on SIGTERM (its init forwards it): docker stop did not wait out its kill timeout
+    assert report.message.args["seconds"] < vllm_settings.vllm_stop_timeout_s
     assert dep.name not in names_on_engine(docker_client)
     assert report.handle == dep.handle and report.model_id == "Org/Tiny-Llama" and not report.already_gone
     # The fake NVML's used memory did not move: the report says so instead of assuming success.
@@ -288,14 +285,32 @@ def test_deployments_show_a_starting_container_while_start_waits(vllm_settings):
     assert result["dep"].state is DeploymentState.READY
 
 
-def test_deployments_never_block_on_a_slow_refresh(vllm_settings):
+def test_deployments_never_block_on_a_slow_refresh(vllm_settings, monkeypatch):
+    from backends.vllm import backend as backend_module
+
     backend = make_vllm_backend(vllm_settings)
     vllm_start(backend, make_cached_model(vllm_settings), FP16)
     backend.deployments()
-    time.sleep(2.1)  # the cache is stale now: the next call answers from it and refreshes in the background
-    t0 = time.monotonic()
-    assert len(backend.deployments()) == 1
-    assert time.monotonic() - t0 < 0.05
+    entered, release = threading.Event(), threading.Event()
+    real = backend.list_managed
+
+    def blocked_listing(probe=True):
+        entered.set()
+        release.wait(60)  # Docker "hangs" until the test lets it go
+        return real(probe)
+
+    monkeypatch.setattr(backend, "list_managed", blocked_listing)
+    backend._cache_at -= backend_module.REFRESH_INTERVAL_S + 1  # stale: the next call kicks a refresh
+    answered: list = []
+    try:
+        reader = threading.Thread(target=lambda: answered.append(backend.deployments()))
+        reader.start()
+        assert entered.wait(30)  # the refresh runs and is blocked ...
+        reader.join(30)
+        assert not reader.is_alive() and not release.is_set()  # ... and deployments() answered meanwhile
+        assert len(answered[0]) == 1  # from the cache
+    finally:
+        release.set()
 
 
 def test_a_stale_exited_container_of_ours_is_replaced(vllm_settings, docker_client):

@@ -96,8 +96,8 @@ def parse_host(value: str | None) -> str:
         scheme, rest = "http", s
     scheme = scheme.lower()
     if scheme not in ("http", "https"):
-        raise SettingsError(f"invalid setting ollama_host = {value!r}: scheme {scheme!r} is not http or https",
-                            "set ollama_host like 127.0.0.1:11434 or http://127.0.0.1:11434")
+        raise SettingsError(f"invalid MEMCTL_OLLAMA_HOST = {value!r}: scheme {scheme!r} is not http or https",
+                            "set MEMCTL_OLLAMA_HOST like 127.0.0.1:11434 or http://127.0.0.1:11434")
     default_port = DEFAULT_PORT if not sep else (443 if scheme == "https" else 80)
     hostport = rest.split("/", 1)[0]
     host, port_text = hostport, ""
@@ -112,8 +112,8 @@ def parse_host(value: str | None) -> str:
     except ValueError:
         port = -1
     if not 0 < port < 65536 or not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", host):
-        raise SettingsError(f"invalid setting ollama_host = {value!r}: bad host or port",
-                            "set ollama_host like 127.0.0.1:11434 (MEMCTL_OLLAMA_HOST)")
+        raise SettingsError(f"invalid MEMCTL_OLLAMA_HOST = {value!r}: bad host or port",
+                            "set MEMCTL_OLLAMA_HOST like 127.0.0.1:11434")
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     shown = f"[{host}]" if ":" in host else host
@@ -170,25 +170,25 @@ class OllamaUnloadReport:
 def _int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise OllamaMalformedError(f"Ollama /api/ps: {what} is not a byte count ({str(value)[:40]!r})",
-                                   "the server at ollama_host does not speak Ollama's API")
+                                   "the server at MEMCTL_OLLAMA_HOST does not speak Ollama's API")
     return value
 
 
 def parse_ps(data: Any) -> list[OllamaModel]:
     """``/api/ps``'s document -> models; raises OllamaMalformedError for anything else."""
     if not isinstance(data, dict):
-        raise OllamaMalformedError("Ollama /api/ps: expected a JSON object", "the server at ollama_host is not Ollama")
+        raise OllamaMalformedError("Ollama /api/ps: expected a JSON object", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
     items = data.get("models")
     if items is None:
         return []
     if not isinstance(items, list) or len(items) > MAX_MODELS:
         raise OllamaMalformedError("Ollama /api/ps: 'models' is not a list of models",
-                                   "the server at ollama_host is not Ollama")
+                                   "the server at MEMCTL_OLLAMA_HOST is not Ollama")
     out = []
     for item in items:
         name = item.get("name") or item.get("model") if isinstance(item, dict) else None
         if not isinstance(name, str) or not name:
-            raise OllamaMalformedError("Ollama /api/ps: a model without a name", "the server at ollama_host is not Ollama")
+            raise OllamaMalformedError("Ollama /api/ps: a model without a name", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
         expires = item.get("expires_at")
         ctx = item.get("context_length")
         out.append(OllamaModel(escape_text(name[:400]), _int(item.get("size", 0), "size"),
@@ -226,7 +226,7 @@ class OllamaClient:
                     raw += chunk
                     if len(raw) > MAX_BODY_BYTES:
                         raise OllamaMalformedError(f"Ollama {path}: answer over {MAX_BODY_BYTES} bytes",
-                                                   "the server at ollama_host is not Ollama")
+                                                   "the server at MEMCTL_OLLAMA_HOST is not Ollama")
                 status = resp.status_code
         except httpx.TimeoutException:
             raise OllamaTimeoutError(
@@ -236,7 +236,7 @@ class OllamaClient:
         except httpx.HTTPError as exc:
             raise OllamaUnavailableError(
                 f"Ollama does not answer at {self.base_url} ({type(exc).__name__})",
-                "start Ollama (ollama serve / systemctl start ollama) or set ollama_host",
+                "start Ollama (ollama serve / systemctl start ollama) or set MEMCTL_OLLAMA_HOST",
                 args={"host": self.base_url}) from None
         data = self._parse(bytes(raw), path)
         if status >= 400:
@@ -247,7 +247,7 @@ class OllamaClient:
             raise OllamaRefusedError(f"Ollama refused {method} {path}: {detail}", hint, status=status,
                                      args={"host": self.base_url, "status": status, "detail": detail})
         if 300 <= status or status < 200:
-            raise OllamaMalformedError(f"Ollama {path}: unexpected HTTP {status}", "the server at ollama_host is not Ollama")
+            raise OllamaMalformedError(f"Ollama {path}: unexpected HTTP {status}", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
         return data
 
     @staticmethod
@@ -260,14 +260,14 @@ class OllamaClient:
         try:
             return loads_bounded(text, what=f"Ollama {path} answer", max_bytes=MAX_BODY_BYTES)
         except CorruptDataError as exc:
-            raise OllamaMalformedError(exc.message, "the server at ollama_host does not speak Ollama's API") from None
+            raise OllamaMalformedError(exc.message, "the server at MEMCTL_OLLAMA_HOST does not speak Ollama's API") from None
 
     # ------------------------------------------------------------------ API
     def version(self) -> str:
         data = self._request("GET", "/api/version")
         v = data.get("version") if isinstance(data, dict) else None
         if not isinstance(v, str):
-            raise OllamaMalformedError("Ollama /api/version: no version", "the server at ollama_host is not Ollama")
+            raise OllamaMalformedError("Ollama /api/version: no version", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
         return escape_text(v[:64])
 
     def ps(self) -> list[OllamaModel]:

@@ -30,6 +30,7 @@ from memory_controller.backend import (
     GenerationRequest,
     Message,
     ReleaseReport,
+    describe_memory,
     msg,
 )
 from memory_controller.errors import (
@@ -77,6 +78,7 @@ class _Entry:
     gen_lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
     tok_lock: threading.Lock = field(default_factory=threading.Lock)  # tokenizer loading and counting
     worker: threading.Thread | None = None  # the running generation's thread
+    weight_files: tuple[Path, ...] = ()  # memory-mapped by a bf16/fp16 CPU load (their pages: mapped_bytes)
 
 
 class TransformersBackend(BackendBase):
@@ -161,16 +163,17 @@ class TransformersBackend(BackendBase):
                 backend_id=self.id, handle=model.model_id, model_id=model.model_id, profile=profile,
                 state=DeploymentState.STARTING, memory_bytes=memory, started_at=time.time(),
                 name=model.model_id, device=r.device,
-                detail={"mapped_bytes": r.mapped_bytes, "tensor_bytes": r.tensor_bytes, "load_s": round(r.elapsed_s, 3),
+                detail={"mapped_bytes": r.mapped_bytes, "mapped_tensor_bytes": r.mapped_tensor_bytes,
+                        "tensor_bytes": r.tensor_bytes, "load_s": round(r.elapsed_s, 3),
                         "precision": Precision(profile.precision).value},
             ).to(DeploymentState.READY)
-            self._entries[model.model_id] = _Entry(r.model, model, dep, r.gpu_indices, r.anon_before, r.gpu_before)
+            self._entries[model.model_id] = _Entry(r.model, model, dep, r.gpu_indices, r.anon_before, r.gpu_before,
+                                                   weight_files=r.weight_files if r.mapped_bytes else ())
             self._publish()
             if progress is not None:
-                mapped = f" ({fmt_bytes(r.mapped_bytes)} mapped from the weight files)" if r.mapped_bytes else ""
                 try:
                     progress(ProgressEvent("ready", f"{model.model_id} ready on {r.device}: "
-                                           f"{fmt_bytes(dep.footprint_bytes)}{mapped}", 1.0, r.elapsed_s))
+                                           f"{describe_memory(dep.memory_bytes, dep.mapped_bytes)}", 1.0, r.elapsed_s))
                 except Exception:  # noqa: BLE001 - a broken display must not undo a load
                     pass
             return dep
@@ -200,6 +203,7 @@ class TransformersBackend(BackendBase):
                 expected_gpu = sum(v for k, v in dep.memory_bytes.items() if k.startswith("gpu:"))
                 expected_host = dep.memory_bytes.get("host", 0)
                 anon_start = mem.process_private_bytes()
+                mapped_start = mem.mapped_resident_bytes(list(entry.weight_files)) if entry.weight_files else 0
                 gpu_start = mem.gpu_used_sum(gpus, self._gpu_used) if gpus else None
                 model_obj, entry.model, entry.tokenizer = entry.model, None, None
                 try:
@@ -207,11 +211,14 @@ class TransformersBackend(BackendBase):
                 except Exception:  # noqa: BLE001 - dropping our reference below still frees it in most cases
                     pass
                 del model_obj
-                mem.clear_caches()
+                mem.clear_caches(freeze=not self._entries)
             finally:
                 if locked:
                     entry.gen_lock.release()
             held_host = _held(expected_host, mem.process_private_bytes(), anon_start, entry.anon_before)
+            # The weight files' mapping goes with the last tensor viewing it: measured, not assumed.
+            mapped_left = mem.mapped_resident_bytes(list(entry.weight_files)) if entry.weight_files else 0
+            mapped_freed = max(0, mapped_start - mapped_left)
             measures = ["rss_anon"] if not gpus or expected_host else []
             held_gpu = 0
             if gpus:
@@ -237,20 +244,23 @@ class TransformersBackend(BackendBase):
             measure = "+".join(measures)
             args = {"model": dep.model_id, "freed_bytes": freed, "expected_bytes": expected,
                     "still_held_bytes": still, "tolerance_bytes": tolerance, "measure": measure,
-                    "mapped_bytes": dep.detail.get("mapped_bytes", 0)}
-            if still <= tolerance:
-                message = msg("release.freed", f"unloaded {dep.model_id}: {fmt_bytes(freed)} of {fmt_bytes(expected)} "
-                              f"came back ({measure}); {fmt_bytes(still)} still held, within the "
-                              f"{fmt_bytes(tolerance)} tolerance", **args)
+                    "mapped_bytes": mapped_start, "mapped_freed_bytes": mapped_freed, "mapped_left_bytes": mapped_left}
+            mapped_text = (f"; mapped weight files: {fmt_bytes(mapped_freed)} of {fmt_bytes(mapped_start)} unmapped"
+                           + (f", {fmt_bytes(mapped_left)} still mapped" if mapped_left else "")
+                           if mapped_start or mapped_left else "")
+            if still <= tolerance and mapped_left <= _tolerance(mapped_start):
+                message = msg("release.freed", f"unloaded {dep.model_id}: private {fmt_bytes(freed)} of "
+                              f"{fmt_bytes(expected)} came back ({measure}); {fmt_bytes(still)} still held, within the "
+                              f"{fmt_bytes(tolerance)} tolerance{mapped_text}", **args)
                 verdict = Outcome.SUCCESS
             else:
                 message = msg("release.partial", f"unloaded {dep.model_id}, but {fmt_bytes(still)} of "
-                              f"{fmt_bytes(expected)} is still held ({measure}): the memory allocator or another "
-                              "reference keeps it; 'clear memory' may return it, restarting the dashboard always "
-                              "does", **args)
+                              f"{fmt_bytes(expected)} private is still held ({measure}){mapped_text}: the memory "
+                              "allocator or another reference keeps it; 'clear memory' may return it, restarting the "
+                              "dashboard always does", **args)
                 verdict = Outcome.WARNING
             return ReleaseReport(self.id, handle, dep.model_id, dep.device, expected, freed, still, measure,
-                                 verdict, message)
+                                 verdict, message, mapped_start, mapped_freed)
 
     def stop_all(self) -> list[ReleaseReport]:
         """Stop every model (each gets its turn even when another fails)."""
@@ -258,8 +268,9 @@ class TransformersBackend(BackendBase):
             return [self.stop(h) for h in list(self._entries)]
 
     def clear_caches(self) -> dict[str, Any]:
-        """gc, CUDA caches when CUDA is up, malloc_trim: ``{action: done?}`` (see memory.clear_caches)."""
-        return mem.clear_caches()
+        """gc, CUDA caches when CUDA is up, malloc_trim: ``{action: done?}`` (see memory.clear_caches).
+        With no model loaded, what survives the collection is frozen (see memory.collect_garbage)."""
+        return mem.clear_caches(freeze=not self._entries)
 
     def verify(self, deployment: Deployment) -> str:
         """Generate ``verify_tokens`` ([backends.transformers]) tokens; a short detail, or a MemctlError."""

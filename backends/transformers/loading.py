@@ -162,10 +162,12 @@ class LoadResult:
     gpu_indices: tuple[int, ...]
     tensor_bytes: int  # every tensor, wherever it lives
     memory_bytes: dict[str, int]  # device key -> bytes held (host = private memory only)
-    mapped_bytes: int  # CPU tensors living in memory-mapped weight files
+    mapped_bytes: int  # resident pages of the memory-mapped weight files, measured after the touch
     anon_before: int  # RssAnon before the load
     gpu_before: int | None  # used bytes on the model's GPUs before the load
     elapsed_s: float
+    mapped_tensor_bytes: int = 0  # bytes of CPU tensors that live in those mapped files
+    weight_files: tuple[Path, ...] = ()
 
 
 def load(model: CachedModel, profile: Profile, settings: Any, *, progress: ProgressCallback | None,
@@ -230,8 +232,9 @@ def load(model: CachedModel, profile: Profile, settings: Any, *, progress: Progr
                           tensors=tensors)
         tensors = None
         check_cancel("warm-up")
-        result = LoadResult(obj, device, gpus, total, by_device, mapped, anon0, gpu_before,
-                            time.perf_counter() - t0)
+        resident = mem.mapped_resident_bytes(weight_files) if mapped else 0
+        result = LoadResult(obj, device, gpus, total, by_device, resident, anon0, gpu_before,
+                            time.perf_counter() - t0, mapped, tuple(weight_files))
     except BaseException as exc:  # noqa: BLE001 - mapped to a project error below, outside this block
         failure = map_load_error(exc, model, profile, dm, settings)
     finally:

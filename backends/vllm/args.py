@@ -136,14 +136,14 @@ def compute_gpu_memory_utilization(needed_bytes: int, total_bytes: int, margin: 
     if not (0 <= margin < 1) or not (0 < cap <= 1):
         raise SettingsError(
             f"gpu util margin {margin!r} must be in [0, 1) and cap {cap!r} in (0, 1]",
-            "fix vllm_gpu_util_margin / vllm_gpu_util_max in the settings",
+            "fix MEMCTL_VLLM_GPU_UTIL_MARGIN / MEMCTL_VLLM_GPU_UTIL_MAX",
         )
     raw = needed_bytes / total_bytes + margin
     if raw > cap + 1e-9:
         raise InsufficientMemoryError(
             f"the model needs {fmt_bytes(needed_bytes)} of the GPU's {fmt_bytes(total_bytes)} "
             f"({needed_bytes / total_bytes:.3f} + margin {margin:.2f} = {raw:.3f}), "
-            f"above the cap of {cap:.2f} (vllm_gpu_util_max)",
+            f"above the cap of {cap:.2f} (MEMCTL_VLLM_GPU_UTIL_MAX)",
             "lower the context or batch, pick a 4-bit profile or a smaller model",
             needed_bytes=needed_bytes + int(margin * total_bytes),
             free_bytes=int(cap * total_bytes),
@@ -276,7 +276,7 @@ def precision_blocker(precision: Precision, image_tag: str | None = None) -> Mes
         return msg("backend.precision_unsupported",
                    f"vLLM {image_tag} cannot quantize to nf4 in flight (bitsandbytes was removed in v0.28); "
                    "use fp16/bf16, a pre-quantized (AWQ/GPTQ) checkpoint, the Transformers backend for nf4, "
-                   "or set vllm_tag to v0.27.1", backend="vllm", precision=precision.value, image_tag=image_tag)
+                   "or set MEMCTL_VLLM_TAG to v0.27.1", backend="vllm", precision=precision.value, image_tag=image_tag)
     if precision in SERVABLE:
         return None
     return msg("backend.precision_unsupported",

@@ -42,7 +42,7 @@ _CAUSES: tuple[tuple[re.Pattern[str], str, str], ...] = (
 
 CAUSE_HINTS = {
     "cuda_oom": "pick a smaller model or a 4-bit profile, or free GPU memory held by other processes",
-    "no_kv_cache_memory": "lower the context or batch, or raise vllm_gpu_util_max if the GPU has room",
+    "no_kv_cache_memory": "lower the context or batch, or raise MEMCTL_VLLM_GPU_UTIL_MAX if the GPU has room",
     "max_model_len_too_large": "lower the context (max_model_len) or the batch, or use a smaller model",
     "gpu_memory_busy": "stop other programs using the GPU, or lower the context or batch",
     "port_in_use": "stop what listens on that port or set MEMCTL_VLLM_PORT to a free one",

@@ -93,7 +93,7 @@ def launch_spec(settings: Settings, model: CachedModel, profile: Profile, gpu_ut
         local = Path(model.path)
         if not local.is_dir():
             raise ModelNotFoundError(f"model directory {local} does not exist",
-                                     "rescan the models or fix local_model_dirs in the settings")
+                                     "rescan the models or fix MEMCTL_LOCAL_MODEL_DIRS")
         model_ref = f"{CONTAINER_MODELS_DIR}/{_slug(model.model_id) or 'model'}"
         volumes[str(local.resolve())] = {"bind": model_ref, "mode": "ro"}
         served_name = local.name or model.model_id
