@@ -116,7 +116,7 @@ class Planner:
         hs, models = live.holders()
         shortfall = plan.needed_bytes - (plan.free_bytes_after_unload or 0)
         return planning.with_holders(plan, fit_with_holders(hs, plan.device_key, shortfall, models),
-                                     unload_ollama=free_holders)
+                                     free_holders=free_holders)
 
     def plans(self, backend_id: str, models: Sequence[CachedModel], profile: Profile) -> dict[str, Plan | None]:
         """One plan per model for the same profile against one live state; no suggestion is computed. A model

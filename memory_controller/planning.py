@@ -303,14 +303,14 @@ def check_still_holds(plan: Plan, snap: SystemSnapshot, running: Sequence[Deploy
                 code="stale_plan.memory", args={"device": key, "needed_bytes": need, "free_bytes": free})
 
 
-def with_holders(plan: Plan, fit: Any, *, unload_ollama: bool) -> Plan:
+def with_holders(plan: Plan, fit: Any, *, free_holders: bool) -> Plan:
     """The plan with what other holders mean for it (holders.fit_with_holders): notes always; a blocker
     naming a foreign process it would need stopped; the Ollama offer, and with ``unload_ollama`` the
     opt-in step itself (before the check) and the memory it frees."""
     changes: dict[str, Any] = {"notes": plan.notes + tuple(fit.notes), "blockers": plan.blockers + tuple(fit.blockers)}
     if fit.fits_with_ollama and not plan.fits:
         changes["ollama_offer"] = fit.step
-        if unload_ollama:
+        if free_holders:
             steps = list(plan.steps)
             steps.insert(1, FreeHolder(fit.source, tuple(fit.ollama_models)))
             changes.update(steps=tuple(steps), fits=True, extra_free_bytes={plan.device_key: fit.ollama_bytes},
