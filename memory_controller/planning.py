@@ -305,7 +305,7 @@ def check_still_holds(plan: Plan, snap: SystemSnapshot, running: Sequence[Deploy
 
 def with_holders(plan: Plan, fit: Any, *, free_holders: bool) -> Plan:
     """The plan with what other holders mean for it (holders.fit_with_holders): notes always; a blocker
-    naming a foreign process it would need stopped; the Ollama offer, and with ``unload_ollama`` the
+    naming a foreign process it would need stopped; the offer to ask another holder, and with ``free_holders`` the
     opt-in step itself (before the check) and the memory it frees."""
     changes: dict[str, Any] = {"notes": plan.notes + tuple(fit.notes), "blockers": plan.blockers + tuple(fit.blockers)}
     if fit.fits_with_ollama and not plan.fits:
