@@ -22,6 +22,9 @@ from streamlit import config as _st_config  # noqa: E402
 _st_config.set_option("runner.postScriptGC", False)
 
 from memory_controller.errors import SettingsError  # noqa: E402
+from memory_controller.quiet import quiet_library_output  # noqa: E402
+
+quiet_library_output()  # no "Loading weights" bars or token-id warnings in the dashboard's log
 from pages import ui_common as ui  # noqa: E402
 
 st.session_state["_perf_t0"] = _T0

@@ -106,11 +106,12 @@ def recommendation_lines(rec: dict[str, Any], bands: Sequence[Any] = ()) -> list
     reason = str(rec.get("reason", ""))
     row = f"the guide's row “{label}”" if label != band else "the guide's table"
     why = reason.replace(f"→ {band}", f"→ {row}") if f"→ {band}" in reason else f"{reason} → {row}"
+    model = rec.get("model")
     return [
-        f"Recommended: {mode}, precision {p['precision']}, context {p['context_tokens']:,} tokens, "
-        f"batch {p['batch']}, on {p['device']}",
+        f"Recommended{f' for {model}' if model else ''}: {mode}, precision {p['precision']}, "
+        f"context {p['context_tokens']:,} tokens, batch {p['batch']}, on {p['device']}",
         f"  why: {why}",
-    ]
+    ] + [f"  note: {n.get('text') or n.get('code')}" for n in rec.get("notes") or () if isinstance(n, dict)]
 
 
 def _default_device(settings: Settings) -> str:
@@ -171,7 +172,24 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for w in result.warnings:
         print(f"warning: {w}")
+    for m in result.models:  # a model listed but unusable says why and what to do (issue 20.3)
+        problem = model_problem(m)
+        if problem:
+            print(f"warning: {m.model_id}: {problem}")
     return 0
+
+
+def model_problem(model: Any) -> str | None:
+    """What is wrong with a cached model's files (truncated, corrupt, no weights) and the fix; None if fine."""
+    from memory_controller.estimate import read_model_spec
+
+    try:
+        read_model_spec(model.path)
+    except MemctlError as exc:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - any other failure shows when the model is planned
+        return None
+    return None
 
 
 def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:

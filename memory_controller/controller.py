@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from . import clusterfit
 from .backend import Availability, Backend, Deployment, ReleaseReport
 from .errors import ModelLoadError, ModelNotFoundError
-from .planning import Plan
+from .planning import Plan, target_device
 from .recommend import level_for
 from .reports import ClearReport, EmergencyReport
 from .services import build
@@ -34,9 +35,8 @@ from .types import (
 
 
 class MemoryController:
-    """``MemoryController()`` reads settings from the environment. ``nvml``: an NVML module for the probe (tests
-    pass a fake); ``probe``/``backends``: ready-made ones (tests, benchmarks); ``step_hook``: called with each
-    apply step's name as it starts (fault injection); an exception it raises fails that step."""
+    """``MemoryController()`` reads settings from the environment. ``nvml``: an NVML module (tests pass a fake);
+    ``probe``/``backends``: ready-made ones; ``step_hook(step name)``: fault injection (raising fails that step)."""
 
     def __init__(self, settings: Settings | None = None, *, nvml: Any | None = None,
                  probe: Any | None = None, backends: dict[str, Backend] | None = None,
@@ -60,13 +60,13 @@ class MemoryController:
         self.serving_backend_id, self.in_flight = self.serving.serving_backend_id, sv.ledger.in_flight
         self.cancel_generation, self.slots_on = sv.ledger.cancel, sv.ledger.on
         self.log_write_errors, self.acknowledge_log_errors = self._log.write_errors, self._log.acknowledge
+        self.model_in_view = partial(sv.fleet.model_in_view, sv.catalog.models)  # what runs, else the first cached
+        self.export_formats = lambda: tuple(clusterfit.exporters(sv.fleet))  # formats the backends write
 
     step_hook = property(lambda self: self.services.executor.step_hook,  # settable: fault injection
                          lambda self, hook: setattr(self.services.executor, "step_hook", hook))
 
-    @property
-    def mode(self) -> str | None:  # the backend of the newest deployment; None when nothing runs
-        return self.fleet.mode()
+    mode = property(lambda self: self.fleet.mode())  # the backend of the newest deployment; None when nothing runs
 
     log_warnings = property(lambda self: list(self._log.warnings))  # reading/writing the log; writes stay till one works
 
@@ -87,19 +87,22 @@ class MemoryController:
     def estimate(self, model: str | CachedModel, profile: Profile) -> MemoryEstimate:
         return self.sizer.estimate(self.resolve(model), profile)
 
-    def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:
-        """Largest context that fits ``free_bytes`` (default: free now), up to the model's maximum; 0: none."""
-        from .planning import target_device
-
+    def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int:  # 0: none
         free = free_bytes if free_bytes is not None else target_device(self.probe.snapshot(), profile).free_bytes
         return self.sizer.max_context(self.resolve(model), profile, free or 0)
 
     def recommend(self, model: str | None = None, device_key: str | None = None,
-                  snapshot: SystemSnapshot | None = None) -> Recommendation:
-        """The guide's table for the device; with ``model``, fitted to that model (Sizer.fit)."""
+                  snapshot: SystemSnapshot | None = None) -> Recommendation:  # the guide's table, fitted to model
         snap = snapshot or self.devices()
         return self.sizer.recommend(snap, self.fleet.availabilities(snap),
                                     None if model is None else self.resolve(model), device_key)
+
+    def recommend_in_view(self, device_key: str | None = None, snapshot: SystemSnapshot | None = None) -> Recommendation:
+        """:meth:`recommend` for ``model_in_view()`` (one profile everywhere); the table's when it cannot be read."""
+        try:
+            return self.recommend(self.model_in_view(), device_key, snapshot)
+        except Exception:  # noqa: BLE001
+            return self.recommend(None, device_key, snapshot)
 
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
              purpose: str = "switch", unload_ollama: bool = False) -> Plan:
@@ -123,14 +126,12 @@ class MemoryController:
                                  gpus=gpus, context=context, batch=batch, accelerator=accelerator,
                                  max_replicas=max_replicas)
 
-    def export_formats(self) -> tuple[str, ...]:  # the formats the configured backends write
-        return tuple(clusterfit.exporters(self.fleet))
-
     def status(self) -> dict:  # devices, recommendation, backends' availability, what runs: JSON-ready
         snap = self.devices()
-        return status_data(snap, self.recommend(snapshot=snap), self.fleet.availabilities(snap), self.deployments(),
-                           self.holders(snap) if snap.gpus else [], self.level,
-                           {"ollama": holder_source_status(self.ollama(), self.settings.ollama_host, "Ollama")})
+        return status_data(snap, self.recommend_in_view(snapshot=snap), self.fleet.availabilities(snap),
+                           self.deployments(), self.holders(snap) if snap.gpus else [], self.level,
+                           {"ollama": holder_source_status(self.ollama(), self.settings.ollama_host, "Ollama")},
+                           self.model_in_view())
 
     def apply(self, plan_or_backend: Plan | str, model: str | CachedModel | None = None,
               profile: Profile | None = None, force: bool = False, progress: ProgressCallback | None = None,
@@ -171,16 +172,15 @@ class MemoryController:
     def submit_clear(self):
         return self.runner.submit("clear_memory", "clear caches", self.services.maintenance.run_clear, {})
 
-    def emergency_clear(self, *, progress: ProgressCallback | None = None) -> EmergencyReport:
-        """Stop every deployment, generation and the running operation, clear caches; each step reported."""
+    def emergency_clear(self, *, progress: ProgressCallback | None = None) -> EmergencyReport:  # stop all, clear
         return self.runner.run_existing(self.submit_emergency(), progress)
 
     def submit_emergency(self):
         running = self.runner.holder()
-        self.cancel_generation(None, "emergency_clear")
+        cut = self.cancel_generation(None, "emergency_clear")
         return self.runner.submit("emergency_clear", "emergency clear",
-                                  lambda ctx: self.services.maintenance.run_emergency(ctx, running),
-                                  {"cancelled": running.kind if running else None})
+                                  lambda ctx: self.services.maintenance.run_emergency(ctx, running, cut),
+                                  {"cancelled": running.kind if running else None, "streams_cut": cut})
 
 
 _shared: list[MemoryController] = []

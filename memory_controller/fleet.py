@@ -7,11 +7,12 @@ available", "the ready deployment of a model" for every other service.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .backend import Availability, Backend, Capabilities, Deployment, DeploymentState
 from .errors import InvalidModelIdError, MemctlError
 from .registry import BackendRegistry
-from .types import SystemSnapshot, msg
+from .types import CatalogResult, SystemSnapshot, msg
 from .units import escape_text
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,255}$")
@@ -60,6 +61,17 @@ class Fleet:
         """The backend of what runs now (the newest deployment), or None when nothing runs."""
         deps = [d for d in self.deployments() if d.state is not DeploymentState.STOPPED]
         return max(deps, key=lambda d: d.started_at).backend_id if deps else None
+
+    def model_in_view(self, models: Callable[[], CatalogResult]) -> str | None:
+        """The model every view recommends for when none is named: the one that runs, else the first cached
+        model (where the dashboard's selector starts). None when there is none."""
+        try:
+            running = [d.model_id for d in self.deployments()]
+            ids = [m.model_id for m in models().models]
+        except MemctlError:
+            return None
+        active = [mid for mid in running if mid in ids]
+        return active[0] if active else (ids[0] if ids else None)
 
     def ready(self, model_id: str) -> Deployment | None:
         """The READY deployment of ``model_id``, or None."""

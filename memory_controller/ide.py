@@ -10,7 +10,10 @@ prompt, with ``maxTokens`` at most 20% of the window.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
+
+from .types import Message, msg
 
 PROFILE_NAME = "memctl"
 MAX_OUTPUT_FRACTION = 0.2  # Roo Code caps maxTokens at 20% of the window
@@ -26,6 +29,36 @@ def max_output_tokens(context_window: int) -> int:
     if context_window < 1:
         raise ValueError(f"context_window must be at least 1 token, got {context_window}")
     return max(1, min(int(context_window * MAX_OUTPUT_FRACTION), MAX_OUTPUT_CAP_TOKENS))
+
+
+def model_max_positions(resolve: Callable[[str], Any] | None, model_id: str) -> int | None:
+    """The model's own maximum context (``max_position_embeddings``), read through ``resolve`` (the catalog's);
+    None when it cannot be read (no ``resolve``, as for a client of another process; an unreadable config)."""
+    from .estimate import read_model_spec
+
+    if resolve is None:
+        return None
+    try:
+        return read_model_spec(resolve(model_id).path).max_position_embeddings
+    except Exception:  # noqa: BLE001 - unknown: the advice then speaks of memory
+        return None
+
+
+def small_window_advice(window: int, minimum: int, model_max: int | None) -> Message | None:
+    """What to do when the served window is below what an IDE assistant needs, fitting the cause:
+    the model's own maximum (more memory would not help: pick a model with a longer context) or free
+    memory (free some, or pick a smaller model). None when the window is large enough."""
+    if window >= minimum:
+        return None
+    if model_max is not None and window >= model_max:
+        return msg("ide.window_model_max",
+                   f"the {window}-token context window is below the {minimum} tokens an IDE assistant needs, and it "
+                   f"is the model's own maximum: more memory will not help; pick a model with a longer context",
+                   window=window, minimum=minimum)
+    return msg("ide.window_memory",
+               f"the {window}-token context window is below the {minimum} tokens an IDE assistant needs: it may "
+               "fail (\"Roo is having trouble\"); free memory, or pick a model that fits a longer context",
+               window=window, minimum=minimum)
 
 
 def _check(base_url: str, model_id: str, context_window: int) -> None:

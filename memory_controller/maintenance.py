@@ -12,7 +12,7 @@ from .errors import MemctlError
 from .holders import after_emergency, remaining_by_device
 from .reports import ClearReport, EmergencyReport
 from .runner import Operation, call_with_deadline
-from .types import Outcome, StepRecord
+from .types import Message, Outcome, StepRecord, msg
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -61,60 +61,74 @@ class Maintenance:
             ", ".join(f"{k}: {fmt_bytes(v)}" for k, v in freed.items()) or "no change in used memory"))
         return report
 
-    def run_emergency(self, ctx: OperationContext, running: Operation | None) -> EmergencyReport:
-        """Every step is attempted even when an earlier one fails; each has its own deadline."""
+    def run_emergency(self, ctx: OperationContext, running: Operation | None,
+                      streams_cut: int = 0) -> EmergencyReport:
+        """Every step is attempted even when an earlier one fails; each has its own deadline. Each step
+        says what it did as a code with its arguments (the models it unloaded by name, the operation and
+        the response streams it cut, another holder's models or that it did not answer), never a bare "done"."""
         steps = ctx.record.steps
 
-        def attempt(name: str, fn: Callable[[], str], deadline_s: float) -> None:
+        def attempt(name: str, fn: Callable[[], Message], deadline_s: float) -> None:
             t0 = time.perf_counter()
             ctx.emit(name, f"{name}…", 0.0)
             try:
-                message = call_with_deadline(lambda _p: fn(), what=name, deadline_s=deadline_s)
-                steps.append(StepRecord(name, Outcome.SUCCESS, time.perf_counter() - t0, message, code="step.done"))
+                said = call_with_deadline(lambda _p: fn(), what=name, deadline_s=deadline_s)
+                steps.append(StepRecord(name, Outcome.SUCCESS, time.perf_counter() - t0, said.text, code=said.code,
+                                        args=_scalars(said.args)))
             except BaseException as exc:  # noqa: BLE001 - the next step must run anyway
                 steps.append(StepRecord(name, Outcome.ERROR, time.perf_counter() - t0, str(exc),
                                         code=f"err.{getattr(exc, 'code', 'error')}",
                                         args=_scalars(getattr(exc, "args_", {}))))
             ctx.emit(name, steps[-1].message, 1.0, steps[-1].duration_s)
 
-        def wait_running() -> str:
+        def wait_running() -> Message:
             if running is None:
-                return "nothing was running"
+                if streams_cut:
+                    return msg("emergency.cut_streams",
+                               f"no operation was running; {streams_cut} response stream(s) cut", streams=streams_cut)
+                return msg("emergency.nothing_running", "no operation and no response stream was running")
             running.cancel.set()
             if not running.wait(30):
                 raise MemctlError(f"{running.kind} is still finishing", "its result is discarded when it returns")
-            return f"{running.kind} stopped"
+            return msg("emergency.op_stopped", f"{running.kind} stopped; {streams_cut} response stream(s) cut",
+                       op=running.kind, streams=streams_cut)
 
         attempt("cancel", wait_running, 35)
         snap = self.probe.snapshot()
         for bid, backend in self.fleet.backends().items():
-            def stop_all(b=backend, bid=bid) -> str:
+            def stop_all(b=backend, bid=bid) -> Message:
                 avail = b.availability(snap)
                 if not avail.ok:
                     reason = avail.reason.text if avail.reason else "unavailable"
                     if b.capabilities.needs_gpu and not snap.has_gpu:
-                        return f"no GPU: nothing of {bid} can run ({reason})"
+                        return msg("emergency.no_gpu_backend", f"no GPU: nothing of {bid} can run ({reason})",
+                                   backend=bid)
                     raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
                                       "check it by hand", code="emergency.backend_unreachable",
                                       args={"backend": bid, "reason": reason})
-                reports, failed = [], []
+                reports, names, failed = [], [], []
                 for d in b.list_managed():  # straight from an outside engine: nothing missed
                     try:
                         r = b.stop(d.handle)
                         reports.append(f"{d.model_id}: freed {fmt_bytes(r.freed_bytes)}")
+                        names.append(f"{d.model_id} ({fmt_bytes(r.freed_bytes)})")
                     except MemctlError as exc:
                         failed.append(f"{d.model_id}: {exc.message}")
                 if failed:
                     raise MemctlError("; ".join(failed), "check it by hand")
-                return "; ".join(reports) or "nothing was running"
+                if not reports:
+                    return msg("emergency.nothing_loaded", "nothing was running")
+                return msg("emergency.stopped", "; ".join(reports), models=", ".join(names))
 
             attempt(f"stop_{bid}", stop_all, self.stop_deadline(backend) + 30)
         if self.settings.emergency_unloads_ollama:
-            client = self.census.ollama_client()
-            if client is not None and client.loaded(max_age_s=0) is not None:
-                attempt("unload_ollama", lambda: client.emergency_unload(10.0), 60)
-        attempt("clear", lambda: ", ".join(k for k, v in self.clear_caches().items() if v),
-                self.settings.step_timeout_s)
+            attempt("unload_ollama", self._unload_ollama, 60)
+
+        def clear() -> Message:
+            done = ", ".join(k for k, v in self.clear_caches().items() if v)
+            return msg("emergency.cleared", done or "caches cleared", what=done)
+
+        attempt("clear", clear, self.settings.step_timeout_s)
         errors = [s for s in steps if s.outcome is Outcome.ERROR]
         remaining, verdict = [], None
         try:
@@ -133,6 +147,23 @@ class Maintenance:
         return EmergencyReport(steps=list(steps), outcome=ctx.record.outcome,
                                cancelled_operation=running.kind if running else None, remaining=remaining,
                                verdict=verdict)
+
+
+    def _unload_ollama(self) -> Message:
+        """The emergency clear's line for the other holder, always present when the setting asks for it: the
+        models it unloaded by name, that none was loaded, or that it did not answer (so nothing was asked)."""
+        client = self.census.ollama_client()
+        if client is None:
+            return msg("emergency.ollama_off", "Ollama is not configured: nothing to unload")
+        loaded = client.loaded(max_age_s=0)
+        url = getattr(client, "base_url", "")
+        if loaded is None:
+            return msg("emergency.ollama_silent", f"Ollama did not answer at {url}: none of its models was unloaded",
+                       url=url)
+        if not loaded:
+            return msg("emergency.ollama_empty", f"Ollama at {url} had no model loaded", url=url)
+        summary = client.emergency_unload(10.0)
+        return msg("emergency.ollama_unloaded", summary, models=", ".join(m.name for m in loaded))
 
 
 def _scalars(args: object) -> dict[str, object]:

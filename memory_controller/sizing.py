@@ -54,6 +54,7 @@ class Sizer:
         """``profile`` lowered until ``cached`` fits ``free_bytes`` (planning.fit_profile), then its context
         grown to the largest that fits (the band's context is a floor); None when nothing fits."""
         model_max = self.model_max_context(cached)
+        band_ctx = profile.context_tokens  # the guide's table's value, before any change
         clamped = bool(model_max and profile.context_tokens > model_max)
         if clamped:
             profile = profile.with_(context_tokens=model_max)
@@ -68,15 +69,24 @@ class Sizer:
         if fitted is None:
             return None
         p, notes = fitted
+        # Said as what it is: a raise from the table's value, and what bounded it (issue 20.5).
         grown = min(max_context(p), model_max or p.context_tokens)
         if grown > p.context_tokens:
-            rule = "model_max" if grown == model_max else "memory"
-            text = (f"context {grown} tokens: the model's maximum" if rule == "model_max"
-                    else f"context {grown} tokens: the largest that fits in free memory")
-            return p.with_(context_tokens=grown), (*notes, msg("rec.context_rule", text, rule=rule, tokens=grown))
+            if grown == model_max:
+                note = msg("rec.context_raised_model_max",
+                           f"context raised from the table's {band_ctx} to {grown} tokens: memory allows more, "
+                           f"the model's own maximum ({model_max}) is the bound",
+                           rule="model_max", tokens=grown, band_ctx=band_ctx, model_max=model_max)
+            else:
+                note = msg("rec.context_raised_memory",
+                           f"context raised from the table's {band_ctx} to {grown} tokens: the largest that fits "
+                           "in free memory", rule="memory", tokens=grown, band_ctx=band_ctx)
+            return p.with_(context_tokens=grown), (*notes, note)
         if clamped:
-            notes = (*notes, msg("rec.context_rule", f"context {p.context_tokens} tokens: the model's maximum",
-                                 rule="model_max", tokens=p.context_tokens))
+            notes = (*notes, msg("rec.context_capped",
+                                 f"context lowered from the table's {band_ctx} to {p.context_tokens} tokens: "
+                                 "the model's own maximum", rule="model_max", tokens=p.context_tokens,
+                                 band_ctx=band_ctx, model_max=model_max))
         return p, notes
 
     def recommend(self, snap: SystemSnapshot, availability: Mapping[str, Availability],

@@ -12,7 +12,7 @@ from .types import DeviceSnapshot, Level, Recommendation, SystemSnapshot, to_jso
 
 def status_data(snap: SystemSnapshot, rec: Recommendation, availability: Mapping[str, Availability],
                 deployments: Sequence[Deployment], holders: Sequence[Any], level: Callable[[DeviceSnapshot], Level],
-                other_holders: Mapping[str, dict]) -> dict:
+                other_holders: Mapping[str, dict], model_in_view: str | None = None) -> dict:
     """Devices, the recommendation, each backend's availability and what runs; ``other_holders``: each
     other holder source's own status (what it has loaded, whether it answered)."""
     backends = {bid: {"available": a.ok, "reason": a.reason.text if a.reason else None,
@@ -26,7 +26,7 @@ def status_data(snap: SystemSnapshot, rec: Recommendation, availability: Mapping
         "deployments": [to_jsonable(d) for d in deployments],
         "holders": holder_rows(holders) if snap.gpus else [],
         **other_holders,
-        "recommendation": to_jsonable(rec),
+        "recommendation": dict(to_jsonable(rec), model=model_in_view),  # the model the recommendation is for
     }
 
 

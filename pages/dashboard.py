@@ -65,7 +65,7 @@ def main() -> None:
     memory_panel.live_panel(ctl, dev.key, live_box, float(ctl.settings.poll_interval_s))
     rec_card.recommendation_card(ctl, snap, dev, chosen.rec)
     rec_card.model_context_line(ctl, chosen.model, chosen.profile, available)
-    deployments.deployments_section(ctl, running, ui_ops.busy(ctl))
+    deployments.deployments_section(ctl, running, ui_ops.busy(ctl), snap.has_gpu)
     ide_section.ide_section(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
     cluster_export.cluster_export(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
     deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)

@@ -4,6 +4,7 @@ verdict for the profile on screen (the same verdict as the selector and the plan
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -58,9 +59,10 @@ def deployment_row(ctl: Any, d: Deployment, served: dict | None = None) -> str:
     return " · ".join(parts)
 
 
-def deployments_section(ctl: Any, running: list[Deployment], busy: bool) -> None:
+def deployments_section(ctl: Any, running: list[Deployment], busy: bool, has_gpu: bool = True) -> None:
     t = ui.tr()
     st.subheader(t("deploy.title"))
+    ui_ops.op_panel(ctl, has_gpu, kinds=ui_ops.BESIDE_ITS_BUTTON)  # the 🗑️'s progress and report, here
     shown = [d for d in running if d.state is not DeploymentState.STOPPED]
     if not shown:
         st.caption(t("deploy.none"))
@@ -85,11 +87,35 @@ def deployments_section(ctl: Any, running: list[Deployment], busy: bool) -> None
 TABLE_ROWS = 200
 
 
+def model_problem(model: CachedModel) -> str | None:
+    """What is wrong with a cached model's files and what to do, in the page's language (a truncated or
+    corrupt weights file, no weights); None when its files read well."""
+    from memory_controller.errors import MemctlError
+    from memory_controller.estimate import read_model_spec
+
+    try:
+        read_model_spec(model.path)
+    except MemctlError as exc:
+        t = ui.tr()
+        code = getattr(exc, "code", "")
+        fix = t(f"hint.{code}") if code and t.has(f"hint.{code}") else (exc.hint or "")
+        return f"{ui.error_text(exc)} {fix}".strip()
+    except Exception:  # noqa: BLE001 - any other failure: the plan's own error box says it
+        return None
+    return None
+
+
 def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[str, Any], has_profile: bool) -> None:
     t = ui.tr()
     st.subheader(t("cached.title"))
     st.caption(t("cached.caption", dir=getattr(catalog, "cache_dir", None) or "—"))
+    cache_dir = getattr(catalog, "cache_dir", None)
+    missing = cache_dir is not None and not Path(cache_dir).exists()
+    if missing:  # said in the page's language; the catalog's own (English) warning says the same
+        st.info(t("cached.no_cache_dir", dir=cache_dir))
     for w in getattr(catalog, "warnings", ()):
+        if missing and str(cache_dir) in str(w):
+            continue
         st.warning(f"⚠️ {t('cached.warning')}: `{ui.cell(str(w))}`")
     if not models:
         st.info(t("controls.no_models"))
@@ -103,6 +129,12 @@ def cached_section(catalog: Any, models: tuple[CachedModel, ...], plans: dict[st
     for m in models[:TABLE_ROWS]:
         plan = plans.get(m.model_id)
         verdict = plan_view.verdict_text(plan, labels) if has_profile else "—"
+        if has_profile and plan is not None and plan.blockers:  # ⛔ with its why, not alone (issue 20.10)
+            verdict += f": {ui.cell(ui.render(plan.blockers[0]))}"
+        elif has_profile and plan is None:  # no plan: the model's own problem and its fix (issue 20.3)
+            problem = model_problem(m)
+            if problem:
+                verdict = f"❌ {ui.cell(problem)}"
         needed = ui.gib(plan.needed_bytes) if plan is not None else "—"
         rows.append(f"| {m.model_id} | {ui.gib(m.size_on_disk_bytes)} | {m.architecture or '—'} | "
                     f"{(m.revision or '—')[:10]} | {needed} | {verdict} |")

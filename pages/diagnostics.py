@@ -112,11 +112,13 @@ def check_recommend(ctl: Any, say: Any) -> CheckResult:
                 f"{rec_card.band_title(host.band, bands)} | {ui.backend_label(ctl, host.profile.mode)} | "
                 f"{_precision_cell(host.profile.precision)} | {host.profile.context_tokens} | {host.profile.batch} | "
                 f"{'✅' if host_ok else '❌'} |")
-    now = ctl.recommend()
+    now = ctl.recommend_in_view()  # the profile the dashboard and `memctl status` show too (issue 20.5)
     now_dev = ctl.devices().device(now.device_key)
     where = ui.device_label(now_dev) if now_dev is not None else now.device_key
     lines = [t("diag.rec_now", free=ui.gib(now.free_bytes), device=where, profile=rec_card.profile_text(ctl, now.profile),
                band=rec_card.band_title(now.band, bands))]
+    if now.notes:  # what changed from the table's row, worded as on the dashboard
+        lines[0] += " " + ui.sentence("; ".join(rec_card.note_text(n, bands) for n in now.notes)) + "."
     say(lines[0])
     if problems:
         raise Failed("; ".join(problems))

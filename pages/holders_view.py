@@ -7,6 +7,7 @@ Also what an emergency clear left behind (``report.remaining``), per GPU.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,8 +82,9 @@ def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None
     t = ui.tr()
     st.subheader(t("holders.title"))
     _ollama_result()
-    if not snap.gpus:
+    if not snap.gpus:  # the host's own processes, as the dashboard's live panel lists them
         st.caption(t("holders.no_gpu"))
+        host_processes(snap.host)
     else:
         holders = ui.run_safely(lambda: ctl.holders(snap)) or []
         holders_table(holders)
@@ -92,6 +94,25 @@ def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None
             st.button(t("holders.unload_ollama", model=model, size=ui.gib(h.bytes)), key=f"ollama_unload::{model}",
                       on_click=_unload_ollama, args=(model,), disabled=busy)
     ollama_models(ctl)
+
+
+def host_processes(dev: Any, title: str | None = None) -> None:
+    """The processes holding the host's RAM (largest first, as the probe lists them), each with what to
+    do: this memctl process is named as such; any other is the user's to close (memctl never stops it)."""
+    t = ui.tr()
+    procs = list(getattr(dev, "processes", None) or ())
+    if title:
+        st.markdown(f"**{title}**")
+    if not procs:
+        st.caption(t("live.no_processes"))
+        return
+    me = os.getpid()
+    rows = [f"| PID | {t('live.process')} | {t('live.process_memory')} | {t('holders.advice')} |", "|---|---|---|---|"]
+    for p in procs:
+        advice = t("holders.self") if p.pid == me else ui.render(
+            Message("holder.advice.process", {"pid": p.pid}, f"another program (PID {p.pid})"))
+        rows.append(f"| {p.pid} | {ui.cell(p.name) or '—'} | {ui.gib(p.used_bytes)} | {ui.cell(advice)} |")
+    st.markdown("\n".join(rows))
 
 
 def ollama_models(ctl: Any) -> None:

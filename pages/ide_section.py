@@ -17,7 +17,13 @@ from typing import Any
 import streamlit as st
 
 from memory_controller.errors import InsufficientMemoryError
-from memory_controller.ide import continue_config, max_output_tokens, roo_settings
+from memory_controller.ide import (
+    continue_config,
+    max_output_tokens,
+    model_max_positions,
+    roo_settings,
+    small_window_advice,
+)
 from pages import ui_common as ui
 
 
@@ -98,8 +104,9 @@ def ide_section(ctl: Any, snap: Any, selected_model: str | None) -> None:
             st.code(value, language=None)
         for note in notes:
             st.caption(f"ℹ️ {ui.sentence(ui.render(note))}")
-        if window < ctl.settings.ide_min_context:
-            st.warning(t("ide.small_window", window=window, minimum=ctl.settings.ide_min_context))
+        advice = small_window_advice(window, ctl.settings.ide_min_context, model_max_positions(getattr(ctl, "resolve", None), model_id))
+        if advice is not None:  # fits the cause: the model's own maximum, or free memory (issue 20.6)
+            st.warning(f"⚠️ {ui.sentence(ui.render(advice))}.")
         c1, c2 = st.columns(2)
         c1.download_button(t("ide.download_roo"), json.dumps(roo_settings(base, model_id, window, key), indent=2,
                                                              ensure_ascii=False),

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import streamlit as st
 
 from memory_controller.types import DeviceKind, DeviceSnapshot
 from memory_controller.units import GIB
+from pages import holders_view, ui_ops
 from pages import ui_common as ui
-from pages import ui_ops
 
 CHART_MAX_POINTS = 120  # per series: the browser redraws every tick, keep it light
 MIN_SPAN_GIB = 1.0  # the y axis spans at least this much, so noise of a few MiB stays flat
@@ -57,7 +58,11 @@ def device_metrics(dev: DeviceSnapshot, ctl: Any) -> None:
     st.metric(t("metrics.free"), ui.gib(dev.free_bytes))
     st.metric(t("metrics.util"), util, help=util_help)
     st.markdown(ui.level_badge(ctl.level(dev), ctl.settings))
-    if dev.hint:
+    budget = getattr(ctl.settings, "host_memory_budget_bytes", None)
+    if dev.kind is DeviceKind.HOST and budget is not None:
+        # The configured budget is what limits (issue 20.8): not data that cannot be read.
+        st.caption(f"ℹ️ {t('metrics.budget', budget=ui.gib(budget))}")
+    elif dev.hint:
         st.caption(f"ℹ️ {t('metrics.partial')}")
 
 
@@ -68,7 +73,14 @@ def chart_rows(samples: list[tuple[float, tuple[int | None, int | None]]]) -> li
             if used is not None and ts == ts and ts not in (float("inf"), float("-inf"))]
     step = max(1, -(-len(good) // CHART_MAX_POINTS))
     picked = good[::-1][::step][::-1]
-    return [{"t": int(ts * 1000), "gib": round(used / GIB, 3)} for ts, used in picked]
+    # "t" is a float: inline rows travel to the browser as Arrow, where an int64 column arrives as a
+    # BigInt that Vega cannot read as a time (every point at NaN, the axis "NaN:NaN:NaN").
+    return [{"t": float(round(ts * 1000)), "gib": round(used / GIB, 3)} for ts, used in picked]
+
+
+def _iso(ms: float) -> str:
+    """``ms`` since the epoch as an ISO 8601 UTC instant, the form Vega reads as a time domain."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def chart_spec(rows: list[dict[str, Any]], total_bytes: int | None, used_label: str) -> dict[str, Any] | None:
@@ -93,8 +105,11 @@ def chart_spec(rows: list[dict[str, Any]], total_bytes: int | None, used_label: 
     layers: list[dict[str, Any]] = [{
         "mark": {"type": "area", "line": True, "opacity": 0.35, "color": "#e4572e", "interpolate": "step-after"},
         "encoding": {
+            # The time domain as ISO instants: a numeric domain on a temporal scale is drawn as
+            # NaN:NaN:NaN in the browser (issue 20.1); without a domain, Vega warns of an infinite
+            # extent while the rows are still on their way.
             "x": {"field": "t", "type": "temporal", "title": None, "axis": {"format": "%H:%M:%S"},
-                  "scale": {"domain": [t_lo, t_hi]}},
+                  "scale": {"domain": [_iso(t_lo), _iso(t_hi)]}},
             "y": {"field": "gib", "type": "quantitative", "title": used_label,
                   "scale": {"domain": [round(y_lo, 3), round(y_hi, 3)], "zero": False, "clamp": True}},
             "tooltip": [{"field": "t", "type": "temporal", "format": "%H:%M:%S"},
@@ -120,14 +135,7 @@ def chart(ctl: Any, dev: DeviceSnapshot) -> None:
 
 
 def processes(dev: DeviceSnapshot) -> None:
-    t = ui.tr()
-    st.markdown(f"**{t('live.processes')}**")
-    if not dev.processes:
-        st.caption(t("live.no_processes"))
-        return
-    rows = [f"| PID | {t('live.process')} | {t('live.process_memory')} |", "|---|---|---|"]
-    rows += [f"| {p.pid} | {ui.cell(p.name) or '—'} | {ui.gib(p.used_bytes)} |" for p in dev.processes]
-    st.markdown("\n".join(rows))
+    holders_view.host_processes(dev, ui.tr()("live.processes"))
 
 
 def running_line(ctl: Any) -> None:

@@ -120,7 +120,7 @@ def recommendation_card(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, rec
     because += [note_text(n, bands) for n in rec.notes]
     st.success(t("rec.now_recommended", profile=profile_text(ctl, rec.profile), because="; ".join(because)),
                icon="💡")
-    st.caption(t("rec.level_now", level=ui.level_badge(rec.level, ctl.settings)))
+    st.caption(t("rec.level_now", level=ui.level_badge(rec.level, ctl.settings)) + " " + t("rec.units_note"))
     cols = st.columns(len(bands))
     for col, band in zip(cols, bands, strict=True):
         with col:

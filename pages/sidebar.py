@@ -32,6 +32,7 @@ from pages import ui_common as ui
 CONTEXT_RANGE = (16, MAX_CONTEXT_TOKENS)
 BATCH_RANGE = (1, MAX_BATCH)
 KEPT = "_kept"
+CONTEXT_NOTES = ("rec.context_raised", "rec.context_capped", "rec.context_rule")  # the rec names its own rule
 PLAN_KEY = "_shown_plan"
 
 
@@ -130,7 +131,6 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
         rec = ctl.recommend(device_key=dev.key, snapshot=snap)
     if st.session_state.get("_prefill_for") == key and "f_precision" in st.session_state:
         return rec
-    t = ui.tr()
     precision = rec.profile.precision.value
     if precision not in precisions:
         precision = precisions[0]
@@ -141,12 +141,27 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
     set_field("f_precision", precision)
     set_field("f_context", context)
     set_field("f_batch", int(rec.profile.batch))
+    st.session_state["_prefill_for"] = key
+    # What chose the values, kept as data and worded on every run: a caption kept as text stayed in the
+    # language it was first written in after the language switch (issue 20.4).
+    st.session_state["_prefill_rule"] = (context, model_max, rec)
+    st.session_state["_prefill_values"] = (precision, context, int(rec.profile.batch))
+    return rec
+
+
+def _prefill_rule_text(ctl: Any) -> str:
+    """The caption's rule in the page's language now: the recommendation's own notes, or the table's row."""
+    found = st.session_state.get("_prefill_rule")
+    if not isinstance(found, tuple):
+        return ""
+    context, model_max, rec = found
+    t = ui.tr()
     bands = ctl.settings.bands
     band = next((b for b in bands if b.name == rec.band), None)
     band_ctx = band.context_tokens if band is not None else context
     band_name = rec_card.band_title(rec.band, bands)
     rule: list[str] = []
-    if any(n.code == "rec.context_rule" for n in rec.notes):
+    if any(n.code.startswith(CONTEXT_NOTES) for n in rec.notes):
         pass  # the recommendation names its own rule (rendered with the notes below)
     elif model_max is not None and context == model_max and context < band_ctx:
         rule.append(t("controls.rule_model_max", tokens=t.count("unit.tokens", context),
@@ -155,10 +170,7 @@ def _prefill(ctl: Any, backend_id: str, model: CachedModel | None, dev: DeviceSn
     elif context == band_ctx:
         rule.append(t("controls.rule_band", tokens=t.count("unit.tokens", context), band=band_name))
     rule += [rec_card.note_text(n, bands) for n in rec.notes]
-    st.session_state["_prefill_for"] = key
-    st.session_state["_prefill_rule"] = "; ".join(rule)
-    st.session_state["_prefill_values"] = (precision, context, int(rec.profile.batch))
-    return rec
+    return "; ".join(rule)
 
 
 def _profile_from_fields(backend_id: str, dev: DeviceSnapshot) -> Profile:
@@ -184,8 +196,12 @@ def _backend_choice(ctl: Any, availability: dict[str, Any], dev: DeviceSnapshot,
         rec_mode = ctl.recommend(device_key=dev.key, snapshot=snap).profile.mode
         rec_mode = getattr(rec_mode, "value", rec_mode)
         set_field("f_mode", active[0] if active else (rec_mode if rec_mode in options else options[0]))
-    st.radio(t("controls.mode"), options, format_func=lambda b: ui.backend_label(ctl, b), key="f_mode",
-             horizontal=True, disabled=len(options) < 2 or not usable, on_change=_keep, args=("f_mode",))
+    if len(usable) >= 2:
+        st.radio(t("controls.mode"), options, format_func=lambda b: ui.backend_label(ctl, b), key="f_mode",
+                 horizontal=True, on_change=_keep, args=("f_mode",))
+    else:  # nothing to choose: the mode said in words (not a greyed radio), why the others cannot run below
+        st.markdown(f"**{t('controls.mode')}:** {ui.backend_label(ctl, st.session_state['f_mode'])}"
+                    + ("" if usable else f" — {t('controls.mode_none_usable')}"))
     for bid in ids:
         if not availability[bid].ok:
             st.caption(t("controls.backend_unavailable", backend=ui.backend_label(ctl, bid),
@@ -248,17 +264,18 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
                      help=t("controls.model_help"), on_change=_keep, args=("f_model",))
     st.selectbox(t("controls.precision"), precisions, format_func=ui.precision_label, key="f_precision",
                  on_change=_keep, args=("f_precision",))
-    c1, c2 = st.columns(2)
-    # No min/max on the inputs: the browser would drop an out-of-range value without a word.
-    c1.number_input(t("controls.context"), step=256, key="f_context", on_change=_keep, args=("f_context",),
+    # One field per row: side by side in the sidebar's width «Контекст, токенов» wrapped onto two lines
+    # and its input sat lower than the batch's. No min/max on the inputs: the browser would drop an
+    # out-of-range value without a word.
+    st.number_input(t("controls.context"), step=256, key="f_context", on_change=_keep, args=("f_context",),
                     help=t("controls.range_help", low=CONTEXT_RANGE[0], high=CONTEXT_RANGE[1]))
-    c2.number_input(t("controls.batch"), step=1, key="f_batch", on_change=_keep, args=("f_batch",),
+    st.number_input(t("controls.batch"), step=1, key="f_batch", on_change=_keep, args=("f_batch",),
                     help=t("controls.range_help", low=BATCH_RANGE[0], high=BATCH_RANGE[1]))
     for err in errors:
         st.error(f"⛔ {err}")
     now = (st.session_state.get("f_precision"), st.session_state.get("f_context"), st.session_state.get("f_batch"))
     if st.session_state.get("_prefill_values") == now:
-        st.caption(t("controls.prefilled") + " " + ui.sentence(st.session_state.get("_prefill_rule", "")) + ".")
+        st.caption(t("controls.prefilled") + " " + ui.sentence(_prefill_rule_text(ctl)) + ".")
     st.button(t("controls.reset_profile"), key="btn_reset_profile", on_click=_reset_profile)
 
     plan = plans.get(model.model_id) if model is not None else None
@@ -279,14 +296,29 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
         st.caption(f"🚫 {why_not}")  # the busy message, when busy, is this one line only
     clear_label = t("controls.clear") if snap.has_gpu else t("controls.clear_host")
     st.button(clear_label, key="btn_clear", width="stretch", disabled=busy, on_click=_clear)
+    st.button(t("controls.emergency"), key="btn_emergency", width="stretch", on_click=_ask_emergency)
     if st.session_state.get("confirm_emergency"):
-        st.warning(holders_view.emergency_confirm_text(ctl))
-        st.button(t("emergency.confirm"), key="btn_emergency_confirm", type="primary", width="stretch",
-                  on_click=_emergency)
-        st.button(t("emergency.cancel"), key="btn_emergency_cancel", width="stretch", on_click=_cancel_emergency)
-    else:
-        st.button(t("controls.emergency"), key="btn_emergency", width="stretch", on_click=_ask_emergency)
+        _emergency_dialog(ctl)
     return Selection(backend_id, model, profile, plan, rec, plans)
+
+
+def _emergency_dialog(ctl: Any) -> None:
+    """The confirmation in a dialog over the page: at the sidebar's foot its buttons fell below the fold
+    of a 1400×1000 window. Closing the dialog (✕, Esc) is a cancel."""
+    t = ui.tr()
+
+    @st.dialog(t("emergency.confirm_title"), on_dismiss=_cancel_emergency)
+    def _confirm() -> None:
+        st.warning(holders_view.emergency_confirm_text(ctl))
+        c1, c2 = st.columns(2)
+        if c1.button(t("emergency.confirm"), key="btn_emergency_confirm", type="primary", width="stretch"):
+            _emergency()
+            st.rerun()
+        if c2.button(t("emergency.cancel"), key="btn_emergency_cancel", width="stretch"):
+            _cancel_emergency()
+            st.rerun()
+
+    _confirm()
 
 
 def _apply_blocked_reason(busy: bool, model: CachedModel | None, errors: list[str], plan: Plan | None) -> str | None:

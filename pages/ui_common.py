@@ -232,8 +232,8 @@ def remember_devices(snap: SystemSnapshot) -> None:
 def device_label(dev: DeviceSnapshot) -> str:
     t = tr()
     _device_names[dev.key] = dev.name
-    if dev.kind is DeviceKind.HOST:
-        return t("device.host", name=dev.name)
+    if dev.kind is DeviceKind.HOST:  # the probe's name for it is English ("Host RAM"): the page's own words
+        return t("device.host_plain")
     return t("device.gpu", index=dev.index, name=dev.name)
 
 

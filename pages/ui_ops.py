@@ -88,10 +88,29 @@ def steps_table(steps: Iterable[StepRecord], has_gpu: bool = True) -> None:
             cells.append(f"{ui.gib(s.memory_before_bytes)} → {ui.gib(s.memory_after_bytes)}" if known else "—")
         if english:
             code = getattr(s, "code", "")
-            text = ui.render(s.text) if code else (s.message if t.language == "en" else "")
+            text = ui.render(_with_op_kind(s.text, t)) if code else (s.message if t.language == "en" else "")
             cells.append(ui.cell(text))
         rows.append("| " + " | ".join(cells) + " |")
     st.markdown("\n".join(rows))
+
+
+def _with_op_kind(message: Any, t: Any) -> Any:
+    """A step's message with its identifiers in the page's words: an operation kind (``op``: "apply"), a
+    device key (``device``: "host" → «Оперативная память хоста»), backend ids (``before``/``after``/
+    ``backend``: "transformers" → «Transformers»). The core's arguments stay ids; only this renders them."""
+    args = dict(message.args) if isinstance(message.args, dict) else {}
+    op = args.get("op")
+    if isinstance(op, str) and t.has(f"opkind.{op}"):
+        args["op"] = t(f"opkind.{op}")
+    if isinstance(args.get("device"), str):
+        args["device"] = ui.device_key_label(args["device"])
+    ctl = None
+    for key in ("before", "after", "backend"):
+        value = args.get(key)
+        if isinstance(value, str) and value not in ("", "—"):
+            ctl = ctl or ui.controller()
+            args[key] = ", ".join(ui.backend_label(ctl, b.strip()) for b in value.split(","))
+    return type(message)(message.code, args, message.text)
 
 
 def memory_change_text(before: dict[str, int | None], after: dict[str, int | None]) -> str:
@@ -149,7 +168,7 @@ def clear_report(rep: ClearReport) -> None:
     st.markdown("\n".join(rows))
 
 
-def emergency_report(rep: EmergencyReport, record: OperationRecord | None, has_gpu: bool) -> None:
+def emergency_report(rep: EmergencyReport, record: OperationRecord | None, has_gpu: bool, ctl: Any = None) -> None:
     t = ui.tr()
     if rep.outcome is Outcome.SUCCESS:
         st.success(t("emergency.done"))
@@ -161,6 +180,10 @@ def emergency_report(rep: EmergencyReport, record: OperationRecord | None, has_g
         st.caption(t("emergency.cancelled", op=t(f"opkind.{kind}") if t.has(f"opkind.{kind}") else kind))
     steps_table(rep.steps, has_gpu)
     holders_view.emergency_remaining(rep)
+    if not has_gpu and ctl is not None:  # no GPU holders to name: who holds the host's RAM, with advice
+        host = ui.run_safely(lambda: ctl.devices().host)
+        if host is not None:
+            holders_view.host_processes(host, t("emergency.host_remaining"))
     if record is not None:
         memory_change_caption(record)
 
@@ -199,7 +222,7 @@ def op_result(ctl: Any, op: Any, has_gpu: bool) -> None:
     elif isinstance(res, ClearReport):
         clear_report(res)
     elif isinstance(res, EmergencyReport):
-        emergency_report(res, op.record, has_gpu)
+        emergency_report(res, op.record, has_gpu, ctl)
 
 
 def op_title(ctl: Any, op: Any) -> str:
@@ -257,23 +280,32 @@ def _dismiss(op_id: str) -> None:
     st.session_state[DISMISSED_KEY] = op_id
 
 
-def op_panel(ctl: Any, has_gpu: bool) -> None:
+BESIDE_ITS_BUTTON = ("unload",)  # shown where its button is (the 🗑️ in «Что запущено»), not at the top
+
+
+def op_panel(ctl: Any, has_gpu: bool, kinds: tuple[str, ...] | None = None) -> None:
     """Running operations (polled every 0.5 s while one runs; idle otherwise), then the last result,
-    and a refusal of this session's last click (busy, bad input) once."""
+    and a refusal of this session's last click (busy, bad input) once. ``kinds``: only operations of
+    these kinds (a panel beside their button); None: every other kind, at the top of the page."""
     every = 0.5 if ctl.runner.running() else None
+
+    def mine(op: Any) -> bool:
+        return op.kind in kinds if kinds is not None else op.kind not in BESIDE_ITS_BUTTON
 
     @st.fragment(run_every=every)
     def _panel() -> None:
         rerun_if_changed(ctl)
         t = ui.tr()
-        refused = st.session_state.pop(SUBMIT_ERROR_KEY, None)
-        if refused is not None:
-            ui.error_box(refused)
-        owner_emergency_result(has_gpu)
+        if kinds is None:
+            refused = st.session_state.pop(SUBMIT_ERROR_KEY, None)
+            if refused is not None:
+                ui.error_box(refused)
+            owner_emergency_result(has_gpu)
         for op in ctl.runner.running():
-            op_status(ctl, op, has_gpu)
+            if mine(op):
+                op_status(ctl, op, has_gpu)
         finished = ctl.runner.finished(1)
-        if (finished and finished[0].op_id != st.session_state.get(DISMISSED_KEY)
+        if (finished and mine(finished[0]) and finished[0].op_id != st.session_state.get(DISMISSED_KEY)
                 and result_is_relevant(finished[0])):
             op = finished[0]
             op_status(ctl, op, has_gpu)

@@ -123,7 +123,11 @@ register = add_commands  # memctl_cli's sub-command modules expose register(subp
 
 # --------------------------------------------------------------------------- serve
 def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
+    from memory_controller.quiet import quiet_library_output
+
     from .owner import read_owner
+
+    quiet_library_output()  # the server's log says what memctl does, not Transformers' progress bars
 
     try:
         owner = read_owner(settings, wait_s=0.5)
@@ -313,10 +317,13 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
     key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
     for note in notes:
         print(f"note: {_text(note)}", file=sys.stderr)
-    if ctx < settings.ide_min_context:
-        print(f"warning: {model_id} is served with a {ctx}-token context, below the {settings.ide_min_context} "
-              "tokens an IDE assistant needs: it may fail (\"Roo is having trouble\"); free memory, or pick a "
-              "model that fits a longer context", file=sys.stderr)
+    from memory_controller.controller import MemoryController
+    from memory_controller.ide import model_max_positions, small_window_advice
+
+    local = ctl if hasattr(ctl, "resolve") else MemoryController(settings)  # the same HF cache
+    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(getattr(local, "resolve", None), model_id))
+    if advice is not None:  # one piece of advice, fitting the cause (never "free memory" at the model's max)
+        print(f"warning: {model_id}: {advice.text}", file=sys.stderr)
     if args.ide == "roo":
         print(json.dumps(roo_settings(base_url, model_id, ctx, key), ensure_ascii=False, indent=2))
     else:

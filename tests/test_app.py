@@ -20,6 +20,7 @@ from tests.conftest import subprocess_env
 from tests.fixtures_models import TINY_ID
 from tests.ui_harness import (  # noqa: F401 - app_factory is a fixture
     APP,
+    DIAG,
     GIB,
     INMEM,
     INMEM_BACKENDS,
@@ -428,6 +429,10 @@ def test_a_context_above_the_models_maximum_is_a_russian_blocker_and_apply_is_di
     assert not [s for s in at.sidebar.success if "Помещается" in str(s.value)]
     # the user changed a field: the values are no longer "filled in by the recommendation"
     assert not [c for c in at.sidebar.caption if "Поля заполнены по рекомендации" in str(c.value)]
+    # issue 20.10: the cached-models table says why a model cannot run, beside its ⛔
+    table = next(m.value for m in at.markdown if "| Модель |" in m.value or f"| {TINY_ID} |" in m.value)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {TINY_ID} |"))
+    assert "⛔ нельзя запустить: контекст 4096 больше максимума модели" in row, row
 
 
 def test_the_prefilled_note_starts_its_sentences_with_a_capital_letter(dashboard, hf_cache):
@@ -528,3 +533,102 @@ def test_an_invalid_setting_stops_the_page_naming_the_field_and_value(dashboard)
     assert not at.metric and not at.button  # nothing else is drawn on invalid settings
     # one declared page: Streamlit does not list pages/*.py (the page parts) on its own
     assert [p["page_name"] for p in at._registered_pages.values()] == ["Ошибка настроек"]
+
+
+def test_with_one_mode_that_can_run_the_mode_is_said_and_the_other_is_explained(app_factory):  # noqa: F811
+    """Issue 20.10: no greyed one-option radio; the mode in words, and why the other mode cannot run."""
+    at = app_factory(APP, "library_missing", MEMCTL_BACKENDS="{}")  # transformers and vLLM only; no GPU
+    assert not [r for r in at.radio if r.key == "f_mode"]
+    side = [str(m.value) for m in at.sidebar.markdown] + [str(c.value) for c in at.sidebar.caption]
+    assert "**Режим выполнения:** Transformers" in side, side
+    assert any(s.startswith("vLLM недоступен: ") for s in side), side
+
+
+def test_one_recommendation_everywhere_and_the_raise_is_said_as_a_raise(dashboard, hf_cache):
+    """Issue 20.5: the sidebar's fields, the card's «Сейчас рекомендуется», the diagnostic page and
+    `memctl status` (the controller's status) give one profile; the caption says the context was raised
+    from the table's value and what bounded it (never «не больше максимума модели», which reads as a cap)."""
+    at = dashboard("library_missing", hub=hf_cache)
+    model = at.selectbox(key="f_model").value
+    context = at.number_input(key="f_context").value
+    ctl = _controller()
+    status = ctl.status()["recommendation"]
+    assert status["model"] == model and status["profile"]["context_tokens"] == context
+    page = texts(at)
+    card = next(str(s.value) for s in at.success if "Сейчас рекомендуется" in str(s.value))
+    assert f"{context} токен" in card, card
+    caption = next(str(c.value) for c in at.sidebar.caption if "Поля заполнены по рекомендации" in str(c.value))
+    band_ctx = next(n.args["band_ctx"] for n in ctl.recommend_in_view(device_key="host").notes
+                    if n.code.startswith("rec.context_raised"))
+    assert f"контекст поднят с {band_ctx} токен" in caption and f"до {context} токен" in caption, caption
+    assert "предел — максимум самой модели" in caption or "помещается в свободную память" in caption, caption
+    assert "не больше максимума модели" not in page
+    diag = AppTest.from_file(DIAG, default_timeout=60)  # the diagnostic page's line: the same profile
+    diag.run()
+    diag.button(key="diag_run_recommend").click().run()
+    line = "\n".join(texts(diag).splitlines())
+    assert f"{context} токен" in line and "поднят с" in line, line
+
+
+def test_the_profile_caption_follows_the_language_switch_both_ways(dashboard, hf_cache):
+    """Issue 20.4: the caption was written once and kept: English in the Russian UI after a switch back."""
+    at = dashboard("library_missing", hub=hf_cache)
+
+    def caption() -> str:
+        return next(str(c.value) for c in at.sidebar.caption
+                    if "Поля заполнены" in str(c.value) or "filled in" in str(c.value).lower())
+
+    ru = caption()
+    at.radio(key="_lang_widget").set_value("en").run()
+    en = caption()
+    assert not re.search("[А-Яа-яЁё]", en), en
+    at.radio(key="_lang_widget").set_value("ru").run()
+    assert caption() == ru
+    assert "The table says" not in texts(at)
+
+
+def test_no_english_left_in_the_russian_page_after_an_apply(dashboard, hf_cache):
+    """Issue 20.4: the steps' arguments (device «host», mode «transformers») and the device's «Host RAM»
+    are said in Russian; a missing cache folder is said in Russian too."""
+    at = dashboard("library_missing", hub=hf_cache)
+    _apply_tiny(at)
+    page = texts(at)
+    assert "Host RAM" not in page and "на host" not in page and "→ inmem" not in page, page
+    table = next(m.value for m in at.markdown if "| Шаг |" in m.value and "Проверка доступности" in m.value)
+    assert "Оперативная память хоста: нужно" in table and "→ in-memory (tests)" in table, table
+    empty = dashboard("library_missing")  # the HF cache folder does not exist
+    page = texts(empty)
+    assert "Папки кеша Hugging Face" in page and "does not exist yet" not in page
+
+
+def test_a_host_memory_budget_is_shown_as_the_limit_not_as_unreadable_data(dashboard):
+    """Issue 20.8: with MEMCTL_HOST_MEMORY_BUDGET_BYTES the sidebar said «Часть данных… не читается»."""
+    at = dashboard("library_missing", MEMCTL_HOST_MEMORY_BUDGET_BYTES=str(3 * GIB))
+    side = [str(c.value) for c in at.sidebar.caption]
+    assert not [c for c in side if "не читается" in c], side
+    assert any("ограничено бюджетом памяти для моделей: 3.00 GiB (MEMCTL_HOST_MEMORY_BUDGET_BYTES)" in c
+               for c in side), side
+    assert metrics(at)["Доступно"] == "3.00 GiB"
+
+
+def test_a_corrupt_model_says_its_cause_and_fix_first_in_russian(app_factory, bad_hf_cache, bad_models):  # noqa: F811
+    """Issue 20.3: a truncated safetensors file gave «❌ План не составлен: Ошибка.» with the cause in English
+    under «Подробности», and «⚠️ неизвестно» in the table. Now the cause and the fix, in Russian, first."""
+    at = app_factory(APP, "library_missing", hub=bad_hf_cache)
+    choose_inmem(at)
+    bad = bad_models["truncated"]
+    at.selectbox(key="f_model").set_value(bad).run()
+    errors = [str(e.value) for e in at.sidebar.error]
+    assert any("План не составлен: Файл весов model.safetensors обрезан" in e for e in errors), errors
+    assert not any(e.rstrip("*").endswith("Ошибка.") for e in errors), errors
+    hints = [str(i.value) for i in at.sidebar.info]
+    assert any("Удалите модель из кеша" in h for h in hints), hints
+    table = next(m.value for m in at.markdown if f"| {bad} |" in m.value)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {bad} |"))
+    assert "⚠️ неизвестно" not in row and "обрезан" in row and "Удалите модель из кеша" in row, row
+
+
+def test_gb_and_gib_are_said_once(dashboard):
+    """Issue 20.12: the guide's thresholds are GB but compared in GiB: the page says which, once."""
+    at = dashboard("free_gib=9")
+    assert texts(at).count("сравниваются здесь в GiB (1 GiB = 1024³ байт ≈ 1.07 GB)") == 1

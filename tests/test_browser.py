@@ -127,7 +127,7 @@ def _no_traceback(page) -> None:
 
 
 def _open(browser, url: str, console: list[str] | None = None):
-    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})  # issue 20.10: the user's window
     page.set_default_timeout(30_000)
     if console is not None:
         page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("warning", "error") else None)
@@ -167,6 +167,8 @@ def _user_path(page, browser, server: str) -> None:
     first = stamp.inner_text()
     expect(stamp).not_to_have_text(first, timeout=10_000)
     expect(page.locator("[data-testid=stVegaLiteChart]")).to_be_visible(timeout=15_000)
+    _chart_axis_spans_the_history(page)
+    _layout(page)
     _shot(page, "01-first-paint")
     _no_traceback(page)
 
@@ -177,9 +179,8 @@ def _user_path(page, browser, server: str) -> None:
         inmem.click()
 
     # choose the tiny model and apply
-    sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель").get_by_role("button", name="Open").click()
     # (no "/" in the pattern: Playwright's role selector does not escape it)
-    page.get_by_role("option", name=re.compile(r"^tiny-llama · .+ · ✅$")).click()  # short label, mark visible
+    _choose_model(page, "tiny-llama", re.compile(r"^tiny-llama · .+ · ✅$"))  # short label, mark visible
     expect(sidebar.get_by_text("Помещается", exact=True)).to_be_visible()  # ✅ becomes the icon
     expect(page.get_by_text("Сейчас рекомендуется:", exact=False)).to_be_visible()
 
@@ -211,28 +212,90 @@ def _user_path(page, browser, server: str) -> None:
     expect(other.get_by_text(row)).to_be_visible()
     other.close()
 
-    # unload it with 🗑️ and read the report
+    # unload it with 🗑️ and read the report, beside the button (issue 20.10), not at the top of the page
     unload.click()
-    expect(page.get_by_text(re.compile(rf"Выгружено: {re.escape(TINY_ID)} \(Оперативная память хоста\) — .+ вернулось, удерживается")))\
-        .to_be_visible(timeout=60_000)
+    report = page.get_by_text(re.compile(rf"Выгружено: {re.escape(TINY_ID)} \(Оперативная память хоста\) — .+ вернулось, удерживается"))
+    expect(report).to_be_visible(timeout=60_000)
     expect(page.get_by_role("button", name="🗑️")).to_have_count(0)
     expect(page.get_by_text("Ничего не запущено.")).to_be_visible()
     assert "(англ.)" not in page.inner_text("body")  # issue 12.6
+    heading = page.get_by_role("heading", name="Что запущено")
+    assert heading.bounding_box()["y"] < report.bounding_box()["y"] < page.get_by_text("Ничего не запущено.").bounding_box()["y"] + 400
     _shot(page, "03-unloaded")
 
-    # the emergency clear asks first, then runs
-    sidebar.get_by_role("button", name="🚨 Экстренная очистка").click()
-    expect(sidebar.get_by_text("Продолжить?", exact=False)).to_be_visible()
-    sidebar.get_by_role("button", name="Да, очистить всё").click()
-    expect(page.get_by_text(re.compile("Экстренная очистка выполнена"))).to_be_visible(timeout=60_000)
-    _shot(page, "04-emergency")
-    _no_traceback(page)
+    # apply again, then the emergency clear asks first (its buttons in the window), then says what it did
+    sidebar.get_by_role("button", name="🔄 Применить изменения").click()
+    expect(page.get_by_role("button", name="🗑️")).to_have_count(1, timeout=120_000)
+    _emergency_clear(page)
 
     # the language switch
     sidebar.get_by_text("English", exact=True).click()
     expect(sidebar.get_by_text("🔧 Modes and memory")).to_be_visible()
     expect(sidebar.get_by_role("button", name="🔄 Apply changes")).to_be_visible()
     _shot(page, "05-english")
+
+
+def _choose_model(page, typed: str, option: re.Pattern) -> None:
+    """Open the searchable model selector, type to filter, pick the option. The live panel reruns every
+    second and a rerun can close an open list: opened again until the option is there."""
+    model = page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").filter(has_text="Модель")
+    wanted = page.get_by_role("option", name=option)
+    for _ in range(5):
+        model.get_by_role("button", name="Open").click()
+        model.get_by_role("combobox").press_sequentially(typed)
+        try:
+            wanted.click(timeout=5_000)
+            return
+        except Exception:  # noqa: BLE001 - the list closed under a rerun: open it again
+            page.keyboard.press("Escape")
+    wanted.click()
+
+
+def _emergency_clear(page) -> None:
+    """Issue 20.9/20.10: the confirmation's buttons are in the 1400×1000 window; the result names what it
+    unloaded, says what it cut, has its Ollama line, and who still holds the RAM, each with advice."""
+    from playwright.sync_api import expect
+
+    page.locator("[data-testid=stSidebar]").get_by_role("button", name="🚨 Экстренная очистка").click()
+    expect(page.get_by_text("Продолжить?", exact=False)).to_be_visible()
+    for name in ("Да, очистить всё", "Отмена"):
+        expect(page.get_by_role("button", name=name)).to_be_in_viewport()
+    _shot(page, "04a-emergency-confirm")
+    page.get_by_role("button", name="Да, очистить всё").click()
+    expect(page.get_by_text(re.compile("Экстренная очистка выполнена"))).to_be_visible(timeout=60_000)
+    body = page.inner_text("body")
+    assert f"выгружено: {TINY_ID}" in body, body[-3000:]
+    assert "ни операции, ни запросов не шло" in body
+    assert re.search(r"Ollama не отвечает по адресу \S+: его модели не выгружались", body)
+    assert "Кто еще занимает оперативную память" in body
+    assert "этот процесс memctl" in body and "закройте её, если она не нужна" in body
+    assert "| выполнено" not in body and "\tвыполнено" not in body  # never a bare "done"
+    _shot(page, "04-emergency")
+    _no_traceback(page)
+
+
+def _layout(page) -> None:
+    """Issue 20.10 at 1400×1000: «Контекст, токенов» on one line like «Батч размер» (no wrap, aligned)."""
+    sidebar = page.locator("[data-testid=stSidebar]")
+    context = sidebar.locator("[data-testid=stWidgetLabel]").filter(has_text="Контекст, токенов").first
+    batch = sidebar.locator("[data-testid=stWidgetLabel]").filter(has_text="Батч размер").first
+    assert context.bounding_box()["height"] <= batch.bounding_box()["height"] + 1  # one line each
+    inputs = [sidebar.get_by_role("spinbutton", name=n).bounding_box() for n in ("Контекст, токенов", "Батч размер")]
+    assert abs(inputs[0]["x"] - inputs[1]["x"]) < 2 and abs(inputs[0]["width"] - inputs[1]["width"]) < 2
+
+
+def _chart_axis_spans_the_history(page) -> None:
+    """Issue 20.1: the chart's time axis is read as drawn (Vega's own description of the axis), not
+    from the data: it spans two distinct clock times, so the samples collected so far are drawn."""
+    from playwright.sync_api import expect
+
+    axis = page.locator("[data-testid=stVegaLiteChart] [aria-label^='X-axis']").first
+    expect(axis).to_have_attribute("aria-label", re.compile(r"values from \d\d:\d\d:\d\d to \d\d:\d\d:\d\d"),
+                                   timeout=15_000)
+    label = axis.get_attribute("aria-label") or ""
+    assert "NaN" not in label, label
+    start, end = re.findall(r"\d\d:\d\d:\d\d", label)[:2]
+    assert start < end, label
 
 
 def _ide_section(page) -> None:
@@ -256,6 +319,12 @@ def _ide_section(page) -> None:
     codes = [c.strip() for c in section.locator("[data-testid=stCode] code").all_inner_texts()]
     assert codes == [f"{base}/v1", TINY_ID, str(info["contextWindow"]), str(info["maxTokens"])], codes
     expect(section.get_by_role("button", name="⬇️ Настройки Roo Code (JSON)")).to_be_visible()
+    # issue 20.12: the copy button the intro names is there, where it says (on hover, in the field's corner)
+    expect(section.get_by_text("копируется кнопкой 📋", exact=False)).to_be_visible()
+    field = section.locator("[data-testid=stCode]").first
+    field.hover()
+    copy = field.locator("button")
+    expect(copy.first).to_be_visible()
     _shot(page, "02b-ide")
 
 
@@ -267,8 +336,7 @@ def test_an_invalid_batch_never_changes_the_chosen_model_in_the_browser(server, 
     try:
         sidebar = page.locator("[data-testid=stSidebar]")
         model = sidebar.locator("[data-testid=stSelectbox]").filter(has_text="Модель")
-        model.get_by_role("button", name="Open").click()
-        page.get_by_role("option", name=re.compile(r"^tiny-llama-untied · ")).click()
+        _choose_model(page, "untied", re.compile(r"^tiny-llama-untied · "))
         chosen = model.get_by_role("combobox")
         expect(chosen).to_have_value(re.compile(r"^tiny-llama-untied · .+ · ✅$"))
         batch = sidebar.get_by_role("spinbutton", name="Батч размер")

@@ -131,3 +131,11 @@ def test_memctl_models_and_estimate_run_as_commands(hf_cache):
     proc = _memctl(["estimate", "memctl-test/absent"], hf_cache)
     assert proc.returncode == 1
     assert "not in the Hugging Face cache" in proc.stderr and "hint:" in proc.stderr
+
+
+def test_memctl_models_warns_of_a_truncated_model_with_the_fix(bad_settings, bad_models, capsys):
+    """Issue 20.3: `memctl models` listed a truncated model with no warning."""
+    code, out = _run(["models"], bad_settings, capsys)
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith(f"warning: {bad_models['truncated']}:"))
+    assert "truncated" in line and "download it again" in line, line

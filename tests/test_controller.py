@@ -217,6 +217,10 @@ def test_emergency_clear_with_docker_down_still_unloads_the_transformers_model(s
     by_name = {s.name: s for s in report.steps}
     assert by_name["stop_transformers"].outcome is Outcome.SUCCESS
     assert TINY_ID in by_name["stop_transformers"].message
+    # issue 20.9: what it unloaded is named in the step's own code and arguments, not a bare "done"
+    assert by_name["stop_transformers"].code == "emergency.stopped"
+    assert TINY_ID in by_name["stop_transformers"].args["models"]
+    assert by_name["cancel"].code == "emergency.nothing_running"
     assert by_name["stop_vllm"].outcome is Outcome.ERROR
     assert "Docker" in by_name["stop_vllm"].message
     assert by_name["clear"].outcome is Outcome.SUCCESS

@@ -231,8 +231,10 @@ def test_deployment_states_only_move_along_the_lifecycle():
 def test_the_recommended_context_is_the_largest_that_fits_up_to_the_models_maximum(ctl, gpu):
     rec = ctl.recommend(TINY_ID)  # 22 GiB free, a tiny model with 2,048 positions
     assert rec.profile.context_tokens == 2048
-    rule = next(n for n in rec.notes if n.code == "rec.context_rule")
-    assert rule.args["rule"] == "model_max"
+    rule = next(n for n in rec.notes if n.code.startswith("rec.context_"))
+    # issue 20.5: said as a raise from the table's value, bounded by the model's own maximum
+    assert rule.code == "rec.context_raised_model_max" and rule.args["rule"] == "model_max"
+    assert rule.args["band_ctx"] < 2048 == rule.args["tokens"] == rule.args["model_max"]
     probe = Profile(mode="transformers", precision=Precision.INT8, context_tokens=1024, batch=1, device="cuda",
                     gpu_ids=(0,))
     free = ctl.estimate(TINY_ID, probe).total_bytes  # exactly what 1,024 tokens need: memory decides
@@ -241,7 +243,7 @@ def test_the_recommended_context_is_the_largest_that_fits_up_to_the_models_maxim
     assert small.profile.precision is Precision.INT8
     assert 1024 <= small.profile.context_tokens < 2048
     assert ctl.estimate(TINY_ID, small.profile).total_bytes <= free
-    assert any(n.code == "rec.context_rule" and n.args["rule"] == "memory" for n in small.notes)
+    assert any(n.code == "rec.context_raised_memory" and n.args["rule"] == "memory" for n in small.notes)
 
 
 def test_every_apply_step_says_what_happened_as_a_code_both_languages_render(ctl):
@@ -259,3 +261,19 @@ def test_every_apply_step_says_what_happened_as_a_code_both_languages_render(ctl
     assert any("готова" in line for line in ru) and not any("ready on" in line for line in ru)
     again = ctl.history(1)[0]  # the codes survive the operation log
     assert [s.code for s in again.steps] == [s.code for s in rec.steps]
+
+
+def test_the_emergency_clear_says_which_streams_it_cut_and_names_what_it_unloaded(ctl, backend):
+    """Issue 20.9: the result said «выполнено» four times; now the cancel step counts the response
+    streams it cut and the stop step names the model it unloaded."""
+    ctl.apply("inmem", TINY_ID, profile())
+    (dep,) = ctl.deployments()
+    with ctl.generating(dep) as slot:
+        report = ctl.emergency_clear()
+        assert slot.cancelled()
+    by_name = {s.name: s for s in report.steps}
+    assert by_name["cancel"].code == "emergency.cut_streams" and by_name["cancel"].args["streams"] == 1
+    assert by_name["stop_inmem"].code == "emergency.stopped" and TINY_ID in by_name["stop_inmem"].args["models"]
+    from memory_controller.i18n import render
+
+    assert render(by_name["cancel"].text, "ru") == "операций не шло; прервано потоков ответа: 1"

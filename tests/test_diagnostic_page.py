@@ -147,3 +147,14 @@ def test_diagnostic_page_is_a_page_of_the_dashboard(app_factory):  # noqa: F811
     assert diag_page["url_pathname"] == "diagnostics"
     # AppTest (Streamlit 1.67) renders nothing after switch_page() to a page registered with its own
     # url_path here; the page itself is exercised by the tests above through its own entry point.
+
+
+def test_without_a_gpu_the_holders_section_lists_the_hosts_processes_with_advice(diag):
+    """Issue 20.9: the page said «GPU нет: процессов… не показать» while the dashboard listed the host's
+    processes; now it lists them too, this memctl process named as such, each with what to do."""
+    at = diag("library_missing")
+    page = texts(at)
+    assert "не показать" not in page
+    assert "GPU нет: ниже процессы, занимающие оперативную память этого компьютера." in page
+    table = next(m.value for m in at.markdown if m.value.startswith("| PID |") and "| Что делать |" in m.value)
+    assert "этот процесс memctl" in table  # this test process is the page's memctl

@@ -76,3 +76,13 @@ def test_bad_input_is_refused(url, model, window):
         roo_settings(url, model, window)
     with pytest.raises(ValueError):
         continue_config(url, model, window)
+
+
+def test_small_window_advice_fits_the_cause():
+    """Issue 20.6: at the model's own maximum more memory would not help; below it, memory is the cause."""
+    from memory_controller.ide import small_window_advice
+
+    assert small_window_advice(32768, 32768, 2048) is None
+    assert small_window_advice(2048, 32768, 2048).code == "ide.window_model_max"
+    assert small_window_advice(4096, 32768, 131072).code == "ide.window_memory"
+    assert small_window_advice(4096, 32768, None).code == "ide.window_memory"

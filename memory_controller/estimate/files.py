@@ -158,12 +158,14 @@ def read_safetensors_header(path: Path) -> tuple[TensorInfo, ...]:
         raise CorruptModelFileError(
             f"weights file {path.name} in {path.parent} is truncated or corrupt ({exc})",
             "the download is incomplete: delete this model from the cache and download it again",
+            code="model.corrupt_file", args={"file": path.name},
         ) from None
     try:
         header = loads_bounded(raw, what=f"safetensors header of {path.name} in {path.parent}",
                                max_bytes=_MAX_HEADER_BYTES, expect=dict)
     except CorruptDataError as exc:
-        raise CorruptModelFileError(f"weights file is corrupt: {exc.message}", REDOWNLOAD_HINT) from None
+        raise CorruptModelFileError(f"weights file is corrupt: {exc.message}", REDOWNLOAD_HINT,
+                                    code="model.corrupt_file", args={"file": path.name}) from None
     data_bytes = size - 8 - header_len
     tensors = []
     data_end = 0
@@ -178,6 +180,8 @@ def read_safetensors_header(path: Path) -> tuple[TensorInfo, ...]:
             f"weights file {path.name} in {path.parent} is truncated: the header needs "
             f"{8 + header_len + data_end} bytes, the file has {size}",
             "the download is incomplete: delete this model from the cache and download it again",
+            code="model.truncated", args={"file": path.name, "need_bytes": 8 + header_len + data_end,
+                                          "have_bytes": size},
         )
     return tuple(tensors)
 

@@ -185,6 +185,7 @@ def _read_spec(p: Path, listing: list[tuple[str, os.stat_result | None]]) -> Mod
         raise ModelLoadError(
             f"{p} has a config but no weight files (*.safetensors, *.bin)",
             "the download is incomplete: download the model again",
+            code="model.no_weights",
         )
 
     heads = _first_int(arch_cfg, "num_attention_heads", "n_head", "num_heads")
