@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["OPTIONS_MODEL", "TransformersBackend", "TransformersOptions", "create"]
 
+# The library's own quiet defaults in a quiet process (memory_controller.quiet): no per-request token-id
+# warnings ("Setting `pad_token_id` to `eos_token_id`") or advisory warnings in the dashboard's log.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 OPTIONS_MODEL = TransformersOptions  # [backends.transformers] options (memory_controller.settings reads it)
 
 
@@ -27,8 +30,12 @@ def create(settings: Any, probe: Any) -> TransformersBackend:
     ``probe`` is a ``memory_controller.probe.DeviceProbe`` (``gpu_used_bytes(index)`` measures a
     release on GPU) or None.
     """
+    from memory_controller.quiet import apply_defaults, quiet_requested
+
     from .backend import TransformersBackend
 
+    if quiet_requested():  # before the library is imported (on the first load)
+        apply_defaults(QUIET_ENV)
     return TransformersBackend(settings, probe)
 
 
