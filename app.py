@@ -50,8 +50,9 @@ except SettingsError as settings_exc:
 ui.init_language(ctl.settings.language)
 t = ui.tr()
 # The dashboard owns the machine (settings.dashboard_serves): once per process the controller is paired
-# with the memctl server on a background thread, or with a live owner elsewhere (``memctl serve``).
-ui.ownership(ctl)
+# with the memctl server on a background thread, or with a live owner elsewhere (``memctl serve``),
+# whose client every page then acts on (ui.controller()).
+ui.ownership()
 
 page = st.navigation([
     st.Page("pages/dashboard.py", title=t("nav.dashboard"), icon="🧠", url_path="dashboard", default=True),

@@ -46,7 +46,7 @@ def render() -> None:
     ids = [m.model_id for m in catalog.models] if catalog is not None else []
     snap = ctl.devices()
     ui.remember_devices(snap)
-    usable = [bid for bid in ctl.registry.ids() if ctl.availability(bid, snap).ok]
+    usable = [bid for bid in ctl.backend_ids() if ctl.availability(bid, snap).ok]
     c1, c2 = st.columns([3, 2])
     if ids:
         c1.selectbox(t("diag.model"), ids, key="diag_model")
@@ -58,10 +58,10 @@ def render() -> None:
     else:
         c2.warning(t("controls.no_backends"))
     st.caption(t("diag.warning"))
-    owner = ui.run_safely(lambda: diag.acting_controller(ctl))
-    if owner is not None and owner is not ctl:
-        st.info(t("diag.via_owner", pid=owner.owner.pid, url=owner.owner.url))
-        owner.close()
+    ui.run_safely(lambda: diag.acting_controller(ctl))  # says when the owner cannot be reached
+    owner = ui.owner_info()
+    if owner is not None:
+        st.info(t("diag.via_owner", pid=owner.pid, url=owner.url))
     st.checkbox(t("diag.include_switch"), key="diag_include_switch")
     st.checkbox(t("diag.include_emergency"), key="diag_include_emergency")
     st.button(t("diag.run_all"), key="diag_run_all", type="primary", on_click=_request_all)

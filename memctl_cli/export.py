@@ -16,6 +16,7 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
+from memctl_cli.output import print_error
 from memory_controller.clusterfit import BadExportRequestError
 from memory_controller.errors import MemctlError
 from memory_controller.units import GIB, fmt_bytes
@@ -74,15 +75,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from memory_controller.controller import MemoryController
+    from server.connect import controller_for
 
-    ctl = MemoryController(settings)
     gpu_bytes = None if args.gpu_memory is None else int(args.gpu_memory * GIB)
+    ctl = controller_for(settings)
     try:
         result = ctl.export(args.format, args.model, gpu_bytes=gpu_bytes, gpus=args.gpus, context=args.context,
                             batch=args.batch, accelerator=args.accelerator, max_replicas=args.max_replicas)
     except BadExportRequestError as exc:
         return _error(args, exc, 2)
+    finally:
+        ctl.close()
     f = result.fit
     if args.json:
         print(json.dumps({"format": result.fmt, "file_name": result.file_name, "model": f.model_id,
@@ -101,9 +104,5 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _error(args: argparse.Namespace, exc: MemctlError, code: int) -> int:
-    if args.json:
-        print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
-    print(f"error: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
+    print_error(exc, bool(args.json))
     return code

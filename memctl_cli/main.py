@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from memctl_cli.output import print_error
 from memory_controller.backend import describe_memory
 from memory_controller.errors import InvalidModelIdError, MemctlError, SettingsError
 from memory_controller.settings import Settings, load_settings, settings_warnings
@@ -31,17 +32,15 @@ _SUBCOMMAND_MODULES = ("memctl_cli.models", "memctl_cli.containers", "memctl_cli
                        "server.cli")
 
 
-def _print_error(exc: MemctlError) -> None:
-    print(f"error: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from memory_controller.controller import MemoryController
+    """Devices, the recommendation, backends and what runs: the owner's view when one runs."""
+    from server.connect import controller_for
 
-    ctl = MemoryController(settings)
-    data = ctl.status()
+    ctl = controller_for(settings)
+    try:
+        data = ctl.status()
+    finally:
+        ctl.close()
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2))
         return 0
@@ -126,7 +125,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except SettingsError as exc:
-        _print_error(exc)
+        print_error(exc)
         return 2
     for warning in settings_warnings():
         print(f"warning: {warning}", file=sys.stderr)
@@ -137,9 +136,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 1 if problems and code == 0 else code
     except MemctlError as exc:
-        if getattr(args, "json", False):  # keep stdout machine-readable
-            print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
-        _print_error(exc)
+        print_error(exc, bool(getattr(args, "json", False)))  # with --json stdout stays machine-readable
         # a malformed model id is a bad argument (2); anything else is a failed operation (1)
         return 2 if isinstance(exc, InvalidModelIdError) else 1
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from memctl_cli.output import print_error, table
 from memory_controller.errors import MemctlError
 from memory_controller.types import MAX_BATCH, MAX_CONTEXT_TOKENS, Precision, Profile, to_jsonable
 from memory_controller.units import GIB, fmt_bytes
@@ -65,11 +65,7 @@ def _precision(text: str) -> str:
 
 def _usage_error(args: argparse.Namespace, error: MemctlError) -> int:
     """A bad argument found after parsing (needs the model): same output as cli.main's errors, exit 2."""
-    if getattr(args, "json", False):
-        print(json.dumps(error.to_dict(), ensure_ascii=False, indent=2))
-    print(f"error: {error.message}", file=sys.stderr)
-    if error.hint:
-        print(f"hint: {error.hint}", file=sys.stderr)
+    print_error(error, bool(getattr(args, "json", False)))
     return 2
 
 
@@ -146,10 +142,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    """List the catalog; warnings (corrupt entries, missing cache) go beside the list. Exit 0."""
-    from memory_controller.catalog import scan_models
+    """List the catalog (the owner's when one runs); warnings (corrupt entries, missing cache) go beside
+    the list. Exit 0."""
+    from server.connect import controller_for
 
-    result = scan_models(settings)
+    ctl = controller_for(settings)
+    try:
+        result = ctl.models()
+    finally:
+        ctl.close()
     if args.json:
         print(json.dumps(to_jsonable(result), ensure_ascii=False, indent=2))
         return 0
@@ -167,9 +168,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                 "yes" if m.has_config else "NO",
                 m.architecture or "?",
             ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        print(table(rows))
     for w in result.warnings:
         print(f"warning: {w}")
     for m in result.models:  # a model listed but unusable says why and what to do (issue 20.3)

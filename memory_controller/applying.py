@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import planning
-from .backend import Backend, Claim, Deployment, describe_memory
+from .backend import Backend, Claim, Deployment, DeploymentState, describe_memory
 from .errors import (
     ContainerError,
     DockerUnavailableError,
@@ -152,7 +152,7 @@ class Executor:
         if not plan.fits and not force:
             raise not_fit_error(plan)
         run = _Run(plan, self.catalog.resolve(plan.model_id), force, cancel_generation)
-        previous = [d for d in plan.to_stop if d.profile is not None]
+        previous = [d for d in plan.to_stop if d.profile is not None and d.state is not DeploymentState.FAILED]
         try:
             for step in plan.steps:
                 if isinstance(step, Start):

@@ -31,6 +31,13 @@ Contract per call (all sizes in bytes, device keys are ``"gpu:N"`` or ``"host"``
 
 In-process backends (``capabilities.generates_in_process``) also implement
 :class:`InProcessGenerator`; HTTP backends give ``Deployment.endpoint`` and the server proxies.
+
+Optional, for a backend with its own model store (not checkpoint folders; e.g. Ollama's GGUF files):
+``list_models()`` and ``resolve_model(id)`` give :class:`CachedModel` values whose ``source`` is the
+backend id and whose ``path`` is a ``scheme://`` address it registered a sizer for
+(``memory_controller.estimate.register_sizer``); ``supports_tools(model)`` says whether a model can
+call tools (the server refuses a tools request with 400 before loading when it says False);
+``holder_client`` hands over a server holding models memctl did not load (another holder).
 """
 
 from __future__ import annotations

@@ -296,6 +296,11 @@ def export(fleet: Fleet, snapshot: Callable[[], Any], fmt: str, cached: CachedMo
         known = ", ".join(sorted(found)) or "none (no backend that writes them is configured)"
         raise BadExportRequestError(f"unknown export format {fmt!r}; known: {known}",
                                     "choose one of the known formats", args={"format": fmt})
+    if cached.source in fleet.registry.ids():  # a backend's own store (Ollama's GGUF files), not a checkpoint
+        raise BadExportRequestError(
+            f"{cached.model_id} is a model of the {cached.source} backend's own store, not a checkpoint a cluster "
+            "engine loads", "export a Hugging Face model (memctl models lists them)",
+            args={"model": cached.model_id})
     gpu_name = None
     if gpu_bytes is None:
         local = default_gpu(snapshot())

@@ -47,7 +47,7 @@ class MemoryController:
             probe = DeviceProbe(nvml, nvml_module_name=s.nvml_module, host_memory_budget_bytes=s.host_memory_budget_bytes)
         sv = self.services = build(s, probe, backends)
         sv.executor.step_hook = step_hook
-        self.probe, self.registry, self.holder_sources, self.runner = probe, sv.registry, sv.holder_sources, sv.runner
+        self.probe, self.registry, self.runner = probe, sv.registry, sv.runner
         self.fleet, self.sizer, self.planner, self.census, self._log = sv.fleet, sv.sizer, sv.planner, sv.census, sv.log
         self.serving = Serving(sv.catalog, sv.fleet, sv.ledger, lambda b, m: self.plan(b, m, purpose="ide"),
                                lambda p, progress: self.apply(p, progress=progress), self.recommend,
@@ -57,8 +57,8 @@ class MemoryController:
         self.memory_history, self.seed_memory_history = sv.monitor.history, sv.monitor.seed
         self.used_by_device, self.devices = sv.monitor.used_by_device, sv.monitor.snapshot
         self.ensure_deployment, self.generating = self.serving.ensure_deployment, self.serving.generating
-        self.serving_backend_id, self.in_flight = self.serving.serving_backend_id, sv.ledger.in_flight
-        self.cancel_generation, self.slots_on = sv.ledger.cancel, sv.ledger.on
+        self.serving_backend_id, self.supports_tools = self.serving.serving_backend_id, self.serving.supports_tools
+        self.in_flight, self.cancel_generation, self.slots_on = sv.ledger.in_flight, sv.ledger.cancel, sv.ledger.on
         self.log_write_errors, self.acknowledge_log_errors = self._log.write_errors, self._log.acknowledge
         self.model_in_view = partial(sv.fleet.model_in_view, sv.catalog.models)  # what runs, else the first cached
         self.export_formats = lambda: tuple(clusterfit.exporters(sv.fleet))  # formats the backends write
@@ -116,21 +116,21 @@ class MemoryController:
     def holders(self, snapshot: SystemSnapshot | None = None) -> list:  # holders.MemoryHolder per GPU process
         return self.census.holders(snapshot)
 
-    def ollama(self) -> Any:  # the other holder's client, or None
+    def ollama(self) -> Any:  # the other holder a backend hands over (holder_client), or None
         return self.census.ollama_client()
 
     def export(self, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None, gpus: int = 1,
                context: int | None = None, batch: int | None = None, accelerator: str | None = None,
                max_replicas: int = 2):  # a document for a cluster engine (clusterfit.py)
-        return clusterfit.export(self.fleet, self.probe.snapshot, fmt, self.resolve(model), gpu_bytes=gpu_bytes,
-                                 gpus=gpus, context=context, batch=batch, accelerator=accelerator,
-                                 max_replicas=max_replicas)
+        return clusterfit.export(self.fleet, self.probe.snapshot, fmt, self.resolve(model), gpu_bytes=gpu_bytes, gpus=gpus,
+                                 context=context, batch=batch, accelerator=accelerator, max_replicas=max_replicas)
 
     def status(self) -> dict:  # devices, recommendation, backends' availability, what runs: JSON-ready
         snap = self.devices()
         return status_data(snap, self.recommend_in_view(snapshot=snap), self.fleet.availabilities(snap),
                            self.deployments(), self.holders(snap) if snap.gpus else [], self.level,
-                           {"ollama": holder_source_status(self.ollama(), self.settings.ollama_host, "Ollama")},
+                           {"ollama": holder_source_status(self.ollama(), self.settings.ollama_host, "Ollama"),
+                            "history": {"write_errors": self.log_write_errors(), "warnings": self.log_warnings}},
                            self.model_in_view())
 
     def apply(self, plan_or_backend: Plan | str, model: str | CachedModel | None = None,

@@ -1,10 +1,10 @@
 """The holder census: who holds GPU memory at run time (the probe's processes, backends' containers, other
 holders' models), named.
 
-Glue between the pure classifier (holders.py) and what can only be asked at run time. Other holders memctl
-may ask to unload (not backends: it starts nothing on them) are built by the registry mechanism the
-backends use, from ``holder_sources`` (:data:`OLLAMA_CLIENT` imported by name: the core never imports
-``backends``). A backend that can map PIDs to what it runs offers ``Backend.containers_for_pids``.
+Glue between the pure classifier (holders.py) and what can only be asked at run time. A server holding
+models memctl did not load is another holder memctl may ask to unload: a configured backend hands it over
+as ``holder_client`` (the core never names it). A backend that can map PIDs to what it runs offers
+``Backend.containers_for_pids``.
 """
 
 from __future__ import annotations
@@ -21,27 +21,37 @@ from .types import SystemSnapshot
 
 if TYPE_CHECKING:
     from .fleet import Fleet
-    from .registry import BackendRegistry
 
-OLLAMA_CLIENT = "backends.ollama:create"
 OWNER_FILE = "server.json"  # written by the owner process (server/owner.py): {"url", "pid", "token", ...}
 
 
 class HolderCensus:
-    """``sources``: the registry of other holders (id -> client with ``loaded``/``unload``/``emergency_unload``)."""
+    """Other holders are handed over by backends (``holder_client``: ``loaded``/``unload``/``emergency_unload``)."""
 
-    def __init__(self, probe: Any, fleet: Fleet, sources: BackendRegistry, state_dir: Path) -> None:
-        self.probe, self.fleet, self.sources, self.state_dir = probe, fleet, sources, state_dir
+    def __init__(self, probe: Any, fleet: Fleet, state_dir: Path) -> None:
+        self.probe, self.fleet, self.state_dir = probe, fleet, state_dir
 
     def source(self, source_id: str) -> Any | None:
-        """The client of one other holder, built once; None when it cannot be built (it is then not asked)."""
-        try:
-            return self.sources.get(source_id)
-        except MemctlError:
-            return None
+        """The client of one other holder (``source_id``: the id of the backend that hands it over, or its own
+        ``source``), or None."""
+        return next((c for bid, c in self._clients() if source_id in (bid, getattr(c, "source", None))), None)
+
+    def _clients(self) -> list[tuple[str, Any]]:
+        out = []
+        for bid, b in self.fleet.backends().items():
+            try:
+                client = getattr(b, "holder_client", None)
+            except MemctlError:
+                client = None
+            if client is not None:
+                out.append((bid, client))
+        return out
 
     def ollama_client(self) -> Any | None:
-        return self.source("ollama")
+        """The other holder a configured backend hands over (its ``holder_client``: a server holding models
+        memctl did not load, which it may ask to unload); None when no backend offers one."""
+        clients = self._clients()
+        return clients[0][1] if clients else None
 
     def ollama_models(self) -> list | None:
         client = self.ollama_client()

@@ -103,6 +103,9 @@ class Maintenance:
                     if b.capabilities.needs_gpu and not snap.has_gpu:
                         return msg("emergency.no_gpu_backend", f"no GPU: nothing of {bid} can run ({reason})",
                                    backend=bid)
+                    if avail.reason is not None and avail.reason.code == "backend.not_running":
+                        # its server is down: no model of it is loaded
+                        return msg("emergency.backend_not_running", f"nothing of {bid} runs ({reason})", backend=bid)
                     raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
                                       "check it by hand", code="emergency.backend_unreachable",
                                       args={"backend": bid, "reason": reason})

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import stat
 import threading
@@ -79,6 +80,9 @@ def _owner_alive(owner: Any) -> bool:
 # --------------------------------------------------------------------------- the log
 
 
+log = logging.getLogger("memctl.oplog")
+
+
 def _describe_write_error(path: Path, exc: OSError) -> str:
     folder = path.parent
     if isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.errno in (errno.EEXIST, errno.ENOTDIR):
@@ -89,6 +93,8 @@ def _describe_write_error(path: Path, exc: OSError) -> str:
         why = f"the state dir {folder} is not writable ({exc.strerror})"
     elif exc.errno == errno.ENOSPC:
         why = f"no space left on the disk of {folder}"
+    elif exc.errno == errno.ELOOP:
+        why = f"{path} is a symbolic link, which memctl does not follow for its log (remove the link)"
     else:
         why = f"{exc.strerror or exc}"
     return (f"could not write the operation log {path}: {why}; this operation is not in the history — "
@@ -149,7 +155,10 @@ class OperationLog:
             try:
                 self._write_line(line)
             except OSError as exc:
-                self._write_errors.append(_describe_write_error(self.path, exc))
+                problem = _describe_write_error(self.path, exc)
+                if problem not in self._write_errors:  # said once (serve output, dashboard log), kept for status
+                    log.warning("%s", problem)
+                self._write_errors.append(problem)
                 del self._write_errors[:-_MAX_WARNINGS]
                 _PROCESS_WRITE_ERRORS[str(self.path)] = list(self._write_errors)
                 return False

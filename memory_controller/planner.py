@@ -60,8 +60,14 @@ class Planner:
              free_holders: bool = False, live: LiveState | None = None, with_suggestion: bool = True) -> Plan:
         """A plan for ``cached`` on ``backend_id`` against ``live`` (default: read now). Without ``profile``:
         the sizer's default profile. ``free_holders`` adds the opt-in step that asks another holder to unload."""
+        from . import safefiles
+
+        backend_id = self._backend_for(cached, backend_id)
         backend = self.fleet.backend(backend_id)
         caps = backend.capabilities
+        # every file of the model: a bounded regular file inside its cache folder, before anything reads one
+        safefiles.check_model_dir(cached.path, safefiles.roots_of(cached.path, cached.source,
+                                                                  self.sizer.settings.resolved_hf_cache_dir))
         live = live or self.live()
         snap, running = live.snap, live.running
         notes: tuple[Message, ...] = ()
@@ -117,6 +123,18 @@ class Planner:
         shortfall = plan.needed_bytes - (plan.free_bytes_after_unload or 0)
         return planning.with_holders(plan, fit_with_holders(hs, plan.device_key, shortfall, models),
                                      free_holders=free_holders)
+
+    def _backend_for(self, cached: CachedModel, backend_id: str) -> str:
+        """A model a backend lists itself (``source`` is that backend's id) runs on that backend only; a
+        checkpoint asked of a backend that serves only its own models goes to the first other one available."""
+        ids = self.fleet.registry.ids()
+        if cached.source in ids:
+            return cached.source
+        if backend_id in ids and hasattr(self.fleet.backend(backend_id), "resolve_model"):
+            snap = self._snapshot()
+            return next((b for b in ids if not hasattr(self.fleet.backend(b), "resolve_model")
+                         and self.fleet.availability(b, snap).ok), backend_id)
+        return backend_id
 
     def plans(self, backend_id: str, models: Sequence[CachedModel], profile: Profile) -> dict[str, Plan | None]:
         """One plan per model for the same profile against one live state; no suggestion is computed. A model

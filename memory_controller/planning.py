@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .backend import Claim, Deployment
+from .backend import Claim, Deployment, DeploymentState
 from .errors import InsufficientMemoryError, StalePlanError
 from .types import (
     CachedModel,
@@ -238,8 +238,10 @@ def make_plan(*, backend_id: str, model: CachedModel, profile: Profile, snap: Sy
               suggest: Callable[[int], tuple[int | None, Message | None]]) -> Plan:
     """Build the plan. ``claim_for(snapshot_after_unload)`` asks the backend what it will hold;
     ``suggest(free_after)`` gives (largest context, a suggestion) when it does not fit."""
+    # a failed deployment (its container died, or was started under other settings) is never "already active":
+    # the plan stops it and starts the model afresh
     already = any(d.backend_id == backend_id and d.model_id == model.model_id and d.profile == profile
-                  for d in running)
+                  and d.state is not DeploymentState.FAILED for d in running)
     to_stop = () if already else tuple(running)
     after = with_freed(snap, to_stop)
     claim = claim_for(after)

@@ -13,7 +13,7 @@ from .applying import Executor
 from .backend import Backend
 from .catalog import Catalog
 from .fleet import Fleet
-from .holding import OLLAMA_CLIENT, HolderCensus
+from .holding import HolderCensus
 from .maintenance import Maintenance
 from .monitor import MemoryMonitor
 from .oplog import Journal, OperationLog
@@ -30,7 +30,6 @@ class Services:
     settings: Settings
     probe: Any
     registry: BackendRegistry  # the backends, built on first use
-    holder_sources: BackendRegistry  # other holders memctl may ask to free memory (it starts nothing on them)
     monitor: MemoryMonitor  # snapshots and the memory history
     fleet: Fleet  # what runs, on which backend
     catalog: Catalog  # cached models (the last scan)
@@ -49,12 +48,11 @@ def build(settings: Settings, probe: Any, backends: dict[str, Backend] | None = 
     s = settings
     specs = {} if backends is not None else {bid: cfg.factory for bid, cfg in s.backends.items()}
     registry = BackendRegistry(specs, s, probe, backends)
-    sources = BackendRegistry({"ollama": OLLAMA_CLIENT}, s, probe)
     monitor = MemoryMonitor(probe, s.poll_interval_s, s.memory_history_s)
     fleet = Fleet(registry)
-    catalog = Catalog(s)
+    catalog = Catalog(s, fleet.backends)
     sizer = Sizer(s, fleet.capabilities)
-    census = HolderCensus(probe, fleet, sources, s.state_dir)
+    census = HolderCensus(probe, fleet, s.state_dir)
     ledger = GenerationLedger()
     planner = Planner(sizer, fleet, census, monitor.snapshot)
     executor = Executor(s, probe, fleet, catalog, planner, census, ledger)
@@ -66,5 +64,5 @@ def build(settings: Settings, probe: Any, backends: dict[str, Backend] | None = 
         pass
     journal = Journal(log, monitor.used_by_device)
     runner = OperationRunner(on_start=journal.started, on_end=journal.ended)
-    return Services(s, probe, registry, sources, monitor, fleet, catalog, sizer, census, ledger, planner, executor,
+    return Services(s, probe, registry, monitor, fleet, catalog, sizer, census, ledger, planner, executor,
                     maintenance, log, runner)

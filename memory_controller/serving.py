@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .backend import Availability, Deployment
-from .errors import ModelLoadError
+from .errors import MemctlError, ModelLoadError
 from .planning import Plan, not_fit_error
 from .reports import GenerationLedger, GenerationSlot
 from .types import CachedModel, ProgressCallback, Recommendation
@@ -53,6 +53,18 @@ class Serving:
         if ready is None:
             raise ModelLoadError(f"{cached.model_id} was started but is not ready", "see the operation log")
         return ready
+
+    def supports_tools(self, model_id: str) -> bool | None:
+        """Whether ``model_id`` can call tools, as the backend that lists it says (its optional
+        ``supports_tools(model)``); None when no backend knows (tools are then passed on). Never raises."""
+        try:
+            cached = self.catalog.resolve(model_id)
+            if cached.source not in self.fleet.registry.ids():
+                return None
+            ask = getattr(self.fleet.backend(cached.source), "supports_tools", None)
+            return None if ask is None else ask(cached)
+        except MemctlError:
+            return None
 
     def serving_backend_id(self) -> str:
         """The backend on-demand loads use: the one running now, else the recommendation's when available."""

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -209,6 +210,9 @@ class Settings(BaseSettings):
     serve_idle_unload_s: float = Field(0, ge=0, le=7 * 86_400)  # 0 = never
     serve_heartbeat_s: float = Field(5.0, gt=0, le=60)  # SSE comment heartbeat while a model loads
     ide_min_context: int = Field(32768, ge=256, le=10_000_000)  # IDE-aware sizing's floor
+    # Web origins (besides none, the server's own and vscode-webview://) whose state-changing requests
+    # the server takes, e.g. "http://localhost:3000" or "vscode-file://"; env: comma-separated.
+    serve_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Other holders of GPU memory.
     ollama_host: str = "127.0.0.1:11434"  # OLLAMA_HOST form: host:port or a URL
@@ -260,6 +264,18 @@ class Settings(BaseSettings):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty (an empty value would put memctl's state in the current folder); "
                              "give a folder such as ~/.local/state/memctl, or unset it for that default")
+        return v
+
+    @field_validator("serve_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in (x.strip() for x in v.split(",")) if p]
+        if isinstance(v, list):
+            for item in v:
+                if not isinstance(item, str) or not re.match(r"^(\*|[a-z][a-z0-9+.-]*://[^\s/]*/?)$", item.strip().lower()):
+                    raise ValueError(f"{str(item)[:80]!r} is not an origin: give scheme://host[:port] "
+                                     "(e.g. http://localhost:3000), a scheme such as vscode-file://, or *")
         return v
 
     @field_validator("nvml_module")

@@ -36,6 +36,6 @@ def holder_source_status(client: Any, host: str, name: str) -> dict:
         return {"answered": False, "error": f"the {name} client is not available", "models": []}
     models = client.loaded(max_age_s=5.0)
     err = getattr(client, "last_error", None)
-    return {"host": host, "answered": models is not None,
+    return {"host": getattr(client, "base_url", host), "answered": models is not None,
             "error": err.message if models is None and err is not None else None,
             "models": [to_jsonable(m) for m in models or ()]}

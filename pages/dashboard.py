@@ -9,9 +9,11 @@ reads the state once and hands it to them.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import streamlit as st
 
+from memory_controller.errors import MemctlError
 from pages import (
     cluster_export,
     deployments,
@@ -28,6 +30,18 @@ from pages import ui_common as ui
 
 def main() -> None:
     ctl = ui.controller()
+    try:
+        page(ctl)
+    except MemctlError as exc:
+        if not ui.owner_trouble(exc):
+            raise
+        # the owner this dashboard acts through stopped answering: say it, act on nothing behind its back
+        st.title(ui.tr()("app.title"))
+        ui.ownership_line()
+        ui.error_box(exc)
+
+
+def page(ctl: Any) -> None:
     ui_ops.mark_seen(ctl)
     t = ui.tr()
     snap = ctl.devices()
@@ -38,7 +52,7 @@ def main() -> None:
     if st.session_state.get("device_key") not in keys:
         best = snap.most_free_gpu() or selectable[0]
         sidebar.set_field("device_key", best.key)
-    availability = {bid: ctl.availability(bid, snap) for bid in ctl.registry.ids()}
+    availability = {bid: ctl.availability(bid, snap) for bid in ctl.backend_ids()}
     catalog = ui.run_safely(ctl.models)
     models = tuple(catalog.models) if catalog is not None else ()
     running = ui.run_safely(ctl.deployments) or []
@@ -59,7 +73,7 @@ def main() -> None:
 
     available = None if chosen.plan is None else chosen.plan.free_bytes_after_unload
     st.title(t("app.title"))
-    ui.ownership_line(ctl)
+    ui.ownership_line()
     rec_card.environment_notice(ctl, snap, availability)
     ui_ops.op_panel(ctl, snap.has_gpu)
     memory_panel.live_panel(ctl, dev.key, live_box, float(ctl.settings.poll_interval_s))
@@ -68,7 +82,8 @@ def main() -> None:
     deployments.deployments_section(ctl, running, ui_ops.busy(ctl), snap.has_gpu)
     ide_section.ide_section(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
     cluster_export.cluster_export(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
-    deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)
+    deployments.cached_section(catalog, sidebar.models_for(chosen.backend_id, models, set(availability)),
+                               chosen.plans, chosen.profile is not None)
     if snap.gpus:  # on the host the live panel lists the processes; there is no GPU memory to name
         holders_view.holders_section(ctl, snap)
     history.log_section(ctl, snap.has_gpu)

@@ -24,8 +24,8 @@ def serving_status() -> dict[str, dict]:
     """model_id -> the served API's status (requests in flight, idle-unload countdown) when this process
     owns the server; {} otherwise."""
     own = ui.ownership()
-    if own is None or getattr(own, "handle", None) is None:
-        return {}
+    if own.handle is None:
+        return {} if own.is_owner else own.ctl.serve_status()  # the owner's server answers for itself
     from server.openai_api import status_of
 
     return status_of(own.handle)
@@ -72,7 +72,7 @@ def deployments_section(ctl: Any, running: list[Deployment], busy: bool, has_gpu
         served = {}
     for d in shown:
         try:
-            http = ctl.backend(d.backend_id).capabilities.serves_http
+            http = ctl.capabilities(d.backend_id).serves_http
         except Exception:  # noqa: BLE001
             http = bool(d.endpoint)
         icon = "🛑" if http else "🗑️"

@@ -32,6 +32,7 @@ OPT_IN = {"switch": "diag_include_switch", "emergency": "diag_include_emergency"
 FREE_GIB_RANGE = (0.5, 1.0, 1.99, 2.0, 3.0, 3.99, 4.0, 5.0, 6.0, 7.0, 7.99, 8.0, 12.0, 24.0)
 STATUS_ICON = {"passed": "✅", "warning": "⚠️", "failed": "❌", "skipped": "⏭️"}
 RESULTS_KEY = "diag_results"
+OWNER_ERRORS = ("owner_unreachable", "owner_identity")  # a live owner this page must not act around
 
 
 @dataclass
@@ -177,7 +178,7 @@ def check_emergency(ctl: Any, say: Any) -> CheckResult:
     t = ui.tr()
     has_gpu = ctl.devices().has_gpu
     before = [d.model_id for d in ctl.deployments()]
-    owner = getattr(ctl, "owner", None)
+    owner = ui.owner_info()
     if owner is not None:
         say(t("diag.via_owner", pid=owner.pid, url=owner.url))
     rep = ctl.emergency_clear()
@@ -196,12 +197,14 @@ def check_emergency(ctl: Any, say: Any) -> CheckResult:
 
 
 def acting_controller(ctl: Any) -> Any:
-    """The controller the switch, clear and emergency checks act on: the live owner's client when
-    another memctl process owns the machine (the dashboard, ``memctl serve``), else this process's.
-    Raises OwnerUnreachableError when a live owner does not answer (nothing is done behind its back)."""
-    from server.owner import connect
-
-    return connect(ctl.settings) or ctl
+    """The controller the switch, clear and emergency checks act on: ``ctl`` (``ui.controller()``: the
+    live owner's client when another memctl process owns the machine, else this process's). Raises the
+    error found when connecting (a live owner that does not answer, or is not who server.json says), so
+    nothing is done behind that owner's back."""
+    found = ui.ownership()
+    if found.error is not None and found.handle is None and getattr(found.error, "code", "") in OWNER_ERRORS:
+        raise found.error
+    return ctl
 
 
 def _synthetic_gpu(free_bytes: int) -> SystemSnapshot:
@@ -237,16 +240,12 @@ def run_check(name: str, ctl: Any, model_id: str | None, backend_id: str | None)
                 res = check_recommend(ctl, say)
             else:
                 acting = acting_controller(ctl)
-                try:
-                    if name == "switch":
-                        res = check_switch(acting, say, model_id, backend_id)
-                    elif name == "clear":
-                        res = check_clear(acting, say)
-                    else:
-                        res = check_emergency(acting, say)
-                finally:
-                    if acting is not ctl:
-                        acting.close()
+                if name == "switch":
+                    res = check_switch(acting, say, model_id, backend_id)
+                elif name == "clear":
+                    res = check_clear(acting, say)
+                else:
+                    res = check_emergency(acting, say)
         except Failed as exc:
             res = CheckResult("failed", 0.0, 0.0, [f"❌ {exc}"])
         except Exception as exc:  # noqa: BLE001 - shown with the guide's advice

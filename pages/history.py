@@ -22,7 +22,7 @@ def log_problems(ctl: Any) -> None:
     (``ctl.log_write_errors()``) stay until a write succeeds or the user presses OK."""
     t = ui.tr()
     write_errors = list(ctl.log_write_errors())
-    problems = [p for p in getattr(ctl, "log_warnings", []) or [] if p not in write_errors]
+    problems = [p for p in ctl.log_warnings() if p not in write_errors]
     if write_errors:
         st.warning(t("log.write_failed"), icon="⚠️")
         with st.expander(t("error.details")):

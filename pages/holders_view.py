@@ -89,7 +89,7 @@ def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None
         holders = ui.run_safely(lambda: ctl.holders(snap)) or []
         holders_table(holders)
         freeable = [(h, m) for h in holders if h.freeable_by == "ollama" for m in h.models]
-        busy = ctl.runner.holder() is not None
+        busy = ctl.current_operation() is not None
         for h, model in freeable if unload_buttons else ():
             st.button(t("holders.unload_ollama", model=model, size=ui.gib(h.bytes)), key=f"ollama_unload::{model}",
                       on_click=_unload_ollama, args=(model,), disabled=busy)
@@ -175,13 +175,13 @@ def emergency_confirm_text(ctl: Any) -> str:
     t = ui.tr()
     steps = [t("emergency.does_models"), t("emergency.does_cancel"), t("emergency.does_clear")]
     if getattr(ctl.settings, "emergency_unloads_ollama", False):
-        client = ctl.ollama() if hasattr(ctl, "ollama") else None
+        client = ctl.ollama()
         loaded = client.loaded() if client is not None else None
         names = ", ".join(m.name for m in loaded) if loaded else None
         steps.insert(1, t("emergency.does_ollama_named", models=names) if names else t("emergency.does_ollama"))
-    owner = getattr(ui.ownership(ctl), "ctl", None)
-    if getattr(owner, "remote", False):
-        steps.insert(1, t("emergency.does_owner", pid=owner.owner.pid))
+    owner = ui.owner_info()
+    if owner is not None:
+        steps.insert(1, t("emergency.does_owner", pid=owner.pid))
     steps.append(t("emergency.does_report"))
     return (f"🚨 {t('emergency.confirm_intro')}\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
             + f"\n\n{t('emergency.confirm_question')}")

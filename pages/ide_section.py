@@ -71,10 +71,9 @@ def _served(serving: Any, model_id: str, snap: Any) -> tuple[str, int, tuple[Any
 
 def ide_section(ctl: Any, snap: Any, selected_model: str | None) -> None:
     t = ui.tr()
-    found = ui.ownership(ctl)
-    serving = found.ctl if found is not None and not found.is_owner else ctl  # the owner sees what runs
+    serving = ctl  # the owner's client when another process owns the machine: it sees what runs
     with st.expander(t("ide.title"), expanded=False):
-        url = ui.server_url(ctl)
+        url = ui.server_url()
         if url is None:
             url = _fallback_base(ctl.settings)
             st.warning(t("ide.no_server", url=url))

@@ -140,7 +140,7 @@ def processes(dev: DeviceSnapshot) -> None:
 
 def running_line(ctl: Any) -> None:
     """The operation holding the runner now, with its current stage (from the runner only)."""
-    op = ctl.runner.holder()
+    op = ui_ops.holder(ctl)
     if op is None:
         return
     t = ui.tr()

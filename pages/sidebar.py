@@ -219,12 +219,22 @@ def _plans_for(ctl: Any, backend_id: str, models: tuple[CachedModel, ...], profi
         return {m.model_id: None for m in models}
 
 
+def models_for(backend_id: str | None, models: tuple[CachedModel, ...], backend_ids: set[str]) -> tuple[CachedModel, ...]:
+    """The models a mode offers: a backend that lists its own models (Ollama) offers those; the others offer
+    the checkpoints (the models no backend lists itself)."""
+    own = {m.source for m in models if m.source in backend_ids}
+    if backend_id in own:
+        return tuple(m for m in models if m.source == backend_id)
+    return tuple(m for m in models if m.source not in own)
+
+
 # ============================================================================ the sidebar
 def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel, ...],
             running: list[Any], availability: dict[str, Any]) -> Selection:
     t = ui.tr()
     busy = ui_ops.busy(ctl)
     backend_id = _backend_choice(ctl, availability, dev, snap, running)
+    models = models_for(backend_id, models, set(availability))
     by_id = {m.model_id: m for m in models}
     model = None
     if not models:
@@ -239,7 +249,7 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
     precisions = [p.value for p in Precision]
     if backend_id is not None:
         try:
-            precisions = [p.value for p in ctl.backend(backend_id).capabilities.precisions] or precisions
+            precisions = [p.value for p in ctl.capabilities(backend_id).precisions] or precisions
         except Exception:  # noqa: BLE001 - the environment notice says why the backend is missing
             pass
     rec = _prefill(ctl, backend_id or "", model, dev, snap, precisions) if backend_id else None

@@ -10,6 +10,7 @@ statements arrive as :class:`Message` codes (rendered by :func:`render`) and err
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,41 +44,58 @@ OUTCOME_EMOJI = {Outcome.SUCCESS: "✅", Outcome.WARNING: "⚠️", Outcome.ERRO
 
 # ============================================================================ the shared controller
 def _controller() -> Any:
-    """The process-wide controller (``shared_controller``): survives Streamlit's "Clear cache",
-    which would otherwise build a second controller that knows nothing of what runs."""
+    """This process's own MemoryController (``shared_controller``): survives Streamlit's "Clear cache",
+    which would otherwise build a second controller that knows nothing of what runs. Pages act on
+    :func:`controller` (the owner's client when another process owns the machine), never on this."""
     from memory_controller.controller import shared_controller
 
     return shared_controller()
 
 
-_ownership: tuple[int, Any] | None = None  # (id of the controller it was made for, server.runner.Ownership)
+_ownership: tuple[int, Any] | None = None  # (id of the local controller it was made for, server.runner.Ownership)
 _ownership_lock = threading.Lock()
 
 
-def ownership(ctl: Any | None = None) -> Any | None:
-    """The process-wide controller paired once per process with the memctl server
-    (``server.runner.own_or_connect``): this process becomes the owner and serves on
-    127.0.0.1:serve_port, or finds a live owner elsewhere (``memctl serve``). None when
-    ``settings.dashboard_serves`` is off. A failure (a live owner that does not answer) is kept as
-    ``Ownership.error``, never raised into the page."""
+def ownership() -> Any:
+    """Who this process acts through (``server.connect.attach``, the rule every entry point follows),
+    found once per process: with a live owner elsewhere (``memctl serve``) ``.ctl`` is its client; with
+    ``settings.dashboard_serves`` this process becomes the owner and serves on 127.0.0.1:serve_port;
+    otherwise ``.ctl`` is this process's controller. A failure (a live owner that does not
+    answer, or is not who server.json says) is kept as ``Ownership.error``, never raised into the page."""
     global _ownership
-    ctl = ctl if ctl is not None else _controller()
-    if not getattr(ctl.settings, "dashboard_serves", False):
-        return None
+    local = _controller()
+    settings = local.settings
+    serves = bool(getattr(settings, "dashboard_serves", False))
     with _ownership_lock:
-        if _ownership is not None and _ownership[0] == id(ctl):
+        if _ownership is not None and _ownership[0] == id(local):
             found = _ownership[1]
-            if found.is_owner or _owner_alive(found):
+            if found.is_owner and (serves or found.error is not None or not _owner_appeared(settings)):
                 return found
-            found.ctl.close()  # the other owner is gone: take the machine over (its lock was dropped)
-        from server.runner import Ownership, own_or_connect
+            if not found.is_owner and _owner_alive(found):
+                return found
+            if not found.is_owner:
+                found.ctl.close()  # the other owner is gone: take the machine over (its lock was dropped)
+        from memory_controller.api import InProcessController
+        from server.connect import attach
+        from server.runner import Ownership
 
         try:
-            found = own_or_connect(ctl.settings, lambda: ctl)
+            found = attach(settings, serve=serves, make_controller=lambda: local)
         except MemctlError as exc:
-            found = Ownership(ctl, None, exc)
-        _ownership = (id(ctl), found)
+            found = Ownership(InProcessController(local), None, exc)
+        _ownership = (id(local), found)
         return found
+
+
+def _owner_appeared(settings: Any) -> bool:
+    """True when another process has become the owner since this one settled on its own controller."""
+    from server.owner import read_owner
+
+    try:
+        info = read_owner(settings, wait_s=0)
+    except MemctlError:  # the lock is held, the address not yet published: look again next time
+        return False
+    return info is not None and info.pid != os.getpid()
 
 
 def _owner_alive(found: Any) -> bool:
@@ -100,40 +118,52 @@ def release_ownership() -> None:
         return
     if found.handle is not None:
         found.handle.stop()
-    if not found.is_owner:
-        found.ctl.close()
+    found.ctl.close()
 
 
-def server_url(ctl: Any) -> str | None:
+def owner_info() -> Any | None:
+    """The owner this process acts through when it is another process (its ``OwnerInfo``), else None."""
+    found = ownership()
+    return None if found.is_owner else found.ctl.owner
+
+
+def server_url() -> str | None:
     """The memctl server's URL (this process's, or the live owner's), or None when none runs."""
-    found = ownership(ctl)
-    if found is None:
-        return None
+    found = ownership()
     if found.handle is not None:
         return found.handle.url
-    owner = getattr(found.ctl, "owner", None)
-    return owner.url if owner is not None else None
+    return None if found.is_owner else found.ctl.owner.url
 
 
-def ownership_line(ctl: Any) -> None:
+def ownership_line() -> None:
     """Who serves the machine: this dashboard's server URL, "owned by PID … at …", or why neither."""
     t = tr()
-    found = ownership(ctl)
-    if found is None:
-        st.caption(t("owner.off"))
-    elif found.error is not None:
+    found = ownership()
+    if found.error is not None:
         st.warning(f"⚠️ {t('owner.error')}: {error_text(found.error)}")
     elif found.handle is not None:
         st.caption(t("owner.self", url=found.handle.url))
-    else:
+    elif not found.is_owner:
         owner = found.ctl.owner
         st.info(t("owner.other", pid=owner.pid, url=owner.url))
+    else:
+        st.caption(t("owner.off"))
+
+
+OWNER_TROUBLE = ("owner_unreachable", "owner_token", "owner_bad_answer", "owner_identity")
+
+
+def owner_trouble(exc: BaseException) -> bool:
+    """True for an error of the owner this process acts through (it stopped answering, restarted,
+    answered nonsense), as opposed to an error of the call itself."""
+    return getattr(exc, "code", None) in OWNER_TROUBLE and not ownership().is_owner
 
 
 def controller() -> Any:
-    """The one MemoryController of this process; on invalid settings shows the field and stops the page."""
+    """The ``ControllerAPI`` pages act on: the owner's client when another process owns the machine,
+    else this process's controller; on invalid settings shows the field and stops the page."""
     try:
-        return _controller()
+        return ownership().ctl
     except SettingsError as exc:
         settings_error(exc)
         st.stop()
@@ -262,7 +292,7 @@ def backend_label(ctl: Any, backend_id: str) -> str:
     if t.has(f"mode.{value}"):
         return t(f"mode.{value}")
     try:
-        return ctl.backend(value).capabilities.label or value
+        return ctl.capabilities(value).label or value
     except MemctlError:
         return value
 

@@ -1,9 +1,11 @@
-"""Operations from the UI, on the controller's one runner (memory_controller/runner.py).
+"""Operations from the UI, on the controller's one runner (the owner's, when another process owns
+the machine).
 
-A click submits an operation and returns at once (``ctl.submit_apply(plan)`` and friends give an
-``Operation``); a small fragment polls the runner while something runs and renders its progress in
-``st.status``; the last result stays with the session that started it. Busy state comes only from
-the runner (``ctl.runner.holder()``), so every tab sees the same thing.
+A click submits an operation and returns at once (``ctl.submit_apply(plan)`` and friends give its
+id); a small fragment polls ``ctl.operations()`` (``OperationView`` values) while something runs and
+renders its progress in ``st.status``; the last result stays with the session that started it. Busy
+state comes only from the controller (``ctl.current_operation()``), so every tab — and every
+dashboard beside the owner — sees the same thing.
 """
 
 from __future__ import annotations
@@ -29,35 +31,45 @@ RECENT_RESULT_S = 300.0  # another session's finished operation is shown this lo
 
 
 # ============================================================================ submitting
-def submit(start: Callable[[], Any]) -> Any:
-    """Run ``start()`` (it submits on the runner and returns the Operation); remember the operation as
-    this session's, or keep the refusal (busy, bad input) to show on the next run."""
+def submit(start: Callable[[], str]) -> str | None:
+    """Run ``start()`` (it submits an operation and returns its id); remember the operation as this
+    session's, or keep the refusal (busy, bad input, an owner that does not answer) to show on the
+    next run."""
     st.session_state.pop(SUBMIT_ERROR_KEY, None)
     st.session_state.pop(DISMISSED_KEY, None)
-    st.session_state.pop(OWNER_EMERGENCY_KEY, None)
     try:
-        op = start()
+        op_id = start()
     except MemctlError as exc:
         st.session_state[SUBMIT_ERROR_KEY] = exc
         return None
     mine = st.session_state.setdefault(MY_OPS_KEY, [])
-    mine.append(op.op_id)
+    mine.append(op_id)
     del mine[:-20]
-    return op
+    return op_id
 
 
 def busy(ctl: Any) -> bool:
-    return ctl.runner.holder() is not None
+    return ctl.current_operation() is not None
+
+
+def holder(ctl: Any) -> Any | None:
+    """The running operation holding the slot (an emergency clear runs beside it), or None."""
+    return next((op for op in ctl.operations(0) if op.running and op.kind != "emergency_clear"), None)
 
 
 # ============================================================================ reruns
+def _version(ctl: Any) -> tuple:
+    """What changes when an operation starts or ends (every process's view of the one runner)."""
+    return tuple((op.op_id, op.running) for op in ctl.operations(1))
+
+
 def mark_seen(ctl: Any) -> None:
-    st.session_state[SEEN_VERSION_KEY] = ctl.runner.version
+    st.session_state[SEEN_VERSION_KEY] = _version(ctl)
 
 
 def rerun_if_changed(ctl: Any) -> None:
     """From a fragment: an operation started or ended since the last full run → rerun the page."""
-    if st.session_state.get(SEEN_VERSION_KEY) != ctl.runner.version:
+    if st.session_state.get(SEEN_VERSION_KEY) != _version(ctl):
         st.rerun()
 
 
@@ -241,7 +253,7 @@ def op_events(op: Any, box: Any, has_gpu: bool) -> None:
     t = ui.tr()
     order: list[str] = []
     latest: dict[str, Any] = {}
-    for ev in op.events():
+    for ev in op.events:
         if ev.stage not in latest:
             order.append(ev.stage)
         latest[ev.stage] = ev
@@ -287,7 +299,7 @@ def op_panel(ctl: Any, has_gpu: bool, kinds: tuple[str, ...] | None = None) -> N
     """Running operations (polled every 0.5 s while one runs; idle otherwise), then the last result,
     and a refusal of this session's last click (busy, bad input) once. ``kinds``: only operations of
     these kinds (a panel beside their button); None: every other kind, at the top of the page."""
-    every = 0.5 if ctl.runner.running() else None
+    every = 0.5 if any(op.running for op in ctl.operations(0)) else None
 
     def mine(op: Any) -> bool:
         return op.kind in kinds if kinds is not None else op.kind not in BESIDE_ITS_BUTTON
@@ -296,15 +308,18 @@ def op_panel(ctl: Any, has_gpu: bool, kinds: tuple[str, ...] | None = None) -> N
     def _panel() -> None:
         rerun_if_changed(ctl)
         t = ui.tr()
+        ops = ctl.operations(1)
         if kinds is None:
             refused = st.session_state.pop(SUBMIT_ERROR_KEY, None)
             if refused is not None:
                 ui.error_box(refused)
-            owner_emergency_result(has_gpu)
-        for op in ctl.runner.running():
-            if mine(op):
+            owner = ui.owner_info()
+            if owner is not None and ops:
+                st.caption(t("diag.via_owner", pid=owner.pid, url=owner.url))
+        for op in ops:
+            if op.running and mine(op):
                 op_status(ctl, op, has_gpu)
-        finished = ctl.runner.finished(1)
+        finished = [op for op in ops if not op.running][:1]
         if (finished and mine(finished[0]) and finished[0].op_id != st.session_state.get(DISMISSED_KEY)
                 and result_is_relevant(finished[0])):
             op = finished[0]
@@ -314,37 +329,9 @@ def op_panel(ctl: Any, has_gpu: bool, kinds: tuple[str, ...] | None = None) -> N
     _panel()
 
 
-# ============================================================================ the emergency clear, through the owner
-OWNER_EMERGENCY_KEY = "_owner_emergency"
-
-
-def other_owner(ctl: Any) -> Any | None:
-    """The client of the memctl process that owns the machine when it is not this one, else None."""
-    found = ui.ownership(ctl)
-    return found.ctl if found is not None and not found.is_owner and found.error is None else None
-
-
+# ============================================================================ the emergency clear
 def emergency(ctl: Any) -> None:
-    """The emergency clear: this process's (a runner operation), then, when another memctl process owns
-    the machine, the owner's own (its models are not this process's to see), whose report is kept for
-    the page. The owner that cannot be reached is said in words (OwnerUnreachableError)."""
+    """The emergency clear of the controller that owns the machine (``ctl`` is the owner's client when
+    another memctl process owns it: its models are cleared there); an owner that cannot be reached
+    is said in words (OwnerUnreachableError)."""
     submit(ctl.submit_emergency)
-    remote = other_owner(ctl)
-    if remote is None:
-        return
-    try:
-        st.session_state[OWNER_EMERGENCY_KEY] = (remote.owner.pid, remote.owner.url, remote.emergency_clear())
-    except MemctlError as exc:
-        st.session_state[OWNER_EMERGENCY_KEY] = (remote.owner.pid, remote.owner.url, exc)
-
-
-def owner_emergency_result(has_gpu: bool) -> None:
-    found = st.session_state.get(OWNER_EMERGENCY_KEY)  # kept until the next operation is submitted
-    if found is None:
-        return
-    pid, url, rep = found
-    st.info(ui.tr()("diag.via_owner", pid=pid, url=url))
-    if isinstance(rep, BaseException):
-        ui.error_box(rep)
-    else:
-        emergency_report(rep, None, has_gpu)

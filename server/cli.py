@@ -1,10 +1,10 @@
 """``memctl serve``, ``memctl ps``, ``memctl unload MODEL``, ``memctl ide roo|continue``.
 
-Each handler is ``(args, ctl_or_client) -> exit code``: the local controller, or a
-:class:`~server.client.RemoteController` of the machine's owner process when one runs (then the
-command acts on the models that process holds). :func:`add_commands` registers them with
-``func(args, settings)`` wrappers that pick the controller, so ``memctl_cli.main`` runs
-them like its other sub-commands. Exit codes (as ``memctl_cli.main`` documents them): 0 ok, 1 the
+Each handler is ``(args, ctl) -> exit code`` where ``ctl`` is a ``ControllerAPI`` from
+:func:`server.connect.controller_for`: a client of the machine's owner process when one runs (then the
+command acts on the models that process holds), else this process's controller. :func:`add_commands`
+registers them with ``func(args, settings)`` wrappers that pick the controller, so ``memctl_cli.main``
+runs them like its other sub-commands. Exit codes (as ``memctl_cli.main`` documents them): 0 ok, 1 the
 operation failed or had nothing to act on (``unload`` of a model that is not loaded), 2 bad input
 (unknown or malformed model id, bad port); messages and hints on stderr, never a traceback.
 """
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from memctl_cli.output import fmt_duration, print_error, table
 from memory_controller import errors
 from memory_controller.types import to_jsonable
 
@@ -39,51 +40,28 @@ def _port(text: str) -> int:
     return value
 
 
-def _print_error(exc: errors.MemctlError, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
-    print(f"error: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
-
-
-def controller_for(settings: Settings) -> Any:
-    """A client of the live owner process, else a local MemoryController."""
-    from .owner import connect
-
-    client = connect(settings)
-    if client is not None:
-        return client
-    from memory_controller import MemoryController
-
-    return MemoryController(settings)
-
-
 def run_handler(handler: Handler, args: argparse.Namespace, settings: Settings, *, local: bool = False) -> int:
-    """Build the controller (``local``: never a client) and run ``handler``; errors become exit codes."""
+    """Build the controller (``local``: this process's, never a client) and run ``handler``; errors
+    become exit codes."""
+    from .connect import controller_for, local_controller  # httpx loads only for commands that need it
+
     as_json = bool(getattr(args, "json", False))
     ctl = None
     try:
-        if local:
-            from memory_controller import MemoryController
-
-            ctl = MemoryController(settings)
-        else:
-            ctl = controller_for(settings)
+        ctl = local_controller(settings) if local else controller_for(settings)
         return int(handler(args, ctl))
     except errors.MemctlError as exc:
-        _print_error(exc, as_json)
+        print_error(exc, as_json)
         return 2 if isinstance(exc, _BAD_INPUT) and exc.code != NOT_LOADED else 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug must still not print a traceback at the user
-        _print_error(errors.MemctlError(f"internal error: {type(exc).__name__}: {exc}",
-                                        "please report it with the command you ran"), as_json)
+        print_error(errors.MemctlError(f"internal error: {type(exc).__name__}: {exc}",
+                                       "please report it with the command you ran"), as_json)
         return 1
     finally:
-        close = getattr(ctl, "close", None)
-        if getattr(ctl, "remote", False) and close is not None:
-            close()
+        if ctl is not None:
+            ctl.close()
 
 
 def _wrap(handler: Handler, *, local: bool = False) -> Callable[[argparse.Namespace, Settings], int]:
@@ -132,12 +110,12 @@ def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
     try:
         owner = read_owner(settings, wait_s=0.5)
     except errors.MemctlError as exc:
-        _print_error(exc, False)
+        print_error(exc)
         return 1
     if owner is not None:
-        _print_error(errors.MemctlError(f"the memctl server already runs (PID {owner.pid}) at {owner.url}",
+        print_error(errors.MemctlError(f"the memctl server already runs (PID {owner.pid}) at {owner.url}",
                                         "use it (its OpenAI base URL is " + owner.url + "/v1), or stop it first",
-                                        code="owner_exists"), False)
+                                        code="owner_exists"))
         return 1
     return run_handler(cmd_serve, args, settings, local=True)
 
@@ -146,7 +124,7 @@ def cmd_serve(args: argparse.Namespace, ctl: Any) -> int:
     """Serve in the foreground until Ctrl-C; prints the URLs once it answers."""
     from .runner import ServerHandle
 
-    handle = ServerHandle(ctl, ctl.settings, port=args.port, log_level="info")
+    handle = ServerHandle(ctl.local, ctl.settings, port=args.port, log_level="info")
 
     def ready(url: str) -> None:
         print(f"memctl server on {url} (PID {_pid()})", flush=True)
@@ -168,20 +146,22 @@ def _pid() -> int:
 
 
 # --------------------------------------------------------------------------- ps
+def _owner(ctl: Any) -> Any | None:
+    """The owner's OwnerInfo when ``ctl`` is its client, else None (this process's controller)."""
+    from .client import RemoteController
+
+    return ctl.owner if isinstance(ctl, RemoteController) else None
+
+
 def _base_url(ctl: Any) -> str | None:
-    owner = getattr(ctl, "owner", None)
+    owner = _owner(ctl)
     return f"{owner.url}/v1" if owner is not None else None
 
 
 def ps_rows(ctl: Any) -> list[dict[str, Any]]:
     """One JSON-ready row per deployment, with the server's queue and idle countdown when it runs."""
-    serve: dict[str, dict] = {}
-    in_flight: dict[str, int] = {}
-    if getattr(ctl, "remote", False):
-        serve = ctl.serve_status() or {}
-    fn = getattr(ctl, "in_flight", None)
-    if fn is not None:
-        in_flight = dict(fn())
+    serve = ctl.serve_status()
+    in_flight = ctl.in_flight()
     served_at = _base_url(ctl)
     rows = []
     for d in ctl.deployments():
@@ -204,40 +184,28 @@ def ps_rows(ctl: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt_idle(seconds: Any) -> str:
-    if seconds is None:
-        return "—"
-    s = int(seconds)
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
 def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
     from memory_controller.backend import describe_memory
 
     rows = ps_rows(ctl)
     if args.json:
-        owner = getattr(ctl, "owner", None)
+        owner = _owner(ctl)
         print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows},
                          ensure_ascii=False, indent=2))
         return 0
-    if not getattr(ctl, "remote", False):
+    if _owner(ctl) is None:
         print("No memctl server runs (`memctl serve` starts one); models of this process only.", file=sys.stderr)
     if not rows:
         print("No models running.")
         return 0
-    table = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN"]]
+    rows_out = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN"]]
     for r in rows:
         memory = describe_memory(dict(sorted(r["memory_bytes"].items())), r.get("mapped_bytes") or 0) or "—"
         flight = str(r["in_flight"]) + (f" (+{r['queued']} queued)" if r["queued"] else "")
-        table.append([r["model"], r["backend"], r["endpoint"] or "—",
+        rows_out.append([r["model"], r["backend"], r["endpoint"] or "—",
                       "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory, flight,
-                      _fmt_idle(r["idle_unload_in_s"])])
-    print(_table(table))
+                      fmt_duration(r["idle_unload_in_s"])])
+    print(table(rows_out))
     for r in rows:
         if r["tools_parsed"] is False:
             print(f"note: {r['model']}: tool calls are not parsed (unknown model family); text comes back as is")
@@ -317,11 +285,10 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
     key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
     for note in notes:
         print(f"note: {_text(note)}", file=sys.stderr)
-    from memory_controller.controller import MemoryController
     from memory_controller.ide import model_max_positions, small_window_advice
 
-    local = ctl if hasattr(ctl, "resolve") else MemoryController(settings)  # the same HF cache
-    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(getattr(local, "resolve", None), model_id))
+    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(getattr(ctl, "resolve", None),
+                                                                                    model_id))
     if advice is not None:  # one piece of advice, fitting the cause (never "free memory" at the model's max)
         print(f"warning: {model_id}: {advice.text}", file=sys.stderr)
     if args.ide == "roo":

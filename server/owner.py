@@ -6,9 +6,11 @@ publishes its URL, PID and a random token; every other memctl process acts throu
 * ``<state_dir>/server.json`` — ``{"url", "pid", "token", "started_at"}``, mode 0600, written to a
   temporary file and renamed into place (a reader never sees half a file).
 
-:func:`connect` is what a CLI command, a second dashboard or the diagnostic page calls first: a
-client of the live owner, or None when there is none (then the caller builds its own controller).
-This module imports no web framework (only the client's httpx, lazily).
+:mod:`server.connect` builds on it (``connect``, ``controller_for``): a client of the live owner for a
+CLI command, a second dashboard or the diagnostic page. Before that client sends the token, the
+owner's identity is checked here: the PID in ``server.json`` holds the lock (:func:`lock_holder_pids`),
+the URL is on loopback and the server there proves it knows the token (:func:`owner_proof`) without
+the token being sent. This module imports neither the client nor a web framework.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ from memory_controller.safejson import loads_bounded
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.settings import Settings
 
-    from .client import RemoteController
-
 LOCK_NAME = "server.lock"
 INFO_NAME = "server.json"
 TOKEN_HEADER = "X-Memctl-Token"
@@ -41,6 +41,12 @@ class OwnerUnreachableError(MemctlError):
     """A live process holds the owner lock but its server does not answer."""
 
     code = "owner_unreachable"
+
+
+class OwnerIdentityError(MemctlError):
+    """What ``server.json`` names is not the process holding the owner lock: the token is not sent."""
+
+    code = "owner_identity"
 
 
 class OwnerExistsError(MemctlError):
@@ -204,24 +210,98 @@ def read_owner(settings: Settings, *, wait_s: float = 3.0) -> OwnerInfo | None:
         time.sleep(0.1)
 
 
-def connect(settings: Settings, *, timeout_s: float = 5.0) -> RemoteController | None:
-    """A client of the live owner process, or None when there is none or this process is the owner.
+# --------------------------------------------------------------------------- the owner's identity
+PROOF_PATH = "/control/hello"
 
-    Raises :class:`OwnerUnreachableError` when a live owner's server does not answer: acting on a
-    second controller then would fight the first one over the same memory.
-    """
-    info = read_owner(settings)
-    if info is None or info.pid == os.getpid():
-        return None
-    from .client import RemoteController
 
-    client = RemoteController(info, settings, timeout_s=timeout_s)
+def owner_proof(token: str, nonce: str, pid: int) -> str:
+    """What the owner answers to a nonce: HMAC-SHA256 under its token of the nonce and its PID. A
+    client that read the token from ``server.json`` checks it before sending the token anywhere; a
+    server that does not hold the token cannot make it."""
+    import hashlib
+    import hmac
+
+    message = f"memctl-owner|{nonce}|{pid}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def lock_holder_pids(settings: Settings) -> set[int] | None:
+    """The PIDs holding the owner lock per ``/proc/locks`` (Linux), or None when that cannot be told."""
+    lock_path, _ = _paths(settings)
     try:
-        client.ping()
-    except MemctlError as exc:
-        client.close()
-        raise OwnerUnreachableError(
-            f"the memctl owner process (PID {info.pid}) at {info.url} does not answer: {exc.message}",
-            "check that process (it may be busy or stuck); stop it to let this one take over",
-        ) from None
-    return client
+        inode = os.stat(lock_path).st_ino
+        text = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    pids: set[int] = set()
+    for line in text.splitlines():
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:02:5678 0 EOF" (a blocked waiter has "->" after the number)
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        try:
+            pid, ino = int(parts[4]), int(parts[5].rsplit(":", 1)[1])
+        except (ValueError, IndexError):
+            continue
+        if ino == inode:
+            pids.add(pid)
+    return pids or None  # none listed under this inode (an overlay filesystem shows another): unknown
+
+
+def is_loopback_url(url: str) -> bool:
+    """``http://127.0.0.1:P``, ``http://[::1]:P`` or ``http://localhost:P`` (no path, user or query)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme != "http" or not parts.hostname or port is None or parts.username or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def listener_is_pid(url: str, pid: int) -> bool | None:
+    """Whether the socket listening on ``url``'s port belongs to ``pid`` (``/proc/net/tcp*`` and the
+    process's fds, Linux); None when that cannot be read (another user's process, no ``/proc``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return False
+    if port is None:
+        return False
+    inodes: set[str] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text(encoding="ascii", errors="replace").splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            parts = line.split()
+            # sl local_address rem_address st ... inode (index 9); LISTEN is state 0A
+            if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(parts[9])
+    if not readable or not inodes:  # nothing listens there: the connection itself will fail
+        return None
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    links = set()
+    for name in names:
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            links.add(os.readlink(fd_dir / name))
+    return any(f"socket:[{inode}]" in links for inode in inodes)

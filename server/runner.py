@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from memory_controller.errors import MemctlError
 
+from .client import RemoteController
 from .owner import OwnerExistsError, OwnerLock, read_owner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,6 +110,9 @@ class ServerHandle:
     def _prepare(self) -> None:
         import uvicorn
 
+        from memory_controller.safefiles import check_state_dir
+
+        check_state_dir(self.settings.state_dir)  # a file, read-only or world-writable: said with the path
         lock = OwnerLock.try_acquire(self.settings)
         if lock is None:
             owner = read_owner(self.settings, wait_s=0.5)
@@ -131,9 +135,12 @@ class ServerHandle:
 
             app = create_app(self.ctl, self.settings, token=lock.token)
         self.app = app  # the FastAPI app being served (its state holds the OpenAI service)
+        from .security import h11_protocol
+
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level=self._log_level,
                                 log_config=None, access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                http=h11_protocol(), h11_max_incomplete_event_size=64 * 1024)
         self._server = _make_server(config, self._on_shutdown)
 
     def _on_shutdown(self) -> None:
@@ -237,35 +244,62 @@ class ServerHandle:
 
         watcher = threading.Thread(target=announce, name="memctl-server-ready", daemon=True)
         watcher.start()
+        previous = _term_like_int()
         try:
             self._server.run(sockets=[self._sock])
         finally:
-            self._cleanup()
+            try:
+                self._cleanup()
+            finally:
+                _restore_term(previous)
+
+
+def _term_like_int() -> Any:
+    """SIGTERM (what systemd and ``docker stop`` send) handled like Ctrl-C while the server runs in the
+    foreground: uvicorn stops serving, then raises the signal again once it has stopped; with Python's
+    default SIGTERM action that killed the process before the owner lock and ``server.json`` were
+    cleaned up, so SIGTERM raises KeyboardInterrupt as SIGINT does. Returns the previous handler."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _restore_term(previous: Any) -> None:
+    import signal
+
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the dashboard's one call
 class Ownership:
-    """What :func:`own_or_connect` found: ``ctl`` (a local controller or a client of the owner),
-    ``handle`` (this process's server when it became the owner) and ``error`` (why it serves
-    nothing although it owns the controller, e.g. the port is taken)."""
+    """What :func:`own_or_connect` found: ``ctl`` (the ``ControllerAPI`` to act on: this process's
+    controller or a client of the owner), ``handle`` (this process's server when it became the owner)
+    and ``error`` (why it serves nothing although it owns the controller, e.g. the port is taken)."""
 
     def __init__(self, ctl: Any, handle: ServerHandle | None, error: MemctlError | None = None) -> None:
         self.ctl, self.handle, self.error = ctl, handle, error
 
     @property
     def is_owner(self) -> bool:
-        return not getattr(self.ctl, "remote", False)
+        return not isinstance(self.ctl, RemoteController)
 
 
 def own_or_connect(settings: Settings, make_controller: Any, *, port: int | None = None) -> Ownership:
-    """A client of the live owner; else become the owner: ``make_controller()`` plus the server on a
-    background thread. Two processes racing: the loser connects to the winner.
+    """A client of the live owner; else become the owner: ``make_controller()`` (a MemoryController)
+    plus the server on a background thread, ``ctl`` its ControllerAPI. Two processes racing: the loser
+    connects to the winner.
 
     A port already taken by something else leaves this process with its own controller, no server and
     ``error`` set (the dashboard shows it); OwnerUnreachableError (a live owner that does not answer)
-    is raised, so nothing acts on memory behind that owner's back.
+    and OwnerIdentityError (what server.json names is not the owner) are raised, so nothing acts on
+    memory behind that owner's back.
     """
-    from .owner import connect
+    from memory_controller.api import InProcessController
+
+    from .connect import connect
 
     for _ in range(3):
         client = connect(settings)
@@ -273,7 +307,7 @@ def own_or_connect(settings: Settings, make_controller: Any, *, port: int | None
             return Ownership(client, None)
         ctl = make_controller()
         try:
-            return Ownership(ctl, ServerHandle(ctl, settings, port=port).start())
+            return Ownership(InProcessController(ctl), ServerHandle(ctl, settings, port=port).start())
         except OwnerExistsError:
             owner = read_owner(settings, wait_s=3.0)
             if owner is not None and owner.pid == os.getpid():
@@ -281,6 +315,6 @@ def own_or_connect(settings: Settings, make_controller: Any, *, port: int | None
                                        "reuse the controller it was started with") from None
             continue  # another process won the race: connect to it
         except PortBusyError as exc:
-            return Ownership(ctl, None, exc)
+            return Ownership(InProcessController(ctl), None, exc)
     raise OwnerExistsError("another memctl process keeps taking and dropping the owner lock",
                            "stop the other memctl processes and start again")

@@ -33,6 +33,9 @@ def _isolated_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMCTL_TEST_SEAMS", "1")  # the fake NVML seam (MEMCTL_NVML_MODULE) is test-only
     monkeypatch.setenv("MEMCTL_DASHBOARD_SERVES", "false")  # tests that want the dashboard's server say so
     yield
+    from memory_controller import oplog
+
+    oplog._PROCESS_WRITE_ERRORS.clear()  # a log write a test made fail is not the next test's (CLI exit codes)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

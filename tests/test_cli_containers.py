@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from memctl_cli import containers as cli_containers
-from memctl_cli.main import _print_error
+from memctl_cli.output import fmt_duration
+from memctl_cli.output import print_error as _print_error
 from memory_controller.errors import MemctlError
 from memory_controller.types import Precision, Profile
 from tests.conftest import ROOT, subprocess_env
@@ -21,12 +22,15 @@ GIB = 1024**3
 FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=1024, batch=2)
 
 
-def memctl(*argv: str, docker_host: str) -> subprocess.CompletedProcess:
-    """Run ``python -m memctl_cli ARGV`` against ``docker_host``."""
+def memctl(*argv: str, docker_host: str, settings=None) -> subprocess.CompletedProcess:
+    """Run ``python -m memctl_cli ARGV`` against ``docker_host`` (with the vLLM image and port of ``settings``:
+    a container started under other settings is listed as failed)."""
+    same = {} if settings is None else {"MEMCTL_VLLM_IMAGE": settings.vllm_image, "MEMCTL_VLLM_TAG": settings.vllm_tag,
+                                        "MEMCTL_VLLM_PORT": str(settings.vllm_port)}
     return subprocess.run([sys.executable, "-m", "memctl_cli", *argv], cwd=ROOT, text=True,
                           capture_output=True, timeout=60,
                           env=subprocess_env(MEMCTL_DOCKER_HOST=docker_host, MEMCTL_NVML_MODULE="tests.fake_pynvml",
-                                             MEMCTL_FAKE_NVML="one_gpu"))
+                                             MEMCTL_FAKE_NVML="one_gpu", **same))
 
 
 def run_in_process(argv: list[str], settings, capsys) -> tuple[int, str, str]:
@@ -49,8 +53,8 @@ def running(vllm_settings):
 
 
 @pytest.mark.docker
-def test_containers_json_lists_the_running_container_with_health(running, docker_host):
-    proc = memctl("containers", "--json", docker_host=docker_host)
+def test_containers_json_lists_the_running_container_with_health(running, docker_host, vllm_settings):
+    proc = memctl("containers", "--json", docker_host=docker_host, settings=vllm_settings)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     row = rows[running.name]
@@ -113,7 +117,7 @@ def test_commands_explain_a_daemon_that_is_down(tmp_path):
 
 
 def test_uptime_is_short_and_readable():
-    assert cli_containers.fmt_duration(None) == "—"
-    assert cli_containers.fmt_duration(12.7) == "12s"
-    assert cli_containers.fmt_duration(185) == "3m05s"
-    assert cli_containers.fmt_duration(3720) == "1h02m"
+    assert fmt_duration(None) == "—"
+    assert fmt_duration(12.7) == "12s"
+    assert fmt_duration(185) == "3m05s"
+    assert fmt_duration(3720) == "1h02m"

@@ -7,22 +7,33 @@ ServerHandle on a free port); the client is the RemoteController other processes
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import httpx
 import pytest
 
 from memory_controller import MemoryController
+from memory_controller.api import InProcessController
 from memory_controller.backend import Deployment, DeploymentState, ReleaseReport
 from memory_controller.errors import (
     InsufficientMemoryError,
     InvalidModelIdError,
+    MemctlError,
+    ModelLoadError,
     ModelNotFoundError,
     StalePlanError,
 )
 from memory_controller.planning import Plan
-from memory_controller.reports import EmergencyReport
+from memory_controller.reports import ClearReport, EmergencyReport
 from memory_controller.settings import load_settings
-from memory_controller.types import CatalogResult, OperationRecord, Outcome, SystemSnapshot
+from memory_controller.types import (
+    CatalogResult,
+    OperationRecord,
+    Outcome,
+    Precision,
+    Profile,
+    SystemSnapshot,
+)
 from server.client import RemoteController, from_jsonable, to_json
 from server.owner import TOKEN_HEADER, read_owner
 from server.runner import ServerHandle
@@ -145,3 +156,70 @@ def test_plans_and_records_survive_the_json_round_trip(owner):
     assert from_jsonable(Plan, to_json(plan)) == plan
     record = ctl.apply(plan)
     assert from_jsonable(OperationRecord, to_json(record)) == record
+
+
+def _finished(client, op_id: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while (view := client.operation(op_id)) is not None and view.running:
+        assert time.monotonic() < deadline, "the operation did not finish in time"
+        time.sleep(0.05)
+    return view
+
+
+def _outcome(call):
+    """A call's value, or its error's class, code and message (the same either side of the wire)."""
+    try:
+        return call()
+    except MemctlError as exc:
+        return type(exc), exc.code, exc.message
+
+
+def test_every_call_answers_the_same_through_the_client_as_in_process(owner):
+    """Each call of ControllerAPI, through the control API and in process: the same values (the host's
+    moving figures aside), operations submitted on one side seen the same from the other."""
+    ctl, backend, client = owner
+    local = InProcessController(ctl)
+    profile = Profile(mode="inmem", precision=Precision.NF4, context_tokens=64, batch=1, device="cpu")
+    backend.fail_on_start.add(TINY_UNTIED_ID)
+    failed = _finished(client, client.submit_apply("inmem", TINY_UNTIED_ID, profile))
+    assert isinstance(failed.error, ModelLoadError) and "told to fail" in failed.error.message
+    assert failed.record.outcome is Outcome.ERROR
+
+    op_id = client.submit_apply("inmem", TINY_ID, profile)
+    remote_view = _finished(client, op_id)
+    local_view = local.operation(op_id)
+    assert isinstance(remote_view.result, OperationRecord) and remote_view.result == local_view.result
+    assert remote_view.record == local_view.record and remote_view.events == local_view.events
+    assert remote_view.events and remote_view.error is None and not remote_view.running
+    assert [(v.op_id, v.kind) for v in client.operations(5)] == [(v.op_id, v.kind) for v in local.operations(5)]
+    assert client.operation("0" * 12) is None
+
+    same = {
+        "deployments": lambda c: c.deployments(), "backend_ids": lambda c: c.backend_ids(),
+        "availability": lambda c: c.availability("inmem"), "capabilities": lambda c: c.capabilities("inmem"),
+        "max_context": lambda c: c.max_context(TINY_ID, profile, free_bytes=1 << 30),
+        "history": lambda c: c.history(5), "log_write_errors": lambda c: c.log_write_errors(),
+        "log_warnings": lambda c: c.log_warnings(), "serving_backend_id": lambda c: c.serving_backend_id(),
+        "in_flight": lambda c: c.in_flight(), "current_operation": lambda c: c.current_operation(),
+        "holders": lambda c: c.holders(), "models": lambda c: [m.model_id for m in c.models().models],
+        "resolve": lambda c: (c.resolve(TINY_ID), _outcome(lambda: c.resolve("no-org/missing"))),
+        "devices": lambda c: [d.key for d in c.devices().devices],
+        "recommend": lambda c: c.recommend(model=TINY_ID, device_key="host").profile.mode,
+        "recommend_in_view": lambda c: c.recommend_in_view(device_key="host").band,
+        "plans": lambda c: {k: (p.model_id, p.backend_id) for k, p in c.plans("inmem", [TINY_ID], profile).items()},
+        "status": lambda c: sorted(c.status()),
+        "memory_history": lambda c: type(c.memory_history()),
+        "export_formats": lambda c: c.export_formats(),
+        "export": lambda c: _outcome(lambda: c.export("helm", TINY_ID, gpu_bytes=24 << 30)),
+    }
+    for name, call in same.items():
+        assert call(client) == call(local), name
+    assert client.level(ctl.devices().host) == local.level(ctl.devices().host)
+
+    for submit, result_type in ((lambda: client.submit_unload(TINY_ID), ReleaseReport),
+                                (client.submit_clear, ClearReport), (client.submit_emergency, EmergencyReport)):
+        view = _finished(client, submit())
+        assert isinstance(view.result, result_type) and view.result == local.operation(view.op_id).result
+    with pytest.raises(ModelNotFoundError):
+        client.submit_unload(TINY_ID)  # refused at once: nothing is loaded
+    client.acknowledge_log_errors()

@@ -18,13 +18,13 @@ from fastapi import FastAPI
 
 from memory_controller.errors import MemctlError
 from memory_controller.settings import load_settings
+from server.connect import connect
 from server.owner import (
     INFO_NAME,
     TOKEN_HEADER,
     OwnerExistsError,
     OwnerLock,
     OwnerUnreachableError,
-    connect,
     lock_is_held,
     read_owner,
 )
@@ -235,7 +235,7 @@ def test_own_or_connect_becomes_the_owner_or_a_client_of_the_live_one(tmp_path):
     # none (the owner was killed): this process becomes the owner, server on a thread
     got = own_or_connect(settings, make, port=0)
     try:
-        assert got.is_owner and got.ctl is made[-1] and got.error is None
+        assert got.is_owner and got.ctl.local is made[-1] and got.error is None
         assert read_owner(settings).pid == os.getpid()
         assert httpx.get(got.handle.url + "/health", timeout=5).status_code == 200
         with pytest.raises(OwnerExistsError, match="this process already"):

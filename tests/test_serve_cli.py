@@ -12,7 +12,8 @@ import yaml
 
 from memory_controller.ide import max_output_tokens
 from memory_controller.settings import load_settings
-from server.cli import controller_for
+from server.client import RemoteController
+from server.connect import controller_for
 from tests.conftest import ROOT
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 from tests.model_factory import hf_env
@@ -43,7 +44,7 @@ def served(tmp_path, hf_cache, monkeypatch):
 def test_ps_ide_and_unload_from_other_processes_see_the_owners_model(served, tmp_path, hf_cache):
     # this test process loads a model through the owner
     client = controller_for(load_settings())
-    assert getattr(client, "remote", False) and client.owner.pid == served.pid
+    assert isinstance(client, RemoteController) and client.owner.pid == served.pid
     with client:
         client.apply("inmem", TINY_ID)
         (dep,) = client.deployments()

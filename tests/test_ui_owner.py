@@ -11,12 +11,14 @@ import json
 import os
 import signal
 import socket
+import time
 
 import httpx
 import pytest
 
 from memory_controller.settings import load_settings
-from server.owner import connect, lock_is_held, read_owner
+from server.connect import connect
+from server.owner import lock_is_held, read_owner
 from tests.fixtures_models import TINY_ID
 from tests.model_factory import hf_env
 from tests.test_owner import start_owner, stop, wait_published
@@ -43,6 +45,16 @@ def owner(tmp_path, hf_cache, monkeypatch):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)
         stop(proc)
+
+
+def settle_owner(at, client, timeout_s: float = 120):
+    """Wait for the owner's operations to end (the page's operations run there), then rerun."""
+    deadline = time.monotonic() + timeout_s
+    while any(op.running for op in client.operations(0)):
+        assert time.monotonic() < deadline, "the owner's operation did not finish in time"
+        time.sleep(0.1)
+    at.run()
+    return at
 
 
 def diag_row(at, name: str) -> str:
@@ -83,6 +95,22 @@ def test_dashboard_beside_a_live_owner_names_it(app_factory, owner, hf_cache):  
     assert read_owner(load_settings(), wait_s=0).pid == proc.pid  # the owner is still the other process
 
 
+def test_dashboard_beside_an_owner_that_stops_answering_says_so_without_a_traceback(app_factory, owner, hf_cache):  # noqa: F811
+    proc, info = owner
+    at = app_factory(hub=hf_cache, MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=free_port())
+    assert f"PID {proc.pid}, {info.url}" in texts(at)
+    os.kill(proc.pid, signal.SIGSTOP)  # alive, holding the lock, not answering
+    try:
+        at.run()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert not at.exception
+    page = texts(at)
+    assert "Процесс-владелец memctl не отвечает" in page and f"PID {proc.pid}, {info.url}" in page
+    at.run()  # answering again: the page is back
+    assert not at.exception and "Процесс-владелец memctl не отвечает" not in texts(at)
+
+
 def test_dashboard_takes_the_machine_over_when_the_other_owner_dies(app_factory, owner, hf_cache):  # noqa: F811
     proc, info = owner
     port = free_port()
@@ -102,7 +130,7 @@ def test_dashboard_emergency_clear_beside_an_owner_clears_the_owners_model_too(a
         at.button(key="btn_emergency").click().run()
         assert f"то же в процессе-владельце memctl (PID {proc.pid})" in texts(at)
         at.button(key="btn_emergency_confirm").click().run()
-        settle(at)
+        settle_owner(at, client)
         assert f"Через процесс-владелец memctl (PID {proc.pid}, {info.url})" in texts(at)
         assert client.deployments() == []
 

@@ -136,6 +136,9 @@ class TransformersBackend(BackendBase):
             return (msg("model.no_tokenizer", f"{model.model_id} has no tokenizer files in its folder, so it "
                         "cannot take text; download the tokenizer (tokenizer.json, tokenizer_config.json) too",
                         model=model.model_id),)
+        problems = checks.model_file_problems(folder, model.model_id)
+        if problems:
+            return problems
         if checks.has_chat_template(folder):
             return ()
         return (msg("model.no_chat_template", f"{model.model_id} has no chat template: it can complete text but "

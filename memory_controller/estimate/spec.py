@@ -125,6 +125,11 @@ def clear_spec_cache() -> None:
 def _first_int(cfg: dict[str, Any], *keys: str) -> int | None:
     for k in keys:
         v = cfg.get(k)
+        if isinstance(v, float):
+            if not v.is_integer() or not 0 < v <= _MAX_CONFIG_INT:
+                raise CorruptModelFileError(f"config.json: {k} = {v:g} is not a plausible value (a whole number of "
+                                            f"at most {_MAX_CONFIG_INT} expected)", REDOWNLOAD_HINT)
+            v = int(v)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             if v > _MAX_CONFIG_INT:
                 raise CorruptModelFileError(f"config.json: {k} = {v} is not a plausible value", REDOWNLOAD_HINT)

@@ -21,14 +21,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from memory_controller.backend import Deployment
-from memory_controller.errors import MemctlError
+from memory_controller.errors import InsufficientMemoryError, MemctlError
 from memory_controller.toolcalls import ToolCallStream
 
 from . import schemas
 from .errors import NO_RETRY, ApiError, from_exception
 from .generation import Run
 from .proxy import Proxy
-from .scheduler import Scheduler, not_loaded_error
+from .scheduler import MEMORY_BLOCKER_CODES, Scheduler, not_loaded_error
 from .stream import DONE, SSE_HEADERS, CleanupStreamingResponse, Shape, comment, sse, tool_call_deltas, usage
 
 log = logging.getLogger("memctl.server.openai")
@@ -43,13 +43,32 @@ def _is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
+def _config_problem(model: Any) -> str | None:
+    """Why a cached model whose ``config.json`` exists cannot be listed normally (a link out of the cache, not a
+    regular file, malformed), or None when it has no config at all."""
+    import os
+
+    from memory_controller import safefiles
+
+    path = str(getattr(model, "path", "") or "")
+    if not path or not os.path.lexists(os.path.join(path, "config.json")):
+        return None
+    try:
+        safefiles.check_model_dir(path, safefiles.roots_of(path, getattr(model, "source", None)))
+    except MemctlError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{model.model_id}: its folder cannot be read ({exc.strerror or exc})"
+    return f"{model.model_id}: config.json is unreadable or malformed — download the model again"
+
+
 class OpenAIService:
     def __init__(self, ctl: Any, settings: Any) -> None:
         self.ctl = ctl
         self.settings = settings
         self.scheduler = Scheduler(ctl, settings, self._default_backend_id)
         self.proxy = Proxy(settings)
-        self._ctx_cache: dict[str, tuple[float, Any, int | None, bool]] = {}
+        self._ctx_cache: dict[str, tuple[float, Any, int | None, bool, str | None]] = {}
         self._runs: set[Run] = set()
         router = APIRouter(prefix="/v1", lifespan=self._lifespan)
         router.add_api_route("/models", self._models, methods=["GET"])
@@ -109,22 +128,31 @@ class OpenAIService:
                            code="invalid_api_key", headers=NO_RETRY)
 
     # ------------------------------------------------------------------ /v1/models
-    def _served_context(self, model_id: str, running: dict[str, Deployment], key: Any) -> tuple[int | None, bool]:
+    def _served_context(self, model_id: str, running: dict[str, Deployment], key: Any
+                        ) -> tuple[int | None, bool, str | None]:
+        """(context, fits, problem): ``problem`` says why the model cannot be served at all (a broken file, no
+        tokenizer, an absurd config), as opposed to not fitting in memory now."""
         dep = running.get(model_id)
         if dep is not None:
-            return dep.context_tokens, True
+            return dep.context_tokens, True, None
         hit = self._ctx_cache.get(model_id)
         now = time.monotonic()
         if hit is not None and hit[0] > now and hit[1] == key:
-            return hit[2], hit[3]
+            return hit[2], hit[3], hit[4]
+        problem: str | None = None
         try:
             plan = self.ctl.plan(self._default_backend_id(), model_id, purpose="ide")
             ctx, fits = plan.profile.context_tokens if plan.profile else None, bool(plan.fits)
+            hard = [b for b in plan.blockers if getattr(b, "code", "") not in MEMORY_BLOCKER_CODES]
+            if hard:
+                problem = "; ".join(str(b) for b in hard)
         except MemctlError as exc:
             log.info("no plan for %s: %s", model_id, exc)
             ctx, fits = None, False
-        self._ctx_cache[model_id] = (now + MODELS_CACHE_TTL_S, key, ctx, fits)
-        return ctx, fits
+            if not isinstance(exc, InsufficientMemoryError):
+                problem = str(exc)
+        self._ctx_cache[model_id] = (now + MODELS_CACHE_TTL_S, key, ctx, fits, problem)
+        return ctx, fits, problem
 
     def _model_list(self) -> dict[str, Any]:
         running = {d.model_id: d for d in self.ctl.deployments() if d.state.value == "ready"}
@@ -132,17 +160,28 @@ class OpenAIService:
         data: list[dict[str, Any]] = []
         seen: set[str] = set()
         for m in self.ctl.models().models:
-            if not m.has_config or m.model_id in seen:
+            if m.model_id in seen:
+                continue
+            if not m.has_config:
+                problem = _config_problem(m)  # a config that is there but unusable: listed as broken
+                if problem is None:
+                    continue  # no config at all: not a model memctl can serve
+                seen.add(m.model_id)
+                data.append({"id": m.model_id, "object": "model", "created": 0, "owned_by": "memctl",
+                             "max_model_len": None, "loaded": False,
+                             "memctl": {"state": "broken", "backend": None, "fits": False, "endpoint": None,
+                                        "problem": problem}})
                 continue
             seen.add(m.model_id)
-            ctx, fits = self._served_context(m.model_id, running, key)
+            ctx, fits, problem = self._served_context(m.model_id, running, key)
             dep = running.get(m.model_id)
+            state = "loaded" if dep else ("broken" if problem else ("available" if fits else "does_not_fit"))
             data.append({
                 "id": m.model_id, "object": "model", "created": int(dep.started_at) if dep else 0,
-                "owned_by": "memctl", "max_model_len": ctx, "loaded": dep is not None,
-                "memctl": {"state": "loaded" if dep else ("available" if fits else "does_not_fit"),
-                           "backend": dep.backend_id if dep else None, "fits": fits,
-                           "endpoint": dep.endpoint if dep else None},
+                "owned_by": "memctl", "max_model_len": None if problem and not dep else ctx,
+                "loaded": dep is not None,
+                "memctl": {"state": state, "backend": dep.backend_id if dep else None, "fits": fits and not problem,
+                           "endpoint": dep.endpoint if dep else None, "problem": problem},
             })
         return {"object": "list", "data": data}
 
@@ -169,6 +208,10 @@ class OpenAIService:
             raw = await request.body()
             req = schemas.parse(model_cls, raw)
             schemas.generation_request(req, 1)  # validate messages/tools before anything loads
+            if getattr(req, "tools", None) and await asyncio.to_thread(self.ctl.supports_tools, req.model) is False:
+                raise ApiError(400, f"{req.model} does not support tools (its backend says so): choose a model "
+                                    "with tool calling for an agent", code="model_not_servable", param="tools",
+                               headers=NO_RETRY)
             if self.scheduler.ready(req.model) is None:
                 await asyncio.to_thread(self.ctl.resolve, req.model)  # 404 for a model not in the cache
                 if not self.settings.serve_on_demand:

@@ -74,8 +74,25 @@ def from_memctl(exc: E.MemctlError) -> ApiError:
         return ApiError(503, text, type_="server_error", code="cancelled", headers=NO_RETRY)
     if isinstance(exc, E.OperationTimeoutError):
         return ApiError(504, text, type_="server_error", code="timeout", headers=NO_RETRY)
+    if not_servable(exc):
+        return ApiError(400, text, code="model_not_servable", param="model", headers=NO_RETRY)
     code = exc.code if exc.code != "error" else type(exc).__name__
     return ApiError(500, text, type_="server_error", code=code, headers=NO_RETRY)
+
+
+# Generation failures that are the model's or the request's, not the server's (the chat template refused or ran
+# away, the request was malformed): 400, never "unload and load the model again".
+_NOT_SERVABLE_CODES = ("gen.template_error", "gen.template_runaway", "model.no_chat_template", "model.bad_file")
+
+
+def not_servable(exc: E.MemctlError) -> bool:
+    """A property of the model's files (corrupt, linked out of the cache, malformed tokenizer/config/template,
+    unknown code in auto_map, no usable quantisation): 400 ``model_not_servable``, its hint says what to do."""
+    if exc.code in _NOT_SERVABLE_CODES:
+        return True
+    if exc.code == "gen.failed":
+        return False  # the generation itself broke: a server error
+    return isinstance(exc, (E.ModelLoadError, E.CorruptDataError, E.QuantizationUnavailableError))
 
 
 def from_exception(exc: BaseException) -> ApiError:
