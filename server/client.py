@@ -505,11 +505,13 @@ class RemoteController:
     def ollama(self) -> Any:
         """This process's Ollama client (Ollama is its own server), built as the controller builds it."""
         if self._ollama is None:
-            from memory_controller.holding import OLLAMA_CLIENT
             from memory_controller.registry import BackendRegistry
 
-            try:
-                self._ollama = BackendRegistry({"ollama": OLLAMA_CLIENT}, self.settings, None).get("ollama")
+            specs = {bid: cfg.factory for bid, cfg in self.settings.backends.items()}
+            try:  # the other holder a configured backend hands over, as the controller's census asks it
+                registry = BackendRegistry(specs, self.settings, None)
+                self._ollama = next((c for c in (getattr(b, "holder_client", None) for b in registry.all().values())
+                                     if c is not None), None)
             except errors.MemctlError:
                 return None
         return self._ollama
