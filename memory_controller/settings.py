@@ -131,7 +131,8 @@ def _options_model(factory: str) -> type[BaseModel] | None:
     return found if isinstance(found, type) and issubclass(found, BaseModel) else None
 
 
-def _backend_aliases(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _backend_aliases(data: dict[str, Any], environ: Mapping[str, str], own: frozenset[str] = frozenset()
+                     ) -> dict[str, Any]:
     """``MEMCTL_<ID>_<OPTION>`` variables and flat ``<id>_<option>`` keys (the settings before backends
     owned theirs) moved into ``backends.<id>``: flat keys over the config tables, the variables over both."""
     backends = data.get("backends")
@@ -143,11 +144,12 @@ def _backend_aliases(data: dict[str, Any], environ: Mapping[str, str]) -> dict[s
     for bid, table in backends.items():
         if not isinstance(table, dict):
             continue
-        for key in [k for k in data if isinstance(k, str) and k.startswith(f"{bid}_")]:
+        for key in [k for k in data if isinstance(k, str) and k.startswith(f"{bid}_") and k not in own]:
             table[key[len(bid) + 1:]] = data.pop(key)
         prefix = f"MEMCTL_{bid.upper()}_"
         for key, value in environ.items():
-            if key.upper().startswith(prefix) and key.upper() not in NON_SETTING_VARIABLES:
+            if (key.upper().startswith(prefix) and key.upper() not in NON_SETTING_VARIABLES
+                    and key[len("MEMCTL_"):].lower() not in own):  # a setting of memctl's own keeps its name
                 table[key[len(prefix):].lower()] = value
     data["backends"] = backends
     return data
@@ -223,7 +225,7 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _move_backend_options(cls, data: Any) -> Any:
-        return _backend_aliases(data, os.environ) if isinstance(data, dict) else data
+        return _backend_aliases(data, os.environ, frozenset(cls.model_fields)) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check_backend_options(self) -> Settings:
