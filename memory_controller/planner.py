@@ -65,9 +65,11 @@ class Planner:
         backend_id = self._backend_for(cached, backend_id)
         backend = self.fleet.backend(backend_id)
         caps = backend.capabilities
-        # every file of the model: a bounded regular file inside its cache folder, before anything reads one
-        safefiles.check_model_dir(cached.path, safefiles.roots_of(cached.path, cached.source,
-                                                                  self.sizer.settings.resolved_hf_cache_dir))
+        # every file of a checkpoint: a bounded regular file inside its cache folder, before anything reads one
+        # (a model of a backend's own store is an address, not a folder: that backend reads it)
+        if cached.source not in self.fleet.registry.ids():
+            safefiles.check_model_dir(cached.path, safefiles.roots_of(cached.path, cached.source,
+                                                                      self.sizer.settings.resolved_hf_cache_dir))
         live = live or self.live()
         snap, running = live.snap, live.running
         notes: tuple[Message, ...] = ()
