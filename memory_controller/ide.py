@@ -12,6 +12,7 @@ prompt, with ``maxTokens`` at most 20% of the window.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from .types import Message, msg
@@ -32,13 +33,15 @@ def max_output_tokens(context_window: int) -> int:
     return max(1, min(int(context_window * MAX_OUTPUT_FRACTION), MAX_OUTPUT_CAP_TOKENS))
 
 
-def model_max_positions(ctl: Any, model_id: str) -> int | None:
-    """The model's own maximum context (``max_position_embeddings``), read through ``ctl.resolve``; None
-    when it cannot be read (an unreadable config)."""
+def model_max_positions(resolve: Callable[[str], Any] | None, model_id: str) -> int | None:
+    """The model's own maximum context (``max_position_embeddings``), read through ``resolve`` (the catalog's);
+    None when it cannot be read (no ``resolve``, as for a client of another process; an unreadable config)."""
     from .estimate import read_model_spec
 
+    if resolve is None:
+        return None
     try:
-        return read_model_spec(ctl.resolve(model_id).path).max_position_embeddings
+        return read_model_spec(resolve(model_id).path).max_position_embeddings
     except Exception:  # noqa: BLE001 - unknown: the advice then speaks of memory
         return None
 

@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +330,25 @@ def _reverse_lines(fd: int, path: Path, warnings: list[str]) -> Iterator[tuple[P
         warnings.append(f"{path.name}: skipped a log line over {MAX_LINE_BYTES} bytes at byte 0")
     elif tail:
         yield path, 0, tail
+
+
+class Journal:
+    """The operation runner's hooks: each operation's record goes to ``log`` with used memory before
+    (written before acting: a kill -9 mid-way leaves a record) and after."""
+
+    def __init__(self, log: OperationLog, used_by_device: Callable[[], dict[str, int | None]]) -> None:
+        self.log, self._used = log, used_by_device
+
+    def started(self, record: OperationRecord) -> None:
+        try:
+            record.memory_before = self._used()
+        except Exception:  # noqa: BLE001 - never lose the operation for a probe glitch
+            pass
+        self.log.append_started(record)
+
+    def ended(self, record: OperationRecord) -> None:
+        try:
+            record.memory_after = self._used()
+        except Exception:  # noqa: BLE001
+            pass
+        self.log.append(record)  # False when it could not be written: kept in write_errors()

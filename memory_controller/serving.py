@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import applying
 from .backend import Deployment, DeploymentState
 from .errors import (
     InsufficientMemoryError,
@@ -30,11 +29,13 @@ from .errors import (
     ModelNotFoundError,
     RequestRefusedError,
 )
+from .planning import not_fit_error
 from .reports import GenerationSlot
 from .types import CachedModel, ProgressCallback
 
 if TYPE_CHECKING:
-    from .controller import MemoryController
+    from .catalog import Catalog
+    from .fleet import Fleet
     from .runner import Operation
 
 PAUSING_REASONS = frozenset({"emergency_clear", "unload"})
@@ -82,6 +83,15 @@ class ServingState:
             if slot in self._slots:
                 self._slots.remove(slot)
 
+    @contextmanager
+    def hold(self, deployment: Deployment, generator: Any) -> Iterator[GenerationSlot]:
+        """A slot for the block's length (:meth:`open` then :meth:`close`)."""
+        slot = self.open(deployment, generator)
+        try:
+            yield slot
+        finally:
+            self.close(slot)
+
     def in_flight(self) -> dict[str, int]:
         with self._lock:
             out: dict[str, int] = {}
@@ -92,6 +102,8 @@ class ServingState:
     def slots_on(self, handles: set[tuple[str, str]]) -> int:
         with self._lock:
             return sum(1 for s in self._slots if (s.deployment.backend_id, s.deployment.handle) in handles)
+
+    on = slots_on  # how many slots generate on the given (backend id, handle) pairs
 
     def cancel(self, handles: set[tuple[str, str]] | None, reason: str,
                models: frozenset[str] | None = None) -> int:
@@ -179,35 +191,41 @@ class ServingState:
                 pass
 
 
-class ServingMixin:
-    """The controller's serving calls; the state is ``self._serving`` (a :class:`ServingState`)."""
+class Serving:
+    """The serving calls the facade exposes, as a service over the ledger (a :class:`ServingState`), the
+    catalog and the fleet. ``plan(backend_id, model)`` makes an IDE-aware plan; ``apply(plan, progress)`` runs it
+    as a user's operation (it lifts the pause); ``run_plan(ctx, plan)`` runs one inside an operation already
+    started; ``submit(kind, title, body, params, queue=)`` is the runner's; ``unload(model_id)`` is the facade's."""
 
-    _serving: ServingState
+    def __init__(self, catalog: Catalog, fleet: Fleet, ledger: ServingState,
+                 plan: Callable[[str, Any], Any], apply: Callable[[Any, ProgressCallback | None], object],
+                 run_plan: Callable[[Any, Any], object], submit: Callable[..., Operation],
+                 recommend: Callable[[], Any], availabilities: Callable[[], Mapping[str, Any]],
+                 unload: Callable[[str], Any]) -> None:
+        self.catalog, self.fleet, self.ledger = catalog, fleet, ledger
+        self._plan, self._apply, self._run_plan, self._submit = plan, apply, run_plan, submit
+        self._recommend, self._availabilities, self._unload = recommend, availabilities, unload
 
-    def ensure_deployment(self: MemoryController, model_id: str, *, progress: ProgressCallback | None = None) -> Deployment:
+    def ensure_deployment(self, model_id: str, *, progress: ProgressCallback | None = None) -> Deployment:
         """The READY deployment of ``model_id``, loading it now (IDE-aware plan) when it fits — a user's load:
         it lifts the on-demand pause like any apply.
 
         Raises InsufficientMemoryError (with needed/free and the suggestion) leaving what runs untouched,
         OperationBusyError, ModelNotFoundError, ModelLoadError.
         """
-        cached = self.resolve(model_id)
+        cached = self.catalog.resolve(model_id)
         ready = self.ready_deployment(cached.model_id)
         if ready is not None:
             return ready
-        plan = self.plan(self.serving_backend_id(), cached, purpose="ide")
-        if plan.blockers:
-            raise ModelLoadError(f"{cached.model_id}: {plan.blockers[0].text}", "see the plan in the dashboard",
-                                 code=plan.blockers[0].code, args=dict(plan.blockers[0].args))
-        if not plan.fits:
-            raise applying.not_fit_error(plan)
-        self.apply(plan, progress=progress)
+        plan = self._plan(self.serving_backend_id(), cached)
+        _raise_unless_fits(cached.model_id, plan)
+        self._apply(plan, progress)
         ready = self.ready_deployment(cached.model_id)
         if ready is None:
             raise ModelLoadError(f"{cached.model_id} was started but is not ready", "see the operation log")
         return ready
 
-    def submit_load(self: MemoryController, model_id: str) -> Operation:
+    def submit_load(self, model_id: str) -> Operation:
         """Queue an on-demand load of ``model_id`` into the operation runner (it starts when the slot frees;
         planned when it starts, against what runs then; an emergency clear drops it). Not a user's load: the
         pause stays. The operation's result is the READY deployment, or its error."""
@@ -217,67 +235,63 @@ class ServingMixin:
             ready = self.ready_deployment(model_id)
             if ready is not None:
                 return ready
-            plan = self.plan(backend_id, model_id, purpose="ide")
-            if plan.blockers:
-                raise ModelLoadError(f"{model_id}: {plan.blockers[0].text}", "see the plan in the dashboard",
-                                     code=plan.blockers[0].code, args=dict(plan.blockers[0].args))
-            if not plan.fits:
-                raise applying.not_fit_error(plan)
-            applying.run_apply(self, ctx, plan, force=False, cancel_generation=False)
+            plan = self._plan(backend_id, model_id)
+            _raise_unless_fits(model_id, plan)
+            self._run_plan(ctx, plan)
             ready = self.ready_deployment(model_id)
             if ready is None:
                 raise ModelLoadError(f"{model_id} was started but is not ready", "see the operation log",
                                      code="model.not_ready", args={"model": model_id})
             return ready
 
-        return self.runner.submit("apply", f"{backend_id} → {model_id} (on demand)", body,
-                                  {"backend": backend_id, "model": model_id, "force": False, "on_demand": True},
-                                  queue=True)
+        return self._submit("apply", f"{backend_id} → {model_id} (on demand)", body,
+                            {"backend": backend_id, "model": model_id, "force": False, "on_demand": True},
+                            queue=True)
 
-    def unload_idle(self: MemoryController, model_id: str) -> Any:
-        """Unload ``model_id`` because it sat idle: like :meth:`unload`, but it does not pause on-demand loads."""
-        with self._serving.quiet(model_id):
-            return self.unload(model_id)
+    def unload_idle(self, model_id: str) -> Any:
+        """Unload ``model_id`` because it sat idle: like an unload, but it does not pause on-demand loads."""
+        with self.ledger.quiet(model_id):
+            return self._unload(model_id)
 
-    def supports_tools(self: MemoryController, model_id: str) -> bool | None:
+    def supports_tools(self, model_id: str) -> bool | None:
         """Whether ``model_id`` can call tools, as the backend that lists it says (its optional
         ``supports_tools(model)``); None when no backend knows (tools are then passed on). Never raises."""
         try:
-            cached = self.resolve(model_id)
-            if cached.source not in self.registry.ids():
+            cached = self.catalog.resolve(model_id)
+            if cached.source not in self.fleet.registry.ids():
                 return None
-            ask = getattr(self.backend(cached.source), "supports_tools", None)
+            ask = getattr(self.fleet.backend(cached.source), "supports_tools", None)
             return None if ask is None else ask(cached)
         except MemctlError:
             return None
 
-    def ready_deployment(self: MemoryController, model_id: str) -> Deployment | None:
+    def ready_deployment(self, model_id: str) -> Deployment | None:
         """The READY deployment of ``model_id``, or None."""
-        return next((d for d in self.deployments()
-                     if d.model_id == model_id and d.state is DeploymentState.READY), None)
+        return self.fleet.ready(model_id)
 
-    def serving_backend_id(self: MemoryController) -> str:
+    def serving_backend_id(self) -> str:
         """The backend on-demand loads use: the one running now, else the recommendation's when available."""
-        current = self.mode
+        current = self.fleet.mode()
         if current is not None:
             return current
-        rec = self.recommend()
-        if self.availability(rec.profile.mode).ok:
+        avail = self._availabilities()
+        rec = self._recommend()
+        if rec.profile.mode in avail and avail[rec.profile.mode].ok:
             return rec.profile.mode
-        return next(bid for bid in self.registry.ids() if self.availability(bid).ok)
+        return next(bid for bid, a in avail.items() if a.ok)
 
     # ------------------------------------------------------------------ leases
-    def open_slot(self: MemoryController, deployment: Deployment) -> GenerationSlot:
+    def open_slot(self, deployment: Deployment) -> GenerationSlot:
         """A lease for one request on ``deployment`` (close it with :meth:`close_slot`)."""
-        backend = self.backend(deployment.backend_id)
+        backend = self.fleet.backend(deployment.backend_id)
         gen = backend if backend.capabilities.generates_in_process else None
-        return self._serving.open(deployment, gen)
+        return self.ledger.open(deployment, gen)
 
     def close_slot(self, slot: GenerationSlot) -> None:
-        self._serving.close(slot)
+        self.ledger.close(slot)
 
     @contextmanager
-    def generating(self: MemoryController, deployment: Deployment) -> Iterator[GenerationSlot]:
+    def generating(self, deployment: Deployment) -> Iterator[GenerationSlot]:
         """A slot for one request on ``deployment``; cancelled by an emergency clear or an unload of it.
         Never takes the operation slot."""
         slot = self.open_slot(deployment)
@@ -286,38 +300,31 @@ class ServingMixin:
         finally:
             self.close_slot(slot)
 
-    def in_flight(self) -> dict[str, int]:
-        return self._serving.in_flight()
-
-    def cancel_generation(self: MemoryController, handles: set[tuple[str, str]] | None, reason: str) -> int:
+    def cancel_generation(self, handles: set[tuple[str, str]] | None, reason: str) -> int:
         """Cancel slots on the given (backend id, handle) pairs (None: all). Returns how many.
         ``"emergency_clear"`` and ``"unload"`` also pause on-demand loading (see the module doc)."""
         models = None
         if handles is not None:
             try:
-                models = frozenset(d.model_id for d in self.deployments() if (d.backend_id, d.handle) in handles)
+                models = frozenset(d.model_id for d in self.fleet.deployments()
+                                   if (d.backend_id, d.handle) in handles)
             except Exception:  # noqa: BLE001 - the slots still name their models
                 models = frozenset()
-        return self._serving.cancel(handles, reason, models)
-
-    def slots_on(self, handles: set[tuple[str, str]]) -> int:
-        return self._serving.slots_on(handles)
+        return self.ledger.cancel(handles, reason, models)
 
     # ------------------------------------------------------------------ pause
     def serving_pause(self) -> dict[str, Any] | None:
         """The on-demand pause as a dict (reason, since, models: None = all), or None when not paused."""
-        p = self._serving.pause()
+        p = self.ledger.pause()
         return p.to_dict() if p is not None else None
 
-    def resume_serving(self) -> bool:
-        """Lift the on-demand pause (``memctl serve resume``, the dashboard). True when there was one."""
-        return self._serving.resume()
 
-    def subscribe_serving(self, fn: Listener) -> Callable[[], None]:
-        return self._serving.subscribe(fn)
-
-    def paused_for(self, model_id: str) -> Pause | None:
-        return self._serving.paused(model_id)
+def _raise_unless_fits(model_id: str, plan: Any) -> None:
+    if plan.blockers:
+        raise ModelLoadError(f"{model_id}: {plan.blockers[0].text}", "see the plan in the dashboard",
+                             code=plan.blockers[0].code, args=dict(plan.blockers[0].args))
+    if not plan.fits:
+        raise not_fit_error(plan)
 
 
 # --------------------------------------------------------------------------- the scheduler's effects
@@ -461,7 +468,7 @@ class ControllerEffects:
             raise InsufficientMemoryError(f"{cached.model_id} cannot be served now: {reasons}",
                                           "free GPU memory (see `memctl ps` and the dashboard), then ask again")
         if not plan.fits:
-            raise applying.not_fit_error(plan)
+            raise not_fit_error(plan)
         return facts
 
 

@@ -50,8 +50,7 @@ def page(ctl: Any) -> None:
     keys = [d.key for d in selectable]
     sidebar._restore("device_key")
     if st.session_state.get("device_key") not in keys:
-        readable = [d for d in selectable if d.free_bytes is not None]
-        best = max(readable, key=lambda d: d.free_bytes or 0) if readable else selectable[0]
+        best = snap.most_free_gpu() or selectable[0]
         sidebar.set_field("device_key", best.key)
     availability = {bid: ctl.availability(bid, snap) for bid in ctl.backend_ids()}
     catalog = ui.run_safely(ctl.models)

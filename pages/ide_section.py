@@ -107,7 +107,7 @@ def ide_section(ctl: Any, snap: Any, selected_model: str | None) -> None:
             st.code(value, language=None)
         for note in notes:
             st.caption(f"ℹ️ {ui.sentence(ui.render(note))}")
-        advice = small_window_advice(window, ctl.settings.ide_min_context, model_max_positions(ctl, model_id))
+        advice = small_window_advice(window, ctl.settings.ide_min_context, model_max_positions(getattr(ctl, "resolve", None), model_id))
         if advice is not None:  # fits the cause: the model's own maximum, or free memory (issue 20.6)
             st.warning(f"⚠️ {ui.sentence(ui.render(advice))}.")
         c1, c2 = st.columns(2)

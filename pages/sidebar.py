@@ -16,6 +16,8 @@ import streamlit as st
 
 from memory_controller.planning import Plan
 from memory_controller.types import (
+    MAX_BATCH,
+    MAX_CONTEXT_TOKENS,
     CachedModel,
     DeviceKind,
     DeviceSnapshot,
@@ -27,8 +29,8 @@ from memory_controller.types import (
 from pages import holders_view, plan_view, rec_card, ui_ops
 from pages import ui_common as ui
 
-CONTEXT_RANGE = (16, 1_048_576)
-BATCH_RANGE = (1, 256)
+CONTEXT_RANGE = (16, MAX_CONTEXT_TOKENS)
+BATCH_RANGE = (1, MAX_BATCH)
 KEPT = "_kept"
 CONTEXT_NOTES = ("rec.context_raised", "rec.context_capped", "rec.context_rule")  # the rec names its own rule
 PLAN_KEY = "_shown_plan"

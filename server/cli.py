@@ -371,7 +371,8 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
         print(f"note: {_text(note)}", file=sys.stderr)
     from memory_controller.ide import model_max_positions, small_window_advice
 
-    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(ctl, model_id))
+    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(getattr(ctl, "resolve", None),
+                                                                                    model_id))
     if advice is not None:  # one piece of advice, fitting the cause (never "free memory" at the model's max)
         print(f"warning: {model_id}: {advice.text}", file=sys.stderr)
     if args.ide == "roo":

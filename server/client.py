@@ -515,12 +515,11 @@ class RemoteController:
         if self._ollama is None:
             from memory_controller.registry import BackendRegistry
 
-            # the configured Ollama backend's holder view (Ollama is its own server), built here without a probe
-            spec = self.settings.backends.get("ollama")
-            if spec is None:
+            cfg = self.settings.backends.get("ollama")  # the configured Ollama backend's holder view
+            if cfg is None:
                 return None
             try:
-                backend = BackendRegistry({"ollama": spec}, self.settings, None).get("ollama")
+                backend = BackendRegistry({"ollama": cfg.factory}, self.settings, None).get("ollama")
                 self._ollama = getattr(backend, "holder_client", None)
             except errors.MemctlError:
                 return None

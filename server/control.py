@@ -118,10 +118,10 @@ def _profile(data: dict[str, Any] | None) -> Profile | None:
 
 
 def _plan(data: dict[str, Any]) -> Any:
-    from memory_controller.planning import Plan
+    from memory_controller.planning import plan_from_jsonable
 
     try:
-        return from_jsonable(Plan, data)
+        return plan_from_jsonable(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.MemctlError(f"invalid plan: {exc}", "send the plan as /control/plan returned it",
                                  code="invalid_plan") from None

@@ -23,6 +23,7 @@ from typing import Any
 
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -39,7 +40,7 @@ from memory_controller.types import CachedModel, MemoryEstimate, Outcome, Precis
 Ledger = Callable[[str, int], None]  # (device key, delta bytes)
 
 
-class InMemoryBackend:
+class InMemoryBackend(BackendBase):
     id = "inmem"
     capabilities = Capabilities(
         precisions=(Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.NF4),

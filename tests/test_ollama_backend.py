@@ -280,7 +280,7 @@ def test_memctl_ollama_fit_json_lists_both_models_with_a_context_that_stays_on_t
     rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)["models"]}
     assert set(rows) == {"gpt-oss:20b", "codellama:7b"}
     for r in rows.values():
-        assert r["fits"] and r["num_ctx"] >= 2048 and r["device"] == "gpu:0"
+        assert r["fits"] and r["num_ctx"] >= 2048 and r["device"] == "gpu:0", (r.get("blockers"), r.get("notes"))
         assert r["needed_bytes"] <= r["free_bytes"]
     assert rows["codellama:7b"]["tools"] is False and rows["gpt-oss:20b"]["tools"] is True
     assert any("no tool calling" in n for n in rows["codellama:7b"]["notes"])  # marked in the plan too
@@ -352,7 +352,7 @@ def test_an_ollama_model_is_not_exported_for_a_cluster_engine(stand_in):
                                                             "vllm": vllm_backend(settings, probe)})
     assert "production-stack" in clusterfit.exporters(ctl)
     with pytest.raises(clusterfit.BadExportRequestError, match="not a checkpoint"):
-        clusterfit.export(ctl, "production-stack", "gpt-oss:20b", gpu_bytes=80 * GIB)
+        ctl.export("production-stack", "gpt-oss:20b", gpu_bytes=80 * GIB)
 
 
 def test_a_projector_blob_is_counted_with_the_weights(tmp_path):
@@ -387,8 +387,8 @@ def test_one_config_line_registers_the_backend_and_it_implements_the_protocol(tm
     from memory_controller.registry import BackendRegistry
 
     settings = load_settings(state_dir=str(tmp_path / "state"))
-    assert settings.backends["ollama"] == "backends.ollama:create"
-    b = BackendRegistry({"ollama": settings.backends["ollama"]}, settings, None).get("ollama")
+    assert settings.backends["ollama"].factory == "backends.ollama:create"
+    b = BackendRegistry({"ollama": settings.backends["ollama"].factory}, settings, None).get("ollama")
     assert isinstance(b, Backend) and b.id == "ollama" and b.capabilities.serves_http
     assert not b.capabilities.generates_in_process and b.capabilities.label == "Ollama"
 

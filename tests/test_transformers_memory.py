@@ -20,7 +20,7 @@ import pytest
 from backends.transformers import TransformersBackend
 from backends.transformers.memory import process_private_bytes, process_resident_bytes
 from memory_controller.catalog import resolve_model
-from memory_controller.types import Mode, Outcome, Precision, Profile
+from memory_controller.types import Outcome, Precision, Profile
 from memory_controller.units import MIB
 from tests.fixtures_models import BIG_ID
 
@@ -38,7 +38,7 @@ ATTEMPTS = 5
 
 
 def _profile(precision: Precision = Precision.BF16, device: str = "cpu") -> Profile:
-    return Profile(Mode.TRANSFORMERS, precision, 256, 1, device=device)
+    return Profile("transformers", precision, 256, 1, device=device)
 
 
 def _own_private_bytes() -> int:
@@ -144,11 +144,11 @@ from backends.transformers.memory import process_private_bytes
 from memory_controller.catalog import resolve_model
 from memory_controller.errors import InsufficientMemoryError
 from memory_controller.settings import load_settings
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 s = load_settings(hf_cache_dir=Path({str(big_model.hub_dir)!r}))
 be = TransformersBackend(s)
 m = resolve_model({BIG_ID!r}, s)
-profile = Profile(Mode.TRANSFORMERS, Precision.FP32, 256, 1, device="cpu")
+profile = Profile("transformers", Precision.FP32, 256, 1, device="cpu")
 be.start(m, profile, None)  # the first load's one-time overhead (imports, thread pools) is measured apart
 be.stop(m.model_id)
 before = process_private_bytes()
@@ -265,7 +265,6 @@ def test_collections_skip_what_was_frozen_with_no_model_loaded_and_the_users_cle
     user's "clear memory", which sweeps everything."""
     import weakref
 
-    from memory_controller import maintenance
     from memory_controller.controller import MemoryController
     from tests.fake_pynvml import scenario
     from tests.fixtures_models import TINY_UNTIED_ID
@@ -296,7 +295,7 @@ def test_collections_skip_what_was_frozen_with_no_model_loaded_and_the_users_cle
         assert new_cycle() is None and gc.get_freeze_count() == count
         ctl.unload(TINY_UNTIED_ID)
         assert frozen_cycle() is not None
-        maintenance.clear_caches(ctl)  # the user's clear: unfreeze, collect everything
+        ctl.services.maintenance.clear_caches()  # the user's clear: unfreeze, collect everything
         assert frozen_cycle() is None
     finally:
         gc.unfreeze()

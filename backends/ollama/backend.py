@@ -29,6 +29,7 @@ from typing import Any
 from memory_controller import estimate as est
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -117,7 +118,7 @@ def _env_kv(env: dict[str, str] | os._Environ) -> sizing.KvConfig:
         return sizing.KvConfig()
 
 
-class OllamaBackend:
+class OllamaBackend(BackendBase):
     """See the module docstring. ``client``: an :class:`OllamaClient`; ``kv``: the server's cache
     settings (default: Ollama's own environment variables, as the server on this machine reads them)."""
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -51,6 +52,7 @@ from memory_controller.units import MIB, fmt_bytes
 from . import checks, loading
 from . import generation as gen
 from . import memory as mem
+from .options import TransformersOptions
 
 BACKEND_ID = "transformers"
 # A release is clean when what stays held is within max(50 MiB, 5 % of the model's bytes).
@@ -79,7 +81,7 @@ class _Entry:
     weight_files: tuple[Path, ...] = ()  # memory-mapped by a bf16/fp16 CPU load (their pages: mapped_bytes)
 
 
-class TransformersBackend:
+class TransformersBackend(BackendBase):
     """Loads models into this process. Thread-safe; see the module docstring for the contracts."""
 
     id = BACKEND_ID
@@ -276,8 +278,9 @@ class TransformersBackend:
         return mem.clear_caches(freeze=not self._entries)
 
     def verify(self, deployment: Deployment) -> str:
-        """Generate ``settings.transformers_verify_tokens`` tokens; a short detail, or a MemctlError."""
-        n = int(getattr(self.settings, "transformers_verify_tokens", 1) or 1)
+        """Generate ``verify_tokens`` ([backends.transformers]) tokens; a short detail, or a MemctlError."""
+        options = getattr(self.settings, "backend_options", None)
+        n = options(self.id, TransformersOptions).verify_tokens if options is not None else 1
         t0 = time.perf_counter()
         request = GenerationRequest(prompt=VERIFY_PROMPT, max_new_tokens=n, temperature=0.0)
         chunks = list(self.generate_stream(deployment, request, lambda: False))

@@ -156,7 +156,7 @@ def _shards(p: Path, names: dict[str, os.stat_result | None], st_files: list[str
 def _read_spec(p: Path, listing: list[tuple[str, os.stat_result | None]]) -> ModelSpec:
     names = {n: st for n, st in listing}
     if "config.json" not in names:
-        raise ModelLoadError(f"{p} has no config.json", "this is not a Transformers model directory")
+        raise ModelLoadError(f"{p} has no config.json", "this is not a Hugging Face model directory")
     if names["config.json"] is None:
         raise ModelLoadError(f"config.json in {p} is a broken link (missing blob)", "download the model again")
     cfg = read_json_file(p / "config.json")
