@@ -16,11 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from memctl_cli.output import print_error, table
 from memory_controller.errors import MemctlError
-from memory_controller.types import Mode, Precision, Profile, to_jsonable
+from memory_controller.types import MAX_BATCH, MAX_CONTEXT_TOKENS, Precision, Profile, to_jsonable
 from memory_controller.units import GIB, fmt_bytes
 
-MAX_CONTEXT_TOKENS = 1_048_576  # the dashboard's context field range ends here too
-MAX_BATCH = 256  # the dashboard's batch field range
 MAX_FREE_GIB = 1_048_576.0  # 1 PiB: more is a typo
 
 if TYPE_CHECKING:
@@ -207,7 +205,7 @@ def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
             f"choose --context {max_positions} or less", code="context_over_model_maximum",
             args={"context": args.context, "max_positions": max_positions}))
     profile = Profile(
-        mode=Mode.TRANSFORMERS,
+        mode="transformers",
         precision=Precision(args.dtype),
         context_tokens=args.context,
         batch=args.batch,

@@ -1,4 +1,10 @@
-"""``memctl ollama ps [--json]`` and ``memctl ollama unload NAME [--wait S] [--json]``: Ollama as a holder.
+"""``memctl ollama ps|unload|fit``: Ollama as another holder, and as the ``ollama`` serving backend.
+
+``memctl ollama fit [MODEL] [--apply] [--json]``: per installed model, its size, quantisation, trained
+context, tools yes/no and the largest ``num_ctx`` that keeps it 100 % on the GPU now (the same plan the
+dashboard and ``memctl serve`` make); ``--apply`` (one model) creates the derived tag, loads it and
+verifies it with ``/api/ps``; when Ollama spills it to the CPU anyway, memctl unloads it, plans again with
+the measured size (calibration) and tries once more at the smaller context.
 
 Exit codes: 0 done (an unload whose memory came back slowly too: a warning is printed), 1 Ollama
 down, slow, refusing, malformed, or the model still listed after the wait, 2 a bad name or setting.
@@ -32,17 +38,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     help="how long to wait for the model to go and its memory to come back (default 10)")
     un.add_argument("--json", action="store_true", help="machine-readable output")
     un.set_defaults(func=cmd_ollama_unload)
+    fit = sub.add_parser("fit", help="the largest num_ctx that keeps each model on the GPU; --apply makes it so")
+    fit.add_argument("model", nargs="?", help="one installed model (e.g. gpt-oss:20b); default: all")
+    fit.add_argument("--apply", action="store_true",
+                     help="create the derived tag (<model>-memctl-<ctx>), load it and verify it with /api/ps")
+    fit.add_argument("--json", action="store_true", help="machine-readable output")
+    fit.set_defaults(func=cmd_ollama_fit)
 
 
 def client_for(ctl: Any) -> Any:
-    """The Ollama client: ``ctl.ollama()``; given Settings (or something with ``settings``/``probe``), a
-    local controller's."""
-    maker = getattr(ctl, "ollama", None)
-    if not callable(maker):
-        from memory_controller import MemoryController
-
-        maker = MemoryController(getattr(ctl, "settings", ctl), probe=getattr(ctl, "probe", None)).ollama
-    client = maker()
+    """The Ollama client: the ``ollama`` backend's (every model Ollama lists, memctl's derived tags too),
+    else the holder the controller has (``ctl.ollama()``); given Settings (or something with
+    ``settings``/``probe``), a local controller's."""
+    c = _controller(ctl)
+    try:
+        return c.backend("ollama").client
+    except (MemctlError, AttributeError):
+        pass
+    maker = getattr(c, "ollama", None)
+    client = maker() if callable(maker) else None
     if client is None:
         raise MemctlError("the Ollama client could not be built", "check MEMCTL_OLLAMA_HOST")
     return client
@@ -97,6 +111,113 @@ def cmd_ollama_unload(args: argparse.Namespace, ctl: Any) -> int:
         print(f"{report.outcome.emoji} {report.message.text}",
               file=sys.stderr if report.outcome is Outcome.ERROR else sys.stdout)
     return 1 if report.outcome is Outcome.ERROR else 0
+
+
+def _controller(ctl: Any) -> Any:
+    if hasattr(ctl, "plan") and hasattr(ctl, "backend"):
+        return ctl
+    from memory_controller import MemoryController
+
+    return MemoryController(getattr(ctl, "settings", ctl), probe=getattr(ctl, "probe", None))
+
+
+def fit_rows(ctl: Any, model: str | None = None) -> list[dict[str, Any]]:
+    """One row per installed model (or ``model``): facts and the plan's fitted context. Raises MemctlError."""
+    backend = ctl.backend("ollama")
+    avail = backend.availability(ctl.probe.snapshot())
+    if not avail.ok:
+        raise MemctlError(avail.reason.text if avail.reason else "Ollama is unavailable",
+                          "start Ollama (ollama serve) or set ollama_host / OLLAMA_HOST", code="ollama.down")
+    infos = [backend.info(model)] if model else backend.installed(fresh=True)
+    rows = []
+    for m in infos:
+        row: dict[str, Any] = {"model": m.name, "size_bytes": m.size_bytes, "quantization": m.quantization,
+                               "family": m.family, "trained_context": m.trained_context, "tools": m.tools,
+                               "capabilities": list(m.capabilities), "metadata_from": m.spec.source if m.spec else None}
+        try:
+            plan = ctl.plan("ollama", backend.cached(m), purpose="ide")
+            fits = plan.fits and not plan.blockers
+            row.update(num_ctx=plan.profile.context_tokens if fits else 0, fits=fits, device=plan.device_key,
+                       needed_bytes=plan.needed_bytes, free_bytes=plan.free_bytes_after_unload,
+                       derived_tag=backend.derived_name(m.name, plan.profile.context_tokens) if fits else None,
+                       blockers=[b.text for b in plan.blockers],
+                       notes=[n.text for n in plan.notes if n.code in ("ollama.kv_advice", "ollama.no_tools",
+                                                                       "ollama.calibrated", "ide.model_max_below_minimum")],
+                       calibration_bytes=backend.calibration.delta(m.name))
+            row["_plan"] = plan
+        except MemctlError as exc:
+            row.update(num_ctx=0, fits=False, blockers=[exc.message], notes=[], derived_tag=None)
+        rows.append(row)
+    return rows
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def format_fit(rows: list[dict[str, Any]]) -> str:
+    table = [("MODEL", "SIZE", "QUANT", "TRAINED", "LARGEST NUM_CTX", "TOOLS")]
+    for r in rows:
+        where = "the GPU" if str(r.get("device", "")).startswith("gpu") else "host memory (no GPU)"
+        ctx = f"{r['num_ctx']} in {where}" if r.get("fits") else "does not fit"
+        table.append((r["model"], fmt_bytes(r["size_bytes"]), r.get("quantization") or "—",
+                      str(r.get("trained_context") or "—"), ctx, "yes" if r["tools"] else "no (agents need tools)"))
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
+    for r in rows:
+        lines += [f"⛔ {r['model']}: {b}" for b in r.get("blockers", [])]
+        lines += [f"ℹ️ {n}" if r["model"] in n else f"ℹ️ {r['model']}: {n}" for n in r.get("notes", [])]
+    return "\n".join(lines)
+
+
+def apply_fit(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """Apply the row's plan; when Ollama spills it anyway (InsufficientMemoryError after the load, rolled
+    back), plan again with the measured size and try once more. Returns what runs, verified."""
+    from memory_controller.errors import InsufficientMemoryError
+
+    plan = row["_plan"]
+    tries = []
+    for _ in range(2):
+        if not plan.fits or plan.blockers:
+            break
+        try:
+            ctl.apply(plan)
+            break
+        except InsufficientMemoryError as exc:
+            tries.append({"num_ctx": plan.profile.context_tokens, "error": exc.message})
+            plan = ctl.plan("ollama", row["model"], purpose="ide")
+    backend = ctl.backend("ollama")
+    dep = next((d for d in backend.list_managed() if d.model_id == row["model"]), None)
+    if dep is None:
+        why = tries[-1]["error"] if tries else (plan.blockers[0].text if plan.blockers else "it does not fit")
+        raise MemctlError(f"{row['model']} was not applied: {why}",
+                          "free GPU memory (memctl status) or choose a smaller model", code="ollama.fit_failed")
+    return {"model": row["model"], "derived_tag": dep.handle, "num_ctx": dep.context_tokens,
+            "size_bytes": dep.detail.get("size"), "size_vram_bytes": dep.detail.get("size_vram"),
+            "verified": backend.verify(dep), "stepped_down_from": [t["num_ctx"] for t in tries],
+            "endpoint": dep.endpoint}
+
+
+def cmd_ollama_fit(args: argparse.Namespace, ctl: Any) -> int:
+    try:
+        ctl = _controller(ctl)
+        if args.apply and not args.model:
+            raise MemctlError("--apply needs one model", "name it: memctl ollama fit gpt-oss:20b --apply",
+                              code="ollama.bad_name")
+        rows = fit_rows(ctl, args.model)
+        applied = apply_fit(ctl, rows[0]) if args.apply else None
+    except MemctlError as exc:
+        return _fail(exc, args.json)
+    if args.json:
+        out: dict[str, Any] = {"models": [_public(r) for r in rows]}
+        if applied is not None:
+            out["applied"] = applied
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+    else:
+        print(format_fit(rows))
+        if applied is not None:
+            print(f"✅ {applied['derived_tag']}: {applied['verified']}")
+    return 0
 
 
 register = add_commands  # memctl's sub-command modules expose register(subparsers)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from memory_controller import i18n
 from memory_controller.errors import MemctlError
+from memory_controller.units import fmt_duration as fmt_duration  # the one duration formatter
 
 
 def language() -> str:
@@ -63,13 +64,3 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def fmt_duration(seconds: float | None) -> str:
-    """``1h02m``, ``3m05s``, ``12s``; ``—`` for unknown."""
-    if seconds is None:
-        return "—"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"

@@ -123,6 +123,8 @@ class ControllerAPI(Protocol):
     def serving_backend_id(self) -> str: ...
     def in_flight(self) -> dict[str, int]: ...
     def serve_status(self) -> dict[str, dict]: ...
+    def serving_pause(self) -> dict | None: ...
+    def resume_serving(self) -> bool: ...
     def current_operation(self) -> dict | None: ...
 
     # ------------------------------------------------------------------ operations
@@ -247,6 +249,14 @@ class InProcessController:
 
     def serve_status(self) -> dict[str, dict]:
         return {}  # this process serves nothing by itself; the owner's server answers its own
+
+    def serving_pause(self) -> dict | None:
+        """The on-demand pause (after an emergency clear or an unload), or None."""
+        return self.local.serving_pause()
+
+    def resume_serving(self) -> bool:
+        """Lift the on-demand pause; True when there was one."""
+        return bool(self.local.resume_serving())
 
     def current_operation(self) -> dict | None:
         return self.local.current_operation()

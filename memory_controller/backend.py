@@ -10,8 +10,8 @@ Contract per call (all sizes in bytes, device keys are ``"gpu:N"`` or ``"host"``
   or generates in-process.
 * ``availability(snapshot)`` — cheap (cached), never raises: can it run here, and why not.
 * ``claim(model, profile, estimate, snapshot)`` — pure of side effects: how much each device will
-  hold once it runs (vLLM claims ``gpu_memory_utilization × total``; in-process backends claim the
-  estimate) and blockers that forbid it. ``snapshot`` already counts what a plan unloads as free.
+  hold once it runs (an engine that reserves a fraction of the GPU claims that fraction; in-process
+  backends claim the estimate) and blockers that forbid it. ``snapshot`` already counts what a plan unloads as free.
 * ``deployments()`` — what runs now; never blocks on a slow engine (answers from a cache and
   refreshes it in the background when needed).
 * ``start(model, profile, claim, progress, cancel)`` — all or nothing: returns a READY
@@ -20,16 +20,31 @@ Contract per call (all sizes in bytes, device keys are ``"gpu:N"`` or ``"host"``
   measured :class:`ReleaseReport`. Touches only what this backend owns.
 * ``verify(deployment)`` — a quick check it answers; returns a short English detail or raises.
 * ``clear_caches()`` — allocator/gc caches; returns {action: done?}.
+* ``list_managed()`` — what runs, straight from the engine (raises when it cannot be reached); an
+  emergency clear and ``deployments(fresh=True)`` use it. Default: ``deployments()``.
+* ``containers_for_pids(pids, timeout_s)`` — host PID -> what of this backend's world runs it (a
+  container...), for naming GPU holders. Default: nothing.
+* ``start_timeout_s`` — how long a start may take (None: the controller's ``operation_timeout_s``);
+  ``stop_timeout_s`` — how long a stop may wait for the engine (the controller's deadline adds it).
+
+:class:`BackendBase` gives the defaults of the last three; a backend inherits it and overrides what it has.
 
 In-process backends (``capabilities.generates_in_process``) also implement
 :class:`InProcessGenerator`; HTTP backends give ``Deployment.endpoint`` and the server proxies.
+
+Optional, for a backend with its own model store (not checkpoint folders; e.g. Ollama's GGUF files):
+``list_models()`` and ``resolve_model(id)`` give :class:`CachedModel` values whose ``source`` is the
+backend id and whose ``path`` is a ``scheme://`` address it registered a sizer for
+(``memory_controller.estimate.register_sizer``); ``supports_tools(model)`` says whether a model can
+call tools (the server refuses a tools request with 400 before loading when it says False);
+``holder_client`` hands over a server holding models memctl did not load (another holder).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,7 +71,7 @@ class Capabilities:
     serves_http: bool  # runs its own OpenAI-compatible server (Deployment.endpoint)
     generates_in_process: bool  # implements InProcessGenerator
     needs_gpu: bool
-    label: str = ""  # human name, e.g. "vLLM (Docker)"
+    label: str = ""  # human name shown in the UI
 
 
 @dataclass(frozen=True)
@@ -248,6 +263,37 @@ class Backend(Protocol):
     def verify(self, deployment: Deployment) -> str: ...
 
     def clear_caches(self) -> dict[str, Any]: ...
+
+    def list_managed(self) -> list[Deployment]: ...
+
+    def containers_for_pids(self, pids: Iterable[int], timeout_s: float = 2.0) -> Mapping[int, Any]: ...
+
+    @property
+    def start_timeout_s(self) -> float | None: ...
+
+    @property
+    def stop_timeout_s(self) -> float: ...
+
+
+class BackendBase:
+    """Defaults for the optional parts of :class:`Backend`."""
+
+    def deployments(self) -> list[Deployment]:  # pragma: no cover - every backend overrides it
+        raise NotImplementedError
+
+    def list_managed(self) -> list[Deployment]:
+        return self.deployments()
+
+    def containers_for_pids(self, pids: Iterable[int], timeout_s: float = 2.0) -> Mapping[int, Any]:
+        return {}
+
+    @property
+    def start_timeout_s(self) -> float | None:
+        return None
+
+    @property
+    def stop_timeout_s(self) -> float:
+        return 0.0
 
 
 BackendFactory = Callable[..., Backend]

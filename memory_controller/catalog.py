@@ -10,15 +10,18 @@ is an empty list with a warning. Configs are read with size and depth limits. No
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import os
 import re
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptDataError, InvalidModelIdError, ModelLoadError, ModelNotFoundError
+from . import safefiles
+from .errors import CorruptDataError, InvalidModelIdError, MemctlError, ModelLoadError, ModelNotFoundError
 from .estimate.files import printable as _shown
 from .estimate.files import read_regular_file
 from .safejson import loads_bounded
@@ -127,6 +130,8 @@ def _describe_dir(
     architecture = None
     if has_config:
         try:
+            if source == "hf_cache":  # a config linked out of the repo folder (to /etc/passwd, say) is not read
+                safefiles.check_file(path / "config.json", safefiles.roots_of(path, source))
             architecture = _architecture(path / "config.json")
         except (OSError, ValueError, CorruptDataError) as exc:
             why = exc.message if isinstance(exc, CorruptDataError) else (
@@ -411,3 +416,62 @@ def _cached_ids(cache_dir: Path) -> list[str]:
         return []
     ids = (n.removeprefix("models--").replace("--", "/") for n in names)
     return sorted(i for i in ids if _HF_ID_RE.match(i))
+
+
+CATALOG_TTL_S = 10.0
+
+
+class Catalog:
+    """The catalog service: owns the last scan (kept ``CATALOG_TTL_S`` seconds) and resolves model ids.
+    ``backends()`` gives the backends, some of which list models of their own store (``list_models()``,
+    ``resolve_model(id)``, e.g. Ollama's): those join the list and resolve when no checkpoint does."""
+
+    def __init__(self, settings: Settings, backends: Callable[[], dict[str, Any]] = dict) -> None:
+        from .cache import TTLCache
+
+        self.settings, self._backends = settings, backends
+        self._scan: TTLCache[CatalogResult] = TTLCache(CATALOG_TTL_S)
+
+    def models(self, refresh: bool = False) -> CatalogResult:
+        return self._scan.get_or(self._scan_all, refresh=refresh)
+
+    def _scan_all(self) -> CatalogResult:
+        result = scan_models(self.settings)
+        own: list[CachedModel] = []
+        for b in self._backends().values():
+            lister = getattr(b, "list_models", None)
+            if lister is not None:
+                try:
+                    own.extend(lister())
+                except MemctlError:
+                    continue
+        return dataclasses.replace(result, models=result.models + tuple(own)) if own else result
+
+    def resolve(self, model: str | CachedModel) -> CachedModel:
+        """``model`` as a catalog entry (a recent scan's entry when it is still there, else read afresh)."""
+        if isinstance(model, CachedModel):
+            return model
+        try:
+            mid = validate_model_id(model, self.settings)
+            recent = self._scan.get()
+            if recent is not None:
+                for m in recent.models:
+                    if m.model_id == mid and os.path.isdir(m.path):
+                        return m
+            return resolve_model(mid, self.settings)
+        except (InvalidModelIdError, ModelNotFoundError):
+            own = self._backend_model(model)  # a model a backend lists itself (not a checkpoint folder)
+            if own is None:
+                raise
+            return own
+
+    def _backend_model(self, model_id: str) -> CachedModel | None:
+        if not isinstance(model_id, str) or len(model_id) > 400:
+            return None
+        for b in self._backends().values():
+            resolver = getattr(b, "resolve_model", None)
+            if resolver is not None:
+                found = resolver(model_id)
+                if found is not None:
+                    return found
+        return None

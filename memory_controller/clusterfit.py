@@ -16,7 +16,7 @@ model's config and safetensors headers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -29,6 +29,7 @@ from .types import CachedModel, MemoryEstimate, Message, Precision, Profile, msg
 from .units import GIB, fmt_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .fleet import Fleet
     from .settings import Settings
 
 MAX_GPUS = 64
@@ -260,13 +261,13 @@ def _does_not_fit(model: CachedModel, settings: Settings, *, mode: str, precisio
 
 
 # --------------------------------------------------------------------------- finding the exporter
-def exporters(ctl: Any) -> dict[str, Exporter]:
+def exporters(fleet: Fleet) -> dict[str, Exporter]:
     """``{format: backend}`` for every configured backend that writes documents (built on first use; a
     backend that cannot be built offers nothing)."""
     out: dict[str, Exporter] = {}
-    for bid in ctl.registry.ids():
+    for bid in fleet.registry.ids():
         try:
-            backend = ctl.backend(bid)
+            backend = fleet.backend(bid)
         except MemctlError:
             continue
         if isinstance(backend, Exporter):
@@ -284,21 +285,25 @@ def default_gpu(snapshot: Any) -> tuple[int, str | None] | None:
     return int(g.total_bytes or 0), g.name
 
 
-def export(ctl: Any, fmt: str, model: str | CachedModel, *, gpu_bytes: int | None = None, gpus: int = 1,
-           context: int | None = None, batch: int | None = None, accelerator: str | None = None,
+def export(fleet: Fleet, snapshot: Callable[[], Any], fmt: str, cached: CachedModel, *, gpu_bytes: int | None = None,
+           gpus: int = 1, context: int | None = None, batch: int | None = None, accelerator: str | None = None,
            max_replicas: int = 2) -> ExportResult:
     """The document ``fmt`` for ``model`` sized for ``gpus`` GPUs of ``gpu_bytes`` each (default: the
     memory of this machine's largest GPU). Raises BadExportRequestError for an unknown format or no GPU
     size, DoesNotFitError when nothing fits, and the catalog's errors for a bad model id."""
-    found = exporters(ctl)
+    found = exporters(fleet)
     if fmt not in found:
         known = ", ".join(sorted(found)) or "none (no backend that writes them is configured)"
         raise BadExportRequestError(f"unknown export format {fmt!r}; known: {known}",
                                     "choose one of the known formats", args={"format": fmt})
-    cached = ctl.resolve(model)
+    if cached.source in fleet.registry.ids():  # a backend's own store (Ollama's GGUF files), not a checkpoint
+        raise BadExportRequestError(
+            f"{cached.model_id} is a model of the {cached.source} backend's own store, not a checkpoint a cluster "
+            "engine loads", "export a Hugging Face model (memctl models lists them)",
+            args={"model": cached.model_id})
     gpu_name = None
     if gpu_bytes is None:
-        local = default_gpu(ctl.probe.snapshot())
+        local = default_gpu(snapshot())
         if local is None:
             raise BadExportRequestError("no GPU with known memory on this machine to size for",
                                         "give the cluster GPU's memory: --gpu-memory 24 (an L4), 80 (an H100)")

@@ -130,3 +130,30 @@ class StalePlanError(MemctlError):
     """``apply(plan)``: what is loaded or free memory changed since the plan was made; nothing was touched."""
 
     code = "stale_plan"
+
+
+# --------------------------------------------------------------------------- serving refusals
+class RequestRefusedError(MemctlError):
+    """A generation request this model cannot take as sent (``code``: ``context_length_exceeded``,
+    ``tools_not_supported``, ``model_not_servable``); decided before anything is loaded or evicted."""
+
+    code = "request_refused"
+
+    def __init__(self, message: str, hint: str | None = None, *, code: str, param: str | None = None,
+                 args: dict | None = None):
+        super().__init__(message, hint, code=code, args=args)
+        self.param = param
+
+
+class ServingPausedError(MemctlError):
+    """On-demand loading is paused after an emergency clear or an unload, until the user loads a model or
+    resumes serving (``memctl serve resume``, the dashboard)."""
+
+    code = "serving_paused"
+
+
+class GenerationCancelledError(MemctlError):
+    """A queued or running request was cancelled by an emergency clear, an unload or a switch; asking again
+    may succeed."""
+
+    code = "generation_cancelled"

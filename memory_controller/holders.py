@@ -12,10 +12,12 @@ afterwards, with the advice for each holder. memctl frees only what it owns (``f
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import units
 from .types import Message, Outcome, SystemSnapshot, msg
 from .units import fmt_bytes
 
@@ -33,15 +35,8 @@ MAX_NAME_CHARS = 120
 
 
 def escape_text(text: str) -> str:
-    """``text`` with control characters (C0, DEL, C1, line/paragraph separators) shown as ``\\xNN``/``\\uNNNN``."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if code < 0x20 or 0x7F <= code < 0xA0 or code in (0x2028, 0x2029):
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    """``text`` with control and format characters shown as escapes, uncut (units.escape_text)."""
+    return units.escape_text(text, limit=sys.maxsize)
 
 
 def shorten(text: str, max_chars: int = MAX_NAME_CHARS) -> str:
@@ -255,6 +250,7 @@ class HolderFit:
     notes: tuple[Message, ...] = ()
     blockers: tuple[Message, ...] = ()
     step: Message | None = None  # the opt-in step's label
+    source: str = ""  # the holder source the opt-in step asks (a MemoryHolder's freeable_by)
 
 
 def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall_bytes: int,
@@ -287,7 +283,8 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
         label = ", ".join(chosen_models)
         step = msg("plan.unload_ollama", f"also unload from Ollama: {label}, {fmt_bytes(nbytes)}",
                    models=list(chosen_models), names=label, bytes=nbytes, size=fmt_bytes(nbytes))
-        return HolderFit(shortfall_bytes, others, chosen_models, nbytes, True, notes=tuple(notes), step=step)
+        return HolderFit(shortfall_bytes, others, chosen_models, nbytes, True, notes=tuple(notes), step=step,
+                         source=str(runners[0].freeable_by))
     rest = [h for h in here if h.freeable_by is None and h.bytes]
     need = shortfall_bytes - freeable
     blocking: list[MemoryHolder] = []

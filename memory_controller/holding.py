@@ -1,80 +1,91 @@
-"""Who holds memory, at run time: the probe's processes, backends' containers, Ollama's models, named.
+"""The holder census: who holds GPU memory at run time (the probe's processes, backends' containers, other
+holders' models), named.
 
-Glue between the pure classifier (holders.py) and what can only be asked at run time. Ollama is not a
-backend memctl starts models on: it is another holder memctl may ask to unload, reached through the
-client named by :data:`OLLAMA_CLIENT` (imported by name: the core never imports ``backends``). A
-backend that can map PIDs to what it runs offers ``containers_for_pids(pids, timeout_s)``.
+Glue between the pure classifier (holders.py) and what can only be asked at run time. A server holding
+models memctl did not load is another holder memctl may ask to unload: a configured backend hands it over
+as ``holder_client`` (the core never names it). A backend that can map PIDs to what it runs offers
+``Backend.containers_for_pids``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backend import DeploymentState
-from .errors import MemctlError
+from .errors import CorruptDataError, MemctlError
 from .holders import MemoryHolder, classify
+from .safejson import loads_bounded
 from .types import SystemSnapshot
 
 if TYPE_CHECKING:
-    from .controller import MemoryController
-
-OLLAMA_CLIENT = "backends.ollama:create"
-
-
-def ollama_client(ctl: MemoryController) -> Any | None:
-    """The controller's one Ollama client, built once by the registry mechanism the backends use
-    (``OLLAMA_CLIENT`` imported by name); None when it cannot be built (Ollama is then simply not asked)."""
-    try:
-        return ctl.holder_sources.get("ollama")
-    except MemctlError:
-        return None
-
-
-def ollama_models(ctl: MemoryController) -> list | None:
-    client = ollama_client(ctl)
-    return None if client is None else client.loaded(max_age_s=5.0)
-
-
-def holders(ctl: MemoryController, snap: SystemSnapshot | None = None) -> list[MemoryHolder]:
-    """Every process NVML reports on a GPU, named (this memctl, its containers, foreign containers, Ollama,
-    other processes, the desktop), with its bytes."""
-    from .probe.processes import process_info
-
-    snap = snap or ctl.probe.snapshot()
-    pids = sorted({p.pid for g in snap.gpus for p in g.processes})
-    if not pids:
-        return []
-    procs = process_info(pids, memctl_pids=_owner_pids(ctl))
-    containers: dict = {}
-    backends = ctl.backends()
-    for b in backends.values():
-        mapper = getattr(b, "containers_for_pids", None)
-        if mapper is None:
-            continue
-        try:
-            containers.update(mapper(pids, timeout_s=2.0))
-        except Exception:  # noqa: BLE001 - unknown containers are named as plain processes
-            continue
-    own = [d for d in ctl.deployments()
-           if d.state is not DeploymentState.STOPPED and d.backend_id in backends
-           and backends[d.backend_id].capabilities.generates_in_process]
-    return classify(snap, procs, containers, ollama_models(ctl), own, os.getpid())
-
+    from .fleet import Fleet
 
 OWNER_FILE = "server.json"  # written by the owner process (server/owner.py): {"url", "pid", "token", ...}
 
 
-def _owner_pids(ctl: MemoryController) -> tuple[int, ...]:
-    """The owner process's PID (another memctl holding models), read from the state dir; the token in
-    that file is never read into memory beyond the parse."""
-    from .errors import CorruptDataError
-    from .safejson import loads_bounded
+class HolderCensus:
+    """Other holders are handed over by backends (``holder_client``: ``loaded``/``unload``/``emergency_unload``)."""
 
-    try:
-        data = loads_bounded((ctl.settings.state_dir / OWNER_FILE).read_bytes(), what=OWNER_FILE,
-                             max_bytes=64 * 1024, expect=dict)
-    except (OSError, CorruptDataError):
-        return ()
-    pid = data.get("pid")
-    return (pid,) if isinstance(pid, int) and not isinstance(pid, bool) and pid != os.getpid() else ()
+    def __init__(self, probe: Any, fleet: Fleet, state_dir: Path) -> None:
+        self.probe, self.fleet, self.state_dir = probe, fleet, state_dir
+
+    def source(self, source_id: str) -> Any | None:
+        """The client of one other holder (``source_id``: the id of the backend that hands it over, or its own
+        ``source``), or None."""
+        return next((c for bid, c in self._clients() if source_id in (bid, getattr(c, "source", None))), None)
+
+    def _clients(self) -> list[tuple[str, Any]]:
+        out = []
+        for bid, b in self.fleet.backends().items():
+            try:
+                client = getattr(b, "holder_client", None)
+            except MemctlError:
+                client = None
+            if client is not None:
+                out.append((bid, client))
+        return out
+
+    def ollama_client(self) -> Any | None:
+        """The other holder a configured backend hands over (its ``holder_client``: a server holding models
+        memctl did not load, which it may ask to unload); None when no backend offers one."""
+        clients = self._clients()
+        return clients[0][1] if clients else None
+
+    def ollama_models(self) -> list | None:
+        client = self.ollama_client()
+        return None if client is None else client.loaded(max_age_s=5.0)
+
+    def holders(self, snap: SystemSnapshot | None = None) -> list[MemoryHolder]:
+        """Every process NVML reports on a GPU, named (this memctl, its containers, foreign containers, other
+        holders' servers, other processes, the desktop), with its bytes."""
+        from .probe.processes import process_info
+
+        snap = snap or self.probe.snapshot()
+        pids = sorted({p.pid for g in snap.gpus for p in g.processes})
+        if not pids:
+            return []
+        procs = process_info(pids, memctl_pids=self.owner_pids())
+        containers: dict = {}
+        backends = self.fleet.backends()
+        for b in backends.values():
+            try:
+                containers.update(b.containers_for_pids(pids, timeout_s=2.0))
+            except Exception:  # noqa: BLE001 - unknown containers are named as plain processes
+                continue
+        own = [d for d in self.fleet.deployments()
+               if d.state is not DeploymentState.STOPPED and d.backend_id in backends
+               and backends[d.backend_id].capabilities.generates_in_process]
+        return classify(snap, procs, containers, self.ollama_models(), own, os.getpid())
+
+    def owner_pids(self) -> tuple[int, ...]:
+        """The owner process's PID (another memctl holding models), read from the state dir; the token in
+        that file is never read into memory beyond the parse."""
+        try:
+            data = loads_bounded((self.state_dir / OWNER_FILE).read_bytes(), what=OWNER_FILE,
+                                 max_bytes=64 * 1024, expect=dict)
+        except (OSError, CorruptDataError):
+            return ()
+        pid = data.get("pid")
+        return (pid,) if isinstance(pid, int) and not isinstance(pid, bool) and pid != os.getpid() else ()

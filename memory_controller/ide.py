@@ -1,7 +1,9 @@
-"""IDE settings for the memctl server (pure): a Roo Code settings export and a Continue config.yaml.
+"""IDE settings for the memctl server (pure): a Roo Code (and ZooCode) settings export, a Continue
+config.yaml, Kilo Code's kilo.json and aider's model metadata and settings.
 
-Both carry exactly the context the server enforces (``context_window``) and the one output rule
-:func:`max_output_tokens`. Roo Code's "Import" validates the file with its own schema
+Each carries exactly the context the server enforces (``context_window``), the one output rule
+:func:`max_output_tokens`, and tool use only where the server honours it (``tools``: the model's template
+renders tools and its calls are parsed). Roo Code's "Import" validates the file with its own schema
 (``providerProfiles``: ``currentApiConfigName`` + ``apiConfigs.<name>``; the model info needs
 ``contextWindow`` and ``supportsPromptCache``) and budgets ``contextWindow × 0.9 − maxTokens`` for the
 prompt, with ``maxTokens`` at most 20% of the window.
@@ -10,6 +12,7 @@ prompt, with ``maxTokens`` at most 20% of the window.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from .types import Message, msg
@@ -30,13 +33,15 @@ def max_output_tokens(context_window: int) -> int:
     return max(1, min(int(context_window * MAX_OUTPUT_FRACTION), MAX_OUTPUT_CAP_TOKENS))
 
 
-def model_max_positions(ctl: Any, model_id: str) -> int | None:
-    """The model's own maximum context (``max_position_embeddings``), read through ``ctl.resolve``; None
-    when it cannot be read (an unreadable config)."""
+def model_max_positions(resolve: Callable[[str], Any] | None, model_id: str) -> int | None:
+    """The model's own maximum context (``max_position_embeddings``), read through ``resolve`` (the catalog's);
+    None when it cannot be read (no ``resolve``, as for a client of another process; an unreadable config)."""
     from .estimate import read_model_spec
 
+    if resolve is None:
+        return None
     try:
-        return read_model_spec(ctl.resolve(model_id).path).max_position_embeddings
+        return read_model_spec(resolve(model_id).path).max_position_embeddings
     except Exception:  # noqa: BLE001 - unknown: the advice then speaks of memory
         return None
 
@@ -93,8 +98,10 @@ def roo_settings(base_url: str, model_id: str, context_window: int, api_key: str
     return {"providerProfiles": {"currentApiConfigName": PROFILE_NAME, "apiConfigs": {PROFILE_NAME: config}}}
 
 
-def continue_config(base_url: str, model_id: str, context_window: int, api_key: str | None = None) -> str:
-    """A Continue ``config.yaml`` with one model for chat, edit, apply and autocomplete.
+def continue_config(base_url: str, model_id: str, context_window: int, api_key: str | None = None, *,
+                    tools: bool = False) -> str:
+    """A Continue ``config.yaml`` with one model for chat, edit, apply and autocomplete; ``tools``: the server
+    parses this model's tool calls, so Continue may use them (``capabilities: [tool_use]``, agent mode).
 
     Strings are written as JSON scalars (valid YAML), so no model id or URL can break the file.
     """
@@ -122,4 +129,65 @@ def continue_config(base_url: str, model_id: str, context_window: int, api_key: 
         f"      contextLength: {int(context_window)}",
         f"      maxTokens: {max_output_tokens(context_window)}",
     ]
+    if tools:
+        lines += ["    capabilities:", "      - tool_use"]
     return "\n".join(lines) + "\n"
+
+
+KILO_PROVIDER = "memctl"
+
+
+def kilo_config(base_url: str, models: list[tuple[str, int, bool]], api_key: str | None = None) -> dict[str, Any]:
+    """Kilo Code's ``kilo.json`` (``./kilo.json`` or ``~/.config/kilo/kilo.json``): one
+    ``@ai-sdk/openai-compatible`` provider at memctl's URL with each ``(model id, served context, tools)``.
+
+    ``limit.context`` is the served context and ``limit.output`` the answer size that keeps prompt + answer
+    within it (without it Kilo asks for 32,000 tokens); ``tool_call`` is true only where the server parses the
+    model's tool calls. The first model is the default (``model: "memctl/<id>"``).
+    """
+    if not models:
+        raise ValueError("kilo_config needs at least one model")
+    entries: dict[str, Any] = {}
+    for model_id, context_window, tools in models:
+        _check(base_url, model_id, context_window)
+        entries[model_id] = {"name": f"{model_id} (memctl)", "tool_call": bool(tools),
+                             "limit": {"context": int(context_window), "output": max_output_tokens(context_window)}}
+    return {
+        "$schema": "https://app.kilo.ai/config.json",
+        "provider": {KILO_PROVIDER: {
+            "npm": "@ai-sdk/openai-compatible",
+            "name": "memctl (local models)",
+            "options": {"baseURL": base_url, "apiKey": api_key or "not-needed"},
+            "models": entries,
+        }},
+        "model": f"{KILO_PROVIDER}/{models[0][0]}",
+    }
+
+
+def aider_model_name(model_id: str) -> str:
+    """The name aider (litellm) knows the model by: ``openai/<id>`` at ``--openai-api-base``."""
+    return f"openai/{model_id}"
+
+
+def aider_metadata(model_id: str, context_window: int) -> dict[str, Any]:
+    """aider's ``.aider.model.metadata.json`` (litellm's model-cost format) for the served context."""
+    _check("http://x", model_id, context_window)
+    out = max_output_tokens(context_window)
+    return {aider_model_name(model_id): {
+        "max_tokens": out, "max_input_tokens": int(context_window) - out, "max_output_tokens": out,
+        "input_cost_per_token": 0.0, "output_cost_per_token": 0.0, "litellm_provider": "openai", "mode": "chat",
+    }}
+
+
+def aider_settings(model_id: str, context_window: int) -> str:
+    """aider's ``.aider.model.settings.yml``: the model with a ``max_tokens`` aider sends (it sends none by
+    default) so prompt + answer stay within the served context. JSON scalars: valid YAML."""
+    _check("http://x", model_id, context_window)
+    q = json.dumps
+    return "\n".join([
+        f"- name: {q(aider_model_name(model_id))}",
+        "  edit_format: whole",
+        "  use_repo_map: true",
+        "  extra_params:",
+        f"    max_tokens: {max_output_tokens(context_window)}",
+    ]) + "\n"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import holding
-from .backend import Deployment, ReleaseReport
+from .backend import Backend, Deployment, ReleaseReport
 from .errors import MemctlError
 from .holders import after_emergency, remaining_by_device
 from .reports import ClearReport, EmergencyReport
@@ -17,147 +16,157 @@ from .types import Message, Outcome, StepRecord, msg
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
-    from .controller import MemoryController
+    from .fleet import Fleet
+    from .holding import HolderCensus
     from .runner import OperationContext
+    from .serving import ServingState
+    from .settings import Settings
 
 
-def run_unload(ctl: MemoryController, ctx: OperationContext, dep: Deployment) -> ReleaseReport:
-    handles = {(dep.backend_id, dep.handle)}
-    ctl.cancel_generation(handles, "unload")
-    t0 = time.perf_counter()
-    backend = ctl.backend(dep.backend_id)
-    report: ReleaseReport = ctx.call(lambda _p: backend.stop(dep.handle), what=f"unloading {dep.model_id}",
-                                     deadline_s=ctl.settings.step_timeout_s + ctl.settings.vllm_stop_timeout_s * 4)
-    ctx.record.steps.append(StepRecord("unload", report.verdict, time.perf_counter() - t0, report.message.text,
-                                       code=report.message.code, args=_scalars(report.message.args)))
-    ctx.record.params["release"] = {"expected_bytes": report.expected_bytes, "freed_bytes": report.freed_bytes,
-                                    "measure": report.measure}
-    return report
+class Maintenance:
+    """Unload one deployment, clear caches, the emergency clear. ``used_by_device()``: used bytes per device;
+    ``free_holders_in_emergency``: the emergency clear also asks other holders to unload everything."""
 
+    def __init__(self, settings: Settings, probe: Any, fleet: Fleet, census: HolderCensus, ledger: ServingState,
+                 stop_deadline: Callable[[Backend], float], used_by_device: Callable[[], dict[str, int | None]]) -> None:
+        self.settings, self.probe, self.fleet, self.census, self.ledger = settings, probe, fleet, census, ledger
+        self.stop_deadline, self.used_by_device = stop_deadline, used_by_device
 
-def clear_caches(ctl: MemoryController) -> dict[str, object]:
-    gc.unfreeze()  # the user's clear sweeps everything, objects a backend froze too (see gc.freeze)
-    done: dict[str, object] = {"gc_collect": gc.collect() >= 0}
-    for b in ctl.registry.made().values():
-        done.update(b.clear_caches())
-    return done
-
-
-def run_clear(ctl: MemoryController, ctx: OperationContext) -> ClearReport:
-    before = ctl.used_by_device()
-    t0 = time.perf_counter()
-    actions = ctx.call(lambda _p: clear_caches(ctl), what="clear", deadline_s=ctl.settings.step_timeout_s)
-    report = ClearReport(before=before, after=ctl.used_by_device(), actions=actions)
-    freed = {k: v for k, v in report.freed.items() if v}
-    ctx.record.steps.append(StepRecord(
-        "clear", Outcome.SUCCESS, time.perf_counter() - t0,
-        ", ".join(f"{k}: {fmt_bytes(v)}" for k, v in freed.items()) or "no change in used memory"))
-    return report
-
-
-def run_emergency(ctl: MemoryController, ctx: OperationContext, running: Operation | None,
-                  streams_cut: int = 0) -> EmergencyReport:
-    """Every step is attempted even when an earlier one fails; each has its own deadline. Each step
-    says what it did as a code with its arguments (the models it unloaded by name, the operation and
-    the response streams it cut, Ollama's models or that Ollama did not answer), never a bare "done"."""
-    steps = ctx.record.steps
-
-    def attempt(name: str, fn: Callable[[], Message], deadline_s: float) -> None:
+    def run_unload(self, ctx: OperationContext, dep: Deployment) -> ReleaseReport:
+        self.ledger.cancel({(dep.backend_id, dep.handle)}, "unload", frozenset({dep.model_id}))
         t0 = time.perf_counter()
-        ctx.emit(name, f"{name}…", 0.0)
+        backend = self.fleet.backend(dep.backend_id)
+        report: ReleaseReport = ctx.call(lambda _p: backend.stop(dep.handle), what=f"unloading {dep.model_id}",
+                                         deadline_s=self.stop_deadline(backend))
+        ctx.record.steps.append(StepRecord("unload", report.verdict, time.perf_counter() - t0, report.message.text,
+                                           code=report.message.code, args=_scalars(report.message.args)))
+        ctx.record.params["release"] = {"expected_bytes": report.expected_bytes, "freed_bytes": report.freed_bytes,
+                                        "measure": report.measure}
+        return report
+
+    def clear_caches(self) -> dict[str, object]:
+        gc.unfreeze()  # the user's clear sweeps everything, objects a backend froze too (see gc.freeze)
+        done: dict[str, object] = {"gc_collect": gc.collect() >= 0}
+        done.update(self.fleet.clear_caches())
+        return done
+
+    def run_clear(self, ctx: OperationContext) -> ClearReport:
+        before = self.used_by_device()
+        t0 = time.perf_counter()
+        actions = ctx.call(lambda _p: self.clear_caches(), what="clear", deadline_s=self.settings.step_timeout_s)
+        report = ClearReport(before=before, after=self.used_by_device(), actions=actions)
+        freed = {k: v for k, v in report.freed.items() if v}
+        ctx.record.steps.append(StepRecord(
+            "clear", Outcome.SUCCESS, time.perf_counter() - t0,
+            ", ".join(f"{k}: {fmt_bytes(v)}" for k, v in freed.items()) or "no change in used memory"))
+        return report
+
+    def run_emergency(self, ctx: OperationContext, running: Operation | None,
+                      streams_cut: int = 0) -> EmergencyReport:
+        """Every step is attempted even when an earlier one fails; each has its own deadline. Each step
+        says what it did as a code with its arguments (the models it unloaded by name, the operation and
+        the response streams it cut, another holder's models or that it did not answer), never a bare "done"."""
+        steps = ctx.record.steps
+
+        def attempt(name: str, fn: Callable[[], Message], deadline_s: float) -> None:
+            t0 = time.perf_counter()
+            ctx.emit(name, f"{name}…", 0.0)
+            try:
+                said = call_with_deadline(lambda _p: fn(), what=name, deadline_s=deadline_s)
+                steps.append(StepRecord(name, Outcome.SUCCESS, time.perf_counter() - t0, said.text, code=said.code,
+                                        args=_scalars(said.args)))
+            except BaseException as exc:  # noqa: BLE001 - the next step must run anyway
+                steps.append(StepRecord(name, Outcome.ERROR, time.perf_counter() - t0, str(exc),
+                                        code=f"err.{getattr(exc, 'code', 'error')}",
+                                        args=_scalars(getattr(exc, "args_", {}))))
+            ctx.emit(name, steps[-1].message, 1.0, steps[-1].duration_s)
+
+        def wait_running() -> Message:
+            if running is None:
+                if streams_cut:
+                    return msg("emergency.cut_streams",
+                               f"no operation was running; {streams_cut} response stream(s) cut", streams=streams_cut)
+                return msg("emergency.nothing_running", "no operation and no response stream was running")
+            running.cancel.set()
+            if not running.wait(30):
+                raise MemctlError(f"{running.kind} is still finishing", "its result is discarded when it returns")
+            return msg("emergency.op_stopped", f"{running.kind} stopped; {streams_cut} response stream(s) cut",
+                       op=running.kind, streams=streams_cut)
+
+        attempt("cancel", wait_running, 35)
+        snap = self.probe.snapshot()
+        for bid, backend in self.fleet.backends().items():
+            def stop_all(b=backend, bid=bid) -> Message:
+                avail = b.availability(snap)
+                if not avail.ok:
+                    reason = avail.reason.text if avail.reason else "unavailable"
+                    if b.capabilities.needs_gpu and not snap.has_gpu:
+                        return msg("emergency.no_gpu_backend", f"no GPU: nothing of {bid} can run ({reason})",
+                                   backend=bid)
+                    if avail.reason is not None and avail.reason.code == "backend.not_running":
+                        # its server is down: no model of it is loaded
+                        return msg("emergency.backend_not_running", f"nothing of {bid} runs ({reason})", backend=bid)
+                    raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
+                                      "check it by hand", code="emergency.backend_unreachable",
+                                      args={"backend": bid, "reason": reason})
+                reports, names, failed = [], [], []
+                for d in b.list_managed():  # straight from an outside engine: nothing missed
+                    try:
+                        r = b.stop(d.handle)
+                        reports.append(f"{d.model_id}: freed {fmt_bytes(r.freed_bytes)}")
+                        names.append(f"{d.model_id} ({fmt_bytes(r.freed_bytes)})")
+                    except MemctlError as exc:
+                        failed.append(f"{d.model_id}: {exc.message}")
+                if failed:
+                    raise MemctlError("; ".join(failed), "check it by hand")
+                if not reports:
+                    return msg("emergency.nothing_loaded", "nothing was running")
+                return msg("emergency.stopped", "; ".join(reports), models=", ".join(names))
+
+            attempt(f"stop_{bid}", stop_all, self.stop_deadline(backend) + 30)
+        if self.settings.emergency_unloads_ollama:
+            attempt("unload_ollama", self._unload_ollama, 60)
+
+        def clear() -> Message:
+            done = ", ".join(k for k, v in self.clear_caches().items() if v)
+            return msg("emergency.cleared", done or "caches cleared", what=done)
+
+        attempt("clear", clear, self.settings.step_timeout_s)
+        errors = [s for s in steps if s.outcome is Outcome.ERROR]
+        remaining, verdict = [], None
         try:
-            said = call_with_deadline(lambda _p: fn(), what=name, deadline_s=deadline_s)
-            steps.append(StepRecord(name, Outcome.SUCCESS, time.perf_counter() - t0, said.text, code=said.code,
-                                    args=_scalars(said.args)))
-        except BaseException as exc:  # noqa: BLE001 - the next step must run anyway
-            steps.append(StepRecord(name, Outcome.ERROR, time.perf_counter() - t0, str(exc),
-                                    code=f"err.{getattr(exc, 'code', 'error')}", args=_scalars(getattr(exc, "args_", {}))))
-        ctx.emit(name, steps[-1].message, 1.0, steps[-1].duration_s)
-
-    def wait_running() -> Message:
-        if running is None:
-            if streams_cut:
-                return msg("emergency.cut_streams", f"no operation was running; {streams_cut} response stream(s) cut",
-                           streams=streams_cut)
-            return msg("emergency.nothing_running", "no operation and no response stream was running")
-        running.cancel.set()
-        if not running.wait(30):
-            raise MemctlError(f"{running.kind} is still finishing", "its result is discarded when it returns")
-        return msg("emergency.op_stopped", f"{running.kind} stopped; {streams_cut} response stream(s) cut",
-                   op=running.kind, streams=streams_cut)
-
-    attempt("cancel", wait_running, 35)
-    snap = ctl.probe.snapshot()
-    for bid, backend in ctl.backends().items():
-        def stop_all(b=backend, bid=bid) -> Message:
-            avail = b.availability(snap)
-            if not avail.ok:
-                reason = avail.reason.text if avail.reason else "unavailable"
-                if b.capabilities.needs_gpu and not snap.has_gpu:
-                    return msg("emergency.no_gpu_backend", f"no GPU: nothing of {bid} can run ({reason})", backend=bid)
-                raise MemctlError(f"{bid} cannot be reached ({reason}): what it may run was not stopped",
-                                  "check it by hand", code="emergency.backend_unreachable",
-                                  args={"backend": bid, "reason": reason})
-            listing = getattr(b, "list_managed", None)  # straight from an outside engine: nothing missed
-            deps = listing() if listing is not None else b.deployments()
-            reports, names, failed = [], [], []
-            for d in deps:
-                try:
-                    r = b.stop(d.handle)
-                    reports.append(f"{d.model_id}: freed {fmt_bytes(r.freed_bytes)}")
-                    names.append(f"{d.model_id} ({fmt_bytes(r.freed_bytes)})")
-                except MemctlError as exc:
-                    failed.append(f"{d.model_id}: {exc.message}")
-            if failed:
-                raise MemctlError("; ".join(failed), "check it by hand")
-            if not reports:
-                return msg("emergency.nothing_loaded", "nothing was running")
-            return msg("emergency.stopped", "; ".join(reports), models=", ".join(names))
-
-        attempt(f"stop_{bid}", stop_all, ctl.settings.step_timeout_s + ctl.settings.vllm_stop_timeout_s * 4 + 30)
-    if ctl.settings.emergency_unloads_ollama:
-        attempt("unload_ollama", lambda: _unload_ollama(ctl), 60)
-
-    def clear() -> Message:
-        done = ", ".join(k for k, v in clear_caches(ctl).items() if v)
-        return msg("emergency.cleared", done or "caches cleared", what=done)
-
-    attempt("clear", clear, ctl.settings.step_timeout_s)
-    errors = [s for s in steps if s.outcome is Outcome.ERROR]
-    remaining, verdict = [], None
-    try:
-        after = ctl.probe.snapshot()
-        if after.gpus:
-            remaining = remaining_by_device(after, holding.holders(ctl, after))
-            still, verdict = after_emergency(remaining)
-            if still is Outcome.WARNING:
-                errors.append(StepRecord("still_held", Outcome.WARNING, 0.0, verdict.text, code=verdict.code,
-                                         args=_scalars(verdict.args)))
-                steps.append(errors[-1])
-    except Exception:  # noqa: BLE001 - naming holders is best effort; the steps above are the report
-        pass
-    ctx.record.outcome = Outcome.WARNING if errors else Outcome.SUCCESS
-    ctx.record.error = "; ".join(f"{s.name}: {s.message}" for s in errors) or None
-    return EmergencyReport(steps=list(steps), outcome=ctx.record.outcome,
-                           cancelled_operation=running.kind if running else None, remaining=remaining,
-                           verdict=verdict)
+            after = self.probe.snapshot()
+            if after.gpus:
+                remaining = remaining_by_device(after, self.census.holders(after))
+                still, verdict = after_emergency(remaining)
+                if still is Outcome.WARNING:
+                    errors.append(StepRecord("still_held", Outcome.WARNING, 0.0, verdict.text, code=verdict.code,
+                                             args=_scalars(verdict.args)))
+                    steps.append(errors[-1])
+        except Exception:  # noqa: BLE001 - naming holders is best effort; the steps above are the report
+            pass
+        ctx.record.outcome = Outcome.WARNING if errors else Outcome.SUCCESS
+        ctx.record.error = "; ".join(f"{s.name}: {s.message}" for s in errors) or None
+        return EmergencyReport(steps=list(steps), outcome=ctx.record.outcome,
+                               cancelled_operation=running.kind if running else None, remaining=remaining,
+                               verdict=verdict)
 
 
-def _unload_ollama(ctl: MemoryController) -> Message:
-    """The emergency clear's Ollama line, always present when the setting asks for it: the models it
-    unloaded by name, that none was loaded, or that Ollama did not answer (so nothing was asked)."""
-    client = holding.ollama_client(ctl)
-    if client is None:
-        return msg("emergency.ollama_off", "Ollama is not configured: nothing to unload")
-    loaded = client.loaded(max_age_s=0)
-    url = getattr(client, "base_url", "")
-    if loaded is None:
-        return msg("emergency.ollama_silent", f"Ollama did not answer at {url}: none of its models was unloaded",
-                   url=url)
-    if not loaded:
-        return msg("emergency.ollama_empty", f"Ollama at {url} had no model loaded", url=url)
-    summary = client.emergency_unload(10.0)
-    return msg("emergency.ollama_unloaded", summary, models=", ".join(m.name for m in loaded))
+    def _unload_ollama(self) -> Message:
+        """The emergency clear's line for the other holder, always present when the setting asks for it: the
+        models it unloaded by name, that none was loaded, or that it did not answer (so nothing was asked)."""
+        client = self.census.ollama_client()
+        if client is None:
+            return msg("emergency.ollama_off", "Ollama is not configured: nothing to unload")
+        loaded = client.loaded(max_age_s=0)
+        url = getattr(client, "base_url", "")
+        if loaded is None:
+            return msg("emergency.ollama_silent", f"Ollama did not answer at {url}: none of its models was unloaded",
+                       url=url)
+        if not loaded:
+            return msg("emergency.ollama_empty", f"Ollama at {url} had no model loaded", url=url)
+        summary = client.emergency_unload(10.0)
+        return msg("emergency.ollama_unloaded", summary, models=", ".join(m.name for m in loaded))
 
 
 def _scalars(args: object) -> dict[str, object]:

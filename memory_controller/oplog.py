@@ -20,10 +20,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ def _owner_alive(owner: Any) -> bool:
 # --------------------------------------------------------------------------- the log
 
 
+log = logging.getLogger("memctl.oplog")
+
+
 def _describe_write_error(path: Path, exc: OSError) -> str:
     folder = path.parent
     if isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.errno in (errno.EEXIST, errno.ENOTDIR):
@@ -89,6 +93,8 @@ def _describe_write_error(path: Path, exc: OSError) -> str:
         why = f"the state dir {folder} is not writable ({exc.strerror})"
     elif exc.errno == errno.ENOSPC:
         why = f"no space left on the disk of {folder}"
+    elif exc.errno == errno.ELOOP:
+        why = f"{path} is a symbolic link, which memctl does not follow for its log (remove the link)"
     else:
         why = f"{exc.strerror or exc}"
     return (f"could not write the operation log {path}: {why}; this operation is not in the history — "
@@ -149,7 +155,10 @@ class OperationLog:
             try:
                 self._write_line(line)
             except OSError as exc:
-                self._write_errors.append(_describe_write_error(self.path, exc))
+                problem = _describe_write_error(self.path, exc)
+                if problem not in self._write_errors:  # said once (serve output, dashboard log), kept for status
+                    log.warning("%s", problem)
+                self._write_errors.append(problem)
                 del self._write_errors[:-_MAX_WARNINGS]
                 _PROCESS_WRITE_ERRORS[str(self.path)] = list(self._write_errors)
                 return False
@@ -321,3 +330,25 @@ def _reverse_lines(fd: int, path: Path, warnings: list[str]) -> Iterator[tuple[P
         warnings.append(f"{path.name}: skipped a log line over {MAX_LINE_BYTES} bytes at byte 0")
     elif tail:
         yield path, 0, tail
+
+
+class Journal:
+    """The operation runner's hooks: each operation's record goes to ``log`` with used memory before
+    (written before acting: a kill -9 mid-way leaves a record) and after."""
+
+    def __init__(self, log: OperationLog, used_by_device: Callable[[], dict[str, int | None]]) -> None:
+        self.log, self._used = log, used_by_device
+
+    def started(self, record: OperationRecord) -> None:
+        try:
+            record.memory_before = self._used()
+        except Exception:  # noqa: BLE001 - never lose the operation for a probe glitch
+            pass
+        self.log.append_started(record)
+
+    def ended(self, record: OperationRecord) -> None:
+        try:
+            record.memory_after = self._used()
+        except Exception:  # noqa: BLE001
+            pass
+        self.log.append(record)  # False when it could not be written: kept in write_errors()

@@ -13,10 +13,10 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from .backend import Claim, Deployment
-from .errors import StalePlanError
+from .backend import Claim, Deployment, DeploymentState
+from .errors import InsufficientMemoryError, StalePlanError
 from .types import (
     CachedModel,
     DeviceSnapshot,
@@ -33,16 +33,94 @@ APPLY_STEPS = ("unload", "clear", "check", "switch", "prepare", "verify")
 MIN_CONTEXT_TOKENS = 256
 
 
-@dataclass(frozen=True)
-class PlanStep:
-    """One step of a plan. ``kind`` is one of :data:`APPLY_STEPS`."""
+# --------------------------------------------------------------------------- steps: typed values
+class _Step:
+    """Each step carries its ``kind`` as a field (the JSON of a plan names it) and refuses another."""
 
-    kind: str
-    targets: tuple[Deployment, ...] = ()  # unload: what is stopped
-    bytes_by_device: Mapping[str, int] = dataclasses.field(default_factory=dict)  # check: needed per device
-    backend_id: str | None = None  # switch / prepare / verify
-    model_id: str | None = None
-    names: tuple[str, ...] = ()  # unload_ollama: Ollama's models to unload
+    KIND = ""
+
+    def __post_init__(self) -> None:
+        if getattr(self, "kind", None) != self.KIND:
+            raise ValueError(f"a {type(self).__name__} step has kind {self.KIND!r}, not {getattr(self, 'kind', None)!r}")
+
+
+@dataclass(frozen=True)
+class Unload(_Step):
+    """Stop ``targets`` (waiting for, or cancelling, requests generating on them)."""
+
+    KIND = "unload"
+    targets: tuple[Deployment, ...] = ()
+    kind: Literal["unload"] = "unload"
+
+
+@dataclass(frozen=True)
+class FreeHolder(_Step):
+    """Ask another holder of GPU memory (``source``: a holder source's id) to unload ``names`` (opt-in)."""
+
+    KIND = "free_holder"
+    source: str = ""
+    names: tuple[str, ...] = ()
+    kind: Literal["free_holder"] = "free_holder"
+
+    @property
+    def name(self) -> str:
+        return f"unload_{self.source}"
+
+
+@dataclass(frozen=True)
+class Clear(_Step):
+    """Allocator and gc caches of every backend built so far."""
+
+    KIND = "clear"
+    kind: Literal["clear"] = "clear"
+
+
+@dataclass(frozen=True)
+class Check(_Step):
+    """Free memory measured again against what is needed per device."""
+
+    KIND = "check"
+    bytes_by_device: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    kind: Literal["check"] = "check"
+
+
+@dataclass(frozen=True)
+class Switch(_Step):
+    """The serving backend changes from what ran (recorded)."""
+
+    KIND = "switch"
+    backend_id: str = ""
+    model_id: str = ""
+    kind: Literal["switch"] = "switch"
+
+
+@dataclass(frozen=True)
+class Start(_Step):
+    """Start the model on the plan's backend with ``claim`` (the step the guide calls "prepare")."""
+
+    KIND = "prepare"
+    claim: Claim | None = None
+    backend_id: str = ""
+    model_id: str = ""
+    kind: Literal["prepare"] = "prepare"
+
+
+@dataclass(frozen=True)
+class Verify(_Step):
+    """A quick check that what started answers."""
+
+    KIND = "verify"
+    backend_id: str = ""
+    model_id: str = ""
+    kind: Literal["verify"] = "verify"
+
+
+PlanStep = Unload | FreeHolder | Clear | Check | Switch | Start | Verify
+
+
+def step_name(step: PlanStep) -> str:
+    """The step's name in records, progress and the UI ("unload", ..., "unload_<holder source>")."""
+    return step.name if isinstance(step, FreeHolder) else step.kind
 
 
 @dataclass(frozen=True)
@@ -70,12 +148,12 @@ class Plan:
     purpose: str = "switch"  # "switch" | "ide"
     basis: frozenset[tuple[str, str]] = frozenset()  # (backend id, handle) of what ran when planned
     made_at: float = 0.0
-    ollama_offer: Message | None = None  # "also unload from Ollama: …" — fits only with it (opt-in)
+    ollama_offer: Message | None = None  # "also unload from <holder>: …" — fits only with it (opt-in)
     extra_free_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)  # freed by opt-in steps
 
     @property
     def step_names(self) -> tuple[str, ...]:
-        return tuple(s.kind for s in self.steps)
+        return tuple(step_name(s) for s in self.steps)
 
     @property
     def runnable(self) -> bool:
@@ -91,8 +169,7 @@ def target_device(snap: SystemSnapshot, profile: Profile) -> DeviceSnapshot:
         dev = snap.device(f"gpu:{profile.gpu_ids[0]}")
         if dev is not None:
             return dev
-    readable = [g for g in snap.gpus if g.free_bytes is not None]
-    return max(readable, key=lambda g: g.free_bytes or 0) if readable else snap.host
+    return snap.most_free_gpu() or snap.host
 
 
 def freed_by(deployments: Sequence[Deployment], device_key: str) -> int:
@@ -161,8 +238,10 @@ def make_plan(*, backend_id: str, model: CachedModel, profile: Profile, snap: Sy
               suggest: Callable[[int], tuple[int | None, Message | None]]) -> Plan:
     """Build the plan. ``claim_for(snapshot_after_unload)`` asks the backend what it will hold;
     ``suggest(free_after)`` gives (largest context, a suggestion) when it does not fit."""
+    # a failed deployment (its container died, or was started under other settings) is never "already active":
+    # the plan stops it and starts the model afresh
     already = any(d.backend_id == backend_id and d.model_id == model.model_id and d.profile == profile
-                  for d in running)
+                  and d.state is not DeploymentState.FAILED for d in running)
     to_stop = () if already else tuple(running)
     after = with_freed(snap, to_stop)
     claim = claim_for(after)
@@ -184,12 +263,12 @@ def make_plan(*, backend_id: str, model: CachedModel, profile: Profile, snap: Sy
     steps: tuple[PlanStep, ...] = ()
     if not already:
         steps = (
-            PlanStep("unload", targets=to_stop),
-            PlanStep("clear"),
-            PlanStep("check", bytes_by_device=claimed),
-            PlanStep("switch", backend_id=backend_id, model_id=model.model_id),
-            PlanStep("prepare", backend_id=backend_id, model_id=model.model_id),
-            PlanStep("verify", backend_id=backend_id, model_id=model.model_id),
+            Unload(to_stop),
+            Clear(),
+            Check(claimed),
+            Switch(backend_id, model.model_id),
+            Start(claim, backend_id, model.model_id),
+            Verify(backend_id, model.model_id),
         )
     return Plan(
         backend_id=backend_id, model_id=model.model_id, profile=profile, device_key=device_key, steps=steps,
@@ -226,16 +305,46 @@ def check_still_holds(plan: Plan, snap: SystemSnapshot, running: Sequence[Deploy
                 code="stale_plan.memory", args={"device": key, "needed_bytes": need, "free_bytes": free})
 
 
-def with_holders(plan: Plan, fit: Any, *, unload_ollama: bool) -> Plan:
+def with_holders(plan: Plan, fit: Any, *, free_holders: bool) -> Plan:
     """The plan with what other holders mean for it (holders.fit_with_holders): notes always; a blocker
-    naming a foreign process it would need stopped; the Ollama offer, and with ``unload_ollama`` the
+    naming a foreign process it would need stopped; the offer to ask another holder, and with ``free_holders`` the
     opt-in step itself (before the check) and the memory it frees."""
     changes: dict[str, Any] = {"notes": plan.notes + tuple(fit.notes), "blockers": plan.blockers + tuple(fit.blockers)}
     if fit.fits_with_ollama and not plan.fits:
         changes["ollama_offer"] = fit.step
-        if unload_ollama:
+        if free_holders:
             steps = list(plan.steps)
-            steps.insert(1, PlanStep("unload_ollama", names=tuple(fit.ollama_models)))
+            steps.insert(1, FreeHolder(fit.source, tuple(fit.ollama_models)))
             changes.update(steps=tuple(steps), fits=True, extra_free_bytes={plan.device_key: fit.ollama_bytes},
                            free_bytes_after_unload=(plan.free_bytes_after_unload or 0) + fit.ollama_bytes)
     return dataclasses.replace(plan, **changes)
+
+
+def not_fit_error(plan: Plan, free_override: int | None = None) -> InsufficientMemoryError:
+    """The refusal of a plan that does not fit: needed and free bytes, and the suggestion."""
+    free = free_override if free_override is not None else plan.free_bytes_after_unload
+    p = plan.profile
+    hint = (plan.suggestion.text + "; " if plan.suggestion else "") + \
+        "or clear memory, pick a lighter model, or force it at your own risk"
+    err = InsufficientMemoryError(
+        f"{plan.model_id} needs {fmt_bytes(plan.needed_bytes)} on {plan.device_key} "
+        f"({p.precision.value}, context {p.context_tokens}, batch {p.batch}), but only {fmt_bytes(free)} would be free",
+        hint, needed_bytes=plan.needed_bytes, free_bytes=free)
+    err.code = "insufficient_memory"
+    err.args_ = {"model": plan.model_id, "needed_bytes": plan.needed_bytes, "free_bytes": free,
+                 "device": plan.device_key, "suggestion": plan.suggestion.text if plan.suggestion else None}
+    return err
+
+
+_PLAN_ADAPTER: Any = None
+
+
+def plan_from_jsonable(data: Any) -> Plan:
+    """A plan back from its JSON (``to_jsonable(plan)``, e.g. sent to the owner process), every field checked
+    by its type (pydantic); raises ``ValueError`` (pydantic's ValidationError) naming what is wrong."""
+    global _PLAN_ADAPTER
+    if _PLAN_ADAPTER is None:
+        from pydantic import TypeAdapter
+
+        _PLAN_ADAPTER = TypeAdapter(Plan)
+    return _PLAN_ADAPTER.validate_python(data)

@@ -1,20 +1,20 @@
 """Pure recommendation: free memory (and thresholds from config) → status level and profile.
 
-Band edges belong to the upper band: with the default table exactly 8 GiB free is ``vllm_full``,
-8 GiB − 1 byte is ``vllm_limited``; exactly 4 GiB is 🟢, 4 GiB − 1 byte is 🟡; exactly 2 GiB is 🟡.
+Band edges belong to the upper band: with the default table exactly 8 GiB free is the first band,
+8 GiB − 1 byte the second; exactly 4 GiB is 🟢, 4 GiB − 1 byte is 🟡; exactly 2 GiB is 🟡.
 No I/O here: everything comes in as values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .types import (
     DeviceKind,
     DeviceSnapshot,
     Level,
     Message,
-    Mode,
     Precision,
     Profile,
     ProfileBand,
@@ -23,6 +23,9 @@ from .types import (
     msg,
 )
 from .units import fmt_bytes
+
+if TYPE_CHECKING:
+    from .backend import Availability
 
 # A model-aware adjuster: given a profile, return one that fits the model (maybe with a lower
 # context or a quantised precision) plus notes, or None when nothing fits.
@@ -40,17 +43,20 @@ def level_for(free_bytes: int | None, green_min_bytes: int, yellow_min_bytes: in
     return Level.RED
 
 
-def band_for(free_bytes: int, bands: Sequence[ProfileBand], *, transformers_only: bool = False) -> ProfileBand:
-    """The first band (largest threshold first) whose ``min_free_bytes <= free_bytes``."""
+def band_for(free_bytes: int, bands: Sequence[ProfileBand], *,
+             usable: Callable[[ProfileBand], bool] | None = None) -> ProfileBand:
+    """The first band (largest threshold first) whose ``min_free_bytes <= free_bytes`` among the ``usable``
+    ones; when none of those is low enough, the lowest usable band; when no band is usable, the lowest band
+    (the most modest profile: the plan then says what blocks it)."""
     ordered = sorted(bands, key=lambda b: b.min_free_bytes, reverse=True)
-    for band in ordered:
-        if transformers_only and band.mode is not Mode.TRANSFORMERS:
-            continue
+    if not ordered:
+        raise ValueError("the recommendation table is empty")
+    candidates = [b for b in ordered if usable is None or usable(b)]
+    if not candidates:
+        return ordered[-1]
+    for band in candidates:
         if free_bytes >= band.min_free_bytes:
             return band
-    candidates = [b for b in ordered if not transformers_only or b.mode is Mode.TRANSFORMERS]
-    if not candidates:
-        raise ValueError("the recommendation table has no Transformers band")
     return candidates[-1]
 
 
@@ -60,10 +66,7 @@ def pick_device(snapshot: SystemSnapshot, device_key: str | None = None) -> Devi
         dev = snapshot.device(device_key)
         if dev is not None:
             return dev
-    readable = [g for g in snapshot.gpus if g.free_bytes is not None]
-    if readable:
-        return max(readable, key=lambda g: g.free_bytes or 0)
-    return snapshot.host
+    return snapshot.most_free_gpu() or snapshot.host
 
 
 def recommend(
@@ -73,17 +76,18 @@ def recommend(
     green_min_bytes: int,
     yellow_min_bytes: int,
     cpu_half_precision: str = "bf16",
-    docker_available: bool = True,
-    docker_reason: str | None = None,
+    availability: Mapping[str, Availability] | None = None,
+    cpu_backends: Collection[str] | None = None,
     device_key: str | None = None,
     fit: FitCheck | None = None,
 ) -> Recommendation:
     """Recommend a profile for ``device_key`` (default: the GPU with the most free memory, else host).
 
-    On a GPU the guide's table applies. When vLLM is unavailable (no Docker) a vLLM band falls
-    back to the best Transformers band. On the host (no GPU) only Transformers bands apply, on
-    the CPU, with fp16 mapped to ``cpu_half_precision``. ``fit`` (the model-aware seam) may lower
-    the profile further for a chosen model.
+    On a GPU the guide's table applies. A band whose backend is unavailable (``availability``: backend id ->
+    Availability; a backend it does not name counts as unavailable, None: all are available) falls back to
+    the best band whose backend is. On the host (no GPU) only bands of ``cpu_backends`` apply (None: every
+    backend runs on the CPU), on the CPU, with fp16 mapped to ``cpu_half_precision``. ``fit`` (the
+    model-aware seam) may lower the profile further for a chosen model.
 
     ``notes`` explain each adjustment as :class:`Message` codes (a translated UI renders them; ``text`` is
     the English for the CLI and JSON).
@@ -92,27 +96,35 @@ def recommend(
     free = dev.free_bytes if dev.free_bytes is not None else 0
     level = level_for(dev.free_bytes, green_min_bytes, yellow_min_bytes)
     notes: list[Message] = []
+    on_host = dev.kind is DeviceKind.HOST
 
-    if dev.kind is DeviceKind.HOST:
-        vllm_ok = False
-        vllm_reason = "no NVIDIA GPU available" + (f": {snapshot.nvml_hint}" if snapshot.nvml_hint else "")
-    elif not docker_available:
-        vllm_ok = False
-        vllm_reason = f"Docker is not available: {docker_reason or 'the engine did not answer'}"
-    else:
-        vllm_ok, vllm_reason = True, None
+    def why_not(backend_id: str) -> str | None:
+        """None when ``backend_id`` can serve on this device, else why not (one sentence)."""
+        if on_host and cpu_backends is not None and backend_id not in cpu_backends:
+            return (f"{backend_id} needs a GPU: no NVIDIA GPU available"
+                    + (f": {snapshot.nvml_hint}" if snapshot.nvml_hint else ""))
+        if availability is None:
+            return None
+        a = availability.get(backend_id)
+        if a is None:
+            return f"{backend_id} is not configured"
+        if not a.ok:
+            return f"{backend_id} is unavailable: {a.reason.text if a.reason else 'it did not answer'}"
+        return None
 
-    band = band_for(free, bands, transformers_only=not vllm_ok)
+    blocked = {b.mode: why_not(b.mode) for b in bands}
+    preferred_reason = next((r for r in blocked.values() if r is not None), None)
+    band = band_for(free, bands, usable=lambda b: blocked[b.mode] is None)
     natural = band_for(free, bands)
     if natural.name != band.name:
-        notes.append(msg("rec.vllm_unavailable_fallback",
-                         f"the table says {natural.name}, but vLLM is unavailable: {band.name} instead",
-                         table=natural.name, used=band.name))
+        notes.append(msg("rec.backend_unavailable_fallback",
+                         f"the table says {natural.name}, but {natural.mode} is unavailable: {band.name} instead",
+                         table=natural.name, used=band.name, backend=natural.mode, used_backend=band.mode))
 
     precision = band.precision
     device = "cuda"
     gpu_ids: tuple[int, ...] | None = (dev.index,) if dev.index is not None else None
-    if dev.kind is DeviceKind.HOST:
+    if on_host:
         device = "cpu"
         gpu_ids = None
         if precision is Precision.FP16:
@@ -148,8 +160,8 @@ def recommend(
         level=level,
         band=band.name,
         profile=profile,
-        vllm_available=vllm_ok,
-        vllm_reason=vllm_reason,
+        preferred_available=preferred_reason is None,
+        preferred_reason=preferred_reason,
         reason=reason,
         notes=tuple(notes),
     )

@@ -1,7 +1,7 @@
-"""The registry of backends: ids from settings (``[backends]`` in config/defaults.toml), built on first use.
+"""The registry of backends: ids from settings (``[backends.<id>]`` in config/defaults.toml), built on first use.
 
 The core never imports a backend module by name in code: the registry imports the factory named
-in config (``"backends.vllm:create"``) and calls ``factory(settings, probe)``. Adding a backend is
+in config (``factory = "package.module:create"``) and calls ``factory(settings, probe)``. Adding a backend is
 one module and one config line; tests add theirs by passing ready instances.
 """
 

@@ -1,4 +1,4 @@
-"""Results of the controller's maintenance operations and its generation slots."""
+"""Results of the controller's maintenance operations, and the generation ledger (one slot per request)."""
 
 from __future__ import annotations
 

@@ -50,10 +50,31 @@ class Operation:
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _done: threading.Event = field(default_factory=threading.Event)
+    _callbacks: list[Callable[[Operation], None]] = field(default_factory=list)
+    queued: bool = False  # waiting in the runner's queue for the slot (submit(..., queue=True))
 
     @property
     def running(self) -> bool:
         return not self._done.is_set()
+
+    def add_done_callback(self, fn: Callable[[Operation], None]) -> None:
+        """Call ``fn(op)`` once it has ended (at once, on this thread, when it already has); callbacks run on
+        the thread that ends the operation and must not block."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _end(self) -> None:
+        with self._lock:
+            self._done.set()
+            fns, self._callbacks = self._callbacks, []
+        for fn in fns:
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - a broken callback must not break the runner
+                pass
 
     @property
     def elapsed_s(self) -> float:
@@ -172,17 +193,27 @@ class OperationRunner:
         self._lock = threading.Lock()
         self._running: dict[str, Operation] = {}
         self._finished: deque[Operation] = deque(maxlen=keep)
+        self._queue: deque[tuple[Operation, Callable[[OperationContext], Any]]] = deque()
         self.version = 0
 
     # ------------------------------------------------------------------ starting
     def submit(self, kind: str, title: str, body: Callable[[OperationContext], Any],
-               params: dict[str, Any] | None = None) -> Operation:
-        """Start ``body(ctx)`` on a worker; refuse at once (OperationBusyError) when the slot is taken."""
+               params: dict[str, Any] | None = None, *, queue: bool = False) -> Operation:
+        """Start ``body(ctx)`` on a worker; refuse at once (OperationBusyError) when the slot is taken.
+
+        ``queue=True`` (the serving scheduler's on-demand loads): when the slot is taken the operation waits
+        in a FIFO instead (``op.queued``) and starts when the slot frees; an emergency clear cancels what
+        waits there (OperationCancelledError, never run, never logged)."""
         now = time.time()
         op_id = uuid.uuid4().hex[:12]
         record = OperationRecord(op_id=op_id, kind=kind, params=dict(params or {}), started_at=now)
         op = Operation(op_id, kind, title, dict(params or {}), now, record)
         with self._lock:
+            if queue and kind not in CONCURRENT_KINDS and (self._running or self._queue):
+                op.queued = True
+                self._queue.append((op, body))
+                self.version += 1
+                return op
             holders = [o for o in self._running.values() if o.kind not in CONCURRENT_KINDS]
             if kind in CONCURRENT_KINDS and any(o.kind == kind for o in self._running.values()):
                 raise OperationBusyError(f"an {kind.replace('_', ' ')} is already running", "wait for it to finish",
@@ -196,10 +227,42 @@ class OperationRunner:
             if kind in CONCURRENT_KINDS:
                 for o in holders:
                     o.cancel.set()
+                dropped, self._queue = list(self._queue), deque()
+            else:
+                dropped = []
             self._running[op_id] = op
             self.version += 1
+        for waiting, _body in dropped:
+            self._drop(waiting, kind)
         threading.Thread(target=self._work, args=(op, body), name=f"memctl-op-{kind}", daemon=True).start()
         return op
+
+    def _drop(self, op: Operation, by: str) -> None:
+        """End a queued operation that never ran."""
+        op.error = OperationCancelledError(f"{op.kind} ({op.title}) was waiting to start and was dropped by an "
+                                           f"{by.replace('_', ' ')}", "ask again when ready", code="cancelled")
+        op.ended_at = time.time()
+        op.queued = False
+        with self._lock:
+            self._finished.appendleft(op)
+            self.version += 1
+        op._end()
+
+    def _start_queued(self) -> None:
+        """Start the first queued operation when the slot is free (called as each operation ends)."""
+        with self._lock:
+            if self._running or not self._queue:
+                return
+            op, body = self._queue.popleft()
+            op.queued = False
+            op.started_at = op.record.started_at = time.time()
+            self._running[op.op_id] = op
+            self.version += 1
+        threading.Thread(target=self._work, args=(op, body), name=f"memctl-op-{op.kind}", daemon=True).start()
+
+    def queued(self) -> list[Operation]:
+        with self._lock:
+            return [op for op, _ in self._queue]
 
     @staticmethod
     def _busy_error(other: Operation, kind: str) -> OperationBusyError:
@@ -243,7 +306,8 @@ class OperationRunner:
                 self._running.pop(op.op_id, None)
                 self._finished.appendleft(op)
                 self.version += 1
-            op._done.set()
+            op._end()
+            self._start_queued()
 
     def run(self, kind: str, title: str, body: Callable[[OperationContext], Any],
             params: dict[str, Any] | None = None, progress: ProgressCallback | None = None) -> Any:
@@ -289,8 +353,8 @@ class OperationRunner:
     def wait_idle(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            ops = self.running()
+            ops = self.running() or self.queued()
             if not ops:
                 return True
             ops[0].wait(max(0.0, min(0.2, end - time.monotonic())))
-        return not self.running()
+        return not self.running() and not self.queued()

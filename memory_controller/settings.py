@@ -3,9 +3,10 @@
 ``load_settings()`` is the one entry point; an invalid value raises :class:`SettingsError`
 naming the field, the value and what is allowed. Values that would validate but break later are
 refused at load time too: non-finite or absurd numbers (``inf``, ``nan``, ``1e308`` seconds), an
-empty state dir, a recommendation table without a Transformers band, and ``nvml_module`` outside the
-test harness (``MEMCTL_TEST_SEAMS=1``). :func:`settings_warnings` names ``MEMCTL_*`` variables that
-are no setting (a typo: "did you mean ...").
+empty state dir, an empty recommendation table, a backend's options its own model refuses
+(``[backends.<id>]``; ``MEMCTL_<ID>_<OPTION>`` variables are aliases), and ``nvml_module`` outside the
+test harness (``MEMCTL_TEST_SEAMS=1``). :func:`settings_warnings` names ``MEMCTL_*`` variables that are
+no setting (a typo: "did you mean ...").
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -28,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -36,9 +39,10 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from .errors import CorruptDataError, SettingsError
 from .safejson import _depth_ok, loads_bounded
-from .types import Mode, Precision, ProfileBand
+from .types import MAX_BATCH, MAX_CONTEXT_TOKENS, Precision, ProfileBand
 from .units import gib_to_bytes
 
+_M = TypeVar("_M", bound=BaseModel)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "config"
 DEFAULTS_FILE = CONFIG_DIR / "defaults.toml"
@@ -85,10 +89,10 @@ class ProfileBandConfig(BaseModel):
 
     name: str = Field(min_length=1)
     min_free_gib: float = Field(ge=0, le=MAX_GIB)
-    mode: Mode
+    mode: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")  # the backend id the band recommends
     precision: Precision
-    context_tokens: int = Field(gt=0, le=1_048_576)
-    batch: int = Field(gt=0, le=1024)
+    context_tokens: int = Field(gt=0, le=MAX_CONTEXT_TOKENS)
+    batch: int = Field(gt=0, le=MAX_BATCH)
     limited: bool = False
 
     def to_band(self) -> ProfileBand:
@@ -101,6 +105,54 @@ class ProfileBandConfig(BaseModel):
             batch=self.batch,
             limited=self.limited,
         )
+
+
+class BackendConfig(BaseModel):
+    """One ``[backends.<id>]`` table: the factory, and the backend's options (checked by its own model)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+    @property
+    def raw_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _options_model(factory: str) -> type[BaseModel] | None:
+    """The pydantic model of a backend's options: ``OPTIONS_MODEL`` of the module its factory lives in."""
+    import importlib
+
+    try:
+        module = importlib.import_module(factory.partition(":")[0])
+    except Exception:  # noqa: BLE001 - the registry reports a module that cannot be imported
+        return None
+    found = getattr(module, "OPTIONS_MODEL", None)
+    return found if isinstance(found, type) and issubclass(found, BaseModel) else None
+
+
+def _backend_aliases(data: dict[str, Any], environ: Mapping[str, str], own: frozenset[str] = frozenset()
+                     ) -> dict[str, Any]:
+    """``MEMCTL_<ID>_<OPTION>`` variables and flat ``<id>_<option>`` keys (the settings before backends
+    owned theirs) moved into ``backends.<id>``: flat keys over the config tables, the variables over both."""
+    backends = data.get("backends")
+    if not isinstance(backends, dict):
+        return data
+    data = dict(data)
+    backends = {bid: ({"factory": v} if isinstance(v, str) else dict(v) if isinstance(v, dict) else v)
+                for bid, v in backends.items()}
+    for bid, table in backends.items():
+        if not isinstance(table, dict):
+            continue
+        for key in [k for k in data if isinstance(k, str) and k.startswith(f"{bid}_") and k not in own]:
+            table[key[len(bid) + 1:]] = data.pop(key)
+        prefix = f"MEMCTL_{bid.upper()}_"
+        for key, value in environ.items():
+            if (key.upper().startswith(prefix) and key.upper() not in NON_SETTING_VARIABLES
+                    and key[len("MEMCTL_"):].lower() not in own):  # a setting of memctl's own keeps its name
+                table[key[len(prefix):].lower()] = value
+    data["backends"] = backends
+    return data
 
 
 class Settings(BaseSettings):
@@ -137,34 +189,20 @@ class Settings(BaseSettings):
     # Budget of host memory memctl may count as free (bytes); None = what the OS says is available.
     host_memory_budget_bytes: int | None = Field(None, ge=0, le=1 << 60)
 
-    vllm_image: str = Field("vllm/vllm-openai", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
-    vllm_tag: str = Field("v0.33.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-    vllm_port: int = Field(8000, ge=1, le=65535)
     bind_address: str = "127.0.0.1"
     docker_host: str | None = None  # None: DOCKER_HOST or the default socket
-    # Docker network for vLLM containers: None = the default bridge when the engine has one
-    # (port published on bind_address), else host networking with vLLM listening on bind_address.
-    vllm_network: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    vllm_allow_pull: bool = False
-    vllm_ready_timeout_s: float = Field(900, gt=0, le=MAX_TIMEOUT_S)
-    vllm_stop_timeout_s: float = Field(10, ge=0, le=600)
-    vllm_gpu_util_margin: float = Field(0.05, ge=0, le=0.5)
-    vllm_gpu_util_max: float = Field(0.95, gt=0, le=1)
-    vllm_hf_cache_readonly: bool = True
-    vllm_ipc_host: bool = True
-    vllm_shm_size: str = Field("8g", pattern=r"^[0-9]+[bkmg]?$")
-    vllm_api_key: SecretStr | None = None
 
     restore_previous_on_failure: bool = True
     operation_timeout_s: float = Field(1800, gt=0, le=MAX_TIMEOUT_S)  # deadline for one model load
     step_timeout_s: float = Field(120, gt=0, le=MAX_TIMEOUT_S)  # deadline for unload / clear / verify steps
-    transformers_verify_tokens: int = Field(1, ge=1, le=64)
 
     # Binding container ports beyond loopback exposes the model API to the network: opt in explicitly.
     allow_non_loopback_bind: bool = False
 
-    # Backend registry: id -> "package.module:Factory" (factory(settings, probe) -> Backend).
-    backends: dict[str, str] = Field(default_factory=dict)
+    # Backend registry: [backends.<id>] with ``factory = "package.module:create"`` (factory(settings, probe) ->
+    # Backend) and the backend's own options, validated by the model its module names in OPTIONS_MODEL.
+    # ``<id> = "package.module:create"`` is the short form (no options).
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
 
     # The memctl server (OpenAI-compatible API for the IDE + the control API of the owner process).
     serve_port: int = Field(8765, ge=1, le=65535)
@@ -174,10 +212,53 @@ class Settings(BaseSettings):
     serve_idle_unload_s: float = Field(0, ge=0, le=7 * 86_400)  # 0 = never
     serve_heartbeat_s: float = Field(5.0, gt=0, le=60)  # SSE comment heartbeat while a model loads
     ide_min_context: int = Field(32768, ge=256, le=10_000_000)  # IDE-aware sizing's floor
+    # Web origins (besides none, the server's own and vscode-webview://) whose state-changing requests
+    # the server takes, e.g. "http://localhost:3000" or "vscode-file://"; env: comma-separated.
+    serve_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Other holders of GPU memory.
     ollama_host: str = "127.0.0.1:11434"  # OLLAMA_HOST form: host:port or a URL
     emergency_unloads_ollama: bool = True
+
+    _options: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _move_backend_options(cls, data: Any) -> Any:
+        return _backend_aliases(data, os.environ, frozenset(cls.model_fields)) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _check_backend_options(self) -> Settings:
+        for bid, cfg in self.backends.items():
+            model = _options_model(cfg.factory)
+            if model is None:
+                continue
+            try:
+                self._options[bid] = model.model_validate(cfg.raw_options)
+            except ValidationError as exc:
+                raise ValueError("; ".join(_describe_option_error(bid, e) for e in exc.errors())) from None
+        return self
+
+    def backend_options(self, backend_id: str, model: type[_M]) -> _M:
+        """The options of ``[backends.<backend_id>]`` as the backend's own ``model`` (its defaults when the
+        backend is not configured here)."""
+        found = self._options.get(backend_id)
+        if isinstance(found, model):
+            return found
+        cfg = self.backends.get(backend_id)
+        return model.model_validate(cfg.raw_options if cfg is not None else {})
+
+    def __getattr__(self, name: str) -> Any:
+        """``settings.<id>_<option>``: a backend's option under the name it had before backends owned them."""
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            private = object.__getattribute__(self, "__pydantic_private__") or {}
+            for bid, opts in private.get("_options", {}).items():
+                field = name[len(bid) + 1:] if name.startswith(f"{bid}_") else None
+                if field and (field in type(opts).model_fields or hasattr(type(opts), field)):
+                    return getattr(opts, field)
+            raise
 
     @field_validator("state_dir", mode="before")
     @classmethod
@@ -185,6 +266,18 @@ class Settings(BaseSettings):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty (an empty value would put memctl's state in the current folder); "
                              "give a folder such as ~/.local/state/memctl, or unset it for that default")
+        return v
+
+    @field_validator("serve_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in (x.strip() for x in v.split(",")) if p]
+        if isinstance(v, list):
+            for item in v:
+                if not isinstance(item, str) or not re.match(r"^(\*|[a-z][a-z0-9+.-]*://[^\s/]*/?)$", item.strip().lower()):
+                    raise ValueError(f"{str(item)[:80]!r} is not an origin: give scheme://host[:port] "
+                                     "(e.g. http://localhost:3000), a scheme such as vscode-file://, or *")
         return v
 
     @field_validator("nvml_module")
@@ -212,7 +305,7 @@ class Settings(BaseSettings):
 
         if not ipaddress.ip_address(self.bind_address).is_loopback and not self.allow_non_loopback_bind:
             raise ValueError(
-                f"bind_address {self.bind_address} is not a loopback address: vLLM's API would be reachable "
+                f"bind_address {self.bind_address} is not a loopback address: model servers' APIs would be reachable "
                 "from the network; set allow_non_loopback_bind = true (MEMCTL_ALLOW_NON_LOOPBACK_BIND=true) "
                 "to allow it"
             )
@@ -225,13 +318,10 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"profiles: names must be unique, got {names}")
         if not self.profiles:
-            raise ValueError("profiles: the recommendation table is empty; give at least one Transformers band "
-                             "with min_free_gib = 0 (see config/defaults.toml)")
+            raise ValueError("profiles: the recommendation table is empty; give at least one band with "
+                             "min_free_gib = 0 whose backend runs on the CPU (see config/defaults.toml)")
         if min(p.min_free_gib for p in self.profiles) != 0:
             raise ValueError("profiles: one band must have min_free_gib = 0 so every value has a band")
-        if not any(p.mode is Mode.TRANSFORMERS for p in self.profiles):
-            raise ValueError("profiles: the recommendation table has no Transformers band (mode = "
-                             "\"transformers\"); it is the fallback without vLLM and on the CPU: add one")
         return self
 
     @classmethod
@@ -273,16 +363,22 @@ class Settings(BaseSettings):
         return gib_to_bytes(self.cuda_context_reserve_gib)
 
     @property
-    def vllm_image_ref(self) -> str:
-        return f"{self.vllm_image}:{self.vllm_tag}"
-
-    @property
     def resolved_hf_cache_dir(self) -> Path:
         if self.hf_cache_dir is not None:
             return self.hf_cache_dir.expanduser()
         from huggingface_hub import constants
 
         return Path(constants.HF_HUB_CACHE)
+
+
+def _describe_option_error(backend_id: str, err: Any) -> str:
+    field = ".".join(str(x) for x in err.get("loc", ())) or "options"
+    env = f"MEMCTL_{backend_id.upper()}_{field.split('.')[0].upper()}"
+    where = env if env in os.environ else f"{env} or [backends.{backend_id}] in the config file"
+    value = err.get("input")
+    shown = "" if value is None or isinstance(value, dict) else f" = {value!r}"
+    return (f"invalid setting backends.{backend_id}.{field} ({backend_id}_{field}, {where}){shown}: "
+            f"{str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
 
 
 def _describe_validation_error(exc: ValidationError) -> str:
@@ -356,6 +452,24 @@ def load_settings(**overrides: Any) -> Settings:
         ) from None
 
 
+def _backend_option_variables() -> set[str]:
+    """``MEMCTL_<ID>_<OPTION>`` for every option of every backend the config files name."""
+    import tomllib
+
+    names: set[str] = set()
+    for path in (DEFAULTS_FILE, user_config_file()):
+        try:
+            tables = tomllib.loads(path.read_text(encoding="utf-8")).get("backends", {}) if path.is_file() else {}
+        except (OSError, ValueError):
+            continue
+        for bid, cfg in tables.items() if isinstance(tables, dict) else ():
+            factory = cfg if isinstance(cfg, str) else cfg.get("factory") if isinstance(cfg, dict) else None
+            model = _options_model(factory) if isinstance(factory, str) else None
+            if model is not None:
+                names |= {f"MEMCTL_{bid.upper()}_{f.upper()}" for f in model.model_fields}
+    return names
+
+
 def settings_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     """``MEMCTL_*`` variables in the environment that no setting reads (a typo is otherwise silently
     ignored), each with the closest real name ("did you mean ..."). Empty when all is well.
@@ -363,7 +477,8 @@ def settings_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     The CLI prints these to stderr and the dashboard shows them; they never stop memctl.
     """
     env = os.environ if environ is None else environ
-    known = {f"MEMCTL_{name.upper()}" for name in Settings.model_fields} | NON_SETTING_VARIABLES
+    known = ({f"MEMCTL_{name.upper()}" for name in Settings.model_fields} | NON_SETTING_VARIABLES
+             | _backend_option_variables())
     out = []
     for key in sorted(env):
         upper = key.upper()

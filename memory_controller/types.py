@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class Mode(enum.StrEnum):  # str(Mode.VLLM) == "vllm": a backend id
-    VLLM = "vllm"
-    TRANSFORMERS = "transformers"
+# The one range of a profile's knobs: the config's bands, the dashboard's fields, the CLI's flags and labels
+# read back from a container all check against these.
+MAX_CONTEXT_TOKENS = 1_048_576
+MAX_BATCH = 256
 
 
 class Precision(str, enum.Enum):
@@ -155,6 +155,11 @@ class SystemSnapshot:
     def device(self, key: str) -> DeviceSnapshot | None:
         return next((d for d in self.devices if d.key == key), None)
 
+    def most_free_gpu(self) -> DeviceSnapshot | None:
+        """The readable GPU with the most free memory (None when no GPU's memory can be read)."""
+        readable = [g for g in self.gpus if g.free_bytes is not None]
+        return max(readable, key=lambda g: g.free_bytes or 0) if readable else None
+
 
 # --------------------------------------------------------------------------- profiles
 
@@ -163,13 +168,13 @@ class SystemSnapshot:
 class Profile:
     """How to serve a model: the knobs the guide's recommendation table sets."""
 
-    mode: Mode
+    mode: str  # the backend id that serves it ("inmem", or whatever [backends] in the config names)
     precision: Precision
     context_tokens: int
     batch: int
-    double_quant: bool = False  # bitsandbytes 4-bit only
+    double_quant: bool = False  # 4-bit double quantisation (where the backend has it)
     device: str = "cuda"  # "cuda" | "cpu"
-    gpu_ids: tuple[int, ...] | None = None  # None = all visible GPUs (vLLM) / auto
+    gpu_ids: tuple[int, ...] | None = None  # None = all visible GPUs / auto
 
     def with_(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **changes)
@@ -181,7 +186,7 @@ class ProfileBand:
 
     name: str
     min_free_bytes: int
-    mode: Mode
+    mode: str  # a backend id
     precision: Precision
     context_tokens: int
     batch: int
@@ -195,8 +200,8 @@ class Recommendation:
     level: Level
     band: str  # ProfileBand.name that applies
     profile: Profile
-    vllm_available: bool
-    vllm_reason: str | None  # why vLLM is unavailable (no GPU, no Docker...)
+    preferred_available: bool  # every backend the table names can serve on this device
+    preferred_reason: str | None  # else why the first one cannot (no GPU, its engine is down...)
     reason: str  # one sentence: why this profile
     notes: tuple[Message, ...] = ()  # each adjustment, as a code + args (text: English)
 
@@ -250,47 +255,6 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    model_id: str
-    backend: str  # "transformers" | "vllm"
-    device: str  # "cpu", "cuda:0", "cuda:0,1", container GPUs
-    footprint_bytes: int | None
-    profile: Profile | None
-    loaded_at: float
-    name: str | None = None  # container name for vLLM
-    state: str | None = None  # container state / "ready"
-    port: int | None = None
-    health: str | None = None
-
-
-@dataclass(frozen=True)
-class UnloadReport:
-    model_id: str
-    device: str
-    expected_bytes: int  # what the model held
-    freed_bytes: int  # measured
-    still_held_bytes: int  # expected - freed (>= 0)
-    measure: str  # "nvml_used" | "rss_anon"
-    verdict: Outcome
-    message: str
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    name: str
-    container_id: str
-    state: str  # docker's: created/running/exited/...
-    model_id: str | None
-    port: int | None
-    started_at: float | None
-    uptime_s: float | None
-    health: str  # "ready" | "starting" | "unhealthy" | "stopped" | "unknown"
-    profile: dict | None = None
-    image: str | None = None
-    gpu_memory_utilization: float | None = None  # the fraction of each GPU vLLM claims
 
 
 @dataclass(frozen=True)

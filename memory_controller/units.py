@@ -33,6 +33,18 @@ def fmt_bytes(n_bytes: int | float | None) -> str:
     return f"{sign}{int(n)} B"
 
 
+def fmt_duration(seconds: float | None) -> str:
+    """``1h02m``, ``3m05s``, ``12s``; ``—`` for unknown (the UI translates its own units from these parts)."""
+    if seconds is None:
+        return "—"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
 def escape_text(text: str | None, limit: int = 200) -> str:
     """Text from outside (labels, command lines) made safe for one line of output: control characters
     shown as escapes (no forged lines, no terminal sequences), cut at ``limit`` characters."""

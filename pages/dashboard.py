@@ -50,8 +50,7 @@ def page(ctl: Any) -> None:
     keys = [d.key for d in selectable]
     sidebar._restore("device_key")
     if st.session_state.get("device_key") not in keys:
-        readable = [d for d in selectable if d.free_bytes is not None]
-        best = max(readable, key=lambda d: d.free_bytes or 0) if readable else selectable[0]
+        best = snap.most_free_gpu() or selectable[0]
         sidebar.set_field("device_key", best.key)
     availability = {bid: ctl.availability(bid, snap) for bid in ctl.backend_ids()}
     catalog = ui.run_safely(ctl.models)
@@ -83,7 +82,8 @@ def page(ctl: Any) -> None:
     deployments.deployments_section(ctl, running, ui_ops.busy(ctl), snap.has_gpu)
     ide_section.ide_section(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
     cluster_export.cluster_export(ctl, snap, chosen.model.model_id if chosen.model is not None else None)
-    deployments.cached_section(catalog, models, chosen.plans, chosen.profile is not None)
+    deployments.cached_section(catalog, sidebar.models_for(chosen.backend_id, models, set(availability)),
+                               chosen.plans, chosen.profile is not None)
     if snap.gpus:  # on the host the live panel lists the processes; there is no GPU memory to name
         holders_view.holders_section(ctl, snap)
     history.log_section(ctl, snap.has_gpu)

@@ -89,12 +89,11 @@ def check_recommend(ctl: Any, say: Any) -> CheckResult:
     for free_gib in FREE_GIB_RANGE:
         free = int(free_gib * GIB)
         rec = recommend(_synthetic_gpu(free), bands=bands, green_min_bytes=s.green_min_bytes,
-                        yellow_min_bytes=s.yellow_min_bytes, cpu_half_precision=s.cpu_half_precision,
-                        docker_available=True)
+                        yellow_min_bytes=s.yellow_min_bytes, cpu_half_precision=s.cpu_half_precision)
         want = band_for(free, bands)
         want_level = level_for(free, s.green_min_bytes, s.yellow_min_bytes)
         p = rec.profile
-        ok = (rec.band == want.name and rec.level is want_level and p.mode is want.mode and p.precision is want.precision
+        ok = (rec.band == want.name and rec.level is want_level and p.mode == want.mode and p.precision is want.precision
               and p.context_tokens == want.context_tokens and p.batch == want.batch)
         if not ok:
             problems.append(t("diag.rec_mismatch", free=free_gib, got=rec_card.band_title(rec.band, bands),
@@ -102,9 +101,12 @@ def check_recommend(ctl: Any, say: Any) -> CheckResult:
         rows.append(f"| {free_gib:g} GiB | {ui.LEVEL_EMOJI[rec.level]} | {rec_card.band_title(rec.band, bands)} | "
                     f"{ui.backend_label(ctl, p.mode)} | {_precision_cell(p.precision)} | {p.context_tokens} | "
                     f"{p.batch} | {'✅' if ok else '❌'} |")
+    on_cpu = {bid for bid in ctl.backend_ids() if "cpu" in ctl.capabilities(bid).devices}
     host = recommend(_synthetic_host(int(8 * GIB)), bands=bands, green_min_bytes=s.green_min_bytes,
-                     yellow_min_bytes=s.yellow_min_bytes, cpu_half_precision=s.cpu_half_precision)
-    host_ok = host.profile.mode.value == "transformers" and not host.vllm_available and bool(host.vllm_reason)
+                     yellow_min_bytes=s.yellow_min_bytes, cpu_half_precision=s.cpu_half_precision,
+                     cpu_backends=on_cpu)
+    host_ok = (host.profile.mode in on_cpu and host.profile.device == "cpu"
+               and (host.preferred_available or bool(host.preferred_reason)))
     if not host_ok:
         problems.append(t("diag.rec_host_mismatch", band=rec_card.band_title(host.band, bands)))
     rows.append(f"| 8 GiB ({t('diag.rec_host')}) | {ui.LEVEL_EMOJI[host.level]} | "

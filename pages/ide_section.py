@@ -18,7 +18,10 @@ import streamlit as st
 
 from memory_controller.errors import InsufficientMemoryError
 from memory_controller.ide import (
+    aider_metadata,
+    aider_settings,
     continue_config,
+    kilo_config,
     max_output_tokens,
     model_max_positions,
     roo_settings,
@@ -52,10 +55,11 @@ SERVED_TTL_S = 5.0  # a planned context is re-planned at most this often (a full
 FREE_STEP_BYTES = 256 * 1024**2
 
 
-def _served(serving: Any, model_id: str, snap: Any) -> tuple[str, int, tuple[Any, ...]]:
-    """``server.cli.served_context`` (what `memctl ide` prints), kept a few seconds per model, per what
-    runs and per free memory (in 256 MiB steps): a change of any of them is planned again at once."""
-    from server.cli import served_context
+def _served(serving: Any, model_id: str, snap: Any) -> tuple[str, int, tuple[Any, ...], bool]:
+    """``server.cli.served_context`` (what `memctl ide` prints) and whether the server parses the model's tool
+    calls, kept a few seconds per model, per what runs and per free memory (in 256 MiB steps): a change of any
+    of them is planned again at once."""
+    from server.cli import served_context, tools_honoured
 
     running = tuple(sorted((d.handle, d.context_tokens) for d in serving.deployments()))
     free = tuple((d.key, (d.free_bytes or 0) // FREE_STEP_BYTES) for d in snap.devices)
@@ -64,7 +68,7 @@ def _served(serving: Any, model_id: str, snap: Any) -> tuple[str, int, tuple[Any
     now = time.monotonic()
     if cached is not None and cached[0] == key and now - cached[1] < SERVED_TTL_S:
         return cached[2]
-    served = served_context(serving, model_id)
+    served = (*served_context(serving, model_id), tools_honoured(serving, model_id))
     st.session_state["_ide_served"] = (key, now, served)
     return served
 
@@ -89,7 +93,7 @@ def ide_section(ctl: Any, snap: Any, selected_model: str | None) -> None:
         except Exception as exc:  # noqa: BLE001 - shown in words, never a traceback
             ui.error_box(exc, context=t("ide.cannot_serve", model=model_id))
             return
-        model_id, window, notes = served
+        model_id, window, notes, tools = served
         out = max_output_tokens(window)
         base = f"{url}/v1"
         key = api_key(ctl.settings)
@@ -103,13 +107,28 @@ def ide_section(ctl: Any, snap: Any, selected_model: str | None) -> None:
             st.code(value, language=None)
         for note in notes:
             st.caption(f"ℹ️ {ui.sentence(ui.render(note))}")
-        advice = small_window_advice(window, ctl.settings.ide_min_context, model_max_positions(ctl, model_id))
+        advice = small_window_advice(window, ctl.settings.ide_min_context, model_max_positions(getattr(ctl, "resolve", None), model_id))
         if advice is not None:  # fits the cause: the model's own maximum, or free memory (issue 20.6)
             st.warning(f"⚠️ {ui.sentence(ui.render(advice))}.")
         c1, c2 = st.columns(2)
         c1.download_button(t("ide.download_roo"), json.dumps(roo_settings(base, model_id, window, key), indent=2,
                                                              ensure_ascii=False),
                            file_name="memctl-roo-code-settings.json", mime="application/json", key="ide_roo")
-        c2.download_button(t("ide.download_continue"), continue_config(base, model_id, window, key),
+        c2.download_button(t("ide.download_continue"), continue_config(base, model_id, window, key, tools=tools),
                            file_name="config.yaml", mime="application/x-yaml", key="ide_continue")
+        c3, c4, c5 = st.columns(3)
+        c3.download_button(t("ide.download_kilo"), json.dumps(kilo_config(base, [(model_id, window, tools)], key),
+                                                              indent=2, ensure_ascii=False),
+                           file_name="kilo.json", mime="application/json", key="ide_kilo")
+        c4.download_button(t("ide.download_aider_meta"), json.dumps(aider_metadata(model_id, window), indent=2),
+                           file_name=".aider.model.metadata.json", mime="application/json", key="ide_aider_meta")
+        c5.download_button(t("ide.download_aider_settings"), aider_settings(model_id, window),
+                           file_name=".aider.model.settings.yml", mime="application/x-yaml", key="ide_aider_set")
         st.caption(t("ide.how"))
+        holder = serving if hasattr(serving, "serving_pause") else getattr(serving, "local", None)
+        pause = ui.run_safely(holder.serving_pause) if hasattr(holder, "serving_pause") else None
+        if pause:
+            st.warning(t("ide.paused", reason=t(f"ide.paused_{pause.get('reason', 'unload')}")))
+            if st.button(t("ide.resume"), key="ide_resume"):
+                ui.run_safely(holder.resume_serving)
+                st.rerun()

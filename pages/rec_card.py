@@ -40,9 +40,9 @@ def band_title(name: str, bands: tuple[ProfileBand, ...]) -> str:
 
 def band_lines(band: ProfileBand) -> list[str]:
     t = ui.tr()
-    icon = "⚠️" if band.limited else ("✅" if band.mode.value == "vllm" else "🔧")
-    mode = t(f"rec.mode_{band.mode.value}")
-    if band.limited and band.mode.value == "vllm":
+    icon = "⚠️" if band.limited else ("✅" if band.mode == "vllm" else "🔧")
+    mode = t(f"rec.mode_{band.mode}")
+    if band.limited and band.mode == "vllm":
         mode += " " + t("rec.limited")
     precision_key = "rec.quantization" if band.precision.is_quantized else "rec.precision"
     return [f"{icon} **{mode}**", f"{icon} {t(precision_key, precision=band.precision.value.upper())}",
@@ -57,6 +57,9 @@ def note_text(note: Message, bands: tuple[ProfileBand, ...]) -> str:
     for key in ("table", "used"):
         if key in args:
             args[key] = band_title(str(args[key]), bands)
+    for key in ("backend", "used_backend"):  # a backend id as the catalog names it
+        if isinstance(args.get(key), str) and t.has(f"mode.{args[key]}"):
+            args[key] = t(f"mode.{args[key]}")
     for key in ("was", "now", "precision"):
         if isinstance(args.get(key), str):
             args[key] = args[key].upper()
@@ -110,7 +113,7 @@ def recommendation_card(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, rec
     bands = ctl.settings.bands
     natural = band_for(rec.free_bytes or 0, bands)
     exact = rec.band == natural.name and not rec.notes
-    fell_back = any(n.code == "rec.vllm_unavailable_fallback" for n in rec.notes)
+    fell_back = any(n.code == "rec.backend_unavailable_fallback" for n in rec.notes)
     because = [t("rec.because_free", free=ui.gib(rec.free_bytes), device=ui.device_label(dev))]
     if not fell_back:  # else the fallback note names the table's band itself
         because[0] += t("rec.because_band", band=band_title(natural.name, bands))

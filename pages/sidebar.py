@@ -16,6 +16,8 @@ import streamlit as st
 
 from memory_controller.planning import Plan
 from memory_controller.types import (
+    MAX_BATCH,
+    MAX_CONTEXT_TOKENS,
     CachedModel,
     DeviceKind,
     DeviceSnapshot,
@@ -27,8 +29,8 @@ from memory_controller.types import (
 from pages import holders_view, plan_view, rec_card, ui_ops
 from pages import ui_common as ui
 
-CONTEXT_RANGE = (16, 1_048_576)
-BATCH_RANGE = (1, 256)
+CONTEXT_RANGE = (16, MAX_CONTEXT_TOKENS)
+BATCH_RANGE = (1, MAX_BATCH)
 KEPT = "_kept"
 CONTEXT_NOTES = ("rec.context_raised", "rec.context_capped", "rec.context_rule")  # the rec names its own rule
 PLAN_KEY = "_shown_plan"
@@ -217,12 +219,22 @@ def _plans_for(ctl: Any, backend_id: str, models: tuple[CachedModel, ...], profi
         return {m.model_id: None for m in models}
 
 
+def models_for(backend_id: str | None, models: tuple[CachedModel, ...], backend_ids: set[str]) -> tuple[CachedModel, ...]:
+    """The models a mode offers: a backend that lists its own models (Ollama) offers those; the others offer
+    the checkpoints (the models no backend lists itself)."""
+    own = {m.source for m in models if m.source in backend_ids}
+    if backend_id in own:
+        return tuple(m for m in models if m.source == backend_id)
+    return tuple(m for m in models if m.source not in own)
+
+
 # ============================================================================ the sidebar
 def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[CachedModel, ...],
             running: list[Any], availability: dict[str, Any]) -> Selection:
     t = ui.tr()
     busy = ui_ops.busy(ctl)
     backend_id = _backend_choice(ctl, availability, dev, snap, running)
+    models = models_for(backend_id, models, set(availability))
     by_id = {m.model_id: m for m in models}
     model = None
     if not models:

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/apt-deps.sh
 scripts/setup.sh --dev
 .venv/bin/ruff check .
+scripts/agent-clis.sh || echo "WARNING: the agent CLIs did not install; pytest -m agents will fail" >&2
 D=$(mktemp -d /tmp/memctl-dockerd.XXXXXX)
 trap 'scripts/dockerd.sh stop "$D"' EXIT
 if DH=$(scripts/dockerd.sh start "$D"); then

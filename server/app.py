@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from memory_controller.errors import MemctlError
 
+from . import security
 from .control import make_control_router, memctl_error_handler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,4 +48,5 @@ def create_app(ctl: Any, settings: Settings, *, token: str) -> FastAPI:
                        prefix="/control")
     if service is not None:
         app.include_router(service.router)
+    security.install(app, settings)  # Host, Origin, Content-Type and body limits on every route
     return app

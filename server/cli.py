@@ -74,7 +74,11 @@ def _wrap(handler: Handler, *, local: bool = False) -> Callable[[argparse.Namesp
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``serve``, ``ps``, ``unload``, ``ide`` on memctl's sub-command parser."""
-    p = subparsers.add_parser("serve", help="run the memctl server (OpenAI-compatible API for the IDE) here")
+    p = subparsers.add_parser("serve", help="run the memctl server (OpenAI-compatible API for the IDE) here; "
+                                            "`memctl serve resume`: allow loads on demand again after a clear")
+    p.add_argument("action", nargs="?", choices=["resume"], default=None,
+                   help="resume: lift the on-demand pause of the running server (after an emergency clear or "
+                        "an unload, requests do not load models until the user loads one or resumes)")
     p.add_argument("--port", type=_port, default=None, help="port (default: serve_port, 8765; 0: any free port)")
     p.set_defaults(func=cmd_serve_entry, handler=cmd_serve)
 
@@ -87,12 +91,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_wrap(cmd_unload), handler=cmd_unload)
 
-    p = subparsers.add_parser("ide", help="print IDE settings for the memctl server (Roo Code, Continue)")
+    p = subparsers.add_parser("ide", help="print IDE settings for the memctl server (Roo Code/ZooCode, Continue, "
+                                          "Kilo Code, aider)")
     ide_sub = p.add_subparsers(dest="ide", required=True)
-    for name, what in (("roo", "a Roo Code settings file (Settings → Import)"),
-                       ("continue", "a Continue config.yaml")):
+    for name, what in (("roo", "a Roo Code / ZooCode settings file (Settings → Import)"),
+                       ("continue", "a Continue config.yaml"),
+                       ("kilo", "Kilo Code's kilo.json (./kilo.json or ~/.config/kilo/kilo.json)"),
+                       ("aider", "aider's .aider.model.metadata.json (--write DIR: it and .aider.model.settings.yml)")):
         q = ide_sub.add_parser(name, help=what)
         q.add_argument("--model", default=None, help="model id (default: the one running)")
+        if name == "aider":
+            q.add_argument("--write", default=None, metavar="DIR",
+                           help="write .aider.model.metadata.json and .aider.model.settings.yml into DIR")
         q.set_defaults(func=_wrap(cmd_ide), handler=cmd_ide)
 
 
@@ -105,6 +115,8 @@ def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
 
     from .owner import read_owner
 
+    if getattr(args, "action", None) == "resume":
+        return run_handler(cmd_serve_resume, args, settings)
     quiet_library_output()  # the server's log says what memctl does, not Transformers' progress bars
 
     try:
@@ -136,6 +148,21 @@ def cmd_serve(args: argparse.Namespace, ctl: Any) -> int:
     except KeyboardInterrupt:
         pass
     print("memctl server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_serve_resume(args: argparse.Namespace, ctl: Any) -> int:
+    """Lift the on-demand pause of the running server."""
+    if _owner(ctl) is None:
+        print_error(errors.MemctlError("no memctl server runs, so nothing is paused",
+                                        "start one with `memctl serve`", code="no_owner"))
+        return 1
+    pause = ctl.serving_pause()
+    if ctl.resume_serving():
+        why = (pause or {}).get("reason", "a clear").replace("_", " ")
+        print(f"serving resumed: requests load models on demand again (paused since {why})")
+    else:
+        print("serving was not paused: requests load models on demand")
     return 0
 
 
@@ -180,8 +207,29 @@ def ps_rows(ctl: Any) -> list[dict[str, Any]]:
             "queued": s.get("queued", 0),
             "idle_unload_in_s": s.get("idle_unload_in_s"),
             "tools_parsed": s.get("tools_parsed"),
+            "tools": s.get("tools"),
         })
     return rows
+
+
+def _pause_of(ctl: Any) -> dict | None:
+    fn = getattr(ctl, "serving_pause", None)
+    try:
+        return fn() if fn is not None else None
+    except errors.MemctlError:
+        return None
+
+
+def _tools_cell(row: dict[str, Any]) -> str:
+    """yes (parsed by memctl or the engine), no (the template does not render tools: 400 tools_not_supported),
+    text (accepted, calls come back as text: unknown family), — (unknown)."""
+    if row.get("tools") is False:
+        return "no"
+    if row.get("tools_parsed"):
+        return "yes"
+    if row.get("tools_parsed") is False:
+        return "text"
+    return "—"
 
 
 def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
@@ -190,21 +238,25 @@ def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
     rows = ps_rows(ctl)
     if args.json:
         owner = _owner(ctl)
-        print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows},
-                         ensure_ascii=False, indent=2))
+        print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows,
+                          "paused": _pause_of(ctl)}, ensure_ascii=False, indent=2))
         return 0
     if _owner(ctl) is None:
         print("No memctl server runs (`memctl serve` starts one); models of this process only.", file=sys.stderr)
+    pause = _pause_of(ctl)
+    if pause is not None:
+        print(f"On-demand loading is paused since {str(pause.get('reason', '')).replace('_', ' ')}: requests do not "
+              "load models until you load one or run `memctl serve resume`.")
     if not rows:
         print("No models running.")
         return 0
-    rows_out = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN"]]
+    rows_out = [["MODEL", "BACKEND", "ENDPOINT", "CONTEXT", "MEMORY", "TOOLS", "IN FLIGHT", "IDLE UNLOAD IN"]]
     for r in rows:
         memory = describe_memory(dict(sorted(r["memory_bytes"].items())), r.get("mapped_bytes") or 0) or "—"
         flight = str(r["in_flight"]) + (f" (+{r['queued']} queued)" if r["queued"] else "")
         rows_out.append([r["model"], r["backend"], r["endpoint"] or "—",
-                      "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory, flight,
-                      fmt_duration(r["idle_unload_in_s"])])
+                         "—" if r["context_tokens"] is None else str(r["context_tokens"]), memory,
+                         _tools_cell(r), flight, fmt_duration(r["idle_unload_in_s"])])
     print(table(rows_out))
     for r in rows:
         if r["tools_parsed"] is False:
@@ -270,8 +322,40 @@ def _text(m: Any) -> str:
     return str(m)
 
 
+def tools_honoured(ctl: Any, model_id: str) -> bool:
+    """Whether the server parses ``model_id``'s tool calls (its template renders tools and its family is known,
+    or the engine parses them): what IDE settings may promise. Asks the owner's /v1/models when one runs."""
+    owner = _owner(ctl)
+    if owner is not None:
+        import httpx
+
+        key = ctl.settings.serve_api_key
+        headers = {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+        try:
+            data = httpx.get(f"{owner.url}/v1/models", headers=headers, timeout=30, trust_env=False).json()
+            entry = next((m for m in data.get("data", []) if m.get("id") == model_id), None)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+        info = (entry or {}).get("memctl") or {}
+        return info.get("tool_parser") == "engine" or info.get("tools") is True
+    from memory_controller.serving import ControllerEffects
+
+    ctl = getattr(ctl, "local", ctl)  # the in-process ControllerAPI wraps this process's controller
+    try:
+        return ControllerEffects(ctl, ctl.settings).tools_supported(ctl.resolve(model_id), None) is True
+    except errors.MemctlError:
+        return False
+
+
 def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
-    from memory_controller.ide import continue_config, roo_settings
+    from memory_controller.ide import (
+        aider_metadata,
+        aider_model_name,
+        aider_settings,
+        continue_config,
+        kilo_config,
+        roo_settings,
+    )
 
     settings = ctl.settings
     model_id, ctx, notes = served_context(ctl, args.model)
@@ -287,11 +371,34 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
         print(f"note: {_text(note)}", file=sys.stderr)
     from memory_controller.ide import model_max_positions, small_window_advice
 
-    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(ctl, model_id))
+    advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(getattr(ctl, "resolve", None),
+                                                                                    model_id))
     if advice is not None:  # one piece of advice, fitting the cause (never "free memory" at the model's max)
         print(f"warning: {model_id}: {advice.text}", file=sys.stderr)
     if args.ide == "roo":
         print(json.dumps(roo_settings(base_url, model_id, ctx, key), ensure_ascii=False, indent=2))
+    elif args.ide == "continue":
+        sys.stdout.write(continue_config(base_url, model_id, ctx, key, tools=tools_honoured(ctl, model_id)))
+    elif args.ide == "kilo":
+        cfg = kilo_config(base_url, [(model_id, ctx, tools_honoured(ctl, model_id))], key)
+        print(json.dumps(cfg, ensure_ascii=False, indent=2))
+        print(f"note: save it as ./kilo.json (or ~/.config/kilo/kilo.json); run `kilo run -m memctl/{model_id} ...`",
+              file=sys.stderr)
     else:
-        sys.stdout.write(continue_config(base_url, model_id, ctx, key))
+        metadata = json.dumps(aider_metadata(model_id, ctx), ensure_ascii=False, indent=2)
+        run = (f"aider --model {aider_model_name(model_id)} --openai-api-base {base_url} "
+               f"--openai-api-key {'$MEMCTL_SERVE_API_KEY' if key else 'not-needed'}")
+        if args.write:
+            from pathlib import Path
+
+            folder = Path(args.write)
+            if not folder.is_dir():
+                raise errors.SettingsError(f"{args.write} is not a folder", "give an existing folder: --write DIR")
+            (folder / ".aider.model.metadata.json").write_text(metadata + "\n")
+            (folder / ".aider.model.settings.yml").write_text(aider_settings(model_id, ctx))
+            print(f"wrote {folder / '.aider.model.metadata.json'} and {folder / '.aider.model.settings.yml'}")
+        else:
+            print(metadata)
+        print(f"note: run `{run}` (in the folder holding the two files; `--write DIR` writes them)",
+              file=sys.stderr)
     return 0

@@ -439,6 +439,14 @@ class RemoteController:
     def in_flight(self) -> dict[str, int]:
         return self._typed(dict[str, int], "GET", "/in_flight")
 
+    def serving_pause(self) -> dict | None:
+        """The owner's on-demand pause (reason, since, models), or None."""
+        return self._call("GET", "/serving_pause").get("pause")
+
+    def resume_serving(self) -> bool:
+        """Lift the owner's on-demand pause; True when there was one."""
+        return bool(self._call("POST", "/resume_serving", json={}).get("resumed"))
+
     def serve_status(self) -> dict[str, dict]:
         return self._typed(dict[str, dict], "GET", "/serve_status")
 
@@ -505,11 +513,14 @@ class RemoteController:
     def ollama(self) -> Any:
         """This process's Ollama client (Ollama is its own server), built as the controller builds it."""
         if self._ollama is None:
-            from memory_controller.holding import OLLAMA_CLIENT
             from memory_controller.registry import BackendRegistry
 
+            cfg = self.settings.backends.get("ollama")  # the configured Ollama backend's holder view
+            if cfg is None:
+                return None
             try:
-                self._ollama = BackendRegistry({"ollama": OLLAMA_CLIENT}, self.settings, None).get("ollama")
+                backend = BackendRegistry({"ollama": cfg.factory}, self.settings, None).get("ollama")
+                self._ollama = getattr(backend, "holder_client", None)
             except errors.MemctlError:
                 return None
         return self._ollama

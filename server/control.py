@@ -118,10 +118,10 @@ def _profile(data: dict[str, Any] | None) -> Profile | None:
 
 
 def _plan(data: dict[str, Any]) -> Any:
-    from memory_controller.planning import Plan
+    from memory_controller.planning import plan_from_jsonable
 
     try:
-        return from_jsonable(Plan, data)
+        return plan_from_jsonable(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.MemctlError(f"invalid plan: {exc}", "send the plan as /control/plan returned it",
                                  code="invalid_plan") from None
@@ -279,6 +279,16 @@ def make_control_router(ctl: Any, token: str, *,
     @router.get("/in_flight")
     def in_flight() -> Any:
         return api.in_flight()
+
+    @router.get("/serving_pause")
+    def serving_pause() -> Any:
+        """The on-demand pause (None when loads on demand are allowed)."""
+        return {"pause": ctl.serving_pause()}
+
+    @router.post("/resume_serving")
+    def resume_serving() -> Any:
+        """Lift the on-demand pause (after an emergency clear or an unload); the dashboard and `memctl serve resume`."""
+        return {"resumed": bool(ctl.resume_serving())}
 
     @router.get("/serve_status")
     def serve_status_route() -> Any:

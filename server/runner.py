@@ -110,6 +110,9 @@ class ServerHandle:
     def _prepare(self) -> None:
         import uvicorn
 
+        from memory_controller.safefiles import check_state_dir
+
+        check_state_dir(self.settings.state_dir)  # a file, read-only or world-writable: said with the path
         lock = OwnerLock.try_acquire(self.settings)
         if lock is None:
             owner = read_owner(self.settings, wait_s=0.5)
@@ -132,9 +135,12 @@ class ServerHandle:
 
             app = create_app(self.ctl, self.settings, token=lock.token)
         self.app = app  # the FastAPI app being served (its state holds the OpenAI service)
+        from .security import h11_protocol
+
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level=self._log_level,
                                 log_config=None, access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                http=h11_protocol(), h11_max_incomplete_event_size=64 * 1024)
         self._server = _make_server(config, self._on_shutdown)
 
     def _on_shutdown(self) -> None:
@@ -238,10 +244,33 @@ class ServerHandle:
 
         watcher = threading.Thread(target=announce, name="memctl-server-ready", daemon=True)
         watcher.start()
+        previous = _term_like_int()
         try:
             self._server.run(sockets=[self._sock])
         finally:
-            self._cleanup()
+            try:
+                self._cleanup()
+            finally:
+                _restore_term(previous)
+
+
+def _term_like_int() -> Any:
+    """SIGTERM (what systemd and ``docker stop`` send) handled like Ctrl-C while the server runs in the
+    foreground: uvicorn stops serving, then raises the signal again once it has stopped; with Python's
+    default SIGTERM action that killed the process before the owner lock and ``server.json`` were
+    cleaned up, so SIGTERM raises KeyboardInterrupt as SIGINT does. Returns the previous handler."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _restore_term(previous: Any) -> None:
+    import signal
+
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the dashboard's one call

@@ -10,7 +10,7 @@ server tests a fast backend. Its "model" answers deterministically:
 * the memory it claims is the estimate, booked on a ledger (tests wire it to the fake NVML's used bytes).
 
 Knobs (class attributes a test may change on an instance): ``start_delay_s``, ``token_delay_s``,
-``fail_on_start`` / ``fail_on_verify`` (model ids).
+``fail_on_start`` / ``fail_on_verify`` / ``no_tools`` (model ids).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -39,7 +40,7 @@ from memory_controller.types import CachedModel, MemoryEstimate, Outcome, Precis
 Ledger = Callable[[str, int], None]  # (device key, delta bytes)
 
 
-class InMemoryBackend:
+class InMemoryBackend(BackendBase):
     id = "inmem"
     capabilities = Capabilities(
         precisions=(Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.NF4),
@@ -60,6 +61,9 @@ class InMemoryBackend:
         self.token_delay_s = 0.0
         self.fail_on_start: set[str] = set()
         self.fail_on_verify: set[str] = set()
+        self.no_tools: set[str] = set()  # model ids whose "template" does not render tools
+        self.requests: list[GenerationRequest] = []  # what generate_stream was asked, in order
+        self.start_gate: threading.Event | None = None  # set: a start waits for it (tests order events)
         self.starts = 0
         self.stops = 0
         self._lock = threading.Lock()
@@ -98,6 +102,10 @@ class InMemoryBackend:
             if cancel is not None and cancel():
                 raise OperationCancelledError(f"start of {model.model_id} cancelled", "start it again")
             time.sleep(0.01)
+        if self.start_gate is not None:
+            while not self.start_gate.wait(0.01):
+                if cancel is not None and cancel():
+                    raise OperationCancelledError(f"start of {model.model_id} cancelled", "start it again")
         if model.model_id in self.fail_on_start:
             raise ModelLoadError(f"{model.model_id}: the in-memory backend was told to fail", "a test knob")
         dep = Deployment(
@@ -151,7 +159,16 @@ class InMemoryBackend:
         return len(self._prompt_text(request).split()) + 3 * n_msgs + (8 * len(request.tools or ()))
 
     def model_family(self, deployment: Deployment) -> str | None:
-        return "qwen"
+        return None if deployment.model_id in self.no_tools else "qwen"
+
+    # optional: read before loading (the serving scheduler's admission)
+    def count_prompt_tokens(self, model: CachedModel, request: GenerationRequest) -> int:
+        """The prompt's tokens as :meth:`prompt_tokens` counts them, without the model running."""
+        return self.prompt_tokens(None, request)  # type: ignore[arg-type]
+
+    def tool_support(self, model: CachedModel) -> bool | None:
+        """Whether the model's "template" renders tools (``no_tools``: a knob)."""
+        return model.model_id not in self.no_tools
 
     def _answer(self, request: GenerationRequest) -> list[str]:
         if request.prompt is not None:
@@ -174,6 +191,7 @@ class InMemoryBackend:
     def generate_stream(self, deployment: Deployment, request: GenerationRequest,
                         cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
         with self._gen_lock:
+            self.requests.append(request)
             pieces = self._answer(request)
             prompt = self.prompt_tokens(deployment, request)
             produced = ""

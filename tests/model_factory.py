@@ -517,7 +517,7 @@ def chat_tokenizer(family: str, vocab_size: int = 400):
     return fast
 
 
-def build_chat_model(out_dir: Path, family: str, *, seed: int = 0) -> Path:
+def build_chat_model(out_dir: Path, family: str, *, seed: int = 0, max_position_embeddings: int = 2048) -> Path:
     """A tiny random-weight chat model of ``family`` ("qwen", "llama3", "mistral") with its template."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -529,7 +529,7 @@ def build_chat_model(out_dir: Path, family: str, *, seed: int = 0) -> Path:
     ids = tok.convert_tokens_to_ids(list(fam.specials[1:4]))
     cfg = AutoConfig.for_model(fam.arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                               max_position_embeddings=2048, tie_word_embeddings=False,
+                               max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
                                bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -578,3 +578,38 @@ def sparse_into_cache(hub_dir: Path, name: str, shape: LlamaShape, *, config: di
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return snap
+
+
+TOOL_CALL_TEXT = '<tool_call>\n{"name": "read_file", "arguments": {"path": "README.md"}}\n</tool_call>'
+TOOL_ANSWER_TEXT = "The file says hello."
+
+
+def build_tool_model(out_dir: Path, *, seed: int = 50, max_position_embeddings: int = 32768,
+                     call_text: str = TOOL_CALL_TEXT, answer_text: str = TOOL_ANSWER_TEXT) -> Path:
+    """A tiny Qwen-style chat model (real weights, real template) whose generation is deterministic: its
+    ``generation_config.json`` carries a ``sequence_bias`` (a transformers logits processor) that, right after
+    ``<|im_start|>assistant\\n``, writes ``call_text`` (a ``<tool_call>``) then ``<|im_end|>`` — or, when the
+    turn before is a tool result (``</tool_response><|im_end|>\\n<|im_start|>assistant\\n``), ``answer_text``.
+    Each token of a chain is biased by the whole chain so far, so no token of one chain leaks into the other.
+    """
+    import json as _json
+
+    build_chat_model(out_dir, "qwen", seed=seed, max_position_embeddings=max_position_embeddings)
+    tok = chat_tokenizer("qwen")
+
+    def ids(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    anchor = ids("<|im_start|>assistant\n")
+    after_tool = ids("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    bias: list[list[Any]] = []
+    for prefix, text, weight in ((anchor, call_text, 100.0), (after_tool, answer_text, 200.0)):
+        chain = ids(text) + [end]
+        for k in range(len(chain)):
+            bias.append([prefix + chain[:k + 1], weight])
+    cfg_path = Path(out_dir) / "generation_config.json"
+    cfg = _json.loads(cfg_path.read_text())
+    cfg["sequence_bias"] = bias
+    cfg_path.write_text(_json.dumps(cfg))
+    return Path(out_dir)

@@ -28,12 +28,15 @@ def _english_cli(monkeypatch):
     monkeypatch.setenv("MEMCTL_LANGUAGE", "en")
 
 
-def memctl(*argv: str, docker_host: str) -> subprocess.CompletedProcess:
-    """Run ``python -m memctl_cli ARGV`` against ``docker_host``."""
+def memctl(*argv: str, docker_host: str, settings=None) -> subprocess.CompletedProcess:
+    """Run ``python -m memctl_cli ARGV`` against ``docker_host`` (with the vLLM image and port of ``settings``:
+    a container started under other settings is listed as failed)."""
+    same = {} if settings is None else {"MEMCTL_VLLM_IMAGE": settings.vllm_image, "MEMCTL_VLLM_TAG": settings.vllm_tag,
+                                        "MEMCTL_VLLM_PORT": str(settings.vllm_port)}
     return subprocess.run([sys.executable, "-m", "memctl_cli", *argv], cwd=ROOT, text=True,
                           capture_output=True, timeout=60,
                           env=subprocess_env(MEMCTL_DOCKER_HOST=docker_host, MEMCTL_NVML_MODULE="tests.fake_pynvml",
-                                             MEMCTL_FAKE_NVML="one_gpu"))
+                                             MEMCTL_FAKE_NVML="one_gpu", **same))
 
 
 def run_in_process(argv: list[str], settings, capsys) -> tuple[int, str, str]:
@@ -56,8 +59,8 @@ def running(vllm_settings):
 
 
 @pytest.mark.docker
-def test_containers_json_lists_the_running_container_with_health(running, docker_host):
-    proc = memctl("containers", "--json", docker_host=docker_host)
+def test_containers_json_lists_the_running_container_with_health(running, docker_host, vllm_settings):
+    proc = memctl("containers", "--json", docker_host=docker_host, settings=vllm_settings)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     row = rows[running.name]

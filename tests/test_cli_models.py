@@ -16,7 +16,7 @@ from memory_controller import estimate as est
 from memory_controller.catalog import resolve_model
 from memory_controller.errors import InvalidModelIdError, ModelNotFoundError
 from memory_controller.settings import load_settings
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 from memory_controller.units import GIB
 from tests import model_factory as mf
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
@@ -67,7 +67,7 @@ def test_estimate_json_matches_the_estimator(hf_settings, capsys):
                       "--batch", "2", "--device", "cpu", "--json"], hf_settings, capsys)
     assert code == 0
     data = json.loads(out)
-    profile = Profile(Mode.TRANSFORMERS, Precision.NF4, 2048, 2, double_quant=True, device="cpu")
+    profile = Profile("transformers", Precision.NF4, 2048, 2, double_quant=True, device="cpu")
     expected = est.estimate(resolve_model(TINY_UNTIED_ID, hf_settings), profile, hf_settings)
     for key in ("weights_bytes", "kv_cache_bytes", "activation_bytes", "cuda_context_bytes", "total_bytes"):
         assert data[key] == getattr(expected, key)
@@ -77,7 +77,7 @@ def test_estimate_json_matches_the_estimator(hf_settings, capsys):
 
 def test_estimate_with_free_memory_prints_the_largest_context(hf_settings, capsys):
     model = resolve_model(TINY_ID, hf_settings)
-    profile = Profile(Mode.TRANSFORMERS, Precision.BF16, 2048, 1, device="cuda")
+    profile = Profile("transformers", Precision.BF16, 2048, 1, device="cuda")
     expected = est.max_context_that_fits(model, int(0.6 * GIB), profile, hf_settings)
     code, out = _run(["estimate", TINY_ID, "--free-gib", "0.6", "--device", "cuda", "--json"], hf_settings, capsys)
     assert code == 0 and json.loads(out)["max_context_that_fits"] == expected

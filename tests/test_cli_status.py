@@ -25,8 +25,10 @@ def test_status_json_with_no_gpu_shows_host_and_says_why(tmp_path):
     (host,) = data["devices"]
     assert host["kind"] == "host" and host["total_bytes"] > 0
     assert data["recommendation"]["profile"]["device"] == "cpu"
-    assert data["vllm"]["available"] is False
-    assert "no NVIDIA GPU" in data["vllm"]["reason"]
+    assert data["backends"]["vllm"]["available"] is False
+    assert "NVIDIA GPU" in data["backends"]["vllm"]["reason"]
+    assert data["recommendation"]["preferred_available"] is False
+    assert "no NVIDIA GPU" in data["recommendation"]["preferred_reason"]
 
 
 def test_status_text_with_two_fake_gpus(tmp_path):

@@ -12,8 +12,10 @@ import subprocess
 
 import pytest
 
+from backends.ollama import create as ollama_backend
 from memory_controller import MemoryController
 from memory_controller.errors import MemctlError
+from memory_controller.probe import DeviceProbe
 from memory_controller.types import Outcome, Precision, Profile
 from tests.fake_ollama import FakeOllama, FakeOllamaModel
 from tests.fake_pynvml import GIB, FakeGpu, FakeNvml, FakeProcess
@@ -29,7 +31,10 @@ def make(hf_settings, tmp_path, gpu, ollama_host: str) -> MemoryController:
         gpu.used_bytes += delta
 
     settings = hf_settings.model_copy(update={"state_dir": tmp_path / "state", "ollama_host": ollama_host})
-    return MemoryController(settings, nvml=FakeNvml([gpu]).module(), backends={"inmem": InMemoryBackend(ledger=ledger)})
+    probe = DeviceProbe(FakeNvml([gpu]).module())
+    # Ollama comes in as a configured backend does: its holder_client is what the plans ask
+    return MemoryController(settings, probe=probe, backends={"inmem": InMemoryBackend(ledger=ledger),
+                                                             "ollama": ollama_backend(settings, probe)})
 
 
 @pytest.fixture

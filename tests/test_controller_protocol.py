@@ -68,7 +68,7 @@ def test_the_in_memory_backend_implements_the_protocol(backend):
 def test_a_backend_is_one_module_and_one_config_line(hf_settings, tmp_path, monkeypatch):
     monkeypatch.setenv("MEMCTL_BACKENDS", '{"inmem": "tests.inmemory_backend:create"}')
     settings = load_settings(hf_cache_dir=hf_settings.hf_cache_dir, state_dir=tmp_path / "s")
-    assert settings.backends["inmem"] == "tests.inmemory_backend:create"
+    assert settings.backends["inmem"].factory == "tests.inmemory_backend:create"
     c = MemoryController(settings, nvml=FakeNvml([FakeGpu()]).module())
     assert "inmem" in c.registry.ids()
     rec = c.apply("inmem", TINY_ID, profile())

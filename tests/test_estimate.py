@@ -15,7 +15,7 @@ from memory_controller import estimate as est
 from memory_controller.catalog import resolve_model
 from memory_controller.errors import MemctlError, ModelLoadError
 from memory_controller.settings import load_settings
-from memory_controller.types import CachedModel, Mode, Precision, Profile
+from memory_controller.types import CachedModel, Precision, Profile
 from memory_controller.units import MIB
 from tests import model_factory as mf
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _profile(precision: Precision = Precision.BF16, context: int = 1024, batch: int = 1, device: str = "cpu",
              double_quant: bool = False) -> Profile:
-    return Profile(Mode.TRANSFORMERS, precision, context, batch, double_quant=double_quant, device=device)
+    return Profile("transformers", precision, context, batch, double_quant=double_quant, device=device)
 
 
 def _local(path: Path) -> CachedModel:
@@ -239,10 +239,10 @@ def test_catalog_estimator_cli_and_backend_import_without_torch(hf_cache):
         "import memory_controller.catalog as c, memory_controller.estimate as e, memctl_cli.models\n"
         "import backends.transformers\n"
         "from memory_controller.settings import load_settings\n"
-        "from memory_controller.types import Profile, Mode, Precision\n"
+        "from memory_controller.types import Profile, Precision\n"
         f"s = load_settings(hf_cache_dir={str(hf_cache)!r})\n"
         f"m = c.resolve_model({TINY_ID!r}, s)\n"
-        "x = e.estimate(m, Profile(Mode.TRANSFORMERS, Precision.NF4, 512, 1), s)\n"
+        "x = e.estimate(m, Profile('transformers', Precision.NF4, 512, 1), s)\n"
         "heavy = [k for k in ('torch', 'transformers', 'bitsandbytes', 'accelerate') if k in sys.modules]\n"
         "print(json.dumps({'heavy': heavy, 'total': x.total_bytes}))\n"
     )

@@ -15,7 +15,7 @@ import pytest
 from memory_controller import estimate as est
 from memory_controller.errors import CorruptDataError, ModelLoadError
 from memory_controller.settings import load_settings
-from memory_controller.types import CachedModel, Mode, Precision, Profile
+from memory_controller.types import CachedModel, Precision, Profile
 from tests import model_factory as mf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ def _model(path: Path) -> CachedModel:
 
 
 def _profile() -> Profile:
-    return Profile(Mode.TRANSFORMERS, Precision.BF16, 1024, 1, device="cpu")
+    return Profile("transformers", Precision.BF16, 1024, 1, device="cpu")
 
 
 def _write_safetensors(path: Path, header: str | bytes, data_bytes: int = 64, header_len: int | None = None) -> None:

@@ -297,6 +297,13 @@ def test_processes_appending_at_once_through_rotations_tear_no_line(tmp_path):
     assert log.warnings == []  # no torn or interleaved line anywhere
     assert len(list(tmp_path.glob(LOG_NAME + ".*"))) >= 3  # it did rotate (.1 .. .3 and the lock)
     assert all(r.outcome is Outcome.SUCCESS for r in records)  # a start is shadowed by its finish
-    newest = {w: max(int(r.op_id.split("-")[1]) for r in records if r.op_id.startswith(w + "-")) for w in
-              ("w0", "w1", "w2")}
-    assert newest == {"w0": 149, "w1": 149, "w2": 149}
+    # Rotation drops the oldest file, so which writers still show depends on how the scheduler ran them
+    # (on a loaded machine one writer may finish before another starts, and its lines rotate out). What
+    # holds every time: the newest line is some writer's last record, and each writer still present
+    # shows an unbroken run of its newest records up to its last one (no record lost inside the window).
+    assert records and records[0].op_id.endswith("-149"), records[:1]
+    seen = {w: sorted(int(r.op_id.split("-")[1]) for r in records if r.op_id.startswith(w + "-"))
+            for w in ("w0", "w1", "w2")}
+    assert len(records) == sum(len(ids) for ids in seen.values())  # no foreign or duplicated id
+    for w, ids in seen.items():
+        assert ids == list(range(150 - len(ids), 150)), (w, ids)

@@ -83,9 +83,6 @@ batch = 4
 
 @pytest.mark.parametrize(("toml", "words"), [
     ("profiles = []\n", ["profiles", "empty"]),
-    (_VLLM_ONLY, ["profiles", "no Transformers band"]),
-    (_VLLM_ONLY.replace('"vllm_full"', '"a"') + _VLLM_ONLY.replace('"vllm_full"', '"b"').replace("0.0", "8.0"),
-     ["profiles", "no Transformers band"]),
     (_VLLM_ONLY.replace('mode = "vllm"', 'mode = "transformers"').replace("min_free_gib = 0.0", "min_free_gib = inf"),
      ["min_free_gib", "finite"]),
     (_VLLM_ONLY.replace("batch = 4", "batch = 4\ncontext_token = 9"), ["context_token"]),
@@ -98,6 +95,28 @@ def test_a_recommendation_table_that_would_break_at_start_is_refused(monkeypatch
         load_settings()
     for w in words:
         assert w in info.value.message
+
+
+@pytest.mark.parametrize("toml", [
+    _VLLM_ONLY,
+    _VLLM_ONLY.replace('"vllm_full"', '"a"') + _VLLM_ONLY.replace('"vllm_full"', '"b"').replace("0.0", "8.0"),
+])
+def test_a_table_without_a_band_for_the_cpu_loads_and_falls_back_to_its_lowest_band(monkeypatch, tmp_path, toml):
+    """Bands name backend ids; one that cannot serve here (no GPU) falls back generically, never breaks."""
+    from memory_controller.probe.devices import DeviceProbe
+    from memory_controller.recommend import recommend
+    from tests.fake_pynvml import scenario
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(toml)
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(cfg))
+    s = load_settings()
+    assert {b.mode for b in s.bands} == {"vllm"}
+    snap = DeviceProbe(scenario("library_missing").module()).snapshot()
+    r = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
+                  cpu_backends={"transformers"})
+    assert r.band == min(s.bands, key=lambda b: b.min_free_bytes).name and r.profile.device == "cpu"
+    assert not r.preferred_available and "no NVIDIA GPU" in r.preferred_reason
 
 
 def test_an_empty_table_from_the_environment_is_refused(monkeypatch):

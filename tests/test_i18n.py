@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from memory_controller.backend import DeploymentState
+from memory_controller.backend import Availability, DeploymentState
 from memory_controller.i18n import LANGUAGES, Translator, catalog, plural_form, render
 from memory_controller.planning import APPLY_STEPS
-from memory_controller.types import Level, Message, Mode, NvmlStatus, Precision, msg
+from memory_controller.settings import load_settings
+from memory_controller.types import Level, Message, NvmlStatus, Precision, msg
 
 ROOT = Path(__file__).resolve().parent.parent
 UI_FILES = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")), ROOT / "test_memory_controller.py"]
@@ -35,8 +36,9 @@ def _dynamic_keys() -> set[str]:
     keys |= {f"stage.{s}" for s in ("config", "weights", "placing", "warm-up", "ready",  # Transformers
                                     "checking", "pulling", "creating", "waiting")}  # vLLM
     keys |= {f"rule.{r}" for r in ("model_max", "memory")}
-    keys |= {f"precision.{p.value}" for p in Precision} | {f"mode.{m.value}" for m in Mode}
-    keys |= {f"rec.mode_{m.value}" for m in Mode}
+    backend_ids = set(load_settings().backends)
+    keys |= {f"precision.{p.value}" for p in Precision} | {f"mode.{m}" for m in backend_ids}
+    keys |= {f"rec.mode_{m}" for m in backend_ids}
     keys |= {f"ops.{k}" for k in ("apply", "unload")}
     keys |= {f"opkind.{k}" for k in ("apply", "unload", "clear_memory", "emergency_clear")}
     keys |= {f"diag.check_{c}" for c in ("memory", "recommend", "switch", "clear", "emergency")}
@@ -54,7 +56,7 @@ MESSAGE_CODES = (
     "backend.no_gpu", "backend.docker_unavailable", "backend.gpu_missing", "backend.gpu_memory_unknown",
     "backend.model_missing", "backend.over_util_cap", "backend.bad_settings", "backend.tools_not_parsed",
     "plan.context_over_model_max", "plan.suggest_smaller_model", "plan.suggest_profile", "fit.precision",
-    "fit.context", "rec.vllm_unavailable_fallback", "rec.cpu_half_precision", "rec.model_does_not_fit",
+    "fit.context", "rec.backend_unavailable_fallback", "rec.cpu_half_precision", "rec.model_does_not_fit",
     "rec.context_rule", "rec.context_raised_model_max", "rec.context_raised_memory", "rec.context_capped",
     "emergency.nothing_running", "emergency.cut_streams", "emergency.op_stopped", "emergency.no_gpu_backend",
     "emergency.nothing_loaded", "emergency.stopped", "emergency.ollama_off", "emergency.ollama_silent",
@@ -149,9 +151,10 @@ def test_recommendation_notes_are_message_codes_the_catalogs_translate():
     s = load_settings()
     snap = _gpu_snapshot(9)
     no_docker = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
-                          docker_available=False)
-    assert [n.code for n in no_docker.notes] == ["rec.vllm_unavailable_fallback"]
-    assert dict(no_docker.notes[0].args) == {"table": "vllm_full", "used": no_docker.band}
+                          availability={"vllm": Availability(False), "transformers": Availability(True)})
+    assert [n.code for n in no_docker.notes] == ["rec.backend_unavailable_fallback"]
+    assert dict(no_docker.notes[0].args) == {"table": "vllm_full", "used": no_docker.band, "backend": "vllm",
+                                              "used_backend": "transformers"}
     on_cpu = recommend(snap, bands=s.bands, green_min_bytes=s.green_min_bytes, yellow_min_bytes=s.yellow_min_bytes,
                        device_key="host", cpu_half_precision="bf16")
     cpu_note = next(n for n in on_cpu.notes if n.code == "rec.cpu_half_precision")

@@ -7,7 +7,14 @@ import json
 import pytest
 import yaml
 
-from memory_controller.ide import continue_config, max_output_tokens, roo_settings
+from memory_controller.ide import (
+    aider_metadata,
+    aider_settings,
+    continue_config,
+    kilo_config,
+    max_output_tokens,
+    roo_settings,
+)
 
 URL = "http://127.0.0.1:8765/v1"
 
@@ -78,6 +85,46 @@ def test_bad_input_is_refused(url, model, window):
         continue_config(url, model, window)
 
 
+def test_continue_config_declares_tool_use_only_where_tools_are_parsed():
+    with_tools = yaml.safe_load(continue_config(URL, "m", 32768, tools=True))["models"][0]
+    assert with_tools["capabilities"] == ["tool_use"]
+    assert "capabilities" not in yaml.safe_load(continue_config(URL, "m", 32768))["models"][0]
+
+
+def test_kilo_config_is_an_openai_compatible_provider_with_limits_and_tool_call_per_model():
+    cfg = kilo_config(URL, [("org/a", 65536, True), ("org/b:x", 4096, False)], api_key=None)
+    json.loads(json.dumps(cfg))  # plain JSON
+    provider = cfg["provider"]["memctl"]
+    assert provider["npm"] == "@ai-sdk/openai-compatible" and provider["options"]["baseURL"] == URL
+    a, b = provider["models"]["org/a"], provider["models"]["org/b:x"]
+    assert a["limit"] == {"context": 65536, "output": max_output_tokens(65536)} and a["tool_call"] is True
+    assert b["tool_call"] is False and b["limit"]["context"] + 0 >= b["limit"]["output"] * 5
+    assert cfg["model"] == "memctl/org/a"
+    with pytest.raises(ValueError):
+        kilo_config(URL, [])
+
+
+def test_aider_files_carry_the_served_context_and_a_max_tokens():
+    meta = aider_metadata("org/m", 32768)["openai/org/m"]
+    out = max_output_tokens(32768)
+    assert meta["max_input_tokens"] + meta["max_output_tokens"] == 32768 and meta["max_tokens"] == out
+    (entry,) = yaml.safe_load(aider_settings("org/m", 32768))
+    assert entry["name"] == "openai/org/m" and entry["extra_params"] == {"max_tokens": out}
+
+
+def test_tool_support_is_read_from_the_template_files_alone(tmp_path):
+    import os
+
+    from backends.transformers.checks import template_renders_tools
+
+    assert template_renders_tools(tmp_path) is None  # no template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert template_renders_tools(tmp_path) is False
+    (tmp_path / "chat_template.jinja").write_text("{% if tools %}{{ tools | tojson }}{% endif %}{{ messages }}")
+    assert template_renders_tools(tmp_path) is True
+    (tmp_path / "chat_template.jinja").unlink()
+    os.mkfifo(tmp_path / "chat_template.jinja")  # never opened: it would block
+    assert template_renders_tools(tmp_path) is False
 def test_small_window_advice_fits_the_cause():
     """Issue 20.6: at the model's own maximum more memory would not help; below it, memory is the cause."""
     from memory_controller.ide import small_window_advice

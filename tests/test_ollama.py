@@ -19,7 +19,7 @@ from backends.ollama import (
     OllamaRefusedError,
     OllamaTimeoutError,
     OllamaUnavailableError,
-    create,
+    client_for,
     parse_host,
     validate_model_name,
 )
@@ -44,7 +44,7 @@ def gpu_setup():
     with fake:
         settings = load_settings(ollama_host=fake.host)
         yield SimpleNamespace(gpu=gpu, probe=probe, fake=fake, settings=settings,
-                              client=create(settings, probe), ctl=SimpleNamespace(settings=settings, probe=probe))
+                              client=client_for(settings, probe), ctl=SimpleNamespace(settings=settings, probe=probe))
 
 
 def _free_port() -> int:
@@ -198,7 +198,7 @@ def test_bad_ollama_host_is_a_settings_error(value):
 
 
 def test_remote_ollama_does_not_wait_for_local_nvml(gpu_setup):
-    client = create(load_settings(ollama_host="http://gpu-box.example:11434"), gpu_setup.probe)
+    client = client_for(load_settings(ollama_host="http://gpu-box.example:11434"), gpu_setup.probe)
     assert client._free_bytes is None
 
 

@@ -218,16 +218,19 @@ def test_bad_fields_are_400_naming_the_field(served):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
-def test_a_model_that_cannot_fit_is_503_with_needed_and_free_and_what_runs_keeps_running(served):
+def test_a_model_that_cannot_fit_is_a_4xx_clients_do_not_retry_with_needed_and_free_once(served):
+    """Waiting does not free memory: not a 503 (ai-sdk, litellm and cn retry every 5xx whatever
+    x-should-retry says), and the numbers are said once."""
     small = Profile(mode="inmem", precision=Precision.NF4, context_tokens=64, batch=1, device="cuda")
     served.ctl.apply("inmem", TINY_ID, small)
     served.gpu.used_bytes = served.gpu.total_bytes  # another program took the rest of the GPU
-    with pytest.raises(openai.InternalServerError) as err:
+    with pytest.raises(openai.UnprocessableEntityError) as err:
         served.client.chat.completions.create(model=TINY_UNTIED_ID, messages=[{"role": "user", "content": "x"}])
-    assert err.value.status_code == 503
+    assert err.value.status_code == 422
     body = err.value.body
     assert body["code"] == "insufficient_memory"
     assert "needs" in body["message"] and "free" in body["message"]
+    assert body["message"].count(" needs ") == 1
     assert served.running() == [TINY_ID]
 
 
@@ -298,8 +301,8 @@ def test_unknown_family_accepts_tools_and_returns_the_text(base_settings):
 
 def test_status_names_the_tool_parser(served):
     served.ctl.ensure_deployment(TINY_ID)
-    assert served.service.status()[TINY_ID] == {"in_flight": 0, "queued": 0, "idle_unload_in_s": None,
-                                                "tool_parser": "qwen", "tools_parsed": True}
+    assert served.service.status()[TINY_ID] == {"in_flight": 0, "queued": 0, "leases": 0, "idle_unload_in_s": None,
+                                                "tool_parser": "qwen", "tools_parsed": True, "tools": True}
 
 
 # --------------------------------------------------------------------------- models on demand

@@ -133,7 +133,8 @@ def proxied_vllm(vllm_settings, hf_cache, tmp_path, user_network) -> Iterator[tu
     from tests.test_openai_api import start_uvicorn
 
     settings = with_changes(vllm_settings, hf_cache_dir=hf_cache, state_dir=tmp_path / "state",
-                            vllm_network=user_network, backends={"vllm": "backends.vllm:create"})
+                            vllm_network=user_network,
+                            backends={"vllm": vllm_settings.backends["vllm"].model_dump()})  # vLLM alone, its options kept
     ctl = MemoryController(settings, nvml=scenario("one_gpu").module())
     service = OpenAIService(ctl, settings)
     from fastapi import FastAPI

@@ -25,10 +25,36 @@ if not hasattr(mf, "build_chat_cache"):
 FAMILIES = ("qwen", "llama3", "mistral")
 
 
+PLAIN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _plain_chat_model(hub) -> str:
+    """A chat model whose template ignores ``tools`` (as many base-model templates do)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(dir=hub.parent) as tmp:
+        out = mf.build_chat_model(Path(tmp), "qwen", seed=30)
+        jinja = Path(tmp) / "chat_template.jinja"
+        if jinja.exists():
+            jinja.write_text(PLAIN_TEMPLATE)
+        cfg_path = Path(tmp) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        if "chat_template" in cfg:
+            cfg["chat_template"] = PLAIN_TEMPLATE
+            cfg_path.write_text(json.dumps(cfg))
+        del out
+        mf.add_to_hf_cache(Path(tmp), hub, f"{mf.TEST_ORG}/tiny-plain-chat")
+    return f"{mf.TEST_ORG}/tiny-plain-chat"
+
+
 @pytest.fixture(scope="module")
 def chat_hub(tmp_path_factory) -> tuple:
     hub = tmp_path_factory.mktemp("hf_chat") / "hub"
-    return hub, mf.build_chat_cache(hub)
+    ids = mf.build_chat_cache(hub)
+    ids["plain"] = _plain_chat_model(hub)
+    return hub, ids
 
 
 @pytest.fixture
@@ -88,3 +114,27 @@ def test_completions_for_autocomplete(served_tf, chat_hub):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 5
+
+
+def test_tools_for_a_template_that_ignores_them_are_refused_before_loading(served_tf, chat_hub):
+    plain, qwen = chat_hub[1]["plain"], chat_hub[1]["qwen"]
+    with pytest.raises(openai.BadRequestError) as err:
+        served_tf.client.chat.completions.create(model=plain, messages=[{"role": "user", "content": "hi"}],
+                                                 tools=TOOLS, max_tokens=2)
+    assert err.value.body["code"] == "tools_not_supported" and plain in err.value.body["message"]
+    assert served_tf.running() == []
+    listed = {m["id"]: m for m in httpx.get(served_tf.base_url + "/models", timeout=60).json()["data"]}
+    assert listed[plain]["memctl"]["tools"] is False and listed[qwen]["memctl"]["tools"] is True
+    r = served_tf.client.chat.completions.create(model=plain, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2)  # without tools it is served
+    assert r.usage.completion_tokens <= 2
+
+
+def test_an_over_context_request_is_refused_with_the_real_tokenizer_before_loading(served_tf, chat_hub):
+    qwen = chat_hub[1]["qwen"]
+    ctx = served_tf.ctl.plan(served_tf.ctl.serving_backend_id(), qwen, purpose="ide").profile.context_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        served_tf.client.chat.completions.create(model=qwen, stream=True, max_tokens=1,
+                                                 messages=[{"role": "user", "content": "hi " * ctx}])
+    assert err.value.body["code"] == "context_length_exceeded" and str(ctx) in err.value.body["message"]
+    assert served_tf.running() == []

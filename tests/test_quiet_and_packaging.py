@@ -53,3 +53,28 @@ def test_pyproject_draws_no_setuptools_deprecation_warning():
         apply_configuration(Distribution(), ROOT / "pyproject.toml")
     deprecated = [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
     assert not deprecated, deprecated[0][:300]
+
+
+@pytest.mark.parametrize("mode", ["loud", "quiet"])
+def test_the_transformers_backend_adds_its_librarys_quiet_defaults_only_in_a_quiet_process(mode):
+    """The core's quiet switch names no backend: the Transformers backend adds its library's defaults when it
+    is built in a quiet process, before the library is imported."""
+    code = (
+        "import os, sys\n"
+        "from memory_controller.quiet import quiet_library_output\n"
+        "from memory_controller.settings import load_settings\n"
+        "if sys.argv[1] == 'quiet':\n"
+        "    quiet_library_output()\n"
+        "import backends.transformers as bt\n"
+        "bt.create(load_settings(), None)\n"
+        "print(os.environ.get('TRANSFORMERS_VERBOSITY'), os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'),\n"
+        "      'transformers' in sys.modules)\n"
+    )
+    env = subprocess_env()
+    for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        env.pop(key, None)
+    p = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    expected = "error 1 False" if mode == "quiet" else "None None False"
+    assert p.stdout.split("\n")[0] == expected, p.stdout

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from memory_controller.backend import Availability
 from memory_controller.probe.devices import DeviceProbe
 from memory_controller.recommend import band_for, level_for, recommend
 from memory_controller.settings import load_settings
-from memory_controller.types import Level, Mode, Precision, msg
+from memory_controller.types import Level, Precision, msg
 from tests.fake_pynvml import GIB, scenario
 
 S = load_settings()
@@ -15,6 +16,7 @@ S = load_settings()
 
 def rec(name: str, **kw):
     snap = DeviceProbe(scenario(name).module()).snapshot()
+    kw.setdefault("cpu_backends", {"transformers"})
     return recommend(snap, bands=S.bands, green_min_bytes=S.green_min_bytes,
                      yellow_min_bytes=S.yellow_min_bytes, cpu_half_precision=S.cpu_half_precision, **kw)
 
@@ -22,14 +24,14 @@ def rec(name: str, **kw):
 @pytest.mark.parametrize(
     ("free_bytes", "band", "mode", "precision", "ctx", "batch"),
     [
-        (24 * GIB, "vllm_full", Mode.VLLM, Precision.FP16, 2048, 4),
-        (8 * GIB, "vllm_full", Mode.VLLM, Precision.FP16, 2048, 4),
-        (8 * GIB - 1, "vllm_limited", Mode.VLLM, Precision.FP16, 1024, 2),
-        (6 * GIB, "vllm_limited", Mode.VLLM, Precision.FP16, 1024, 2),
-        (6 * GIB - 1, "transformers_fp16", Mode.TRANSFORMERS, Precision.FP16, 1024, 1),
-        (4 * GIB, "transformers_fp16", Mode.TRANSFORMERS, Precision.FP16, 1024, 1),
-        (4 * GIB - 1, "transformers_int8", Mode.TRANSFORMERS, Precision.INT8, 512, 1),
-        (0, "transformers_int8", Mode.TRANSFORMERS, Precision.INT8, 512, 1),
+        (24 * GIB, "vllm_full", "vllm", Precision.FP16, 2048, 4),
+        (8 * GIB, "vllm_full", "vllm", Precision.FP16, 2048, 4),
+        (8 * GIB - 1, "vllm_limited", "vllm", Precision.FP16, 1024, 2),
+        (6 * GIB, "vllm_limited", "vllm", Precision.FP16, 1024, 2),
+        (6 * GIB - 1, "transformers_fp16", "transformers", Precision.FP16, 1024, 1),
+        (4 * GIB, "transformers_fp16", "transformers", Precision.FP16, 1024, 1),
+        (4 * GIB - 1, "transformers_int8", "transformers", Precision.INT8, 512, 1),
+        (0, "transformers_int8", "transformers", Precision.INT8, 512, 1),
     ],
 )
 def test_gpu_table_at_exact_byte_edges(free_bytes, band, mode, precision, ctx, batch):
@@ -60,19 +62,20 @@ def test_indicator_edges(free_bytes, level):
 def test_no_gpu_recommends_transformers_on_cpu_from_host_memory_and_says_why_not_vllm():
     r = rec("library_missing")
     assert r.device_key == "host"
-    assert r.profile.mode is Mode.TRANSFORMERS and r.profile.device == "cpu"
+    assert r.profile.mode == "transformers" and r.profile.device == "cpu"
     assert r.profile.precision is not Precision.FP16  # mapped for the CPU
-    assert not r.vllm_available
-    assert "no NVIDIA GPU" in r.vllm_reason
+    assert not r.preferred_available
+    assert "no NVIDIA GPU" in r.preferred_reason
 
 
 def test_docker_missing_on_a_big_gpu_falls_back_to_transformers_with_a_note():
-    r = rec("free_gib=20", docker_available=False, docker_reason="daemon down")
-    assert r.profile.mode is Mode.TRANSFORMERS
+    down = Availability(False, msg("backend.docker_unavailable", "Docker is not available: daemon down"))
+    r = rec("free_gib=20", availability={"vllm": down, "transformers": Availability(True)})
+    assert r.profile.mode == "transformers"
     assert r.band == "transformers_fp16"
-    assert not r.vllm_available and "daemon down" in r.vllm_reason
+    assert not r.preferred_available and "daemon down" in r.preferred_reason
     assert any("vllm_full" in n.text for n in r.notes)
-    assert any(n.code == "rec.vllm_unavailable_fallback" for n in r.notes)
+    assert any(n.code == "rec.backend_unavailable_fallback" for n in r.notes)
 
 
 def test_best_gpu_is_chosen_unless_one_is_asked_for():

@@ -116,3 +116,55 @@ def test_without_an_owner_the_commands_act_locally_and_say_so(tmp_path, hf_cache
 def test_serve_rejects_a_bad_port_with_exit_2(tmp_path, hf_cache):
     out = memctl(tmp_path, hf_cache, "serve", "--port", "70000")
     assert out.returncode == 2 and "70000" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_after_an_unload_ps_shows_the_pause_and_serve_resume_lifts_it(served, tmp_path, hf_cache):
+    with controller_for(load_settings()) as client:
+        client.apply("inmem", TINY_ID)
+        ps = json.loads(memctl(tmp_path, hf_cache, "ps", "--json").stdout)
+        assert ps["paused"] is None and ps["models"][0]["tools"] is True
+        assert "TOOLS" in memctl(tmp_path, hf_cache, "ps").stdout
+        assert memctl(tmp_path, hf_cache, "unload", TINY_ID).returncode == 0
+        assert client.serving_pause()["models"] == [TINY_ID]
+        text = memctl(tmp_path, hf_cache, "ps")
+        assert "paused" in text.stdout and "memctl serve resume" in text.stdout
+        resumed = memctl(tmp_path, hf_cache, "serve", "resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "serving resumed" in resumed.stdout and client.serving_pause() is None
+        again = memctl(tmp_path, hf_cache, "serve", "resume")
+        assert again.returncode == 0 and "was not paused" in again.stdout
+
+
+def test_serve_resume_without_a_server_says_nothing_runs(tmp_path, hf_cache):
+    r = memctl(tmp_path, hf_cache, "serve", "resume")
+    assert r.returncode == 1 and "no memctl server runs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ide_kilo_and_aider_through_the_owner_are_read_back(served, tmp_path, hf_cache):
+    with controller_for(load_settings()) as client:
+        (dep,) = [client.ensure_deployment(TINY_ID)] if hasattr(client, "ensure_deployment") else [None]
+        if dep is None:
+            client.apply("inmem", TINY_ID)
+            (dep,) = client.deployments()
+    kilo = memctl(tmp_path, hf_cache, "ide", "kilo")
+    assert kilo.returncode == 0, kilo.stderr
+    cfg = json.loads(kilo.stdout)
+    provider = cfg["provider"]["memctl"]
+    assert provider["options"]["baseURL"] == served.url + "/v1"
+    model = provider["models"][TINY_ID]
+    assert model["limit"] == {"context": dep.context_tokens, "output": max_output_tokens(dep.context_tokens)}
+    assert model["tool_call"] is True  # the in-memory backend's "template" renders tools (qwen family)
+    assert cfg["model"] == f"memctl/{TINY_ID}"
+
+    cont = yaml.safe_load(memctl(tmp_path, hf_cache, "ide", "continue").stdout)
+    assert cont["models"][0]["capabilities"] == ["tool_use"]
+
+    out = tmp_path / "aider"
+    out.mkdir()
+    aider = memctl(tmp_path, hf_cache, "ide", "aider", "--write", str(out))
+    assert aider.returncode == 0, aider.stderr
+    meta = json.loads((out / ".aider.model.metadata.json").read_text())[f"openai/{TINY_ID}"]
+    assert meta["max_input_tokens"] + meta["max_output_tokens"] == dep.context_tokens
+    (entry,) = yaml.safe_load((out / ".aider.model.settings.yml").read_text())
+    assert entry["extra_params"]["max_tokens"] == max_output_tokens(dep.context_tokens)
+    assert f"--openai-api-base {served.url}/v1" in aider.stderr

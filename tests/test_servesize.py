@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from memory_controller.servesize import ide_profile
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 
-BASE = Profile(mode=Mode.TRANSFORMERS, precision=Precision.BF16, context_tokens=2048, batch=1)
+BASE = Profile(mode="transformers", precision=Precision.BF16, context_tokens=2048, batch=1)
 LADDER = (Precision.INT8, Precision.NF4)
 MIN = 32768
 

@@ -114,3 +114,24 @@ def test_a_bad_value_from_the_file_is_not_blamed_on_the_environment(monkeypatch,
     monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(cfg))
     with pytest.raises(SettingsError, match="MEMCTL_LANGUAGE or the config file"):
         load_settings()
+
+
+def test_a_backends_options_are_its_own_model_under_its_table_and_the_old_variables_are_aliases(monkeypatch, tmp_path):
+    from backends.vllm.options import VllmOptions, vllm_options
+    from memory_controller.settings import settings_warnings
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[backends.vllm]\nfactory = "backends.vllm:create"\nport = 9100\ntag = "v0.27.1"\n')
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(cfg))
+    s = load_settings()
+    opts = vllm_options(s)
+    assert isinstance(opts, VllmOptions) and (opts.port, opts.tag, opts.image) == (9100, "v0.27.1", "vllm/vllm-openai")
+    assert s.backends["vllm"].factory == "backends.vllm:create" and s.vllm_port == 9100  # the old name still reads
+    monkeypatch.setenv("MEMCTL_VLLM_PORT", "9200")  # the old variable overrides the table
+    assert vllm_options(load_settings()).port == 9200
+    assert settings_warnings({"MEMCTL_VLLM_PORT": "1", "MEMCTL_VLLM_READY_TIMEOUT_S": "5"}) == []
+    assert "MEMCTL_VLLM_PROT" in settings_warnings({"MEMCTL_VLLM_PROT": "1"})[0]
+    monkeypatch.setenv("MEMCTL_VLLM_PROT", "9300")  # an option the backend's model does not have
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "backends.vllm.prot" in info.value.message and "MEMCTL_VLLM_PROT" in info.value.message

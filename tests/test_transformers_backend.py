@@ -21,14 +21,14 @@ from memory_controller.errors import (
     QuantizationUnavailableError,
 )
 from memory_controller.probe import DeviceProbe
-from memory_controller.types import Mode, Outcome, Precision, Profile
+from memory_controller.types import Outcome, Precision, Profile
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 
 MB = 1_000_000
 
 
 def _profile(precision: Precision = Precision.BF16, device: str = "cpu", double_quant: bool = False) -> Profile:
-    return Profile(Mode.TRANSFORMERS, precision, 256, 1, double_quant=double_quant, device=device)
+    return Profile("transformers", precision, 256, 1, double_quant=double_quant, device=device)
 
 
 def start(be: TransformersBackend, model, profile: Profile, **kwargs):
@@ -369,9 +369,9 @@ def test_a_claim_for_a_quantised_profile_imports_no_torch(hf_settings):
     code = ("import sys; from pathlib import Path; from backends.transformers import create; "
             "from memory_controller.settings import load_settings; from memory_controller.catalog import resolve_model; "
             "from memory_controller.probe import DeviceProbe; from memory_controller import estimate as est; "
-            "from memory_controller.types import Mode, Precision, Profile; "
+            "from memory_controller.types import Precision, Profile; "
             f"s = load_settings(hf_cache_dir=Path({str(hf_settings.hf_cache_dir)!r}), local_model_dirs=[]); "
-            f"m = resolve_model({TINY_ID!r}, s); p = Profile(Mode.TRANSFORMERS, Precision.NF4, 256, 1, device='cpu'); "
+            f"m = resolve_model({TINY_ID!r}, s); p = Profile('transformers', Precision.NF4, 256, 1, device='cpu'); "
             "c = create(s, None).claim(m, p, est.estimate(m, p, s), DeviceProbe().snapshot()); "
             "print(c.blockers == (), 'torch' in sys.modules, 'bitsandbytes' in sys.modules)")
     root = __import__("pathlib").Path(__file__).resolve().parent.parent

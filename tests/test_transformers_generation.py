@@ -13,10 +13,10 @@ from backends.transformers.generation import template_messages
 from memory_controller.backend import GenerationRequest
 from memory_controller.catalog import resolve_model
 from memory_controller.errors import MemctlError
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 from tests.fixtures_models import TINY_ID
 
-PROFILE = Profile(Mode.TRANSFORMERS, Precision.FP32, 512, 1, device="cpu")
+PROFILE = Profile("transformers", Precision.FP32, 512, 1, device="cpu")
 TOOLS = ({"type": "function", "function": {
     "name": "read_file", "description": "Read a file of the workspace",
     "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}},)

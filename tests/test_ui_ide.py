@@ -37,6 +37,12 @@ def memctl_ide(tmp_path, hf_cache, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def cli_kilo(tmp_path, hf_cache) -> str:
+    cli = memctl_ide(tmp_path, hf_cache, "kilo", "--model", TINY_ID)
+    assert cli.returncode == 0, cli.stderr
+    return cli.stdout
+
+
 def test_ide_section_numbers_equal_memctl_ide_for_the_selected_and_the_running_model(
         app_factory, hf_cache, tmp_path):  # noqa: F811
     port = free_port()
@@ -67,7 +73,10 @@ def test_ide_section_numbers_equal_memctl_ide_for_the_selected_and_the_running_m
     assert "Освободите память" not in page
     ide = next(e for e in at.expander if e.label == "🔌 Подключить IDE")  # the cluster export has its own
     labels = [b.label for b in ide.get("download_button")]
-    assert labels == ["⬇️ Настройки Roo Code (JSON)", "⬇️ Continue config.yaml"]
+    assert labels == ["⬇️ Настройки Roo Code (JSON)", "⬇️ Continue config.yaml", "⬇️ Kilo Code kilo.json",
+                      "⬇️ aider: .aider.model.metadata.json", "⬇️ aider: .aider.model.settings.yml"]
+    kilo = json.loads(cli_kilo(tmp_path, hf_cache))
+    assert kilo["provider"]["memctl"]["models"][TINY_ID]["limit"]["context"] == planned
 
     # running: the deployment's own context
     at.button(key="btn_apply").click().run()
@@ -80,6 +89,14 @@ def test_ide_section_numbers_equal_memctl_ide_for_the_selected_and_the_running_m
     assert cli.returncode == 0, cli.stderr
     assert f"contextLength: {dep.context_tokens}" in cli.stdout
     assert f"maxTokens: {max_output_tokens(dep.context_tokens)}" in cli.stdout
+
+    # an emergency clear pauses loads on demand: the section says so and resumes them
+    controller().emergency_clear()
+    at.run()
+    assert any("приостановлена после экстренной очистки" in w.value for w in at.warning)
+    at.button(key="ide_resume").click().run()
+    assert controller().serving_pause() is None
+    assert not any("приостановлена" in w.value for w in at.warning)
 
 
 def test_ide_section_without_a_server_says_how_to_start_it(app_factory, hf_cache):  # noqa: F811

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from memory_controller.backend import Deployment, DeploymentState
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 from tests import model_factory as mf
 from tests.fixtures_models import TINY_ID
 from tests.ui_harness import APP, GIB, app_factory, buttons, choose_inmem, settle, texts  # noqa: F401
@@ -123,7 +123,7 @@ def test_step_and_stage_names_say_what_they_do_and_what_takes_the_time():
 def test_a_deployment_row_gives_its_endpoint_as_a_base_url_never_a_port():
     from pages.deployments import deployment_row
 
-    profile = Profile(Mode.VLLM, Precision.FP16, 4096, 1)
+    profile = Profile("vllm", Precision.FP16, 4096, 1)
     dep = Deployment("vllm", "abc123", "org/model", profile, DeploymentState.READY, {"gpu:0": 20 * GIB},
                      endpoint="http://127.0.0.1:8000/v1", started_at=1.0, name="memctl-vllm", device="cuda:0")
     row = deployment_row(None, dep)
@@ -138,7 +138,7 @@ def test_a_memory_mapped_model_shows_its_mapped_pages_and_private_bytes_each_nam
     from pages.deployments import deployment_row
     from pages.ui_ops import release_text
 
-    profile = Profile(Mode.TRANSFORMERS, Precision.BF16, 1024, 1, device="cpu")
+    profile = Profile("transformers", Precision.BF16, 1024, 1, device="cpu")
     dep = Deployment("transformers", "org/m", "org/m", profile, DeploymentState.READY, {"host": 128},
                      started_at=1.0, device="cpu", detail={"mapped_bytes": 940 * 2**20})
     row = deployment_row(None, dep)

@@ -33,7 +33,7 @@ from memory_controller.errors import (
     SettingsError,
 )
 from memory_controller.settings import load_settings
-from memory_controller.types import DeviceKind, DeviceSnapshot, DeviceStatus, Mode, Precision, Profile
+from memory_controller.types import DeviceKind, DeviceSnapshot, DeviceStatus, Precision, Profile
 from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plugins
     estimate_of,
     fake_probe,
@@ -42,7 +42,7 @@ from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plug
 )
 
 GIB = 1024**3
-FP16 = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=2048, batch=4)
+FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=2048, batch=4)
 
 
 def gpu(index: int = 0, total_gib: float = 24, free_gib: float = 23, status=DeviceStatus.OK) -> DeviceSnapshot:

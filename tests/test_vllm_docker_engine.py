@@ -15,7 +15,7 @@ from backends.vllm.args import container_name_for
 from backends.vllm.labels import MANAGED_LABEL
 from memory_controller.backend import DeploymentState
 from memory_controller.errors import ContainerError, ContainerStartError, OperationCancelledError
-from memory_controller.types import CachedModel, Mode, Outcome, Precision, Profile
+from memory_controller.types import CachedModel, Outcome, Precision, Profile
 from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plugins
     make_cached_model,
     make_vllm_backend,
@@ -27,7 +27,7 @@ from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plug
 pytestmark = pytest.mark.docker
 
 GIB = 1024**3
-FP16 = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=2048, batch=4)
+FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=2048, batch=4)
 
 
 def fetch(port: int, path: str) -> str:

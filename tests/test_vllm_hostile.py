@@ -16,7 +16,7 @@ from backends.vllm.holders import container_id_of, holders_for_pids
 from backends.vllm.labels import escape_text, read_labels, write_labels
 from memory_controller.backend import DeploymentState
 from memory_controller.errors import ContainerError
-from memory_controller.types import Mode, Outcome, Precision, Profile
+from memory_controller.types import Outcome, Precision, Profile
 from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plugins
     free_port,
     make_cached_model,
@@ -27,7 +27,7 @@ from tests.fixtures_docker import (  # fixtures come from conftest's pytest_plug
 )
 
 GIB = 1024**3
-FP16 = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=2048, batch=4)
+FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=2048, batch=4)
 GOOD = write_labels(model_id="Org/Good", served_name="Org/Good", profile=FP16, port=8000, gpu_util=0.5,
                     claim_bytes={"gpu:0": 12 * GIB}, tool_parser="hermes")
 DEEP_LIST = "[" * 5000 + "]" * 5000

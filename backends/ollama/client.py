@@ -34,6 +34,7 @@ UNLOAD_REQUEST_TIMEOUT_S = 15.0  # Ollama answers an unload once the runner is t
 POLL_INTERVAL_S = 0.25
 MEMORY_BACK_SHARE = 0.75
 MAX_BODY_BYTES = 1024 * 1024
+SHOW_MAX_BYTES = 16 * 1024 * 1024
 MAX_MODELS = 256
 
 # Ollama's name parts: [host[:port]/][namespace/]model[:tag]; each part starts with a letter or digit.
@@ -214,7 +215,8 @@ class OllamaClient:
         self.last_error: OllamaError | None = None
 
     # ------------------------------------------------------------------ HTTP
-    def _request(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None) -> Any:
+    def _request(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None,
+                 max_bytes: int = MAX_BODY_BYTES) -> Any:
         timeout = httpx.Timeout(timeout_s or self.timeout_s, connect=CONNECT_TIMEOUT_S)
         where = f"{self.base_url}{path}"
         try:
@@ -224,8 +226,8 @@ class OllamaClient:
                 raw = bytearray()
                 for chunk in resp.iter_bytes():
                     raw += chunk
-                    if len(raw) > MAX_BODY_BYTES:
-                        raise OllamaMalformedError(f"Ollama {path}: answer over {MAX_BODY_BYTES} bytes",
+                    if len(raw) > max_bytes:
+                        raise OllamaMalformedError(f"Ollama {path}: answer over {max_bytes} bytes",
                                                    "the server at MEMCTL_OLLAMA_HOST is not Ollama")
                 status = resp.status_code
         except httpx.TimeoutException:
@@ -238,7 +240,7 @@ class OllamaClient:
                 f"Ollama does not answer at {self.base_url} ({type(exc).__name__})",
                 "start Ollama (ollama serve / systemctl start ollama) or set MEMCTL_OLLAMA_HOST",
                 args={"host": self.base_url}) from None
-        data = self._parse(bytes(raw), path)
+        data = self._parse(bytes(raw), path, max_bytes)
         if status >= 400:
             detail = data.get("error") if isinstance(data, dict) else None
             detail = escape_text(str(detail)[:300]) if detail else f"HTTP {status}"
@@ -251,14 +253,14 @@ class OllamaClient:
         return data
 
     @staticmethod
-    def _parse(raw: bytes, path: str) -> Any:
+    def _parse(raw: bytes, path: str, max_bytes: int = MAX_BODY_BYTES) -> Any:
         text = raw.strip()
         if b"\n" in text:  # a streamed answer (NDJSON): the last object is the final one
             text = text.rsplit(b"\n", 1)[-1]
         if not text:
             return {}
         try:
-            return loads_bounded(text, what=f"Ollama {path} answer", max_bytes=MAX_BODY_BYTES)
+            return loads_bounded(text, what=f"Ollama {path} answer", max_bytes=max_bytes)
         except CorruptDataError as exc:
             raise OllamaMalformedError(exc.message, "the server at MEMCTL_OLLAMA_HOST does not speak Ollama's API") from None
 
@@ -344,6 +346,54 @@ class OllamaClient:
         return OllamaUnloadReport(n, target.size_vram, True, freed, waited, Outcome.SUCCESS, msg(
             "ollama.unload.done", text, model=n, freed_bytes=freed, size_bytes=target.size_vram,
             waited_s=round(waited, 1), freed=fmt_bytes(freed), size=size))
+
+    # ------------------------------------------------------------------ models (the serving backend)
+    def tags(self) -> list[dict[str, Any]]:
+        """Installed models (``/api/tags``): dicts with ``name``, ``size``, ``details``; names validated."""
+        data = self._request("GET", "/api/tags")
+        items = data.get("models") if isinstance(data, dict) else None
+        if items is None:
+            return []
+        if not isinstance(items, list) or len(items) > MAX_MODELS * 16:
+            raise OllamaMalformedError("Ollama /api/tags: 'models' is not a list", "the server at ollama_host is not Ollama")
+        out = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            name = item.get("name") or item.get("model")
+            try:
+                validate_model_name(name)
+            except InvalidOllamaNameError:
+                continue  # a name memctl could not pass back safely is not listed
+            out.append(item)
+        return out
+
+    def show(self, name: str) -> dict[str, Any]:
+        """``/api/show`` for ``name``: ``model_info``, ``capabilities``, ``details``, ``parameters``."""
+        # the answer lists every tensor and the license: larger than the other answers
+        data = self._request("POST", "/api/show", {"model": validate_model_name(name)}, max_bytes=SHOW_MAX_BYTES)
+        if not isinstance(data, dict):
+            raise OllamaMalformedError("Ollama /api/show: expected a JSON object", "the server at ollama_host is not Ollama")
+        return data
+
+    def create(self, name: str, from_: str, parameters: dict[str, Any], timeout_s: float = 120.0) -> None:
+        """A derived model (``/api/create`` with ``from`` and ``parameters``): no weights are copied."""
+        data = self._request("POST", "/api/create", {"model": validate_model_name(name), "from": validate_model_name(from_),
+                                                     "parameters": parameters, "stream": False}, timeout_s=timeout_s)
+        status = data.get("status") if isinstance(data, dict) else None
+        if status != "success":
+            raise OllamaMalformedError(f"Ollama /api/create for {name} did not say success ({str(status)[:60]!r})",
+                                       "see Ollama's log (journalctl -u ollama)")
+
+    def delete(self, name: str) -> None:
+        self._request("DELETE", "/api/delete", {"model": validate_model_name(name)})
+
+    def load(self, name: str, keep_alive: str | int, timeout_s: float = 600.0) -> None:
+        """Load ``name`` (``/api/generate`` without a prompt, with ``keep_alive``) and wait until it is."""
+        self._request("POST", "/api/generate", {"model": validate_model_name(name), "keep_alive": keep_alive,
+                                                "stream": False}, timeout_s=timeout_s)
+        with self._lock:
+            self._cache = None
 
     def emergency_unload(self, wait_s: float = 10.0) -> str:
         """The emergency clear's Ollama step: unload every model; a one-line summary of what came back.

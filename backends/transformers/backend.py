@@ -21,6 +21,7 @@ from typing import Any
 
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -51,6 +52,7 @@ from memory_controller.units import MIB, fmt_bytes
 from . import checks, loading
 from . import generation as gen
 from . import memory as mem
+from .options import TransformersOptions
 
 BACKEND_ID = "transformers"
 # A release is clean when what stays held is within max(50 MiB, 5 % of the model's bytes).
@@ -79,7 +81,7 @@ class _Entry:
     weight_files: tuple[Path, ...] = ()  # memory-mapped by a bf16/fp16 CPU load (their pages: mapped_bytes)
 
 
-class TransformersBackend:
+class TransformersBackend(BackendBase):
     """Loads models into this process. Thread-safe; see the module docstring for the contracts."""
 
     id = BACKEND_ID
@@ -96,6 +98,8 @@ class TransformersBackend:
         self._entries: dict[str, _Entry] = {}
         self._snapshot: tuple[Deployment, ...] = ()
         self._availability: Availability | None = None
+        self._tok_cache: dict[tuple[str, str], Any] = {}  # tokenizers of cached models (admission reads them)
+        self._tok_cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------ queries
     def availability(self, snapshot: Snapshot) -> Availability:
@@ -134,6 +138,9 @@ class TransformersBackend:
             return (msg("model.no_tokenizer", f"{model.model_id} has no tokenizer files in its folder, so it "
                         "cannot take text; download the tokenizer (tokenizer.json, tokenizer_config.json) too",
                         model=model.model_id),)
+        problems = checks.model_file_problems(folder, model.model_id)
+        if problems:
+            return problems
         if checks.has_chat_template(folder):
             return ()
         return (msg("model.no_chat_template", f"{model.model_id} has no chat template: it can complete text but "
@@ -271,8 +278,9 @@ class TransformersBackend:
         return mem.clear_caches(freeze=not self._entries)
 
     def verify(self, deployment: Deployment) -> str:
-        """Generate ``settings.transformers_verify_tokens`` tokens; a short detail, or a MemctlError."""
-        n = int(getattr(self.settings, "transformers_verify_tokens", 1) or 1)
+        """Generate ``verify_tokens`` ([backends.transformers]) tokens; a short detail, or a MemctlError."""
+        options = getattr(self.settings, "backend_options", None)
+        n = options(self.id, TransformersOptions).verify_tokens if options is not None else 1
         t0 = time.perf_counter()
         request = GenerationRequest(prompt=VERIFY_PROMPT, max_new_tokens=n, temperature=0.0)
         chunks = list(self.generate_stream(deployment, request, lambda: False))
@@ -337,6 +345,45 @@ class TransformersBackend:
             yield from gen.stream(entry.model, self._tokenizer(entry), request, cancel,
                                   model_id=entry.cached.model_id, input_device=_input_device(entry.model),
                                   closing=lambda: entry.closing, on_worker=lambda t: setattr(entry, "worker", t))
+
+    # ------------------------------------------------------------------ read before loading (serving admission)
+    def _cached_tokenizer(self, model: CachedModel) -> Any:
+        """The tokenizer of a cached model without loading its weights (kept for a few models)."""
+        key = (model.model_id, model.path)
+        with self._tok_cache_lock:
+            hit = self._tok_cache.get(key)
+        if hit is not None:
+            return hit
+        if not checks.has_tokenizer_files(Path(model.path)):
+            raise ModelLoadError(f"{model.model_id} has no tokenizer files in {model.path}",
+                                 "download the tokenizer files (tokenizer.json, tokenizer_config.json) too",
+                                 code="model.no_tokenizer", args={"model": model.model_id})
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(model.path, local_files_only=True, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - any failure: the folder has no usable tokenizer
+            raise ModelLoadError(f"{model.model_id} has no usable tokenizer in {model.path}: "
+                                 f"{type(exc).__name__}: {exc}", "download the tokenizer files again",
+                                 code="model.no_tokenizer", args={"model": model.model_id}) from None
+        with self._tok_cache_lock:
+            if len(self._tok_cache) >= 4:
+                self._tok_cache.pop(next(iter(self._tok_cache)))
+            self._tok_cache[key] = tok
+        return tok
+
+    def count_prompt_tokens(self, model: CachedModel, request: GenerationRequest) -> int:
+        """Tokens the request's prompt takes once templated, counted with the tokenizer alone (the model need
+        not run: admission decides before loading). Raises MemctlError (no tokenizer, no chat template)."""
+        tok = self._cached_tokenizer(model)
+        with self._tok_cache_lock:  # tokenizers are not thread-safe
+            return len(gen.prompt_ids(tok, request, model.model_id))
+
+    def tool_support(self, model: CachedModel) -> bool | None:
+        """Whether the model's chat template renders tools (a template that never uses ``tools`` drops them
+        silently). Read from the template files alone: no tokenizer, no heavy import (the dashboard's first
+        paint asks). None: no chat template."""
+        return checks.template_renders_tools(Path(model.path))
 
     def model_family(self, deployment: Deployment) -> str | None:
         entry = self._entry(deployment)

@@ -7,11 +7,14 @@ import importlib.util
 import logging
 import os
 import re
+import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from memory_controller.backend import Capabilities, Message, msg
 from memory_controller.errors import CorruptDataError, ModelLoadError, QuantizationUnavailableError
+from memory_controller.estimate.files import read_regular_file
 from memory_controller.safejson import loads_bounded
 from memory_controller.types import Precision, Profile, SystemSnapshot
 from memory_controller.units import MIB
@@ -229,8 +232,198 @@ def has_chat_template(folder: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        data = loads_bounded(cfg.read_bytes(), what=f"{cfg}", max_bytes=64 * MIB, expect=dict)
-    except (CorruptDataError, OSError):
+        data = loads_bounded(read_regular_file(cfg, 64 * MIB), what=f"{cfg}", max_bytes=64 * MIB, expect=dict)
+    except (CorruptDataError, OSError, ValueError):
         return False
     tpl = data.get("chat_template")
     return bool(tpl) and isinstance(tpl, (str, list))
+
+
+# (file, mtime, size, inode) -> the problem found in it (None: fine); a re-check of unchanged files is free
+_content_cache: dict[tuple, Message | None] = {}
+
+
+def _signature(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _cached(path: Path, check: Callable[[Path], Message | None]) -> Message | None:
+    key = _signature(path)
+    if key is None:
+        return None
+    key = (*key, check.__name__)
+    if key not in _content_cache:
+        if len(_content_cache) > 10_000:
+            _content_cache.clear()
+        _content_cache[key] = check(path)
+    return _content_cache[key]
+
+
+def _json_problem(path: Path, model_id: str, code: str, what: str) -> Message | None:
+    try:
+        data = loads_bounded(read_regular_file(path, 512 * MIB), what=path.name, max_bytes=512 * MIB, expect=dict)
+    except (CorruptDataError, OSError, ValueError) as exc:
+        why = exc.message if isinstance(exc, CorruptDataError) else str(exc)
+        return msg(code, f"{model_id}: its {what} ({path.name}) is malformed ({why[:200]}); download the model "
+                   "again", model=model_id, file=path.name)
+    if path.name == "tokenizer.json" and not isinstance(data.get("model"), dict):
+        return msg(code, f"{model_id}: its tokenizer (tokenizer.json) has no tokenizer model in it; download the "
+                   "model again", model=model_id, file=path.name)
+    return None
+
+
+def _tokenizer_json(path: Path) -> Message | None:
+    return _json_problem(path, path.parent.name, "model.bad_tokenizer", "tokenizer")
+
+
+def _tokenizer_config(path: Path) -> Message | None:
+    return _json_problem(path, path.parent.name, "model.bad_tokenizer", "tokenizer configuration")
+
+
+def _generation_config(path: Path) -> Message | None:
+    return _json_problem(path, path.parent.name, "model.bad_generation_config", "generation configuration")
+
+
+def _config_architecture(path: Path) -> Message | None:
+    """An architecture this Transformers does not know (memctl never runs code named in ``auto_map``)."""
+    try:
+        cfg = loads_bounded(read_regular_file(path, 64 * MIB), what="config.json", max_bytes=64 * MIB, expect=dict)
+    except (CorruptDataError, OSError, ValueError):
+        return None  # the estimator names a malformed config
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = cfg.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES:
+        return None
+    code_note = " (its auto_map names the model's own code, which memctl never runs)" if cfg.get("auto_map") else ""
+    shown = str(model_type)[:60]
+    return msg("model.unknown_architecture", f"config.json names model_type {shown!r}, which this Transformers does "
+               f"not know{code_note}; update transformers or pick another model", model_type=shown)
+
+
+def _template_problem(template: str) -> str | None:
+    """Render ``template`` for a one-message chat under the rendering budget; the problem, or None."""
+    from jinja2.exceptions import TemplateError
+
+    from .templates import TemplateBudgetExceeded, _bound_environment, template_budget
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    try:
+        compiled = _compile_jinja_template(template)
+        _bound_environment(template)
+        with template_budget(2.0):
+            out = compiled.render(messages=[{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                  bos_token="", eos_token="", tools=None)
+    except TemplateBudgetExceeded as exc:
+        return f"it was stopped: {exc} (it loops)"
+    except (TemplateError, RecursionError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    if not isinstance(out, str):
+        return "it renders no text"
+    return None
+
+
+_template_cache: dict[str, str | None] = {}
+
+
+def model_file_problems(folder: Path, model_id: str) -> tuple[Message, ...]:
+    """What in the model's files would make a load or a chat fail, found by reading small files only: a
+    malformed tokenizer or generation config, an architecture Transformers does not know, a chat template that
+    raises or runs away on a plain one-message chat. Checks that need Transformers run only once it is
+    imported (a plan drawn on the dashboard's first paint must not import it). Results cached by file."""
+    problems: list[Message] = []
+    for name, check in (("tokenizer.json", _tokenizer_json), ("tokenizer_config.json", _tokenizer_config),
+                        ("generation_config.json", _generation_config)):
+        found = _cached(folder / name, check)
+        if found is not None:
+            problems.append(Message(found.code, {**found.args, "model": model_id},
+                                    found.text.replace(folder.name, model_id, 1)))
+    if "transformers" not in sys.modules:
+        return tuple(problems)
+    found = _cached(folder / "config.json", _config_architecture)
+    if found is not None:
+        problems.append(Message(found.code, {**found.args, "model": model_id}, f"{model_id}: {found.text}"))
+    template = _chat_template_text(folder)
+    if template is not None:
+        if template not in _template_cache:
+            if len(_template_cache) > 1000:
+                _template_cache.clear()
+            _template_cache[template] = _template_problem(template)
+        problem = _template_cache[template]
+        if problem is not None:
+            problems.append(msg("model.bad_template", f"{model_id}: its chat template fails on a one-message chat "
+                                f"({problem}); pick another model or fix its chat template", model=model_id,
+                                problem=problem))
+    return tuple(problems)
+
+
+def _chat_template_text(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            return read_regular_file(jinja, 64 * MIB).decode("utf-8", "replace")
+        cfg = folder / "tokenizer_config.json"
+        if not cfg.is_file():
+            return None
+        data = loads_bounded(read_regular_file(cfg, 64 * MIB), what=cfg.name, max_bytes=64 * MIB, expect=dict)
+    except (CorruptDataError, OSError, ValueError):
+        return None
+    tpl = data.get("chat_template")
+    return tpl if isinstance(tpl, str) and tpl.strip() else None
+
+
+_MAX_TEMPLATE_BYTES = 4 * MIB
+_TOOLS_RE = re.compile(r"\btools\b")
+
+
+def _small_text(path: Path, max_bytes: int = _MAX_TEMPLATE_BYTES) -> str | None:
+    """A regular file's text when it is at most ``max_bytes``, else None (never a FIFO or a device)."""
+    try:
+        st = os.stat(path, follow_symlinks=True)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        return None
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def chat_template_texts(folder: Path) -> list[str]:
+    """The chat templates a model folder holds (chat_template.jinja / .json, tokenizer_config.json's), as text;
+    read as bounded regular files, no tokenizer built (no heavy import)."""
+    out: list[str] = []
+    jinja = _small_text(folder / "chat_template.jinja")
+    if jinja:
+        out.append(jinja)
+    for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
+        raw = _small_text(folder / name, 64 * MIB)
+        if not raw:
+            continue
+        try:
+            data = loads_bounded(raw.encode(), what=str(folder / name), max_bytes=64 * MIB, expect=dict)
+        except CorruptDataError:
+            continue
+        tpl = data.get(key)
+        if isinstance(tpl, str):
+            out.append(tpl)
+        elif isinstance(tpl, list):
+            out += [t["template"] for t in tpl if isinstance(t, dict) and isinstance(t.get("template"), str)]
+    return out
+
+
+def template_renders_tools(folder: Path) -> bool | None:
+    """Whether the model's chat template uses the ``tools`` it is given (a template that never names them drops
+    them silently); None when the folder has no chat template."""
+    texts = chat_template_texts(folder)
+    if not texts:
+        return None
+    return any(_TOOLS_RE.search(t) for t in texts)

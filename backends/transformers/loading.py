@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memory_controller import estimate as est
+from memory_controller import safefiles
 from memory_controller.errors import (
     InsufficientMemoryError,
     MemctlError,
@@ -201,6 +202,10 @@ def load(model: CachedModel, profile: Profile, settings: Any, *, progress: Progr
     off = checks.check_offload(offload_folder)
     check_cancel("start")
     emit("config", f"reading the config and weight headers of {model.model_id}")
+    # Transformers opens the weights, tokenizer, templates and generation config itself: each must be a bounded
+    # regular file inside the model's cache folder (a FIFO would hang the load, a link could read /etc)
+    safefiles.check_model_dir(model.path, safefiles.roots_of(model.path, model.source,
+                                                             getattr(settings, "resolved_hf_cache_dir", None)))
     spec = est.read_model_spec(model.path)  # missing / truncated weights fail here, before torch work
     config = load_config(model)
     check_cancel("config")

@@ -3,15 +3,125 @@ arguments as objects, 9-character ids for Mistral), the prompt's token ids, and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from memory_controller.backend import GenerationRequest
 from memory_controller.errors import MemctlError
 
 MAX_NEW_TOKENS = 32768
+TEMPLATE_TIMEOUT_S = 10.0  # rendering one prompt; a real template takes milliseconds
+TEMPLATE_MAX_OUTPUT_CHARS = 64 * 1024 * 1024  # the rendered prompt (and the text the template reads)
+TEMPLATE_MAX_RANGE_STEPS = 2_000_000  # items produced by range() in one rendering
+
+log = logging.getLogger(__name__)
+_budget = threading.local()
+
+
+class TemplateBudgetExceeded(Exception):
+    """A chat template ran past its time or size budget (raised from inside the rendering)."""
+
+
+def _tick(value: Any = None) -> None:
+    deadline = getattr(_budget, "deadline", None)
+    if deadline is None:
+        return
+    if isinstance(value, str):
+        _budget.chars += len(value)
+        if _budget.chars > TEMPLATE_MAX_OUTPUT_CHARS:
+            raise TemplateBudgetExceeded(f"it read more than {TEMPLATE_MAX_OUTPUT_CHARS} characters")
+    _budget.steps += 1
+    if _budget.steps % 256 == 0 and time.monotonic() > deadline:
+        raise TemplateBudgetExceeded(f"it ran longer than {TEMPLATE_TIMEOUT_S:g} s")
+
+
+class _BoundedRange:
+    """jinja's safe_range whose every step counts against the rendering's budget."""
+
+    def __init__(self, *args: int) -> None:
+        from jinja2.sandbox import safe_range
+
+        self._range = safe_range(*args)
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._range[i]
+
+    def __contains__(self, x: Any) -> bool:
+        return x in self._range
+
+    def __reversed__(self) -> Iterator[int]:
+        return self._steps(reversed(self._range))
+
+    def __iter__(self) -> Iterator[int]:
+        return self._steps(iter(self._range))
+
+    @staticmethod
+    def _steps(it: Iterator[int]) -> Iterator[int]:
+        for i in it:
+            steps = getattr(_budget, "range_steps", None)
+            if steps is not None:
+                _budget.range_steps = steps + 1
+                if steps + 1 > TEMPLATE_MAX_RANGE_STEPS:
+                    raise TemplateBudgetExceeded(f"its loops ran more than {TEMPLATE_MAX_RANGE_STEPS} steps")
+            _tick()
+            yield i
+
+
+def _bound_environment(template_text: str) -> bool:
+    """Hook the sandboxed environment Transformers compiled ``template_text`` into (its compile is cached, so the
+    same one renders next): every call, attribute and item lookup and every range() step counts against the
+    budget of the rendering thread. False when this Transformers has no such function (then it is not bounded)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        env = _compile_jinja_template(template_text).environment
+    except Exception:  # noqa: BLE001 - another Transformers layout, or a template that does not compile
+        return False
+    if getattr(env, "_memctl_bounded", False):
+        return True
+    call, getattr_, getitem = env.call, env.getattr, env.getitem
+
+    def bounded_call(__context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _tick()
+        return call(__context, __obj, *args, **kwargs)
+
+    def bounded_getattr(obj: Any, attribute: str) -> Any:
+        value = getattr_(obj, attribute)
+        _tick(value)
+        return value
+
+    def bounded_getitem(obj: Any, argument: Any) -> Any:
+        value = getitem(obj, argument)
+        _tick(value)
+        return value
+
+    env.call, env.getattr, env.getitem = bounded_call, bounded_getattr, bounded_getitem
+    env.globals["range"] = _BoundedRange
+    env._memctl_bounded = True
+    return True
+
+
+@contextlib.contextmanager
+def template_budget(timeout_s: float = TEMPLATE_TIMEOUT_S) -> Iterator[None]:
+    """Bound chat-template rendering on this thread (see :func:`_bound_environment`)."""
+    _budget.deadline = time.monotonic() + timeout_s
+    _budget.steps = 0
+    _budget.chars = 0
+    _budget.range_steps = 0
+    try:
+        yield
+    finally:
+        _budget.deadline = None
+        _budget.range_steps = None
 
 
 def check_request(request: GenerationRequest) -> None:
@@ -123,12 +233,28 @@ def prompt_ids(tokenizer: Any, request: GenerationRequest, model_id: str) -> lis
     messages = template_messages(request.messages or ())
     if "length != 9" in (chat_template_of(tokenizer) or ""):  # Mistral's templates want 9-character call ids
         messages = nine_character_ids(messages)
+    _bound_environment(chat_template_of(tokenizer) or "")
     try:
-        text = tokenizer.apply_chat_template(messages, **kwargs)
+        with template_budget():
+            text = tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateBudgetExceeded as exc:
+        raise MemctlError(f"the chat template of {model_id} was stopped: {exc} (it loops or blows up its output)",
+                          "the model's chat template is broken: pick another model, or fix chat_template in its "
+                          "tokenizer_config.json / chat_template.jinja", code="gen.template_runaway",
+                          args={"model": model_id, "problem": str(exc)}) from None
+    except RecursionError:
+        raise MemctlError(f"the chat template of {model_id} recursed too deep", "the model's chat template is broken: "
+                          "pick another model", code="gen.template_runaway", args={"model": model_id}) from None
     except Exception as exc:  # noqa: BLE001 - jinja raises its own errors (raise_exception in templates)
-        raise MemctlError(f"the chat template of {model_id} refused the messages: {type(exc).__name__}: {exc}",
-                          "check the roles and their order (most templates want user/assistant turns)",
-                          code="gen.template_error", args={"model": model_id, "problem": str(exc)}) from None
+        problem = str(exc)[:500]
+        raise MemctlError(f"the chat template of {model_id} refused the messages: {type(exc).__name__}: {problem}",
+                          "check the roles and their order (most templates want user/assistant turns); if every "
+                          "request fails so, the model's chat template is broken: pick another model",
+                          code="gen.template_error", args={"model": model_id, "problem": problem}) from None
+    if not isinstance(text, str) or len(text) > TEMPLATE_MAX_OUTPUT_CHARS:
+        raise MemctlError(f"the chat template of {model_id} made a prompt over {TEMPLATE_MAX_OUTPUT_CHARS} characters",
+                          "shorten the conversation; if it is short, the model's chat template is broken",
+                          code="gen.template_runaway", args={"model": model_id})
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

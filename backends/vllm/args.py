@@ -34,6 +34,8 @@ from memory_controller.types import (
 )
 from memory_controller.units import fmt_bytes
 
+from .options import vllm_options
+
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.settings import Settings
 
@@ -348,7 +350,7 @@ def compute_claim(settings: Settings, model: CachedModel, profile: Profile, esti
     notes: list[Message] = []
     bytes_by_device: dict[str, int] = {}
     detail: dict[str, Any] = {}
-    if (b := precision_blocker(profile.precision, settings.vllm_tag)) is not None:
+    if (b := precision_blocker(profile.precision, vllm_options(settings).tag)) is not None:
         blockers.append(b)
     chosen, b = chosen_gpus(profile, snapshot.gpus)
     if b is not None:
@@ -358,12 +360,12 @@ def compute_claim(settings: Settings, model: CachedModel, profile: Profile, esti
         per_gpu = math.ceil(max(0, estimate.total_bytes) / len(chosen))
         min_total = min(g.total_bytes or 0 for g in chosen)
         try:
-            util = compute_gpu_memory_utilization(per_gpu, min_total, s.vllm_gpu_util_margin, s.vllm_gpu_util_max)
+            util = compute_gpu_memory_utilization(per_gpu, min_total, vllm_options(s).gpu_util_margin, vllm_options(s).gpu_util_max)
         except InsufficientMemoryError as exc:
-            need = per_gpu + int(s.vllm_gpu_util_margin * min_total)
+            need = per_gpu + int(vllm_options(s).gpu_util_margin * min_total)
             bytes_by_device = {g.key: need for g in chosen}
             blockers.append(msg("backend.over_util_cap", exc.message, needed_bytes=need,
-                                cap=s.vllm_gpu_util_max, total_bytes=min_total))
+                                cap=vllm_options(s).gpu_util_max, total_bytes=min_total))
         except SettingsError as exc:
             blockers.append(msg("backend.bad_settings", exc.message))
         else:

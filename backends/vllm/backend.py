@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from memory_controller.backend import (
     Availability,
+    BackendBase,
     Capabilities,
     Claim,
     Deployment,
@@ -25,6 +26,7 @@ from memory_controller.backend import (
     ReleaseReport,
     msg,
 )
+from memory_controller.cache import TTLCache
 from memory_controller.errors import (
     ContainerError,
     InsufficientMemoryError,
@@ -55,6 +57,7 @@ from .args import (
 )
 from .holders import ContainerHolder, docker_lookup, holders_for_pids
 from .labels import MANAGED_LABEL, is_managed, read_labels
+from .options import vllm_options
 from .view import BACKEND_ID, gone_report, probe_health, release_report, to_deployment, wait_released
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,7 +77,7 @@ _BLOCKER_ERRORS: dict[str, type[MemctlError]] = {
 }
 
 
-class VllmDockerBackend:
+class VllmDockerBackend(BackendBase):
     """Starts, lists, verifies and stops memctl's vLLM containers. Thread-safe."""
 
     id = BACKEND_ID
@@ -88,13 +91,13 @@ class VllmDockerBackend:
     def __init__(self, settings: Settings, probe: DeviceProbe | None = None, *, network: str | None = None) -> None:
         self.settings = settings
         self.probe = probe
-        self.network = network if network is not None else settings.vllm_network
+        self.network = network if network is not None else vllm_options(settings).network
         self.access = dc.DockerAccess(settings.docker_host)
-        if inflight_nf4_supported(settings.vllm_tag) is False:  # v0.28+: no bitsandbytes in flight
+        if inflight_nf4_supported(vllm_options(settings).tag) is False:  # v0.28+: no bitsandbytes in flight
             self.capabilities = dataclasses.replace(VllmDockerBackend.capabilities,
                                                     precisions=(Precision.FP16, Precision.BF16), fit_ladder=())
         self._lock = threading.RLock()
-        self._docker_status: tuple[float, dc.DockerUnavailableError | None] | None = None
+        self._docker_status: TTLCache[tuple[MemctlError | None]] = TTLCache(AVAILABILITY_TTL_S)
         self._cache: dict[str, Deployment] | None = None
         self._cache_at = 0.0
         self._generation = 0  # bumped by start/stop: a refresh begun before them is out of date
@@ -108,20 +111,17 @@ class VllmDockerBackend:
     # ---------------------------------------------------------------- availability
     def docker_problem(self, refresh: bool = False) -> MemctlError | None:
         """Why Docker cannot be used now (None when it answers); cached AVAILABILITY_TTL_S."""
-        now = time.monotonic()
-        with self._lock:
-            cached = self._docker_status
-        if cached is not None and not refresh and now - cached[0] < AVAILABILITY_TTL_S:
-            return cached[1]
-        problem = self.access.ping()
-        with self._lock:
-            self._docker_status = (time.monotonic(), problem)
-        return problem
+        return self._docker_status.get_or(lambda: (self.access.ping(),), refresh=refresh)[0]
 
     @property
     def start_timeout_s(self) -> float:
         """How long the controller waits for a start: vLLM's own readiness deadline plus container set-up."""
-        return self.settings.vllm_ready_timeout_s + 60
+        return vllm_options(self.settings).ready_timeout_s + 60
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long a stop waits for the container to exit."""
+        return vllm_options(self.settings).stop_timeout_s
 
     def availability(self, snapshot: SystemSnapshot) -> Availability:
         try:
@@ -152,7 +152,7 @@ class VllmDockerBackend:
         if not Path(model.path).is_dir():
             out.append(msg("backend.model_missing", f"{model.model_id}: {model.path} is missing; rescan the models",
                            model=model.model_id))
-        blocker = precision_blocker(profile.precision, self.settings.vllm_tag)
+        blocker = precision_blocker(profile.precision, vllm_options(self.settings).tag)
         return (*out, blocker) if blocker else tuple(out)
 
     def claim(self, model: CachedModel, profile: Profile, estimate: MemoryEstimate,
@@ -299,7 +299,7 @@ class VllmDockerBackend:
             return gone_report(handle)
         info = read_labels(c.labels)
         before = self._gpu_used()
-        t = self.settings.vllm_stop_timeout_s if timeout_s is None else timeout_s
+        t = vllm_options(self.settings).stop_timeout_s if timeout_s is None else timeout_s
         with self._lock:
             self._stopping.add(c.id)
         t0 = time.monotonic()
@@ -356,7 +356,7 @@ class VllmDockerBackend:
             raise ContainerError(f"{c.name} is {c.status}" + ("" if info.readable else " (unreadable labels)"),
                                  "read its log (memctl logs) or start it again")
         s = self.settings
-        key = s.vllm_api_key.get_secret_value() if s.vllm_api_key else None
+        key = vllm_options(s).api_key.get_secret_value() if vllm_options(s).api_key else None
         url = f"http://{dc.url_host(s.bind_address)}:{info.port}/v1/models"
         code, body = dc.http_get(url, VERIFY_TIMEOUT_S, key)
         if code == 200 and dc.models_lists(body, served):

@@ -34,6 +34,7 @@ from memory_controller.types import CachedModel, Message, Precision, msg
 from memory_controller.units import GIB, fmt_bytes
 
 from .args import compute_gpu_memory_utilization, model_family, tool_parser_for
+from .options import vllm_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.settings import Settings
@@ -88,7 +89,7 @@ def check_accelerator(value: str) -> str:
 
 def usable_fraction(settings: Settings) -> float:
     """The fraction of a GPU a model may need so that vLLM's utilisation (need + margin) stays under the cap."""
-    return settings.vllm_gpu_util_max - settings.vllm_gpu_util_margin
+    return vllm_options(settings).gpu_util_max - vllm_options(settings).gpu_util_margin
 
 
 class _Block(str):
@@ -119,7 +120,7 @@ class _Sized:
                                        gpus=request.gpus, usable_fraction=usable_fraction(settings),
                                        context=request.context, batch=request.batch)
         self.gpu_util = compute_gpu_memory_utilization(self.fit.per_gpu_bytes, request.gpu_bytes,
-                                                       settings.vllm_gpu_util_margin, settings.vllm_gpu_util_max)
+                                                       vllm_options(settings).gpu_util_margin, vllm_options(settings).gpu_util_max)
         self.family = model_family(model)
         self.tool_parser = tool_parser_for(self.family)
         spec = read_model_spec(model.path)
@@ -155,7 +156,7 @@ class _Sized:
             f"  {f.profile.precision.value}, context {f.context_tokens:,} tokens, {f.profile.batch} sequence(s) at once",
             f"  needs {describe(e)}",
             f"  = {fmt_bytes(f.per_gpu_bytes)} per GPU; gpu_memory_utilization {self.gpu_util:.2f} = "
-            f"{fmt_bytes(f.per_gpu_bytes)} / {fmt_bytes(r.gpu_bytes)} + margin {self.settings.vllm_gpu_util_margin:.2f}",
+            f"{fmt_bytes(f.per_gpu_bytes)} / {fmt_bytes(r.gpu_bytes)} + margin {vllm_options(self.settings).gpu_util_margin:.2f}",
         ]
         if f.model_max_context:
             lines.append(f"  the model's own maximum context: {f.model_max_context:,} tokens")
@@ -169,8 +170,8 @@ def production_stack_values(s: _Sized) -> dict[str, Any]:
     f = s.fit
     spec: dict[str, Any] = {
         "name": k8s_name(s.model.model_id),
-        "repository": s.settings.vllm_image,
-        "tag": s.settings.vllm_tag,
+        "repository": vllm_options(s.settings).image,
+        "tag": vllm_options(s.settings).tag,
         "modelURL": s.model.model_id,
     }
     if s.revision:

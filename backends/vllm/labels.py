@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from memory_controller import units
 from memory_controller.errors import CorruptDataError
 from memory_controller.safejson import loads_bounded
-from memory_controller.types import Mode, Precision, Profile, to_jsonable
+from memory_controller.types import MAX_BATCH, MAX_CONTEXT_TOKENS, Precision, Profile, to_jsonable
 
 MANAGED_LABEL = "memctl.managed"
 MODEL_LABEL = "memctl.model"
@@ -30,24 +32,14 @@ LABEL_MAX_BYTES = 64 * 1024
 LABEL_MAX_DEPTH = 8
 TEXT_MAX_CHARS = 300
 RAW_MAX_CHARS = 4096  # raw label values kept for diagnosis (Deployment.detail) are cut to this
-_MAX_CONTEXT = 16 * 1024 * 1024
-_MAX_BATCH = 65_536
+
 _MAX_CLAIM_BYTES = 1 << 50  # 1 PiB per device: anything above is nonsense
 
 
 def escape_text(value: str, max_chars: int = TEXT_MAX_CHARS) -> str:
-    """``value`` safe to print on one line: control and format characters (newline, ESC, bidi
-    overrides...) become ``\\xNN``/``\\uNNNN``; longer than ``max_chars`` is cut with an ellipsis."""
-    import unicodedata
-
-    out = []
-    for ch in value[: max_chars + 1]:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") or ch == "\\":
-            out.append(ch.encode("unicode_escape").decode("ascii") if ch != "\\" else "\\\\")
-        else:
-            out.append(ch)
-    text = "".join(out)
-    return text if len(value) <= max_chars else text[:max_chars] + "…"
+    """``value`` safe to print on one line (memory_controller.units.escape_text): control and format
+    characters (newline, ESC, bidi overrides...) become escapes; past ``max_chars`` it is cut with an ellipsis."""
+    return units.escape_text(value, limit=max_chars + 1)
 
 
 def is_managed(labels: Any) -> bool:
@@ -102,6 +94,9 @@ def _int_in(value: Any, lo: int, hi: int) -> int | None:
     return value if lo <= value <= hi else None
 
 
+_MODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # a backend id
+
+
 def parse_profile(text: str) -> Profile:
     """A Profile from the label's JSON; raises CorruptDataError naming what is wrong."""
     data = loads_bounded(text, what=f"label {PROFILE_LABEL}", max_bytes=LABEL_MAX_BYTES,
@@ -110,13 +105,15 @@ def parse_profile(text: str) -> Profile:
     def bad(why: str) -> CorruptDataError:
         return CorruptDataError(f"label {PROFILE_LABEL}: {why}", "the container's labels are not memctl's")
 
+    mode = data.get("mode", "vllm")
     try:
-        mode = Mode(data.get("mode", "vllm"))
         precision = Precision(data.get("precision"))
+        if not isinstance(mode, str) or not _MODE.match(mode):
+            raise ValueError(mode)
     except (ValueError, TypeError):
         raise bad("mode or precision is not one memctl knows") from None
-    context = _int_in(data.get("context_tokens"), 1, _MAX_CONTEXT)
-    batch = _int_in(data.get("batch"), 1, _MAX_BATCH)
+    context = _int_in(data.get("context_tokens"), 1, MAX_CONTEXT_TOKENS)
+    batch = _int_in(data.get("batch"), 1, MAX_BATCH)
     if context is None or batch is None:
         raise bad("context_tokens and batch must be whole numbers in range")
     double_quant = data.get("double_quant", False)

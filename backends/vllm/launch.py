@@ -40,6 +40,7 @@ from .args import (
     container_name_for,
 )
 from .labels import MODEL_LABEL, escape_text, is_managed, write_labels
+from .options import vllm_options
 from .view import parse_docker_time
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,23 +103,23 @@ def launch_spec(settings: Settings, model: CachedModel, profile: Profile, gpu_ut
                 f"{model.model_id} is not in the Hugging Face cache any more ({model.path} is missing)",
                 "rescan the models; download it again with huggingface-cli download if needed")
         hub = _hf_cache_root(model, s.resolved_hf_cache_dir)
-        mode = "ro" if s.vllm_hf_cache_readonly else "rw"
+        mode = "ro" if vllm_options(s).hf_cache_readonly else "rw"
         volumes[str(Path(hub).expanduser().resolve())] = {"bind": CONTAINER_HF_CACHE, "mode": mode}
         env["HF_HUB_OFFLINE"] = "1"
         env["HF_HUB_CACHE"] = CONTAINER_HF_CACHE
         model_ref = served_name = model.model_id
         revision = model.revision if model.revision and re.fullmatch(r"[0-9a-f]{40}", model.revision) else None
-    if s.vllm_api_key:
+    if vllm_options(s).api_key:
         # vLLM reads VLLM_API_KEY when --api-key is absent: the key stays out of `ps` and the Args.
-        env[API_KEY_ENV] = s.vllm_api_key.get_secret_value()
+        env[API_KEY_ENV] = vllm_options(s).api_key.get_secret_value()
     tp = len(claim_bytes) or 1
     # Inside its own network namespace vLLM listens on all interfaces and Docker publishes the
     # port on bind_address only; with the host network, create_kwargs swaps in bind_address.
-    args = build_vllm_args(model_ref, served_name, profile, gpu_util, s.vllm_port, host="0.0.0.0",
+    args = build_vllm_args(model_ref, served_name, profile, gpu_util, vllm_options(s).port, host="0.0.0.0",
                            tensor_parallel_size=tp, revision=revision, tool_parser=tool_parser)
-    labels = write_labels(model_id=model.model_id, served_name=served_name, profile=profile, port=s.vllm_port,
+    labels = write_labels(model_id=model.model_id, served_name=served_name, profile=profile, port=vllm_options(s).port,
                           gpu_util=gpu_util, claim_bytes=claim_bytes, tool_parser=tool_parser)
-    return LaunchSpec(name, s.vllm_image_ref, args, env, volumes, labels, gpu_util, served_name, s.vllm_port,
+    return LaunchSpec(name, vllm_options(s).image_ref, args, env, volumes, labels, gpu_util, served_name, vllm_options(s).port,
                       s.bind_address, tool_parser)
 
 
@@ -130,10 +131,10 @@ def create_kwargs(settings: Settings, client: Any, spec: LaunchSpec, profile: Pr
         "volumes": spec.volumes, "device_requests": [dc.device_request(profile.gpu_ids)], "init": True,
         "detach": True,
     }
-    if settings.vllm_ipc_host:
+    if vllm_options(settings).ipc_host:
         kwargs["ipc_mode"] = "host"
     else:
-        kwargs["shm_size"] = settings.vllm_shm_size
+        kwargs["shm_size"] = vllm_options(settings).shm_size
     with access.errors("list Docker networks"):
         host_net = not network and not client.networks.list(names=["bridge"])
     if host_net:  # no bridge to publish from: vLLM listens on bind_address itself
@@ -155,7 +156,7 @@ def check_image(settings: Settings, access: dc.DockerAccess, client: Any, image:
     except ContainerError as exc:
         if not dc.is_image_not_found(exc):
             raise
-    if not settings.vllm_allow_pull:
+    if not vllm_options(settings).allow_pull:
         raise ContainerStartError(
             f"the image {image} is not on this Docker engine ({access.host_label})",
             f"get it with: docker pull {image} (about 10 GB), or set MEMCTL_VLLM_ALLOW_PULL=true to let memctl pull it",
@@ -221,9 +222,9 @@ def wait_ready(settings: Settings, container: Any, spec: LaunchSpec, emit: Calla
                cancel: Callable[[], bool] | None, t0: float) -> None:
     """Poll until /health is 200 and /v1/models lists the served name; raise on exit/timeout/cancel."""
     s = settings
-    api_key = s.vllm_api_key.get_secret_value() if s.vllm_api_key else None
+    api_key = vllm_options(s).api_key.get_secret_value() if vllm_options(s).api_key else None
     base = f"http://{dc.url_host(spec.host)}:{spec.port}"
-    deadline = time.monotonic() + s.vllm_ready_timeout_s
+    deadline = time.monotonic() + vllm_options(s).ready_timeout_s
     next_log = time.monotonic() + LOG_POLL_INTERVAL_S
     last_line = ""
     healthy_seen = False
@@ -255,7 +256,7 @@ def wait_ready(settings: Settings, container: Any, spec: LaunchSpec, emit: Calla
             what = ("answers /health but /v1/models does not list " + spec.served_name if healthy_seen
                     else "did not answer /health")
             raise ContainerStartError(
-                f"{spec.name} {what} within {s.vllm_ready_timeout_s:g} s; it was stopped and removed",
+                f"{spec.name} {what} within {vllm_options(s).ready_timeout_s:g} s; it was stopped and removed",
                 "a cold start can take minutes: raise MEMCTL_VLLM_READY_TIMEOUT_S, or read the log tail",
                 log_tail=dc.log_tail(container), cause="ready_timeout")
         time.sleep(min(READY_POLL_INTERVAL_S, max(0.0, deadline - now)))
@@ -265,7 +266,7 @@ def discard(settings: Settings, container: Any) -> str | None:
     """Stop (gracefully, then forced) and remove exactly ``container`` (by its id); a problem as text."""
     try:
         with contextlib.suppress(dc.not_found_type()):
-            container.stop(timeout=int(math.ceil(settings.vllm_stop_timeout_s)))
+            container.stop(timeout=int(math.ceil(vllm_options(settings).stop_timeout_s)))
         with contextlib.suppress(dc.not_found_type()):
             container.remove(v=True, force=True)
     except Exception as exc:  # noqa: BLE001 - reported with the original error

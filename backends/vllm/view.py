@@ -3,6 +3,7 @@ memctl's own bind address), and the measured :class:`ReleaseReport` of a stop.""
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 from collections.abc import Callable
@@ -61,6 +62,32 @@ def unreadable_warning(name: str, info: LabelInfo) -> Message:
                "it is shown as is and can be stopped", container=name, problems=list(info.problems))
 
 
+def settings_mismatch(settings: Settings, attrs: dict, info: LabelInfo) -> list[str]:
+    """How a managed container differs from what memctl's settings would start now: another image (tag), another
+    port, no API key where one is now required, or another key (compared, never shown). Such a container is not
+    served as is: it is failed, and the next load replaces it."""
+    from .args import API_KEY_ENV
+
+    config = attrs.get("Config") if isinstance(attrs.get("Config"), dict) else {}
+    problems: list[str] = []
+    image = config.get("Image")
+    if isinstance(image, str) and image and image != settings.vllm_image_ref:
+        problems.append(f"it runs image {escape_text(image)}, the settings ask for {settings.vllm_image_ref}")
+    if info.readable and info.port is not None and info.port != settings.vllm_port:
+        problems.append(f"it listens on port {info.port}, the settings ask for {settings.vllm_port}")
+    env = config.get("Env") if isinstance(config.get("Env"), list) else []
+    prefix = API_KEY_ENV + "="
+    found = [e[len(prefix):] for e in env if isinstance(e, str) and e.startswith(prefix)]
+    want = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+    if want is not None and not found:
+        problems.append("it runs without the API key the settings now require (vllm_api_key)")
+    elif want is not None and not hmac.compare_digest(found[-1].encode(), want.encode()):
+        problems.append("it runs with another API key than the settings' vllm_api_key")
+    elif want is None and found and found[-1]:
+        problems.append("it requires an API key, and the settings now have none (vllm_api_key)")
+    return problems
+
+
 def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str | None = None,
                   stopping: bool = False, starting: bool = False) -> Deployment:
     """A Deployment for docker-py container ``c`` (freshly reloaded). Never raises on bad labels."""
@@ -86,16 +113,29 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
         state = DeploymentState.STARTING
     else:
         state = DeploymentState.FAILED
+    mismatch = settings_mismatch(settings, attrs, info) if status == "running" and not stopping else []
+    started = parse_docker_time(state_d.get("StartedAt")) or 0.0
+    if (state is DeploymentState.STARTING and health == "starting" and not starting and started > 0
+            and time.time() - started > float(settings.vllm_ready_timeout_s)):
+        # running, but its API has not answered for longer than a cold start may take: it is dead inside
+        mismatch = [*mismatch, f"its API has not answered in the {settings.vllm_ready_timeout_s:g} s a start may take"]
+    if mismatch and state in (DeploymentState.READY, DeploymentState.STARTING):
+        state = DeploymentState.FAILED  # never served as is; the next load of the model replaces it
     # An unreadable container is not vouched for: none of its numbers are used.
     claim = dict(info.claim_bytes) if info.readable else {}
     gpu_keys = sorted(claim, key=lambda k: int(k[4:]))
     warnings = (unreadable_warning(name, info),) if not info.readable else ()
+    if mismatch:
+        warnings += (msg("deployment.settings_mismatch", f"{name} is not usable as it is ("
+                         + "; ".join(mismatch) + "): it is not used; loading the model again replaces it",
+                         container=name, problems=mismatch),)
     detail = {
         "container_id": c.id, "image": escape_text(str((attrs.get("Config") or {}).get("Image") or "")),
         "docker_state": status, "health": health, "port": info.port, "gpu_util": info.gpu_util,
         "served_name": info.raw_served_name,  # the exact name vLLM serves (None unless plain text)
         "tool_parser": info.tool_parser,
         "tools_parsed": info.tool_parser is not None,
+        "settings_mismatch": mismatch,
     }
     if not info.readable:
         detail["raw_labels"] = dict(info.raw)  # raw values only here, never in name/model_id

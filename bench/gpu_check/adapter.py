@@ -21,7 +21,7 @@ from typing import Any
 from memory_controller import MemoryController
 from memory_controller.errors import InsufficientMemoryError, MemctlError
 from memory_controller.settings import Settings, load_settings
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 
 BACKEND = "transformers"  # the backend id
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def make_controller(settings: Settings) -> MemoryController:
 
 def profile(precision: str, context_tokens: int, device: str, gpu_index: int | None = None,
             double_quant: bool = False) -> Profile:
-    return Profile(mode=Mode.TRANSFORMERS, precision=Precision(precision), context_tokens=context_tokens, batch=1,
+    return Profile(mode="transformers", precision=Precision(precision), context_tokens=context_tokens, batch=1,
                    device=device, gpu_ids=None if gpu_index is None else (gpu_index,), double_quant=double_quant)
 
 

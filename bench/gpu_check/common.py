@@ -70,14 +70,14 @@ def recommendation_rows(ctl: Any, label: str, free_bytes: int, model_id: str, de
     """Band row (no model) and lowering row (``model_id``) for the memory free now."""
     rows: list[Row] = []
     rec = A.recommend(ctl)
-    exp = guide_band(free_bytes, bool(rec.vllm_available), device == "cpu")
-    got = (rec.band, rec.profile.mode.value, rec.profile.precision.value, rec.profile.context_tokens,
+    exp = guide_band(free_bytes, bool(rec.preferred_available), device == "cpu")
+    got = (rec.band, rec.profile.mode, rec.profile.precision.value, rec.profile.context_tokens,
            rec.profile.batch)
     want = (exp.band, exp.mode, exp.precision, exp.context, exp.batch)
     rows.append(Row(f"recommendation, {b(free_bytes)} free ({label})", "{} {} {} ctx {} batch {}".format(*want),
                     "{} {} {} ctx {} batch {}".format(*got), verdict(got == want)))
     rec_m = A.recommend(ctl, model_id)
-    start = guide_band(free_bytes, bool(rec_m.vllm_available), device == "cpu")
+    start = guide_band(free_bytes, bool(rec_m.preferred_available), device == "cpu")
     if start.mode != "transformers":
         start = Expected(start.band, "transformers", start.precision, start.context, start.batch)
     want_m = lowered(ctl, model_id, start, free_bytes, device, gpu_index)

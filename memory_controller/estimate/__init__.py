@@ -33,10 +33,56 @@ honouring grouped-query attention (``num_key_value_heads``) and an explicit ``he
 
 from __future__ import annotations
 
+import os
+import threading
+from typing import Any
+
+from memory_controller.types import CachedModel, MemoryEstimate, Profile
+
+from . import spec as _spec
+from . import totals as _totals
 from .files import CorruptModelFileError, TensorInfo, read_safetensors_header
-from .spec import ModelSpec, clear_spec_cache, read_model_spec
-from .totals import describe, estimate, max_context_that_fits, prefill_bytes
+from .spec import ModelSpec, clear_spec_cache
+from .totals import describe, prefill_bytes
 from .weights import dense_bytes_per_element, kv_cache_bytes, weights_bytes
+
+# Models that are not checkpoint folders (a backend's own store, e.g. GGUF files behind a server) are
+# sized by the backend that lists them: it registers a sizer for the path prefix its CachedModels carry
+# (``register_sizer("scheme://host/", sizer)``); a sizer has ``estimate``, ``max_context_that_fits``
+# and ``read_model_spec`` with the signatures below.
+_SIZERS: dict[str, Any] = {}
+_SIZERS_LOCK = threading.Lock()
+
+
+def register_sizer(prefix: str, sizer: Any) -> None:
+    with _SIZERS_LOCK:
+        _SIZERS[prefix] = sizer
+
+
+def _sizer_for(path: str | os.PathLike[str]) -> Any | None:
+    p = str(path)
+    if "://" not in p:
+        return None
+    with _SIZERS_LOCK:
+        return next((s for pre, s in _SIZERS.items() if p.startswith(pre)), None)
+
+
+def estimate(model: CachedModel, profile: Profile, settings: Any) -> MemoryEstimate:
+    sizer = _sizer_for(model.path)
+    return sizer.estimate(model, profile, settings) if sizer else _totals.estimate(model, profile, settings)
+
+
+def max_context_that_fits(model: CachedModel, free_bytes: int, profile: Profile, settings: Any) -> int:
+    sizer = _sizer_for(model.path)
+    if sizer:
+        return sizer.max_context_that_fits(model, free_bytes, profile, settings)
+    return _totals.max_context_that_fits(model, free_bytes, profile, settings)
+
+
+def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
+    sizer = _sizer_for(path)
+    return sizer.read_model_spec(str(path)) if sizer else _spec.read_model_spec(path)
+
 
 __all__ = [
     "CorruptModelFileError",
@@ -51,5 +97,6 @@ __all__ = [
     "prefill_bytes",
     "read_model_spec",
     "read_safetensors_header",
+    "register_sizer",
     "weights_bytes",
 ]

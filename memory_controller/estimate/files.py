@@ -144,9 +144,11 @@ def read_safetensors_header(path: Path) -> tuple[TensorInfo, ...]:
     Raises :class:`ModelLoadError` when the file is shorter than its header says (truncated
     download) and :class:`CorruptModelFileError` when the header is malformed.
     """
+    from memory_controller.safefiles import open_checked
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with open_checked(path) as fh:  # never blocks on a FIFO; a regular file of bounded size
+            size = os.fstat(fh.fileno()).st_size
             raw_len = fh.read(8)
             if len(raw_len) < 8:
                 raise ValueError("file shorter than the 8-byte header length")

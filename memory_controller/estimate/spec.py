@@ -125,6 +125,11 @@ def clear_spec_cache() -> None:
 def _first_int(cfg: dict[str, Any], *keys: str) -> int | None:
     for k in keys:
         v = cfg.get(k)
+        if isinstance(v, float):
+            if not v.is_integer() or not 0 < v <= _MAX_CONFIG_INT:
+                raise CorruptModelFileError(f"config.json: {k} = {v:g} is not a plausible value (a whole number of "
+                                            f"at most {_MAX_CONFIG_INT} expected)", REDOWNLOAD_HINT)
+            v = int(v)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             if v > _MAX_CONFIG_INT:
                 raise CorruptModelFileError(f"config.json: {k} = {v} is not a plausible value", REDOWNLOAD_HINT)
@@ -151,7 +156,7 @@ def _shards(p: Path, names: dict[str, os.stat_result | None], st_files: list[str
 def _read_spec(p: Path, listing: list[tuple[str, os.stat_result | None]]) -> ModelSpec:
     names = {n: st for n, st in listing}
     if "config.json" not in names:
-        raise ModelLoadError(f"{p} has no config.json", "this is not a Transformers model directory")
+        raise ModelLoadError(f"{p} has no config.json", "this is not a Hugging Face model directory")
     if names["config.json"] is None:
         raise ModelLoadError(f"config.json in {p} is a broken link (missing blob)", "download the model again")
     cfg = read_json_file(p / "config.json")

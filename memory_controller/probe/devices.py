@@ -32,7 +32,7 @@ from memory_controller.types import (
 _HINTS = {
     NvmlStatus.LIBRARY_NOT_FOUND: (
         "NVIDIA driver library (libnvidia-ml) not found: no NVIDIA GPU driver on this machine. "
-        "memctl shows host memory; Transformers runs on the CPU; vLLM needs an NVIDIA GPU."
+        "memctl shows host memory; models run on the CPU with a backend that can (GPU-only backends cannot)."
     ),
     NvmlStatus.DRIVER_NOT_LOADED: (
         "NVIDIA driver is installed but not loaded: check `nvidia-smi`; reload the driver or reboot."

@@ -1,8 +1,8 @@
 """The OpenAI-compatible API of the memctl server: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
-``OpenAIService(ctl, settings).router`` is mounted by the app. In-process deployments generate on a
-worker thread (one request at a time per model, FIFO); HTTP deployments (vLLM) are proxied. A
-request for a cached model that is not running loads it on demand (see :mod:`.scheduler`).
+routes (this module: auth, parsing, the model list) → serving (:mod:`.serving`: admission and a lease from the
+core's one serving scheduler, ``memory_controller.scheduler``; an in-process run or the proxy) → protocol
+(:mod:`.schemas`, :mod:`.stream`). ``OpenAIService(ctl, settings).router`` is mounted by the app.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,16 +19,21 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from memory_controller.backend import Deployment
-from memory_controller.errors import MemctlError
-from memory_controller.toolcalls import ToolCallStream
+from memory_controller.backend import Deployment, DeploymentState
+from memory_controller.errors import (
+    InsufficientMemoryError,
+    InvalidModelIdError,
+    MemctlError,
+    ModelNotFoundError,
+)
+from memory_controller.scheduler import ServingScheduler
+from memory_controller.serving import MEMORY_BLOCKER_CODES, ControllerEffects
+from memory_controller.toolcalls import normalize_family
 
 from . import schemas
 from .errors import NO_RETRY, ApiError, from_exception
-from .generation import Run
 from .proxy import Proxy
-from .scheduler import Scheduler, not_loaded_error
-from .stream import DONE, SSE_HEADERS, CleanupStreamingResponse, Shape, comment, sse, tool_call_deltas, usage
+from .serving import Serving
 
 log = logging.getLogger("memctl.server.openai")
 
@@ -43,14 +47,35 @@ def _is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
+def _config_problem(model: Any) -> str | None:
+    """Why a cached model whose ``config.json`` exists cannot be listed normally (a link out of the cache, not a
+    regular file, malformed), or None when it has no config at all."""
+    import os
+
+    from memory_controller import safefiles
+
+    path = str(getattr(model, "path", "") or "")
+    if not path or not os.path.lexists(os.path.join(path, "config.json")):
+        return None
+    try:
+        safefiles.check_model_dir(path, safefiles.roots_of(path, getattr(model, "source", None)))
+    except MemctlError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{model.model_id}: its folder cannot be read ({exc.strerror or exc})"
+    return f"{model.model_id}: config.json is unreadable or malformed — download the model again"
+
+
 class OpenAIService:
     def __init__(self, ctl: Any, settings: Any) -> None:
         self.ctl = ctl
         self.settings = settings
-        self.scheduler = Scheduler(ctl, settings, self._default_backend_id)
+        self.effects = ControllerEffects(ctl, settings)
+        self.scheduler = ServingScheduler(self.effects)
         self.proxy = Proxy(settings)
-        self._ctx_cache: dict[str, tuple[float, Any, int | None, bool]] = {}
-        self._runs: set[Run] = set()
+        self.serving = Serving(self.scheduler, self.proxy, lambda: float(self.settings.serve_heartbeat_s))
+        self._listing: dict[str, tuple[float, Any, dict[str, Any]]] = {}
+        self._families: dict[tuple, str | None] = {}
         router = APIRouter(prefix="/v1", lifespan=self._lifespan)
         router.add_api_route("/models", self._models, methods=["GET"])
         router.add_api_route("/chat/completions", self._chat, methods=["POST"])
@@ -60,7 +85,7 @@ class OpenAIService:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
         """Merged into the app's lifespan by ``include_router``: the idle-unload timer runs from startup."""
-        self.scheduler.ensure_started()
+        self.scheduler.start()
         try:
             yield
         finally:
@@ -69,24 +94,48 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ public
     def status(self) -> dict[str, dict]:
-        """model_id -> {"in_flight", "queued", "idle_unload_in_s", "tool_parser", "tools_parsed"} for running
-        or asked-for models (``tool_parser``: "engine", "qwen", "llama3", "mistral", or None = tools not parsed)."""
-        return self.scheduler.status()
+        """model_id -> {"in_flight", "queued", "leases", "idle_unload_in_s", "tool_parser", "tools_parsed",
+        "tools"} for running or asked-for models (``tool_parser``: "engine", "qwen", "llama3", "mistral", or
+        None = tools not parsed; ``tools``: the chat template renders tools — False: requests with tools get
+        400 ``tools_not_supported``)."""
+        out = self.scheduler.status()
+        try:
+            deps = {d.model_id: d for d in self.ctl.deployments() if d.state is DeploymentState.READY}
+        except Exception:  # noqa: BLE001 - status must answer whatever a backend does
+            deps = {}
+        for model_id, entry in out.items():
+            dep = deps.get(model_id)
+            entry["tool_parser"] = self.tool_parser(dep) if dep is not None else None
+            entry["tools_parsed"] = entry["tool_parser"] is not None if dep is not None else None
+            entry["tools"] = self._tools_of(model_id, dep)
+        return out
+
+    def _tools_of(self, model_id: str, dep: Deployment | None) -> bool | None:
+        try:
+            return self.effects.tools_supported(self.ctl.resolve(model_id), dep)
+        except MemctlError:
+            return None
+
+    def tool_parser(self, dep: Deployment) -> str | None:
+        """How tool calls are read for ``dep``: "engine" (the engine parses them), a family ("qwen",
+        "llama3", "mistral"), or None (tools accepted, text returned: the model's family is unknown)."""
+        if dep.endpoint:
+            return "engine"
+        key = (dep.backend_id, dep.handle, dep.started_at)
+        if key not in self._families:
+            try:
+                family = normalize_family(self.ctl.backend(dep.backend_id).model_family(dep))
+            except Exception:  # noqa: BLE001 - a backend that cannot tell: tools are not parsed
+                family = None
+            self._families[key] = family
+        return self._families[key]
 
     def close(self) -> None:
-        """Stop the idle timer and pending switches, and tell running generations and proxied streams to
-        stop (their clients get an error event). Safe from any thread; idempotent."""
-        self.proxy.closed = True
-        for run in list(self._runs):
-            run.stop()
+        """Stop the idle timer, and tell running generations and proxied streams to stop (their clients get an
+        error event). Safe from any thread; idempotent."""
+        self.serving.stop_all()
         self.scheduler.close()
-        client = self.proxy._client
-        self.proxy._client = None
-        if client is not None:
-            try:
-                asyncio.get_running_loop().create_task(client.aclose())
-            except RuntimeError:
-                pass  # no loop any more: the sockets close with the process
+        self.proxy.close_soon()
 
     # ------------------------------------------------------------------ helpers
     def _default_backend_id(self) -> str:
@@ -109,40 +158,75 @@ class OpenAIService:
                            code="invalid_api_key", headers=NO_RETRY)
 
     # ------------------------------------------------------------------ /v1/models
-    def _served_context(self, model_id: str, running: dict[str, Deployment], key: Any) -> tuple[int | None, bool]:
-        dep = running.get(model_id)
+    def _unloaded_entry(self, model: Any) -> dict[str, Any]:
+        """What a model that is not running would be served as: its context when it fits, else the truth
+        (does not fit now, cannot be served, broken files) with the reason and what to do."""
+        try:
+            plan = self.ctl.plan(self._default_backend_id(), model, purpose="ide")
+        except (ModelNotFoundError, InvalidModelIdError) as exc:
+            return {"state": "broken", "max_model_len": None, "reason": str(exc)}
+        except InsufficientMemoryError as exc:
+            return {"state": "does_not_fit", "max_model_len": None, "reason": str(exc)}
+        except MemctlError as exc:
+            hint = exc.hint or ""
+            if "download" not in hint:
+                hint = (hint + "; " if hint else "") + "delete it from the cache and download it again"
+            return {"state": "broken", "max_model_len": None, "reason": f"{exc.message} — {hint}"}
+        ctx = plan.profile.context_tokens if plan.profile else None
+        servable = [b for b in plan.blockers if b.code not in MEMORY_BLOCKER_CODES]
+        if servable:
+            return {"state": "broken", "max_model_len": None, "reason": "; ".join(b.text for b in servable)}
+        if plan.blockers or not plan.fits:
+            why = "; ".join(b.text for b in plan.blockers) or (
+                plan.suggestion.text if getattr(plan, "suggestion", None) else "it does not fit in free memory")
+            return {"state": "does_not_fit", "max_model_len": None, "reason": why}
+        return {"state": "available", "max_model_len": ctx, "reason": None}
+
+    def _entry(self, model: Any, dep: Deployment | None, key: Any) -> dict[str, Any]:
         if dep is not None:
-            return dep.context_tokens, True
-        hit = self._ctx_cache.get(model_id)
+            return {"state": "loaded", "max_model_len": dep.context_tokens, "reason": None}
+        hit = self._listing.get(model.model_id)
         now = time.monotonic()
         if hit is not None and hit[0] > now and hit[1] == key:
-            return hit[2], hit[3]
-        try:
-            plan = self.ctl.plan(self._default_backend_id(), model_id, purpose="ide")
-            ctx, fits = plan.profile.context_tokens if plan.profile else None, bool(plan.fits)
-        except MemctlError as exc:
-            log.info("no plan for %s: %s", model_id, exc)
-            ctx, fits = None, False
-        self._ctx_cache[model_id] = (now + MODELS_CACHE_TTL_S, key, ctx, fits)
-        return ctx, fits
+            return hit[2]
+        entry = self._unloaded_entry(model)
+        self._listing[model.model_id] = (now + MODELS_CACHE_TTL_S, key, entry)
+        return entry
 
     def _model_list(self) -> dict[str, Any]:
-        running = {d.model_id: d for d in self.ctl.deployments() if d.state.value == "ready"}
+        running = {d.model_id: d for d in self.ctl.deployments() if d.state is DeploymentState.READY}
         key = frozenset((m, d.handle) for m, d in running.items())
         data: list[dict[str, Any]] = []
         seen: set[str] = set()
         for m in self.ctl.models().models:
-            if not m.has_config or m.model_id in seen:
+            if m.model_id in seen:
+                continue
+            if not m.has_config:
+                problem = _config_problem(m)  # a config that is there but unusable: listed as broken
+                if problem is None:
+                    continue  # no config at all: not a model memctl can serve
+                seen.add(m.model_id)
+                data.append({"id": m.model_id, "object": "model", "created": 0, "owned_by": "memctl",
+                             "max_model_len": None, "loaded": False,
+                             "memctl": {"state": "broken", "backend": None, "fits": False, "endpoint": None,
+                                        "problem": problem}})
                 continue
             seen.add(m.model_id)
-            ctx, fits = self._served_context(m.model_id, running, key)
             dep = running.get(m.model_id)
+            entry = self._entry(m, dep, key)
+            tools = self.effects.tools_supported(m, dep) if entry["state"] in ("loaded", "available") else None
+            pause = self.ctl.paused_for(m.model_id) if dep is None else None
             data.append({
                 "id": m.model_id, "object": "model", "created": int(dep.started_at) if dep else 0,
-                "owned_by": "memctl", "max_model_len": ctx, "loaded": dep is not None,
-                "memctl": {"state": "loaded" if dep else ("available" if fits else "does_not_fit"),
-                           "backend": dep.backend_id if dep else None, "fits": fits,
-                           "endpoint": dep.endpoint if dep else None},
+                "owned_by": "memctl", "max_model_len": entry["max_model_len"], "loaded": dep is not None,
+                "memctl": {"state": entry["state"], "reason": entry["reason"],
+                           "problem": entry["reason"] if entry["state"] == "broken" else None,
+                           "backend": dep.backend_id if dep else None,
+                           "fits": entry["state"] in ("loaded", "available"),
+                           "endpoint": dep.endpoint if dep else None,
+                           "tools": tools if not (dep is not None and dep.endpoint) else None,
+                           "tool_parser": self.tool_parser(dep) if dep is not None else None,
+                           "paused": pause.to_dict() if pause is not None else None},
             })
         return {"object": "list", "data": data}
 
@@ -168,222 +252,11 @@ class OpenAIService:
             model_cls = schemas.ChatRequest if kind == "chat" else schemas.CompletionRequest
             raw = await request.body()
             req = schemas.parse(model_cls, raw)
-            schemas.generation_request(req, 1)  # validate messages/tools before anything loads
-            if self.scheduler.ready(req.model) is None:
-                await asyncio.to_thread(self.ctl.resolve, req.model)  # 404 for a model not in the cache
-                if not self.settings.serve_on_demand:
-                    raise not_loaded_error(req.model)
-                await asyncio.to_thread(self.scheduler.plan_load, req.model)  # 503 before anything stops
-                if req.stream:
-                    return self._stream_after_load(kind, req, raw)
-            dep = await self.scheduler.acquire(req.model)
-            return await self._respond(kind, req, raw, dep)
+            return await self.serving.handle(request, kind, req, raw)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001
             return from_exception(exc).response()
-
-    def _lease_cleanup(self, model_id: str) -> Any:
-        done = False
-
-        def cleanup() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                self.scheduler.release(model_id)
-        return cleanup
-
-    async def _respond(self, kind: str, req: Any, raw: bytes, dep: Deployment) -> Response:
-        """Answer with the lease on ``dep`` held; the lease is released exactly once, whatever happens."""
-        release = self._lease_cleanup(dep.model_id)
-        try:
-            if dep.endpoint:
-                return await self._proxy(kind, raw, dep, release)
-            run = self._new_run(req, dep)
-            run.on_finish(release)
-            first = await self._first_event(run, dep.model_id)
-            if not req.stream:
-                try:
-                    return JSONResponse(await self._collect(kind, req, run, first))
-                finally:
-                    run.finish()
-            body = self._stream_events(kind, req, run, first)
-            return CleanupStreamingResponse(body, run.finish, headers=SSE_HEADERS)
-        except BaseException:
-            release()
-            raise
-
-    async def _proxy(self, kind: str, raw: bytes, dep: Deployment, release: Any) -> Response:
-        body = json.loads(raw)
-        slot_cm = self.ctl.generating(dep)
-        slot = slot_cm.__enter__()
-        st = self.scheduler.state(dep.model_id)
-        st.active += 1
-
-        def cleanup() -> None:
-            st.active -= 1
-            slot_cm.__exit__(None, None, None)
-            release()
-        return await self.proxy.forward("chat/completions" if kind == "chat" else "completions",
-                                        body, dep, slot, cleanup)
-
-    def _new_run(self, req: Any, dep: Deployment) -> Run:
-        requested = req.requested_tokens if isinstance(req, schemas.ChatRequest) else req.max_tokens
-        run = Run(self.ctl, dep, lambda n: schemas.generation_request(req, n), requested)
-        self._runs.add(run)
-        run.on_finish(lambda: self._runs.discard(run))
-        return run
-
-    async def _first_event(self, run: Run, model_id: str) -> Any:
-        """Wait for this model's FIFO turn, start the run, return its "start" event (or raise its error).
-
-        From here on ``run.finish()`` gives the turn back (exactly once)."""
-        st = self.scheduler.state(model_id)
-        await st.gen_lock.acquire()
-        st.active += 1
-
-        def give_back() -> None:
-            st.active -= 1
-            st.gen_lock.release()
-        run.on_finish(give_back)
-        try:
-            run.start()
-            run.reader = run.events()
-            first = await run.reader.__anext__()
-        except BaseException:
-            run.finish()
-            raise
-        if first.kind == "error":
-            run.finish()
-            raise first.error
-        return first
-
-    async def _generate(self, kind: str, req: Any, run: Run, first: Any) -> AsyncIterator[tuple[str, Any]]:
-        """("text", str) pieces, then ("end", (calls, finish_reason, usage)) or ("error", ApiError)."""
-        tools = isinstance(req, schemas.ChatRequest) and req.tools_active
-        tcs = ToolCallStream(first.family if tools else None)
-        finish, completion, complete = "stop", 0, False
-        try:
-            assert run.reader is not None
-            async for ev in run.reader:
-                if ev.kind == "chunk":
-                    shown = tcs.feed(ev.chunk.text) if ev.chunk.text else ""
-                    if shown:
-                        yield "text", shown
-                    if ev.chunk.finish_reason:
-                        finish = ev.chunk.finish_reason
-                        completion = ev.chunk.completion_tokens or 0
-                        complete = finish != "cancelled"  # the answer ended on its own
-                elif ev.kind == "error":
-                    yield "error", from_exception(ev.error)
-                    return
-                elif ev.kind == "end" and (finish == "cancelled" or (not complete and (ev.cancelled_by_controller
-                                                                                   or ev.stopped))):
-                    why = {"emergency_clear": "an emergency clear ran", "unload": f"{req.model} was unloaded",
-                           "switch": "another model is being loaded in its place"}.get(
-                        ev.reason or "", "the memctl server is stopping" if self.proxy.closed
-                        else f"{req.model} was unloaded or an emergency clear ran")
-                    yield "error", ApiError(503, f"generation stopped: {why}", type_="server_error",
-                                            code="generation_cancelled", headers={"x-should-retry": "false"})
-                    return
-        finally:
-            run.finish()
-        rest = tcs.finish()
-        if rest.content:
-            yield "text", rest.content
-        calls = rest.tool_calls
-        if calls and isinstance(req, schemas.ChatRequest) and req.parallel_tool_calls is False:
-            calls = calls[:1]
-        if calls:
-            finish = "tool_calls"
-        yield "end", (calls, finish, usage(first.prompt_tokens, completion))
-
-    async def _collect(self, kind: str, req: Any, run: Run, first: Any) -> dict[str, Any]:
-        shape = Shape(kind, req.model)
-        parts: list[str] = []
-        async for what, value in self._generate(kind, req, run, first):
-            if what == "text":
-                parts.append(value)
-            elif what == "error":
-                raise value
-            else:
-                calls, finish, use = value
-                text = "".join(parts)
-                return shape.response(text if (text or not calls) else None, calls, finish, use)
-        raise ApiError(500, "generation ended without a result", type_="server_error", code="internal_error")
-
-    async def _stream_events(self, kind: str, req: Any, run: Run, first: Any) -> AsyncIterator[bytes]:
-        shape = Shape(kind, req.model)
-        with_usage = req.include_usage
-        if kind == "chat":
-            yield sse(shape.chunk(role=True, content="", with_usage_field=with_usage))
-        async for what, value in self._generate(kind, req, run, first):
-            if what == "text":
-                yield sse(shape.chunk(content=value, with_usage_field=with_usage))
-            elif what == "error":
-                yield value.sse()
-                yield DONE
-                return
-            else:
-                calls, finish, use = value
-                if calls:
-                    yield sse(shape.chunk(tool_calls=tool_call_deltas(calls), with_usage_field=with_usage))
-                yield sse(shape.chunk(finish_reason=finish, with_usage_field=with_usage))
-                if with_usage:
-                    yield sse(shape.usage_chunk(use))
-        yield DONE
-
-    def _stream_after_load(self, kind: str, req: Any, raw: bytes) -> Response:
-        """An SSE answer that waits for the on-demand load with comment heartbeats, then streams."""
-        state: dict[str, Any] = {"inner": None, "release": None}
-
-        async def body() -> AsyncIterator[bytes]:
-            task = asyncio.ensure_future(self.scheduler.acquire(req.model))
-            taken = False
-            try:
-                while True:
-                    done, _ = await asyncio.wait({task}, timeout=self.settings.serve_heartbeat_s)
-                    if done:
-                        break
-                    yield comment(f"loading {req.model} ...")
-                taken = True
-            finally:
-                if not task.done():
-                    task.cancel()
-                elif not taken and not task.cancelled() and task.exception() is None:
-                    self.scheduler.release(req.model)  # leased just as the client went away
-            try:
-                dep = task.result()
-            except BaseException as exc:  # noqa: BLE001 - told to the client as an error event
-                yield from_exception(exc).sse()
-                yield DONE
-                return
-            try:
-                inner = await self._respond(kind, req, raw, dep)
-            except BaseException as exc:  # noqa: BLE001
-                yield from_exception(exc).sse()
-                yield DONE
-                return
-            state["inner"] = inner
-            if isinstance(inner, CleanupStreamingResponse):
-                async for piece in inner.body_iterator:
-                    yield piece if isinstance(piece, bytes) else bytes(piece)
-            else:  # an error answer from the engine: say it as an event
-                yield b"data: " + bytes(inner.body) + b"\n\n"
-                yield DONE
-
-        async def cleanup() -> None:
-            inner = state["inner"]
-            if isinstance(inner, CleanupStreamingResponse) and not inner._cleaned:
-                inner._cleaned = True
-                aclose = getattr(inner.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                result = inner._cleanup()
-                if result is not None:
-                    await result
-
-        return CleanupStreamingResponse(body(), cleanup, headers=SSE_HEADERS)
 
 
 __all__ = ["OpenAIService"]

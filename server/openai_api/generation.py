@@ -1,7 +1,7 @@
 """One in-process generation on a worker thread, its events handed to the event loop.
 
-The thread opens ``ctl.generating(deployment)`` (the slot an emergency clear cancels), counts the
-prompt's tokens, applies the context guard, then streams chunks. The loop side reads
+The thread generates under the request's lease (its slot is what an emergency clear or an unload cancels),
+counts the prompt's tokens, applies the context guard (the scheduler's output budget), then streams chunks. The loop side reads
 :class:`Event` values; when the client goes away (the reader is cancelled) the thread is told to
 stop through the generator's ``cancel`` callback.
 """
@@ -12,13 +12,11 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
-from memory_controller.backend import Deployment, GenerationChunk, GenerationRequest
+from memory_controller.backend import GenerationChunk, GenerationRequest
+from memory_controller.scheduler import Lease, output_budget
 
-from .errors import ApiError, bad_request
-
-DEFAULT_MAX_NEW_TOKENS_UNKNOWN_CONTEXT = 512
+from .errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -36,30 +34,18 @@ class Event:
 
 def context_guard(prompt_tokens: int, requested: int | None, context_tokens: int | None,
                   model_id: str) -> int:
-    """The number of new tokens to allow; ApiError 400 naming both numbers when over the context."""
-    if context_tokens is None:
-        return requested or DEFAULT_MAX_NEW_TOKENS_UNKNOWN_CONTEXT
-    if requested is not None and prompt_tokens + requested > context_tokens:
-        raise bad_request(
-            f"{model_id} is served with a context of {context_tokens} tokens, but this request needs "
-            f"{prompt_tokens + requested}: {prompt_tokens} in the prompt plus {requested} requested for the "
-            f"answer. Shorten the conversation or ask for fewer output tokens.",
-            param="messages", code="context_length_exceeded")
-    if requested is None and prompt_tokens >= context_tokens:
-        raise bad_request(
-            f"{model_id} is served with a context of {context_tokens} tokens, but the prompt alone takes "
-            f"{prompt_tokens} tokens (0 left for the answer). Shorten the conversation.",
-            param="messages", code="context_length_exceeded")
-    return requested if requested is not None else context_tokens - prompt_tokens
+    """The number of new tokens to allow (see ``memory_controller.scheduler.output_budget``); raises
+    RequestRefusedError ``context_length_exceeded`` (400) naming both numbers when over the context."""
+    return output_budget(model_id, prompt_tokens, requested, context_tokens)
 
 
 class Run:
     """Start with :meth:`start`; read with :meth:`events`; :meth:`stop` asks the thread to finish."""
 
-    def __init__(self, ctl: Any, deployment: Deployment, build: Callable[[int], GenerationRequest],
+    def __init__(self, lease: Lease, build: Callable[[int], GenerationRequest],
                  requested_tokens: int | None) -> None:
-        self.ctl = ctl
-        self.deployment = deployment
+        self.lease = lease
+        self.deployment = lease.deployment
         self.build = build
         self.requested_tokens = requested_tokens
         self._client_gone = threading.Event()
@@ -97,28 +83,27 @@ class Run:
 
     def _work(self) -> None:
         dep = self.deployment
+        slot = self.lease.slot  # the lease: given back by the scheduler when the run finishes
         try:
-            with self.ctl.generating(dep) as slot:
-                gen = slot.generator
-                if gen is None:
-                    raise ApiError(500, f"{dep.model_id} runs on {dep.backend_id}, which does not generate "
-                                        "in-process and gave no endpoint", type_="server_error",
-                                   code="no_generator")
-                probe = self.build(1)
-                prompt_tokens = int(gen.prompt_tokens(dep, probe))
-                max_new = context_guard(prompt_tokens, self.requested_tokens, dep.context_tokens, dep.model_id)
-                family = gen.model_family(dep)
-                self._post(Event("start", prompt_tokens=prompt_tokens, max_new_tokens=max_new, family=family))
+            gen = slot.generator
+            if gen is None:
+                raise ApiError(500, f"{dep.model_id} runs on {dep.backend_id}, which does not generate "
+                                    "in-process and gave no endpoint", type_="server_error", code="no_generator")
+            probe = self.build(1)
+            prompt_tokens = int(gen.prompt_tokens(dep, probe))
+            max_new = context_guard(prompt_tokens, self.requested_tokens, dep.context_tokens, dep.model_id)
+            family = gen.model_family(dep)
+            self._post(Event("start", prompt_tokens=prompt_tokens, max_new_tokens=max_new, family=family))
 
-                def cancel() -> bool:
-                    return self._client_gone.is_set() or bool(slot.cancelled())
+            def cancel() -> bool:
+                return self._client_gone.is_set() or bool(slot.cancelled())
 
-                for chunk in gen.generate_stream(dep, self.build(max_new), cancel):
-                    self._post(Event("chunk", chunk=chunk))
-                    if self._client_gone.is_set():
-                        break
-                self._post(Event("end", cancelled_by_controller=bool(slot.cancelled()),
-                                 stopped=self._client_gone.is_set(), reason=getattr(slot, "reason", None)))
+            for chunk in gen.generate_stream(dep, self.build(max_new), cancel):
+                self._post(Event("chunk", chunk=chunk))
+                if self._client_gone.is_set():
+                    break
+            self._post(Event("end", cancelled_by_controller=bool(slot.cancelled()),
+                             stopped=self._client_gone.is_set(), reason=getattr(slot, "reason", None)))
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, mapped to an HTTP error there
             self._post(Event("error", error=exc))
 

@@ -7,6 +7,7 @@ container went away (emergency clear, unload) ends with an OpenAI-shaped error e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -113,6 +114,16 @@ class Proxy:
                                         headers=SSE_HEADERS,
                                         media_type=upstream.headers.get("content-type", "text/event-stream"))
 
+    def close_soon(self) -> None:
+        """Mark closing (streams end with an error event) and close the client on its loop (any thread)."""
+        self.closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                asyncio.get_running_loop().create_task(client.aclose())
+            except RuntimeError:
+                pass  # no loop here any more: the sockets close with the process
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
@@ -122,4 +133,4 @@ class Proxy:
 def _stopped(dep: Deployment, detail: str = "") -> ApiError:
     extra = f" ({detail})" if detail else ""
     return ApiError(503, f"generation stopped: {dep.model_id} was unloaded or an emergency clear ran{extra}",
-                    type_="server_error", code="generation_cancelled")
+                    type_="server_error", code="generation_cancelled", headers={"Retry-After": "1"})

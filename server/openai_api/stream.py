@@ -41,14 +41,18 @@ class CleanupStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            if not self._cleaned:
-                self._cleaned = True
-                result = self._cleanup()
-                if result is not None:
-                    await result
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the body and run the clean-up (once; also for a response that is never sent)."""
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if not self._cleaned:
+            self._cleaned = True
+            result = self._cleanup()
+            if result is not None:
+                await result
 
 
 class Shape:
