@@ -49,3 +49,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["MEMCTL_LANGUAGE"] = "en"
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def english_cli(monkeypatch):
+    """For tests that assert the CLI's English text when they call it in this process (the default is ru)."""
+    monkeypatch.setenv("MEMCTL_LANGUAGE", "en")

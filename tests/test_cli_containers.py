@@ -22,10 +22,7 @@ GIB = 1024**3
 FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=1024, batch=2)
 
 
-@pytest.fixture(autouse=True)
-def _english_cli(monkeypatch):
-    """These tests assert the CLI's English text: the language is set explicitly (default is ru)."""
-    monkeypatch.setenv("MEMCTL_LANGUAGE", "en")
+pytestmark = pytest.mark.usefixtures("english_cli")  # these tests assert the CLI's English text
 
 
 def memctl(*argv: str, docker_host: str, settings=None) -> subprocess.CompletedProcess:

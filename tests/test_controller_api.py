@@ -212,6 +212,7 @@ def _tokens_sent(server: _Foreign, info: OwnerInfo) -> list[str]:
             if headers.get(TOKEN_HEADER.lower()) == info.token or info.token in path]
 
 
+@pytest.mark.usefixtures("english_cli")  # asserts the CLI's English text
 @pytest.mark.parametrize("command", [["status"], ["ps"], ["unload", TINY_ID], ["containers"], ["models"]])
 def test_a_foreign_server_at_the_owner_url_never_gets_the_token_and_the_cli_says_so(foreign, command, capsys):
     from memctl_cli.main import main
@@ -226,6 +227,7 @@ def test_a_foreign_server_at_the_owner_url_never_gets_the_token_and_the_cli_says
         assert f"not the memctl owner process (PID {info.pid})" in err and server.seen == []
 
 
+@pytest.mark.usefixtures("english_cli")  # asserts the CLI's English text
 def test_without_the_listener_check_the_proof_still_keeps_the_token(foreign, monkeypatch, capsys):
     """Where the system cannot say who listens (another user's process), the server must prove it
     holds the token; a foreign one cannot, and gets only the nonce."""

@@ -227,6 +227,7 @@ def test_cli_unload_frees_and_exits_0(gpu_setup, capsys):
     assert [m.name for m in gpu_setup.client.ps()] == ["gpt-oss:20b"]
 
 
+@pytest.mark.usefixtures("english_cli")  # asserts the CLI's English text
 def test_cli_bad_name_exits_2_and_ollama_down_exits_1(gpu_setup, capsys):
     code, _, err = _run(gpu_setup.ctl, ["ollama", "unload", "../etc"], capsys)
     assert code == 2 and "not an Ollama model name" in err
