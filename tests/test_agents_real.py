@@ -22,12 +22,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from memory_controller.settings import load_settings
-from server.cli import controller_for
+from server.connect import controller_for
 from tests import model_factory as mf
 from tests.conftest import ROOT
 from tests.model_factory import hf_env
@@ -107,7 +108,7 @@ def test_continue_cli_runs_a_task_with_the_config_memctl_prints(owner, agent_hub
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert run.stdout.strip()  # the streamed answer (random weights: any text) reached the client
 
-    with controller_for(load_settings()) as client:  # what reached the server: the model loaded on demand
+    with closing(controller_for(load_settings())) as client:  # what reached the server: the model loaded on demand
         assert [d.model_id for d in client.deployments()] == [LONG]
         loads = [r for r in client.history(20) if r.kind == "apply" and r.params.get("model") == LONG]
         assert loads and loads[0].params.get("on_demand") is True
@@ -128,7 +129,7 @@ def test_kilo_cli_shows_the_servers_400_for_an_over_context_request_and_nothing_
                          env=agent_env(tmp_path / "home", work), capture_output=True, text=True, timeout=150)
     printed = run.stdout + run.stderr
     assert "is served with a context of 2048 tokens" in printed, printed[-3000:]  # the server's own message
-    with controller_for(load_settings()) as client:
+    with closing(controller_for(load_settings())) as client:
         assert client.deployments() == []  # refused before loading: nothing loaded, nothing evicted
         assert not [r for r in client.history(20) if r.kind == "apply"]
 

@@ -16,12 +16,12 @@ import pytest
 from memory_controller import MemoryController
 from memory_controller.backend import DeploymentState
 from memory_controller.settings import load_settings
-from memory_controller.types import Mode, Precision, Profile
+from memory_controller.types import Precision, Profile
 from tests.fixtures_models import TINY_ID, TINY_UNTIED_ID
 from tests.inmemory_backend import InMemoryBackend
 from tests.test_openai_api import DEAD_DOCKER, Served, _serve
 
-FP16 = Profile(mode=Mode.VLLM, precision=Precision.FP16, context_tokens=2048, batch=4)
+FP16 = Profile(mode="vllm", precision=Precision.FP16, context_tokens=2048, batch=4)
 
 
 def _fail(backend: InMemoryBackend, model_id: str) -> None:
