@@ -171,8 +171,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         print(table(rows))
     for w in result.warnings:
         print(f"warning: {w}")
-    for m in result.models:  # a model listed but unusable says why and what to do (issue 20.3)
-        problem = model_problem(m)
+    warned = {w.split(":", 1)[0] for w in result.warnings}  # the catalog already said what is wrong with these
+    for m in result.models:  # a model listed but unusable says why and what to do, once
+        problem = None if m.model_id in warned else model_problem(m)
         if problem:
             print(f"warning: {m.model_id}: {problem}")
     return 0
