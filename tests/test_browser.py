@@ -76,7 +76,8 @@ def server(hf_cache, tmp_path_factory) -> Iterator[str]:
                          MEMCTL_CONFIG_FILE=str(state / "no-user-config.toml"), MEMCTL_DOCKER_HOST=NO_DOCKER,
                          MEMCTL_POLL_INTERVAL_S="1", MEMCTL_BACKENDS='{"inmem": "tests.inmemory_backend:create"}',
                          # the dashboard owns the machine: it runs the memctl server (issue 10.1)
-                         MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=str(SERVED["port"]))
+                         MEMCTL_DASHBOARD_SERVES="true", MEMCTL_SERVE_PORT=str(SERVED["port"]),
+                         MEMCTL_LANGUAGE="ru")  # the user's default: the test reads the Russian UI
     SERVED["env"] = env
     log = open(state / "streamlit.log", "wb")  # noqa: SIM115 - closed after the process ends
     proc = subprocess.Popen(
