@@ -289,6 +289,12 @@ class OperationRunner:
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
             from .types import Outcome
 
+            if (isinstance(exc, OperationCancelledError) and op.cancel.is_set()
+                    and "emergency clear" not in exc.message):  # a backend's own "cancelled" says why, too
+                said = OperationCancelledError(f"{op.title} was stopped by an emergency clear ({exc.message})",
+                                               exc.hint or "start it again when ready", code="cancelled")
+                said.__cause__ = exc
+                exc = said
             op.error = exc
             op.record.outcome = Outcome.ERROR
             op.record.error = str(exc)
