@@ -9,7 +9,7 @@ the measured size (calibration) and tries once more at the smaller context.
 Exit codes: 0 done (an unload whose memory came back slowly too: a warning is printed), 1 Ollama
 down, slow, refusing, malformed, or the model still listed after the wait, 2 a bad name or setting.
 Handlers take ``(args, ctl)``: ``ctl`` gives ``settings`` and ``probe`` (an unload waits for the
-memory to come back on NVML) and, when it has one, ``ollama()`` returning the client.
+memory to come back on NVML) and, when it has one, ``holder_source("ollama")`` returning the client.
 """
 
 from __future__ import annotations
@@ -48,15 +48,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def client_for(ctl: Any) -> Any:
     """The Ollama client: the ``ollama`` backend's (every model Ollama lists, memctl's derived tags too),
-    else the holder the controller has (``ctl.ollama()``); given Settings (or something with
+    else the holder the controller has (``ctl.holder_source("ollama")``); given Settings (or something with
     ``settings``/``probe``), a local controller's."""
     c = _controller(ctl)
     try:
         return c.backend("ollama").client
     except (MemctlError, AttributeError):
         pass
-    maker = getattr(c, "ollama", None)
-    client = maker() if callable(maker) else None
+    client = c.holder_source("ollama")
     if client is None:
         raise MemctlError("the Ollama client could not be built", "check MEMCTL_OLLAMA_HOST")
     return client
@@ -127,7 +126,7 @@ def fit_rows(ctl: Any, model: str | None = None) -> list[dict[str, Any]]:
     avail = backend.availability(ctl.probe.snapshot())
     if not avail.ok:
         raise MemctlError(avail.reason.text if avail.reason else "Ollama is unavailable",
-                          "start Ollama (ollama serve) or set ollama_host / OLLAMA_HOST", code="ollama.down")
+                          "start Ollama (ollama serve) or set MEMCTL_OLLAMA_HOST / OLLAMA_HOST", code="ollama.down")
     infos = [backend.info(model)] if model else backend.installed(fresh=True)
     rows = []
     for m in infos:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # pragma: no cover
     from .backend import Availability, Capabilities, Deployment, ReleaseReport
     from .clusterfit import ExportResult
-    from .holders import MemoryHolder
+    from .holders import HolderSource, MemoryHolder
     from .planning import Plan
     from .reports import ClearReport, EmergencyReport
     from .runner import Operation
@@ -44,8 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
 MemorySample = tuple[float, dict[str, tuple[int | None, int | None]]]
 
 # Members every implementation answers in its own process (not routed): its settings, the memory level
-# of a device by those settings, the Ollama client (Ollama is its own server), closing the connection.
-LOCAL_CALLS = frozenset({"settings", "level", "ollama", "close"})
+# of a device by those settings, another holder's client (it is its own server), closing the connection.
+LOCAL_CALLS = frozenset({"settings", "level", "holder_source", "close"})
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class ControllerAPI(Protocol):
                           snapshot: SystemSnapshot | None = None) -> Recommendation: ...
     def max_context(self, model: str | CachedModel, profile: Profile, free_bytes: int | None = None) -> int: ...
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
-             purpose: str = "switch", unload_ollama: bool = False) -> Plan: ...
+             purpose: str = "switch", free_holders: bool = False) -> Plan: ...
     def plans(self, backend_id: str, models: Sequence[str | CachedModel],
               profile: Profile) -> dict[str, Plan | None]: ...
     def export_formats(self) -> tuple[str, ...]: ...
@@ -145,7 +145,7 @@ class ControllerAPI(Protocol):
 
     # ------------------------------------------------------------------ answered in this process
     def level(self, device: DeviceSnapshot) -> Level: ...
-    def ollama(self) -> Any: ...
+    def holder_source(self, source_id: str) -> HolderSource | None: ...
     def close(self) -> None: ...
 
 
@@ -206,8 +206,8 @@ class InProcessController:
         return self.local.max_context(model, profile, free_bytes=free_bytes)
 
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
-             purpose: str = "switch", unload_ollama: bool = False) -> Plan:
-        return self.local.plan(backend_id, model, profile, purpose=purpose, unload_ollama=unload_ollama)
+             purpose: str = "switch", free_holders: bool = False) -> Plan:
+        return self.local.plan(backend_id, model, profile, purpose=purpose, free_holders=free_holders)
 
     def plans(self, backend_id: str, models: Sequence[str | CachedModel],
               profile: Profile) -> dict[str, Plan | None]:
@@ -304,8 +304,8 @@ class InProcessController:
     def level(self, device: DeviceSnapshot) -> Level:
         return self.local.level(device)
 
-    def ollama(self) -> Any:
-        return self.local.ollama()
+    def holder_source(self, source_id: str) -> HolderSource | None:
+        return self.local.holder_source(source_id)
 
     def close(self) -> None:
         """Nothing to close: the controller lives as long as this process."""

@@ -15,6 +15,7 @@ from . import clusterfit
 from . import types as t
 from .backend import Availability, Backend, Deployment, ReleaseReport
 from .errors import ModelLoadError, ModelNotFoundError
+from .holders import HolderSource
 from .planning import Plan, target_device
 from .recommend import level_for
 from .reports import ClearReport, EmergencyReport
@@ -100,9 +101,9 @@ class MemoryController:
             return self.recommend(None, device_key, snapshot)
 
     def plan(self, backend_id: str, model: str | t.CachedModel, profile: t.Profile | None = None, *,
-             purpose: str = "switch", unload_ollama: bool = False) -> Plan:
-        """A dry run (Planner.plan); ``unload_ollama`` adds the opt-in step asking another holder to unload."""
-        return self.planner.plan(str(backend_id), self.resolve(model), profile, purpose, free_holders=unload_ollama)
+             purpose: str = "switch", free_holders: bool = False) -> Plan:
+        """A dry run (Planner.plan); ``free_holders`` adds the opt-in step asking another holder to unload."""
+        return self.planner.plan(str(backend_id), self.resolve(model), profile, purpose, free_holders=free_holders)
 
     def plans(self, backend_id: str, models: list[t.CachedModel] | tuple[t.CachedModel, ...],
               profile: t.Profile) -> dict[str, Plan | None]:
@@ -111,8 +112,8 @@ class MemoryController:
     def holders(self, snapshot: t.SystemSnapshot | None = None) -> list:  # holders.MemoryHolder per GPU process
         return self.census.holders(snapshot)
 
-    def ollama(self) -> Any:  # the other holder a backend hands over (holder_client), or None
-        return self.census.ollama_client()
+    def holder_source(self, source_id: str) -> HolderSource | None:  # another holder a backend hands over, or None
+        return self.census.source(source_id)
 
     def export(self, fmt: str, model: str | t.CachedModel, *, gpu_bytes: int | None = None, gpus: int = 1,
                context: int | None = None, batch: int | None = None, accelerator: str | None = None,
@@ -124,7 +125,7 @@ class MemoryController:
         snap = self.devices()
         return status_data(snap, self.recommend_in_view(snapshot=snap), self.fleet.availabilities(snap),
                            self.deployments(), self.holders(snap) if snap.gpus else [], self.level,
-                           {"ollama": holder_source_status(self.ollama(), self.settings.ollama_host, "Ollama"),
+                           {**{src.source: holder_source_status(src) for src in self.census.sources()},
                             "history": {"write_errors": self.log_write_errors(), "warnings": self.log_warnings}},
                            self.model_in_view())
 

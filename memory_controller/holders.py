@@ -1,12 +1,13 @@
 """Who holds the GPU: every process NVML reports, named and sorted into kinds (pure: values in, values out).
 
 :func:`classify` turns a :class:`~memory_controller.types.SystemSnapshot` plus what the probe and the
-backends know (process command lines, PID -> container, Ollama's loaded models, memctl's own
+backends know (process command lines, PID -> container, other holders' loaded models, memctl's own
 deployments) into :class:`MemoryHolder` values. :func:`fit_with_holders` says whether a plan that
-does not fit would fit once Ollama's models are unloaded (an opt-in step) or only if a foreign
+does not fit would fit once another holder's models are unloaded (an opt-in step) or only if a foreign
 process stopped (a blocker naming it). :func:`remaining_by_device` is what an emergency clear reports
 afterwards, with the advice for each holder. memctl frees only what it owns (``freeable_by ==
-"memctl"``) and asks Ollama to unload its own models (``"ollama"``); it never stops anything else.
+"memctl"``) and asks another holder (a :class:`HolderSource` a backend hands over) to unload its own
+models (``freeable_by`` is the source's id); it never stops anything else.
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from . import units
 from .types import Message, Outcome, SystemSnapshot, msg
 from .units import fmt_bytes
 
-KINDS = ("memctl_self", "memctl_other", "managed_container", "foreign_container", "ollama_server",
-         "ollama_runner", "process", "desktop")
+# The kinds of holder the core names; another holder's processes are ``<source id>_server`` and
+# ``<source id>_runner`` (holder_kind), named by the source that knows them.
+KINDS = ("memctl_self", "memctl_other", "managed_container", "foreign_container", "process", "desktop")
+ROLES = ("server", "runner")  # what a holder source's process is: its idle server, or a runner holding models
+
+
+def holder_kind(source_id: str, role: str) -> str:
+    """The kind of a process of another holder: ``<source id>_<role>``."""
+    return f"{source_id}_{role}"
 
 # Command names of display servers, compositors and desktop shells: memory held for the screen.
 DESKTOP_COMMANDS = frozenset({
@@ -64,9 +72,48 @@ class ProcessInfo:
     is_memctl: bool = False  # another memctl process (CLI, dashboard, server)
 
 
-class OllamaModelLike(Protocol):
+class HeldModel(Protocol):
+    """A model another holder has loaded: its name and the GPU memory it holds."""
+
     name: str
     size_vram: int
+
+
+class HolderSource(Protocol):
+    """Another server holding models memctl did not load, which memctl may ask to unload them (a backend
+    hands it over as ``holder_client``). The core knows it only through these members."""
+
+    source: str  # its id: the kinds of its processes, ``freeable_by``, message codes
+    label: str  # its name as shown
+    base_url: str
+    unloads_in_emergency: bool  # whether the emergency clear asks it to unload everything
+
+    @property
+    def last_error(self) -> Any: ...  # a MemctlError from the last failed call, or None
+
+    def role(self, argv: Sequence[str], name: str | None) -> str | None:
+        """"server" or "runner" (one of ROLES) for a process of this holder, else None."""
+
+    def loaded(self, max_age_s: float = 5.0) -> Sequence[HeldModel] | None:
+        """Its loaded models, or None when it does not answer."""
+
+    def unload(self, name: str, wait_s: float = 10.0) -> Any:
+        """Unload one model; the result's ``message`` says what came back."""
+
+    def emergency_unload(self, wait_s: float = 10.0) -> str:
+        """Unload every model; one line saying what came back."""
+
+    def advice(self, kind: str) -> str:
+        """The advice for one of its processes (``kind``: "runner", "down" — a runner while it does not
+        answer — or "server"); ``{models}`` is replaced by the runner's models."""
+
+
+@dataclass(frozen=True)
+class OtherHolder:
+    """One holder source as a census saw it: the source, and its loaded models (None: it did not answer)."""
+
+    source: HolderSource
+    models: tuple[HeldModel, ...] | None
 
 
 @dataclass(frozen=True)
@@ -80,9 +127,10 @@ class MemoryHolder:
     name: str  # shortened, control characters escaped
     user: str | None = None
     detail: str = ""
-    freeable_by: str | None = None  # "memctl" | "ollama" | None (memctl never stops it)
-    models: tuple[str, ...] = ()  # models it serves (memctl's, a managed container's, Ollama's)
+    freeable_by: str | None = None  # "memctl" | a holder source's id | None (memctl never stops it)
+    models: tuple[str, ...] = ()  # models it serves (memctl's, a managed container's, another holder's)
     advice: Message | None = None
+    role: str | None = None  # for another holder's process: one of ROLES
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -96,28 +144,21 @@ def _program(argv: Sequence[str], name: str | None) -> str:
     return prog.lower()
 
 
-def ollama_role(argv: Sequence[str], name: str | None) -> str | None:
-    """"server" for ``ollama serve``, "runner" for ``ollama runner ...`` / ``ollama_llama_server``, else None.
-    A process named ``ollama`` whose arguments cannot be read counts as a runner: runners hold the GPU."""
-    prog = _program(argv, name)
-    if prog.startswith("ollama_llama_server"):
-        return "runner"
-    if prog not in ("ollama", "ollama.exe"):
-        return None
-    args = [a.lower() for a in argv[1:3]]
-    if "runner" in args or not argv:
-        return "runner"
-    if "serve" in args:
-        return "server"
-    return None
+def role_of(others: Sequence[OtherHolder], argv: Sequence[str], name: str | None) -> tuple[OtherHolder | None, str | None]:
+    """The first holder source that knows the process, and its role ("server"/"runner"); (None, None)."""
+    for other in others:
+        role = other.source.role(argv, name)
+        if role in ROLES:
+            return other, role
+    return None, None
 
 
 def is_desktop(argv: Sequence[str], name: str | None) -> bool:
     return _program(argv, name) in DESKTOP_COMMANDS or (name or "").lower() in DESKTOP_COMMANDS
 
 
-def _match_runners(runner_bytes: Mapping[int, int | None], models: Sequence[OllamaModelLike]) -> dict[int, tuple[str, ...]]:
-    """Ollama models per runner PID. With as many runners as models, pair them by size (largest with
+def _match_runners(runner_bytes: Mapping[int, int | None], models: Sequence[HeldModel]) -> dict[int, tuple[str, ...]]:
+    """A holder source's models per runner PID. With as many runners as models, pair them by size (largest with
     largest); otherwise every runner is said to hold one of all the loaded models."""
     names = tuple(escape_text(str(m.name)) for m in models)
     if len(runner_bytes) == len(models) and models:
@@ -128,7 +169,7 @@ def _match_runners(runner_bytes: Mapping[int, int | None], models: Sequence[Olla
 
 
 def classify(snapshot: SystemSnapshot, processes_info: Mapping[int, ProcessInfo],
-             containers_by_pid: Mapping[int, Any], ollama_models: Sequence[OllamaModelLike] | None,
+             containers_by_pid: Mapping[int, Any], others: Sequence[OtherHolder],
              own_deployments: Iterable[Any], own_pid: int) -> list[MemoryHolder]:
     """Name every process NVML reports on every GPU, largest first per device.
 
@@ -136,8 +177,8 @@ def classify(snapshot: SystemSnapshot, processes_info: Mapping[int, ProcessInfo]
         processes_info: PID -> :class:`ProcessInfo` (a PID missing here is "not visible").
         containers_by_pid: PID -> the container it runs in: any value with ``container_id``, ``name``,
             ``image``, ``managed``, ``model_id`` (backends/vllm ``containers_for_pids``; a dict works too).
-        ollama_models: Ollama's ``/api/ps`` models (``name``, ``size_vram``), or None when Ollama did
-            not answer (its runners are then named but not freeable).
+        others: the other holder sources and their loaded models (``name``, ``size_vram``; None when one
+            did not answer: its runners are then named but not freeable).
         own_deployments: this process's in-process deployments (``model_id``, ``memory_bytes``).
         own_pid: this process's PID.
     """
@@ -145,20 +186,22 @@ def classify(snapshot: SystemSnapshot, processes_info: Mapping[int, ProcessInfo]
     holders: list[MemoryHolder] = []
     for gpu in snapshot.gpus:
         key = gpu.key
-        runner_bytes = {}
-        for pm in gpu.processes:
-            info = processes_info.get(pm.pid)
-            if pm.pid != own_pid and info is not None and ollama_role(info.argv, info.name) == "runner":
-                runner_bytes[pm.pid] = pm.used_bytes
-        runner_models = _match_runners(runner_bytes, ollama_models or ())
+        runner_models: dict[int, tuple[str, ...]] = {}
+        for other in others:
+            runner_bytes = {}
+            for pm in gpu.processes:
+                info = processes_info.get(pm.pid)
+                if pm.pid != own_pid and info is not None and role_of(others, info.argv, info.name) == (other, "runner"):
+                    runner_bytes[pm.pid] = pm.used_bytes
+            runner_models.update(_match_runners(runner_bytes, other.models or ()))
         for pm in gpu.processes:
             holders.append(_one(key, pm.pid, pm.used_bytes, pm.name, processes_info.get(pm.pid),
-                                containers_by_pid.get(pm.pid), ollama_models, runner_models, own, own_pid))
+                                containers_by_pid.get(pm.pid), others, runner_models, own, own_pid))
     return holders
 
 
 def _one(key: str, pid: int, used: int | None, nvml_name: str | None, info: ProcessInfo | None,
-         container: Any, ollama_models: Sequence[OllamaModelLike] | None,
+         container: Any, others: Sequence[OtherHolder],
          runner_models: Mapping[int, tuple[str, ...]], own: list[Any], own_pid: int) -> MemoryHolder:
     user = info.user if info else None
     command = short_command(info.argv) if info and info.argv else shorten(nvml_name or (info.name if info else "") or "")
@@ -174,19 +217,19 @@ def _one(key: str, pid: int, used: int | None, nvml_name: str | None, info: Proc
         return MemoryHolder(**base, kind="managed_container", name=shorten(str(_get(container, "name", "?"))),
                             detail=", ".join(models), freeable_by="memctl", models=models,
                             advice=advice_for("managed_container", name=str(_get(container, "name", "?"))))
-    role = ollama_role(info.argv, info.name) if info is not None else None
+    other, role = role_of(others, info.argv, info.name) if info is not None else (None, None)
     where = f" in container {shorten(str(_get(container, 'name', '?')), 60)}" if container is not None else ""
-    if role == "runner":
+    if other is not None and role == "runner":
+        sid, label = other.source.source, other.source.label
         models = runner_models.get(pid, ())
-        answered = ollama_models is not None
-        detail = (", ".join(models) if models else "no model listed by Ollama") if answered else "Ollama does not answer"
-        return MemoryHolder(**base, kind="ollama_runner", name=f"Ollama runner{where}", detail=detail,
-                            freeable_by="ollama" if answered and models else None, models=models,
-                            advice=advice_for("ollama_runner" if answered else "ollama_down",
-                                              models=", ".join(models)))
-    if role == "server":
-        return MemoryHolder(**base, kind="ollama_server", name=f"Ollama server{where}", detail=command,
-                            advice=advice_for("ollama_server"))
+        answered = other.models is not None
+        detail = (", ".join(models) if models else f"no model listed by {label}") if answered else f"{label} does not answer"
+        return MemoryHolder(**base, kind=holder_kind(sid, "runner"), name=f"{label} runner{where}", detail=detail,
+                            freeable_by=sid if answered and models else None, models=models, role=role,
+                            advice=source_advice(other.source, "runner" if answered else "down", models=", ".join(models)))
+    if other is not None and role == "server":
+        return MemoryHolder(**base, kind=holder_kind(other.source.source, "server"), name=f"{other.source.label} server{where}",
+                            detail=command, role=role, advice=source_advice(other.source, "server"))
     if container is not None:
         cname = shorten(str(_get(container, "name", "?")), 60)
         image = shorten(str(_get(container, "image", "?")), 60)
@@ -215,10 +258,6 @@ _ADVICE = {
                          "Docker service",
     "foreign_container": "container {name} was not started by memctl: stop it yourself (docker stop {name}) "
                          "if you do not need it",
-    "ollama_runner": "Ollama model {models}: unload it here (🗑️) or with `ollama stop`",
-    "ollama_down": "an Ollama runner, but Ollama does not answer at its address: check the Ollama service "
-                   "(systemctl status ollama) or set MEMCTL_OLLAMA_HOST",
-    "ollama_server": "the Ollama server itself (little memory); stop the service if you need it all",
     "process": "another program (PID {pid}): close it if you do not need it; memctl never stops it",
     "desktop": "the desktop's graphics: freed only by logging out; choose a lighter model",
     "unattributed": "memory no process is reported for (another PID namespace, the driver): "
@@ -228,6 +267,11 @@ _ADVICE = {
 
 def advice_for(kind: str, **args: Any) -> Message:
     return msg(f"holder.advice.{kind}", _ADVICE[kind].format(**args), **args)
+
+
+def source_advice(source: HolderSource, kind: str, **args: Any) -> Message:
+    """The advice a holder source gives for one of its processes (code ``holder.advice.<source id>_<kind>``)."""
+    return msg(f"holder.advice.{holder_kind(source.source, kind)}", source.advice(kind).format(**args), **args)
 
 
 # --------------------------------------------------------------------------- sums, plans, reports
@@ -243,9 +287,9 @@ class HolderFit:
 
     shortfall_bytes: int  # needed − free after memctl's own unloads (<= 0: fits already)
     others_bytes: int  # held by others on the device
-    ollama_models: tuple[str, ...] = ()  # unload these (opt-in step) ...
-    ollama_bytes: int = 0  # ... which frees about this much (Ollama's size_vram)
-    fits_with_ollama: bool = False
+    models: tuple[str, ...] = ()  # unload these from ``source`` (opt-in step) ...
+    freed_bytes: int = 0  # ... which frees about this much (the source's size_vram)
+    fits_if_freed: bool = False
     blocking: tuple[MemoryHolder, ...] = ()  # foreign holders that would have to stop (memctl never does)
     notes: tuple[Message, ...] = ()
     blockers: tuple[Message, ...] = ()
@@ -254,37 +298,41 @@ class HolderFit:
 
 
 def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall_bytes: int,
-                     ollama_models: Sequence[OllamaModelLike] | None = None) -> HolderFit:
+                     others: Sequence[OtherHolder] = ()) -> HolderFit:
     """The plan's view of other holders on ``device_key``.
 
     ``shortfall_bytes`` = needed − free after memctl's own unloads. Always a note "held by others" when
-    others hold memory. When short: if Ollama's freeable runners cover it, the fewest of Ollama's models
-    (largest first) to unload, as an opt-in step; otherwise a blocker naming the foreign holders (largest
+    others hold memory. When short: if one holder source's freeable runners cover it, the fewest of its
+    models (largest first) to unload, as an opt-in step; otherwise a blocker naming the foreign holders (largest
     first) that would have to stop — or none when even all of them would not be enough.
     """
     here = sorted((h for h in holders if h.device_key == device_key and h.kind not in ("memctl_self", "managed_container")),
                   key=lambda h: -(h.bytes or 0))
-    others = sum(h.bytes or 0 for h in here)
+    others_bytes = sum(h.bytes or 0 for h in here)
     notes: list[Message] = []
-    if others:
+    if others_bytes:
         who = ", ".join(f"{h.name} {fmt_bytes(h.bytes)}" for h in here if h.bytes)
-        notes.append(msg("plan.held_by_others", f"held by others on {device_key}: {fmt_bytes(others)} ({who})",
-                         device=device_key, bytes=others, size=fmt_bytes(others), who=who,
+        notes.append(msg("plan.held_by_others", f"held by others on {device_key}: {fmt_bytes(others_bytes)} ({who})",
+                         device=device_key, bytes=others_bytes, size=fmt_bytes(others_bytes), who=who,
                          holders=[h.name for h in here if h.bytes]))
     if shortfall_bytes <= 0:
-        return HolderFit(shortfall_bytes, others, notes=tuple(notes))
-    runners = [h for h in here if h.freeable_by == "ollama"]
-    freeable = sum(h.bytes or 0 for h in runners)
-    if runners and freeable >= shortfall_bytes:
-        chosen_models = _ollama_to_unload(runners, shortfall_bytes)
-        sizes = {escape_text(str(m.name)): int(m.size_vram or 0) for m in (ollama_models or ())}
+        return HolderFit(shortfall_bytes, others_bytes, notes=tuple(notes))
+    sources = {o.source.source: o for o in others}
+    freeable_all = sum(h.bytes or 0 for h in here if h.freeable_by in sources)
+    for sid, other in sources.items():
+        runners = [h for h in here if h.freeable_by == sid]
+        if not runners or sum(h.bytes or 0 for h in runners) < shortfall_bytes:
+            continue
+        chosen_models = _to_unload(runners, shortfall_bytes)
+        sizes = {escape_text(str(m.name)): int(m.size_vram or 0) for m in (other.models or ())}
         nbytes = sum(sizes.get(n, 0) for n in chosen_models) or sum(
             h.bytes or 0 for h in runners if set(h.models) & set(chosen_models))
-        label = ", ".join(chosen_models)
-        step = msg("plan.unload_ollama", f"also unload from Ollama: {label}, {fmt_bytes(nbytes)}",
-                   models=list(chosen_models), names=label, bytes=nbytes, size=fmt_bytes(nbytes))
-        return HolderFit(shortfall_bytes, others, chosen_models, nbytes, True, notes=tuple(notes), step=step,
-                         source=str(runners[0].freeable_by))
+        names = ", ".join(chosen_models)
+        step = msg(f"plan.unload_{sid}", f"also unload from {other.source.label}: {names}, {fmt_bytes(nbytes)}",
+                   models=list(chosen_models), names=names, bytes=nbytes, size=fmt_bytes(nbytes))
+        return HolderFit(shortfall_bytes, others_bytes, chosen_models, nbytes, True, notes=tuple(notes), step=step,
+                         source=sid)
+    freeable = freeable_all
     rest = [h for h in here if h.freeable_by is None and h.bytes]
     need = shortfall_bytes - freeable
     blocking: list[MemoryHolder] = []
@@ -295,17 +343,18 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
         blocking.append(h)
         covered += h.bytes or 0
     if covered < need:  # even stopping everything else would not make room: the plain "does not fit"
-        return HolderFit(shortfall_bytes, others, notes=tuple(notes))
+        return HolderFit(shortfall_bytes, others_bytes, notes=tuple(notes))
     names = ", ".join(f"{h.name} (PID {h.pid}, {fmt_bytes(h.bytes)})" for h in blocking)
-    also = " and Ollama's models were unloaded" if freeable else ""
+    labels = ", ".join(o.source.label for o in others if any(h.freeable_by == o.source.source for h in here))
+    also = f" and the models of {labels} were unloaded" if freeable else ""
     blocker = msg("plan.blocked_by_holder",
                   f"fits only if {names} stopped{also}; memctl never stops a process it did not start",
-                  device=device_key, names=names, with_ollama=bool(freeable),
+                  device=device_key, names=names, with_holders=bool(freeable),
                   holders=[{"name": h.name, "pid": h.pid, "bytes": h.bytes, "kind": h.kind} for h in blocking])
-    return HolderFit(shortfall_bytes, others, blocking=tuple(blocking), notes=tuple(notes), blockers=(blocker,))
+    return HolderFit(shortfall_bytes, others_bytes, blocking=tuple(blocking), notes=tuple(notes), blockers=(blocker,))
 
 
-def _ollama_to_unload(runners: Sequence[MemoryHolder], shortfall_bytes: int) -> tuple[str, ...]:
+def _to_unload(runners: Sequence[MemoryHolder], shortfall_bytes: int) -> tuple[str, ...]:
     chosen: list[str] = []
     covered = 0
     for h in runners:  # largest first
@@ -345,19 +394,19 @@ def remaining_by_device(snapshot: SystemSnapshot, holders: Sequence[MemoryHolder
     return out
 
 
-BENIGN_KINDS = frozenset({"desktop", "ollama_server"})
+BENIGN_KINDS = frozenset({"desktop"})
 # Used memory no process accounts for, up to this much, is the driver's own reserve (seen at 0.3-1 GiB).
 DRIVER_RESERVE_BYTES = 1024**3
 
 
 def _benign(h: MemoryHolder) -> bool:
-    """Expected to stay after a clear: the screen, Ollama's idle server, this process's bare CUDA context."""
-    return h.kind in BENIGN_KINDS or (h.kind == "memctl_self" and not h.models)
+    """Expected to stay after a clear: the screen, another holder's idle server, this process's bare CUDA context."""
+    return h.kind in BENIGN_KINDS or h.role == "server" or (h.kind == "memctl_self" and not h.models)
 
 
 def after_emergency(remaining: Sequence[DeviceHolders]) -> tuple[Outcome, Message]:
     """The emergency clear's verdict from what still holds memory: SUCCESS only when nothing but the desktop,
-    Ollama's idle server and this process's bare CUDA context is left; else WARNING naming every holder
+    another holder's idle server and this process's bare CUDA context is left; else WARNING naming every holder
     per GPU (another memctl process included: it is never reported as "nothing loaded")."""
     lines, left = [], False
     for dev in remaining:
@@ -382,4 +431,4 @@ def holder_rows(holders: Sequence[MemoryHolder]) -> list[dict[str, Any]]:
     return [{"device": h.device_key, "pid": h.pid, "bytes": h.bytes, "kind": h.kind, "name": h.name,
              "user": h.user, "detail": h.detail, "freeable_by": h.freeable_by, "models": list(h.models),
              "advice": h.advice.text if h.advice else None,
-             "advice_code": h.advice.code if h.advice else None} for h in holders]
+             "advice_code": h.advice.code if h.advice else None, "role": h.role} for h in holders]

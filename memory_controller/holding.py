@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backend import DeploymentState
 from .errors import CorruptDataError, MemctlError
-from .holders import MemoryHolder, classify
+from .holders import HolderSource, MemoryHolder, OtherHolder, classify
 from .safejson import loads_bounded
 from .types import SystemSnapshot
 
@@ -26,17 +26,21 @@ OWNER_FILE = "server.json"  # written by the owner process (server/owner.py): {"
 
 
 class HolderCensus:
-    """Other holders are handed over by backends (``holder_client``: ``loaded``/``unload``/``emergency_unload``)."""
+    """Other holders are handed over by backends (``holder_client``: a :class:`~.holders.HolderSource`)."""
 
     def __init__(self, probe: Any, fleet: Fleet, state_dir: Path) -> None:
         self.probe, self.fleet, self.state_dir = probe, fleet, state_dir
 
-    def source(self, source_id: str) -> Any | None:
+    def source(self, source_id: str) -> HolderSource | None:
         """The client of one other holder (``source_id``: the id of the backend that hands it over, or its own
         ``source``), or None."""
-        return next((c for bid, c in self._clients() if source_id in (bid, getattr(c, "source", None))), None)
+        return next((c for bid, c in self._clients() if source_id in (bid, c.source)), None)
 
-    def _clients(self) -> list[tuple[str, Any]]:
+    def sources(self) -> list[HolderSource]:
+        """Every other holder the configured backends hand over."""
+        return [c for _bid, c in self._clients()]
+
+    def _clients(self) -> list[tuple[str, HolderSource]]:
         out = []
         for bid, b in self.fleet.backends().items():
             try:
@@ -47,19 +51,17 @@ class HolderCensus:
                 out.append((bid, client))
         return out
 
-    def ollama_client(self) -> Any | None:
-        """The other holder a configured backend hands over (its ``holder_client``: a server holding models
-        memctl did not load, which it may ask to unload); None when no backend offers one."""
-        clients = self._clients()
-        return clients[0][1] if clients else None
+    def others(self) -> list[OtherHolder]:
+        """Each other holder with its loaded models (None for one that does not answer), read at most 5 s old."""
+        out = []
+        for c in self.sources():
+            models = c.loaded(max_age_s=5.0)
+            out.append(OtherHolder(c, None if models is None else tuple(models)))
+        return out
 
-    def ollama_models(self) -> list | None:
-        client = self.ollama_client()
-        return None if client is None else client.loaded(max_age_s=5.0)
-
-    def holders(self, snap: SystemSnapshot | None = None) -> list[MemoryHolder]:
+    def holders(self, snap: SystemSnapshot | None = None, others: list[OtherHolder] | None = None) -> list[MemoryHolder]:
         """Every process NVML reports on a GPU, named (this memctl, its containers, foreign containers, other
-        holders' servers, other processes, the desktop), with its bytes."""
+        holders' servers, other processes, the desktop), with its bytes. ``others``: as :meth:`others` read them."""
         from .probe.processes import process_info
 
         snap = snap or self.probe.snapshot()
@@ -77,7 +79,7 @@ class HolderCensus:
         own = [d for d in self.fleet.deployments()
                if d.state is not DeploymentState.STOPPED and d.backend_id in backends
                and backends[d.backend_id].capabilities.generates_in_process]
-        return classify(snap, procs, containers, self.ollama_models(), own, os.getpid())
+        return classify(snap, procs, containers, self.others() if others is None else others, own, os.getpid())
 
     def owner_pids(self) -> tuple[int, ...]:
         """The owner process's PID (another memctl holding models), read from the state dir; the token in

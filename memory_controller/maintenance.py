@@ -17,6 +17,7 @@ from .units import fmt_bytes
 
 if TYPE_CHECKING:
     from .fleet import Fleet
+    from .holders import HolderSource
     from .holding import HolderCensus
     from .runner import OperationContext
     from .serving import ServingState
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
 
 
 class Maintenance:
-    """Unload one deployment, clear caches, the emergency clear. ``used_by_device()``: used bytes per device;
-    ``free_holders_in_emergency``: the emergency clear also asks other holders to unload everything."""
+    """Unload one deployment, clear caches, the emergency clear. ``used_by_device()``: used bytes per device.
+    The emergency clear also asks each other holder whose ``unloads_in_emergency`` is set to unload everything."""
 
     def __init__(self, settings: Settings, probe: Any, fleet: Fleet, census: HolderCensus, ledger: ServingState,
                  stop_deadline: Callable[[Backend], float], used_by_device: Callable[[], dict[str, int | None]]) -> None:
@@ -124,8 +125,9 @@ class Maintenance:
                 return msg("emergency.stopped", "; ".join(reports), models=", ".join(names))
 
             attempt(f"stop_{bid}", stop_all, self.stop_deadline(backend) + 30)
-        if self.settings.emergency_unloads_ollama:
-            attempt("unload_ollama", self._unload_ollama, 60)
+        for source in self.census.sources():
+            if source.unloads_in_emergency:
+                attempt(f"unload_{source.source}", lambda src=source: self._unload_holder(src), 60)
 
         def clear() -> Message:
             done = ", ".join(k for k, v in self.clear_caches().items() if v)
@@ -152,21 +154,19 @@ class Maintenance:
                                verdict=verdict)
 
 
-    def _unload_ollama(self) -> Message:
-        """The emergency clear's line for the other holder, always present when the setting asks for it: the
-        models it unloaded by name, that none was loaded, or that it did not answer (so nothing was asked)."""
-        client = self.census.ollama_client()
-        if client is None:
-            return msg("emergency.ollama_off", "Ollama is not configured: nothing to unload")
-        loaded = client.loaded(max_age_s=0)
-        url = getattr(client, "base_url", "")
+    @staticmethod
+    def _unload_holder(source: HolderSource) -> Message:
+        """The emergency clear's line for another holder that asks for it: the models it unloaded by name,
+        that none was loaded, or that it did not answer (so nothing was asked)."""
+        sid, label, url = source.source, source.label, source.base_url
+        loaded = source.loaded(max_age_s=0)
         if loaded is None:
-            return msg("emergency.ollama_silent", f"Ollama did not answer at {url}: none of its models was unloaded",
+            return msg(f"emergency.{sid}_silent", f"{label} did not answer at {url}: none of its models was unloaded",
                        url=url)
         if not loaded:
-            return msg("emergency.ollama_empty", f"Ollama at {url} had no model loaded", url=url)
-        summary = client.emergency_unload(10.0)
-        return msg("emergency.ollama_unloaded", summary, models=", ".join(m.name for m in loaded))
+            return msg(f"emergency.{sid}_empty", f"{label} at {url} had no model loaded", url=url)
+        summary = source.emergency_unload(10.0)
+        return msg(f"emergency.{sid}_unloaded", summary, models=", ".join(m.name for m in loaded))
 
 
 def _scalars(args: object) -> dict[str, object]:

@@ -39,9 +39,10 @@ class LiveState:
     def holders(self) -> tuple:
         if self._holders is None:
             if self.census is None:
-                self._holders = ([], None)
+                self._holders = ([], [])
             else:
-                self._holders = (self.census.holders(self.snap), self.census.ollama_models())
+                others = self.census.others()
+                self._holders = (self.census.holders(self.snap, others), others)
         return self._holders
 
 
@@ -121,9 +122,9 @@ class Planner:
                                   purpose=purpose, suggest=suggest)
         if plan.already_active or not plan.device_key.startswith("gpu:"):
             return plan
-        hs, models = live.holders()
+        hs, others = live.holders()
         shortfall = plan.needed_bytes - (plan.free_bytes_after_unload or 0)
-        return planning.with_holders(plan, fit_with_holders(hs, plan.device_key, shortfall, models),
+        return planning.with_holders(plan, fit_with_holders(hs, plan.device_key, shortfall, others),
                                      free_holders=free_holders)
 
     def _backend_for(self, cached: CachedModel, backend_id: str) -> str:

@@ -148,7 +148,7 @@ class Plan:
     purpose: str = "switch"  # "switch" | "ide"
     basis: frozenset[tuple[str, str]] = frozenset()  # (backend id, handle) of what ran when planned
     made_at: float = 0.0
-    ollama_offer: Message | None = None  # "also unload from <holder>: …" — fits only with it (opt-in)
+    holder_offer: Message | None = None  # "also unload from <holder>: …" — fits only with it (opt-in)
     extra_free_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)  # freed by opt-in steps
 
     @property
@@ -310,13 +310,13 @@ def with_holders(plan: Plan, fit: Any, *, free_holders: bool) -> Plan:
     naming a foreign process it would need stopped; the offer to ask another holder, and with ``free_holders`` the
     opt-in step itself (before the check) and the memory it frees."""
     changes: dict[str, Any] = {"notes": plan.notes + tuple(fit.notes), "blockers": plan.blockers + tuple(fit.blockers)}
-    if fit.fits_with_ollama and not plan.fits:
-        changes["ollama_offer"] = fit.step
+    if fit.fits_if_freed and not plan.fits:
+        changes["holder_offer"] = fit.step
         if free_holders:
             steps = list(plan.steps)
-            steps.insert(1, FreeHolder(fit.source, tuple(fit.ollama_models)))
-            changes.update(steps=tuple(steps), fits=True, extra_free_bytes={plan.device_key: fit.ollama_bytes},
-                           free_bytes_after_unload=(plan.free_bytes_after_unload or 0) + fit.ollama_bytes)
+            steps.insert(1, FreeHolder(fit.source, tuple(fit.models)))
+            changes.update(steps=tuple(steps), fits=True, extra_free_bytes={plan.device_key: fit.freed_bytes},
+                           free_bytes_after_unload=(plan.free_bytes_after_unload or 0) + fit.freed_bytes)
     return dataclasses.replace(plan, **changes)
 
 

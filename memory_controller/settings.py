@@ -131,10 +131,22 @@ def _options_model(factory: str) -> type[BaseModel] | None:
     return found if isinstance(found, type) and issubclass(found, BaseModel) else None
 
 
+def _option_aliases(factory: Any) -> dict[str, str]:
+    """Other flat names of a backend's options (``OPTION_ALIASES`` of its module: flat name -> option), for
+    settings it had under a name without its id in front."""
+    if not isinstance(factory, str) or _options_model(factory) is None:
+        return {}
+    import importlib
+
+    found = getattr(importlib.import_module(factory.partition(":")[0]), "OPTION_ALIASES", None)
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, Mapping) else {}
+
+
 def _backend_aliases(data: dict[str, Any], environ: Mapping[str, str], own: frozenset[str] = frozenset()
                      ) -> dict[str, Any]:
     """``MEMCTL_<ID>_<OPTION>`` variables and flat ``<id>_<option>`` keys (the settings before backends
-    owned theirs) moved into ``backends.<id>``: flat keys over the config tables, the variables over both."""
+    owned theirs) moved into ``backends.<id>``: flat keys over the config tables, the variables over both.
+    A backend's ``OPTION_ALIASES`` (flat name -> option) move the same way, as keys and as ``MEMCTL_<NAME>``."""
     backends = data.get("backends")
     if not isinstance(backends, dict):
         return data
@@ -144,8 +156,14 @@ def _backend_aliases(data: dict[str, Any], environ: Mapping[str, str], own: froz
     for bid, table in backends.items():
         if not isinstance(table, dict):
             continue
+        aliases = {k: v for k, v in _option_aliases(table.get("factory")).items() if k not in own}
         for key in [k for k in data if isinstance(k, str) and k.startswith(f"{bid}_") and k not in own]:
             table[key[len(bid) + 1:]] = data.pop(key)
+        for key in [k for k in data if k in aliases]:
+            table[aliases[key]] = data.pop(key)
+        for key, value in environ.items():
+            if key.upper().startswith("MEMCTL_") and key[len("MEMCTL_"):].lower() in aliases:
+                table[aliases[key[len("MEMCTL_"):].lower()]] = value
         prefix = f"MEMCTL_{bid.upper()}_"
         for key, value in environ.items():
             if (key.upper().startswith(prefix) and key.upper() not in NON_SETTING_VARIABLES
@@ -216,10 +234,6 @@ class Settings(BaseSettings):
     # the server takes, e.g. "http://localhost:3000" or "vscode-file://"; env: comma-separated.
     serve_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    # Other holders of GPU memory.
-    ollama_host: str = "127.0.0.1:11434"  # OLLAMA_HOST form: host:port or a URL
-    emergency_unloads_ollama: bool = True
-
     _options: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -247,6 +261,25 @@ class Settings(BaseSettings):
             return found
         cfg = self.backends.get(backend_id)
         return model.model_validate(cfg.raw_options if cfg is not None else {})
+
+    def with_backend_options(self, backend_id: str, **changes: Any) -> Settings:
+        """A copy whose ``[backends.<backend_id>]`` options have ``changes`` (checked by the backend's own
+        model: an invalid value raises SettingsError naming it)."""
+        cfg = self.backends.get(backend_id)
+        if cfg is None:
+            raise SettingsError(f"no backend {backend_id!r} is configured", "add it under [backends] in the config file")
+        new = BackendConfig.model_validate({**cfg.model_dump(), **changes})
+        options = dict(self._options)
+        model = _options_model(new.factory)
+        if model is not None:
+            try:
+                options[backend_id] = model.model_validate(new.raw_options)
+            except ValidationError as exc:
+                raise SettingsError("; ".join(_describe_option_error(backend_id, e) for e in exc.errors()),
+                                    "fix the value") from None
+        copy = self.model_copy(update={"backends": {**self.backends, backend_id: new}})
+        copy._options = options
+        return copy
 
     def __getattr__(self, name: str) -> Any:
         """``settings.<id>_<option>``: a backend's option under the name it had before backends owned them."""
@@ -467,6 +500,7 @@ def _backend_option_variables() -> set[str]:
             model = _options_model(factory) if isinstance(factory, str) else None
             if model is not None:
                 names |= {f"MEMCTL_{bid.upper()}_{f.upper()}" for f in model.model_fields}
+                names |= {f"MEMCTL_{k.upper()}" for k in _option_aliases(factory)}
     return names
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .backend import Availability, Deployment
-from .holders import holder_rows
+from .holders import HolderSource, holder_rows
 from .types import DeviceSnapshot, Level, Recommendation, SystemSnapshot, to_jsonable
 
 
@@ -30,12 +30,10 @@ def status_data(snap: SystemSnapshot, rec: Recommendation, availability: Mapping
     }
 
 
-def holder_source_status(client: Any, host: str, name: str) -> dict:
+def holder_source_status(source: HolderSource) -> dict:
     """One other holder's status: whether its server answered, and what it has loaded."""
-    if client is None:
-        return {"answered": False, "error": f"the {name} client is not available", "models": []}
-    models = client.loaded(max_age_s=5.0)
-    err = getattr(client, "last_error", None)
-    return {"host": getattr(client, "base_url", host), "answered": models is not None,
+    models = source.loaded(max_age_s=5.0)
+    err = source.last_error
+    return {"host": source.base_url, "answered": models is not None,
             "error": err.message if models is None and err is not None else None,
             "models": [to_jsonable(m) for m in models or ()]}

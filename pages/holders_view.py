@@ -1,6 +1,6 @@
 """"Процессы, занимающие память": every process the driver reports on a GPU, named by the controller
-(``ctl.holders()`` → ``memory_controller.holders.holder_rows``), with a 🗑️ per Ollama model (unloaded
-through ``ctl.ollama().unload(name)``) and Ollama's own list of loaded models when it answers. memctl
+(``ctl.holders()`` → ``memory_controller.holders.holder_rows``), with a 🗑️ per model of another holder (unloaded
+through ``ctl.holder_source(source).unload(name)``) and Ollama's own list of loaded models when it answers. memctl
 never stops anything else: the other rows carry the advice of the guide's "Решение проблем".
 Also what an emergency clear left behind (``report.remaining``), per GPU.
 """
@@ -14,16 +14,17 @@ from typing import Any
 import streamlit as st
 
 from memory_controller.errors import MemctlError
-from memory_controller.holders import KINDS, holder_rows
+from memory_controller.holders import holder_rows
 from memory_controller.types import Message, Outcome
 from pages import ui_common as ui
 
 OLLAMA_RESULT_KEY = "_ollama_unload_result"
+OLLAMA = "ollama"  # the holder source whose loaded models the page lists (the ``ollama`` backend's)
 
 
 def kind_label(kind: str) -> str:
     t = ui.tr()
-    return t(f"holders.kind_{kind}") if kind in KINDS else kind
+    return t(f"holders.kind_{kind}") if t.has(f"holders.kind_{kind}") else kind
 
 
 def advice_text(code: str | None, text: str | None, args: Mapping[str, Any] | None = None) -> str:
@@ -55,12 +56,13 @@ def holders_table(holders: list[Any]) -> None:
     st.markdown("\n".join(lines))
 
 
-def _unload_ollama(name: str) -> None:
+def _unload_held(source_id: str, name: str) -> None:
     ctl = ui.controller()
-    client = ctl.ollama()
+    client = ctl.holder_source(source_id)
     try:
         if client is None:
-            raise MemctlError("no Ollama client", "check ollama_host", code="ollama.down", args={"host": "?"})
+            raise MemctlError(f"no {source_id} client", "check its settings in the config file",
+                              code=f"{source_id}.down", args={"host": "?"})
         st.session_state[OLLAMA_RESULT_KEY] = client.unload(name)
     except MemctlError as exc:
         st.session_state[OLLAMA_RESULT_KEY] = exc
@@ -78,7 +80,8 @@ def _ollama_result() -> None:
 
 
 def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None:
-    """The table, the 🗑️ per Ollama model and Ollama's loaded models (the dashboard and the diagnostic page)."""
+    """The table, the 🗑️ per model of another holder and Ollama's loaded models (the dashboard and the
+    diagnostic page)."""
     t = ui.tr()
     st.subheader(t("holders.title"))
     _ollama_result()
@@ -88,11 +91,13 @@ def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None
     else:
         holders = ui.run_safely(lambda: ctl.holders(snap)) or []
         holders_table(holders)
-        freeable = [(h, m) for h in holders if h.freeable_by == "ollama" for m in h.models]
+        freeable = [(h, m) for h in holders if h.freeable_by not in (None, "memctl") for m in h.models]
         busy = ctl.current_operation() is not None
         for h, model in freeable if unload_buttons else ():
-            st.button(t("holders.unload_ollama", model=model, size=ui.gib(h.bytes)), key=f"ollama_unload::{model}",
-                      on_click=_unload_ollama, args=(model,), disabled=busy)
+            label = (t("holders.unload_ollama", model=model, size=ui.gib(h.bytes)) if h.freeable_by == OLLAMA
+                     else f"🗑️ {h.freeable_by}: {model} ({ui.gib(h.bytes)})")
+            st.button(label, key=f"{h.freeable_by}_unload::{model}", on_click=_unload_held,
+                      args=(h.freeable_by, model), disabled=busy)
     ollama_models(ctl)
 
 
@@ -118,7 +123,7 @@ def host_processes(dev: Any, title: str | None = None) -> None:
 def ollama_models(ctl: Any) -> None:
     """Ollama's own list (``/api/ps``) when it answers: name, memory in VRAM, unloads itself in."""
     t = ui.tr()
-    client = ctl.ollama()
+    client = ctl.holder_source(OLLAMA)
     models = client.loaded() if client is not None else None
     if models is None:
         st.caption(t("holders.ollama_silent"))
@@ -171,12 +176,12 @@ def emergency_remaining(report: Any) -> None:
 
 def emergency_confirm_text(ctl: Any) -> str:
     """What the emergency clear will do, in order, for the confirmation dialog: Ollama's models
-    included when ``settings.emergency_unloads_ollama`` (named when Ollama answers)."""
+    included when its ``emergency_unload`` option is on (named when Ollama answers)."""
     t = ui.tr()
     steps = [t("emergency.does_models"), t("emergency.does_cancel"), t("emergency.does_clear")]
-    if getattr(ctl.settings, "emergency_unloads_ollama", False):
-        client = ctl.ollama()
-        loaded = client.loaded() if client is not None else None
+    client = ctl.holder_source(OLLAMA)
+    if client is not None and client.unloads_in_emergency:
+        loaded = client.loaded()
         names = ", ".join(m.name for m in loaded) if loaded else None
         steps.insert(1, t("emergency.does_ollama_named", models=names) if names else t("emergency.does_ollama"))
     owner = ui.owner_info()

@@ -75,13 +75,13 @@ def render_plan(ctl: Any, plan: Plan, has_gpu: bool) -> None:
         st.caption(t("plan.steps") + ": " + " → ".join(ui.step_label(s, has_gpu) for s in plan.step_names))
 
 
-def ollama_choice(ctl: Any, plan: Plan, backend_id: str, model: Any, profile: Any) -> Plan:
+def holder_choice(ctl: Any, plan: Plan, backend_id: str, model: Any, profile: Any) -> Plan:
     """The plan fits only with Ollama's models unloaded: a box the user ticks ("также выгрузить из
-    Ollama: …"); ticked, the plan is made again with that step (``unload_ollama=True``) and Apply
+    Ollama: …"); ticked, the plan is made again with that step (``free_holders=True``) and Apply
     applies that plan. Memory Ollama holds is never taken without the tick."""
     t = ui.tr()
-    offer = ui.sentence(ui.render(plan.ollama_offer))
+    offer = ui.sentence(ui.render(plan.holder_offer))
     if not st.checkbox(offer, key="f_unload_ollama", help=t("plan.unload_ollama_help")):
         return plan
-    ticked = ui.run_safely(lambda: ctl.plan(backend_id, model, profile, unload_ollama=True), context=t("plan.failed"))
+    ticked = ui.run_safely(lambda: ctl.plan(backend_id, model, profile, free_holders=True), context=t("plan.failed"))
     return ticked if ticked is not None else plan

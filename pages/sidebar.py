@@ -291,8 +291,8 @@ def sidebar(ctl: Any, snap: SystemSnapshot, dev: DeviceSnapshot, models: tuple[C
     plan = plans.get(model.model_id) if model is not None else None
     if model is not None and profile is not None and plan is None:
         ui.run_safely(lambda: ctl.plan(backend_id, model, profile), context=t("plan.failed"))
-    if plan is not None and plan.ollama_offer is not None:
-        plan = plan_view.ollama_choice(ctl, plan, backend_id, model, profile)
+    if plan is not None and plan.holder_offer is not None:
+        plan = plan_view.holder_choice(ctl, plan, backend_id, model, profile)
     if plan is not None:
         plan_view.render_plan(ctl, plan, snap.has_gpu)
     st.session_state[PLAN_KEY] = plan

@@ -211,7 +211,7 @@ class RemoteController:
         # trust_env=False: a proxy from the environment must never see the token. The token header is
         # added per request, and only once verify() succeeded.
         self._http = httpx.Client(base_url=owner.url + "/control", timeout=timeout_s, trust_env=False)
-        self._ollama: Any = None
+        self._holders: dict[str, Any] = {}
         self._capabilities: dict[str, Capabilities] = {}
 
     def __repr__(self) -> str:
@@ -391,9 +391,9 @@ class RemoteController:
                                                              "free_bytes": free_bytes}, timeout_s=self._slow_s)
 
     def plan(self, backend_id: str, model: str | CachedModel, profile: Profile | None = None, *,
-             purpose: str = "switch", unload_ollama: bool = False) -> Plan:
+             purpose: str = "switch", free_holders: bool = False) -> Plan:
         body = {"backend_id": backend_id, "model_id": _model_id(model), "profile": to_json(profile),
-                "purpose": purpose, "unload_ollama": unload_ollama}
+                "purpose": purpose, "free_holders": free_holders}
         return self._typed(Plan, "POST", "/plan", json=body, timeout_s=self._slow_s)
 
     def plans(self, backend_id: str, models: Sequence[str | CachedModel],
@@ -510,20 +510,21 @@ class RemoteController:
 
         return level_for(device.free_bytes, self.settings.green_min_bytes, self.settings.yellow_min_bytes)
 
-    def ollama(self) -> Any:
-        """This process's Ollama client (Ollama is its own server), built as the controller builds it."""
-        if self._ollama is None:
+    def holder_source(self, source_id: str) -> Any:
+        """This process's client of another holder (it is its own server): the ``holder_client`` of the
+        configured backend ``source_id``, built as the controller builds it; None when there is none."""
+        if source_id not in self._holders:
             from memory_controller.registry import BackendRegistry
 
-            cfg = self.settings.backends.get("ollama")  # the configured Ollama backend's holder view
+            cfg = self.settings.backends.get(source_id)
             if cfg is None:
                 return None
             try:
-                backend = BackendRegistry({"ollama": cfg.factory}, self.settings, None).get("ollama")
-                self._ollama = getattr(backend, "holder_client", None)
+                backend = BackendRegistry({source_id: cfg.factory}, self.settings, None).get(source_id)
+                self._holders[source_id] = backend.holder_client
             except errors.MemctlError:
                 return None
-        return self._ollama
+        return self._holders[source_id]
 
 
 def _apply_body(plan_or_backend: Any, model: Any, profile: Any, force: bool, cancel_generation: bool) -> dict:

@@ -67,7 +67,7 @@ class PlanBody(BaseModel):
     model_id: str = Field(min_length=1, max_length=1000)
     profile: dict[str, Any] | None = None
     purpose: str = Field("switch", pattern=r"^[a-z_]{1,32}$")
-    unload_ollama: bool = False
+    free_holders: bool = False
 
 
 class PlansBody(BaseModel):
@@ -230,7 +230,7 @@ def make_control_router(ctl: Any, token: str, *,
     @router.post("/plan")
     def plan(body: PlanBody) -> Any:
         return to_jsonable(api.plan(body.backend_id, body.model_id, _profile(body.profile), purpose=body.purpose,
-                                    unload_ollama=body.unload_ollama))
+                                    free_holders=body.free_holders))
 
     @router.post("/plans")
     def plans(body: PlansBody) -> Any:

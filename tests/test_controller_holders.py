@@ -30,7 +30,8 @@ def make(hf_settings, tmp_path, gpu, ollama_host: str) -> MemoryController:
     def ledger(key: str, delta: int) -> None:
         gpu.used_bytes += delta
 
-    settings = hf_settings.model_copy(update={"state_dir": tmp_path / "state", "ollama_host": ollama_host})
+    settings = hf_settings.model_copy(update={"state_dir": tmp_path / "state"}).with_backend_options("ollama",
+                                                                                                   host=ollama_host)
     probe = DeviceProbe(FakeNvml([gpu]).module())
     # Ollama comes in as a configured backend does: its holder_client is what the plans ask
     return MemoryController(settings, probe=probe, backends={"inmem": InMemoryBackend(ledger=ledger),
@@ -63,14 +64,14 @@ def test_a_plan_that_fits_only_with_ollamas_models_unloaded_offers_it_and_succee
     ctl = make(hf_settings, tmp_path, gpu, fake.host)
     plan = ctl.plan("inmem", TINY_ID, PROFILE)
     assert not plan.fits
-    assert plan.ollama_offer is not None and plan.ollama_offer.code == "plan.unload_ollama"
-    assert "gpt-oss:20b" in plan.ollama_offer.text and "13.10 GiB" in plan.ollama_offer.text
+    assert plan.holder_offer is not None and plan.holder_offer.code == "plan.unload_ollama"
+    assert "gpt-oss:20b" in plan.holder_offer.text and "13.10 GiB" in plan.holder_offer.text
     assert any(n.code == "plan.held_by_others" and "13.10 GiB" in n.text for n in plan.notes)
     with pytest.raises(MemctlError):  # not ticked: refused, Ollama untouched
         ctl.apply(plan)
     assert [m["name"] for m in fake._ps()[1]["models"]] == ["gpt-oss:20b"]
 
-    ticked = ctl.plan("inmem", TINY_ID, PROFILE, unload_ollama=True)
+    ticked = ctl.plan("inmem", TINY_ID, PROFILE, free_holders=True)
     assert ticked.fits and "unload_ollama" in ticked.step_names
     rec = ctl.apply(ticked)
     assert rec.outcome is Outcome.SUCCESS

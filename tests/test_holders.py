@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
+from backends.ollama import HolderView
 from memory_controller.holders import (
     MemoryHolder,
+    OtherHolder,
     ProcessInfo,
     classify,
     fit_with_holders,
@@ -50,6 +53,14 @@ class OModel:
     size_vram: int
 
 
+OLLAMA = HolderView(SimpleNamespace(base_url="http://127.0.0.1:11434", last_error=None))
+
+
+def ollama(models):
+    """The ``ollama`` backend's holder source as a census sees it (``models`` None: it did not answer)."""
+    return [OtherHolder(OLLAMA, None if models is None else tuple(models))]
+
+
 def snapshot(*gpus: FakeGpu):
     return DeviceProbe(FakeNvml(list(gpus)).module()).snapshot()
 
@@ -85,7 +96,7 @@ def full_gpu():
 
 def holders_of(models=(OModel("gpt-oss:20b", int(13.1 * GIB)),), procs=PROCS):
     own = [Dep("org/tiny", {"gpu:0": 2 * GIB}), Dep("org/on-cpu", {"host": GIB})]
-    return {h.pid: h for h in classify(snapshot(full_gpu()), procs, CONTAINERS, models, own, ME)}
+    return {h.pid: h for h in classify(snapshot(full_gpu()), procs, CONTAINERS, ollama(models), own, ME)}
 
 
 @pytest.mark.parametrize(("pid", "kind", "name", "freeable", "models"), [
@@ -126,14 +137,15 @@ def test_ollama_not_answering_leaves_its_runner_named_but_not_freeable():
 def test_two_runners_are_paired_with_models_by_size():
     procs = {1: P(1, "ollama", "runner", "--model", "x"), 2: P(2, "ollama", "runner", "--model", "y")}
     gpu = FakeGpu(processes=[FakeProcess(1, 4 * GIB), FakeProcess(2, 13 * GIB)])
-    hs = classify(snapshot(gpu), procs, {}, [OModel("codellama:7b", 4 * GIB), OModel("gpt-oss:20b", 13 * GIB)], [], ME)
+    hs = classify(snapshot(gpu), procs, {}, ollama([OModel("codellama:7b", 4 * GIB), OModel("gpt-oss:20b", 13 * GIB)]),
+                  [], ME)
     assert {h.pid: h.models for h in hs} == {1: ("codellama:7b",), 2: ("gpt-oss:20b",)}
 
 
 def test_an_ollama_runner_in_a_container_is_still_ollamas():
     procs = {5: P(5, "/bin/ollama", "runner", "--model", "/root/.ollama/blobs/x", user="root")}
     (h,) = classify(snapshot(FakeGpu(processes=[FakeProcess(5, GIB)])), procs,
-                    {5: Container("c" * 64, "ollama", "ollama/ollama", False, None)}, [OModel("llama3:8b", GIB)], [], ME)
+                    {5: Container("c" * 64, "ollama", "ollama/ollama", False, None)}, ollama([OModel("llama3:8b", GIB)]), [], ME)
     assert h.kind == "ollama_runner" and h.freeable_by == "ollama" and "in container ollama" in h.name
 
 
@@ -143,7 +155,7 @@ def test_names_are_escaped_and_shortened():
     assert len(short_command(argv)) == 120 and short_command(argv).endswith("…")
     procs = {7: P(7, *argv)}
     (h,) = classify(snapshot(FakeGpu(processes=[FakeProcess(7, GIB)])), procs,
-                    {7: Container("d" * 64, "bad\nname", "img\x07", False, None)}, None, [], ME)
+                    {7: Container("d" * 64, "bad\nname", "img\x07", False, None)}, [], [], ME)
     assert "\n" not in h.name and "bad\\" in h.name  # shown as an escape (\\n or \\x0a)
     assert "\x07" not in h.detail and "img\\" in h.detail
 
@@ -187,29 +199,29 @@ def test_fits_only_with_ollama_unloaded_offers_the_step():
     hs = [_h(1, "ollama_runner", int(13.1 * GIB), "ollama", ("gpt-oss:20b",), "Ollama runner"),
           _h(2, "ollama_runner", 4 * GIB, "ollama", ("codellama:7b",), "Ollama runner"),
           _h(3, "desktop", GIB)]
-    fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=10 * GIB, ollama_models=[OModel("gpt-oss:20b", int(13.1 * GIB))])
-    assert fit.fits_with_ollama and fit.ollama_models == ("gpt-oss:20b",) and not fit.blockers
+    fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=10 * GIB, others=ollama([OModel("gpt-oss:20b", int(13.1 * GIB))]))
+    assert fit.fits_if_freed and fit.models == ("gpt-oss:20b",) and not fit.blockers and fit.source == "ollama"
     assert fit.step.code == "plan.unload_ollama" and fit.step.text == "also unload from Ollama: gpt-oss:20b, 13.10 GiB"
     assert fit.step.args == {"models": ["gpt-oss:20b"], "names": "gpt-oss:20b", "bytes": int(13.1 * GIB),
                              "size": "13.10 GiB"}
     # 15 GiB short: both Ollama models
-    fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=15 * GIB)
-    assert fit.ollama_models == ("gpt-oss:20b", "codellama:7b")
+    fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=15 * GIB, others=ollama([]))
+    assert fit.models == ("gpt-oss:20b", "codellama:7b")
 
 
 def test_fits_only_if_a_foreign_process_stopped_is_a_blocker_naming_it():
     hs = [_h(1, "ollama_runner", 2 * GIB, "ollama", ("codellama:7b",)),
           _h(7, "process", 6 * GIB, name="python finetune.py"), _h(8, "foreign_container", GIB)]
-    fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=5 * GIB)
-    assert not fit.fits_with_ollama and [h.pid for h in fit.blocking] == [7]
+    fit = fit_with_holders(hs, "gpu:0", shortfall_bytes=5 * GIB, others=ollama([]))
+    assert not fit.fits_if_freed and [h.pid for h in fit.blocking] == [7]
     (b,) = fit.blockers
     assert b.code == "plan.blocked_by_holder" and "python finetune.py (PID 7, 6.00 GiB)" in b.text
-    assert "never stops" in b.text and "and Ollama's models were unloaded" in b.text and b.args["with_ollama"]
+    assert "never stops" in b.text and "and the models of Ollama were unloaded" in b.text and b.args["with_holders"]
 
 
 def test_too_big_even_if_everything_stopped_adds_no_blocker():
     fit = fit_with_holders([_h(7, "process", GIB)], "gpu:0", shortfall_bytes=5 * GIB)
-    assert not fit.blockers and not fit.fits_with_ollama
+    assert not fit.blockers and not fit.fits_if_freed
 
 
 def test_memctls_own_holders_never_count_as_others():
@@ -223,7 +235,7 @@ def test_remaining_lists_every_holder_per_gpu_with_advice_and_unattributed_memor
     g0 = FakeGpu(total_bytes=24 * GIB, used_bytes=6 * GIB, processes=[FakeProcess(17, 2 * GIB), FakeProcess(16, GIB)])
     g1 = FakeGpu(total_bytes=24 * GIB, used_bytes=3 * GIB, uuid="GPU-b")
     snap = snapshot(g0, g1)
-    report = remaining_by_device(snap, classify(snap, PROCS, {}, None, [], ME))
+    report = remaining_by_device(snap, classify(snap, PROCS, {}, [], [], ME))
     assert [d.device_key for d in report] == ["gpu:0", "gpu:1"]
     d0, d1 = report
     assert [h.pid for h in d0.holders] == [17, 16] and d0.unattributed_bytes == 3 * GIB
@@ -278,14 +290,14 @@ def test_a_plan_short_of_memory_fits_once_ollama_unloads_its_model():
         client = OllamaClient(parse_host(fake.host), free_bytes=gpu_free_reader(probe))
         snap = probe.snapshot()
         needed = 16 * GIB
-        hs = classify(snap, procs, {}, client.ps(), [], ME)
-        fit = fit_with_holders(hs, "gpu:0", needed - snap.gpus[0].free_bytes, client.ps())
-        assert fit.fits_with_ollama and fit.ollama_models == ("gpt-oss:20b",)
-        for name in fit.ollama_models:
+        hs = classify(snap, procs, {}, ollama(client.ps()), [], ME)
+        fit = fit_with_holders(hs, "gpu:0", needed - snap.gpus[0].free_bytes, ollama(client.ps()))
+        assert fit.fits_if_freed and fit.models == ("gpt-oss:20b",)
+        for name in fit.models:
             assert client.unload(name, wait_s=5).gone
         snap = probe.snapshot()
         assert snap.gpus[0].free_bytes >= needed
-        hs = classify(snap, procs, {}, client.ps(), [], ME)
+        hs = classify(snap, procs, {}, ollama(client.ps()), [], ME)
         assert hs == [] and not fit_with_holders(hs, "gpu:0", needed - snap.gpus[0].free_bytes).blockers
 
 
@@ -296,13 +308,13 @@ def test_emergency_verdict_never_says_all_free_while_another_memctl_holds_memory
     g = FakeGpu(total_bytes=24 * GIB, used_bytes=int(1.7 * GIB),
                 processes=[FakeProcess(15, int(1.2 * GIB)), FakeProcess(16, GIB // 2)])
     snap = snapshot(g)
-    outcome, message = after_emergency(remaining_by_device(snap, classify(snap, PROCS, {}, None, [], ME)))
+    outcome, message = after_emergency(remaining_by_device(snap, classify(snap, PROCS, {}, [], [], ME)))
     assert outcome is Outcome.WARNING and message.code == "emergency.still_held"
     assert "another memctl (PID 15, alice) 1.20 GiB" in message.text and "Xorg" in message.text
     # only the desktop and this process's bare CUDA context left: a success that still names them
     g = FakeGpu(total_bytes=24 * GIB, used_bytes=GIB, processes=[FakeProcess(ME, GIB // 2), FakeProcess(16, GIB // 2)])
     snap = snapshot(g)
-    outcome, message = after_emergency(remaining_by_device(snap, classify(snap, PROCS, {}, None, [], ME)))
+    outcome, message = after_emergency(remaining_by_device(snap, classify(snap, PROCS, {}, [], [], ME)))
     assert outcome is Outcome.SUCCESS and "Xorg" in message.text and "memctl (this process)" in message.text
     # nothing at all
     snap = snapshot(FakeGpu(used_bytes=0))
@@ -311,3 +323,48 @@ def test_emergency_verdict_never_says_all_free_while_another_memctl_holds_memory
     snap = snapshot(FakeGpu(used_bytes=3 * GIB))
     outcome, message = after_emergency(remaining_by_device(snap, []))
     assert outcome is Outcome.WARNING and "unattributed 3.00 GiB" in message.text
+
+
+# --------------------------------------------------------------------------- any holder source, not only Ollama
+@dataclass
+class OtherServer:
+    """A made-up holder source: the core knows it only through the HolderSource members."""
+
+    source: str = "llamaswap"
+    label: str = "llama-swap"
+    base_url: str = "http://127.0.0.1:9292"
+    unloads_in_emergency: bool = True
+    last_error: object = None
+
+    @staticmethod
+    def role(argv, name):
+        prog = os.path.basename(argv[0]) if argv else (name or "")
+        return {"llama-swap": "server", "llama-server": "runner"}.get(prog)
+
+    @staticmethod
+    def advice(kind):
+        return {"runner": "llama-swap model {models}: unload it", "down": "llama-swap is down",
+                "server": "llama-swap itself"}[kind]
+
+
+def test_any_holder_source_names_its_processes_and_is_offered_in_a_plan():
+    src = OtherServer()
+    procs = {21: P(21, "/opt/llama-swap", "--config", "x.yaml"), 22: P(22, "/opt/llama-server", "-m", "q.gguf"),
+             14: PROCS[14]}
+    gpu = FakeGpu(total_bytes=24 * GIB, processes=[FakeProcess(21, GIB // 4), FakeProcess(22, 9 * GIB),
+                                                   FakeProcess(14, 5 * GIB)])
+    others = [OtherHolder(src, (OModel("qwen-coder", 9 * GIB),)), *ollama([OModel("gpt-oss:20b", 5 * GIB)])]
+    hs = {h.pid: h for h in classify(snapshot(gpu), procs, {}, others, [], ME)}
+    assert (hs[21].kind, hs[21].role, hs[21].name, hs[21].freeable_by) == ("llamaswap_server", "server", "llama-swap server", None)
+    assert (hs[22].kind, hs[22].freeable_by, hs[22].models) == ("llamaswap_runner", "llamaswap", ("qwen-coder",))
+    assert hs[22].advice.code == "holder.advice.llamaswap_runner" and hs[22].advice.text == "llama-swap model qwen-coder: unload it"
+    assert (hs[14].kind, hs[14].freeable_by) == ("ollama_runner", "ollama")  # each source names its own
+    fit = fit_with_holders(list(hs.values()), "gpu:0", 8 * GIB, others)
+    assert fit.source == "llamaswap" and fit.models == ("qwen-coder",) and fit.freed_bytes == 9 * GIB
+    assert fit.step.code == "plan.unload_llamaswap" and fit.step.text.startswith("also unload from llama-swap: qwen-coder")
+    # its idle server is expected to stay after an emergency clear, as the desktop is
+    from memory_controller.holders import after_emergency
+    from memory_controller.types import Outcome
+
+    snap = snapshot(FakeGpu(total_bytes=24 * GIB, used_bytes=GIB // 4, processes=[FakeProcess(21, GIB // 4)]))
+    assert after_emergency(remaining_by_device(snap, classify(snap, procs, {}, others, [], ME)))[0] is Outcome.SUCCESS

@@ -59,7 +59,7 @@ MESSAGE_CODES = (
     "fit.context", "rec.backend_unavailable_fallback", "rec.cpu_half_precision", "rec.model_does_not_fit",
     "rec.context_rule", "rec.context_raised_model_max", "rec.context_raised_memory", "rec.context_capped",
     "emergency.nothing_running", "emergency.cut_streams", "emergency.op_stopped", "emergency.no_gpu_backend",
-    "emergency.nothing_loaded", "emergency.stopped", "emergency.ollama_off", "emergency.ollama_silent",
+    "emergency.nothing_loaded", "emergency.stopped", "emergency.ollama_silent",
     "emergency.ollama_empty", "emergency.ollama_unloaded", "emergency.cleared", "ide.window_model_max",
     "ide.window_memory", "release.freed", "release.already_gone", "release.partial", "release.failed",
     "release.unmeasured", "deployment.unreadable_labels", "model.no_tokenizer", "model.no_chat_template",

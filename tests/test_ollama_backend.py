@@ -18,7 +18,7 @@ from backends.ollama import OllamaBackend, OllamaClient, base_of, create, derive
 from backends.ollama.gguf_spec import read_gguf, spec_from_folder, spec_from_metadata
 from memctl_cli.main import main as memctl_main
 from memory_controller import MemoryController
-from memory_controller.errors import InsufficientMemoryError, MemctlError, ModelLoadError
+from memory_controller.errors import InsufficientMemoryError, MemctlError, ModelLoadError, SettingsError
 from memory_controller.probe import DeviceProbe
 from memory_controller.settings import load_settings
 from memory_controller.types import Precision, Profile
@@ -268,7 +268,7 @@ def test_holder_view_leaves_memctls_own_tags_out(stand_in):
 
 # ----------------------------------------------------------------------------------------- through memctl
 def _settings(s, **extra):
-    return load_settings(ollama_host=s.fake.host, state_dir=str(s.tmp / "state"), **extra)
+    return load_settings(ollama_host=s.fake.host, state_dir=str(s.tmp / "state"), **extra)  # the old flat name
 
 
 def test_memctl_ollama_fit_json_lists_both_models_with_a_context_that_stays_on_the_gpu(stand_in, monkeypatch, capsys):
@@ -308,14 +308,47 @@ def test_fit_apply_creates_the_tag_and_ps_shows_it_fully_on_the_gpu(stand_in, ca
     assert applied["derived_tag"] in stand_in.fake.installed
 
 
-def test_ollama_host_is_the_default_host_and_memctls_setting_wins():
-    from backends.ollama import host_setting
+def test_ollama_host_is_the_default_host_and_memctls_setting_wins(monkeypatch):
+    from backends.ollama import OllamaOptions, host_setting
 
-    default = SimpleNamespace(ollama_host="127.0.0.1:11434")
+    for k in ("MEMCTL_OLLAMA_HOST", "OLLAMA_HOST", "MEMCTL_EMERGENCY_UNLOADS_OLLAMA"):
+        monkeypatch.delenv(k, raising=False)
+    default = load_settings()
+    assert default.backend_options("ollama", OllamaOptions).host is None
     assert host_setting(default, {"OLLAMA_HOST": "0.0.0.0:11500"}) == "0.0.0.0:11500"
     assert host_setting(default, {}) == "127.0.0.1:11434"
-    assert host_setting(SimpleNamespace(ollama_host="gpu-box:11434"), {"OLLAMA_HOST": "x:1"}) == "gpu-box:11434"
-    assert host_setting(default, {"OLLAMA_HOST": "x:1", "MEMCTL_OLLAMA_HOST": "127.0.0.1:11434"}) == "127.0.0.1:11434"
+    assert host_setting(load_settings(ollama_host="gpu-box:11434"), {"OLLAMA_HOST": "x:1"}) == "gpu-box:11434"
+    monkeypatch.setenv("MEMCTL_OLLAMA_HOST", "127.0.0.1:11434")  # set to the default: still memctl's setting
+    assert host_setting(load_settings(), {"OLLAMA_HOST": "x:1"}) == "127.0.0.1:11434"
+
+
+def test_ollamas_settings_are_the_backends_own_options_with_the_old_names_as_aliases(monkeypatch, tmp_path):
+    from backends.ollama import OllamaOptions
+    from memory_controller.settings import settings_warnings
+
+    for k in ("MEMCTL_OLLAMA_HOST", "MEMCTL_EMERGENCY_UNLOADS_OLLAMA"):
+        monkeypatch.delenv(k, raising=False)
+    assert load_settings().backend_options("ollama", OllamaOptions).emergency_unload is True
+    # the flat keys of a config file written before the backend owned them
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('ollama_host = "gpu-box:11500"\nemergency_unloads_ollama = false\n')
+    monkeypatch.setenv("MEMCTL_CONFIG_FILE", str(cfg))
+    opts = load_settings().backend_options("ollama", OllamaOptions)
+    assert (opts.host, opts.emergency_unload) == ("gpu-box:11500", False)
+    # the table itself, and the variables over it
+    cfg.write_text('[backends.ollama]\nfactory = "backends.ollama:create"\nhost = "a:1"\nemergency_unload = false\n')
+    monkeypatch.setenv("MEMCTL_EMERGENCY_UNLOADS_OLLAMA", "true")
+    monkeypatch.setenv("MEMCTL_OLLAMA_HOST", "b:2")
+    s = load_settings()
+    opts = s.backend_options("ollama", OllamaOptions)
+    assert (opts.host, opts.emergency_unload) == ("b:2", True)
+    assert not [w for w in settings_warnings() if "OLLAMA" in w]  # both variables are known names
+    assert create(s).holder_client.unloads_in_emergency is True
+    monkeypatch.setenv("MEMCTL_EMERGENCY_UNLOADS_OLLAMA", "maybe")
+    with pytest.raises(SettingsError, match="emergency_unload"):
+        load_settings()
+    # the core's settings have no field of Ollama's
+    assert not [f for f in type(s).model_fields if "ollama" in f]
 
 
 def test_a_hostile_manifest_is_not_read(tmp_path):

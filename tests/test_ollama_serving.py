@@ -37,8 +37,8 @@ def served(hf_settings, tmp_path, monkeypatch) -> Iterator[SimpleNamespace]:
     fake = FakeOllama(models_dir=tmp_path / "models", gpu=None, unload_delay_s=0.05, memory_delay_s=0.05).start()
     fake.install("qwen-coder:small", write_gguf(tmp_path / "a.gguf", **SMALL))
     fake.install("codellama:small", write_gguf(tmp_path / "b.gguf", **SMALL), tools=False)
-    settings = hf_settings.model_copy(update={"state_dir": tmp_path / "state", "ollama_host": fake.host,
-                                              "docker_host": "unix:///nonexistent.sock", "serve_heartbeat_s": 0.1})
+    settings = hf_settings.model_copy(update={"state_dir": tmp_path / "state", "docker_host": "unix:///nonexistent.sock",
+                                              "serve_heartbeat_s": 0.1}).with_backend_options("ollama", host=fake.host)
     probe = DeviceProbe(FakeNvml(init_error="LibraryNotFound").module())
     from backends.transformers import create as tf_backend
 

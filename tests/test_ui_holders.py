@@ -43,7 +43,7 @@ def crowded(app_factory, hf_cache, runner_pid):  # noqa: F811
             model = FakeOllamaModel("gpt-oss:20b", int(OLLAMA_GIB * GIB), gpu=gpu, runner_pid=runner_pid)
             fake.models.append(model)
             fake._hold(model)
-            controller().ollama().loaded(max_age_s=0)  # the page's first run saw Ollama empty: ask again
+            controller().holder_source("ollama").loaded(max_age_s=0)  # the page's first run saw Ollama empty: ask again
             at.run()
             return at, gpu
 

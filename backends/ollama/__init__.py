@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .backend import BACKEND_ID, HolderView, ModelInfo, OllamaBackend, base_of, derived_name
+from pydantic import BaseModel, ConfigDict, Field
+
+from .backend import BACKEND_ID, HolderView, ModelInfo, OllamaBackend, base_of, derived_name, process_role
 from .client import (
     InvalidOllamaNameError,
     OllamaClient,
@@ -29,12 +31,34 @@ from .client import (
     validate_model_name,
 )
 
-__all__ = ["BACKEND_ID", "HolderView", "InvalidOllamaNameError", "ModelInfo", "OllamaBackend", "OllamaClient",
+__all__ = ["BACKEND_ID", "OPTIONS_MODEL", "OPTION_ALIASES", "HolderView", "OllamaOptions", "options", "process_role", "InvalidOllamaNameError", "ModelInfo", "OllamaBackend", "OllamaClient",
            "OllamaError", "OllamaMalformedError", "OllamaModel", "OllamaRefusedError", "OllamaTimeoutError",
            "OllamaUnavailableError", "OllamaUnloadReport", "base_of", "create", "derived_name", "gpu_free_reader",
            "client_for", "host_setting", "parse_host", "validate_model_name"]
 
 DEFAULT_HOST = "127.0.0.1:11434"
+
+
+class OllamaOptions(BaseModel):
+    """``[backends.ollama]``: where Ollama listens, and whether the emergency clear asks it to unload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = Field(None, max_length=2048)  # OLLAMA_HOST form (host:port or a URL); None: OLLAMA_HOST, else the default
+    emergency_unload: bool = True
+
+
+OPTIONS_MODEL = OllamaOptions  # [backends.ollama] options (memory_controller.settings reads it)
+# Its settings before backends owned theirs: ``ollama_host`` moves by its id; this one does not start with it.
+OPTION_ALIASES = {"emergency_unloads_ollama": "emergency_unload"}
+
+
+def options(settings: Any) -> OllamaOptions:
+    """The ``[backends.ollama]`` options of ``settings`` (anything else: the defaults, with its ``ollama_host``)."""
+    reader = getattr(settings, "backend_options", None)
+    if callable(reader):
+        return reader(BACKEND_ID, OllamaOptions)
+    return OllamaOptions(host=getattr(settings, "ollama_host", None))
 
 
 def gpu_free_reader(probe: Any):
@@ -48,13 +72,10 @@ def gpu_free_reader(probe: Any):
 
 
 def host_setting(settings: Any, env: Any = None) -> str:
-    """Where Ollama listens: ``MEMCTL_OLLAMA_HOST`` or a configured ``ollama_host`` other than the default,
-    else Ollama's own ``OLLAMA_HOST`` (as Ollama's CLI reads it), else 127.0.0.1:11434."""
+    """Where Ollama listens: the configured ``host`` (``[backends.ollama]``, ``ollama_host``,
+    ``MEMCTL_OLLAMA_HOST``), else Ollama's own ``OLLAMA_HOST`` (as Ollama's CLI reads it), else 127.0.0.1:11434."""
     env = os.environ if env is None else env
-    configured = getattr(settings, "ollama_host", None) or DEFAULT_HOST
-    if env.get("MEMCTL_OLLAMA_HOST") or configured != DEFAULT_HOST:
-        return configured
-    return env.get("OLLAMA_HOST") or configured
+    return options(settings).host or env.get("OLLAMA_HOST") or DEFAULT_HOST
 
 
 def client_for(settings: Any, probe: Any = None) -> OllamaClient:
@@ -67,4 +88,5 @@ def client_for(settings: Any, probe: Any = None) -> OllamaClient:
 
 def create(settings: Any, probe: Any = None) -> OllamaBackend:
     """The registry's factory: ``create(settings, probe)``."""
-    return OllamaBackend(settings, probe, client_for(settings, probe))
+    return OllamaBackend(settings, probe, client_for(settings, probe),
+                         emergency_unload=options(settings).emergency_unload)

@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,8 +129,9 @@ class OllamaBackend(BackendBase):
 
     def __init__(self, settings: Any, probe: Any, client: OllamaClient, *, kv: sizing.KvConfig | None = None,
                  dirs: list | None = None, keep_alive: str | int = KEEP_ALIVE,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, emergency_unload: bool = True) -> None:
         self.settings = settings
+        self.emergency_unload_enabled = emergency_unload
         self.probe = probe
         self.client = client
         self.kv = kv or _env_kv(os.environ)
@@ -153,7 +154,7 @@ class OllamaBackend(BackendBase):
     @property
     def holder_client(self) -> HolderView:
         """Ollama as another holder of memory: its models that are not memctl's deployments."""
-        return HolderView(self.client)
+        return HolderView(self.client, unloads_in_emergency=self.emergency_unload_enabled)
 
     # The holder calls on the backend itself too, so a core that builds "backends.ollama:create" as its
     # holder source (rather than asking for ``holder_client``) gets the same view.
@@ -545,13 +546,49 @@ def kv_advice_message(advice: tuple[str, int], want: int) -> Message:
                kv_type=kv_type, tokens=ctx, want=want)
 
 
-class HolderView:
-    """The Ollama client as "another holder": its listing leaves out memctl's own derived tags (those
-    are deployments of this backend, freed by its ``stop``)."""
+def process_role(argv: Sequence[str], name: str | None) -> str | None:
+    """"server" for ``ollama serve``, "runner" for ``ollama runner ...`` / ``ollama_llama_server``, else None.
+    A process named ``ollama`` whose arguments cannot be read counts as a runner: runners hold the GPU."""
+    prog = (os.path.basename(argv[0]) if argv else (name or "")).lower()
+    if prog.startswith("ollama_llama_server"):
+        return "runner"
+    if prog not in ("ollama", "ollama.exe"):
+        return None
+    args = [a.lower() for a in argv[1:3]]
+    if "runner" in args or not argv:
+        return "runner"
+    if "serve" in args:
+        return "server"
+    return None
 
-    def __init__(self, client: OllamaClient) -> None:
+
+_ADVICE = {
+    "runner": "Ollama model {models}: unload it here (🗑️) or with `ollama stop`",
+    "down": "an Ollama runner, but Ollama does not answer at its address: check the Ollama service "
+            "(systemctl status ollama) or set MEMCTL_OLLAMA_HOST",
+    "server": "the Ollama server itself (little memory); stop the service if you need it all",
+}
+
+
+class HolderView:
+    """The Ollama client as "another holder" (the core's ``HolderSource``): its listing leaves out memctl's
+    own derived tags (those are deployments of this backend, freed by its ``stop``)."""
+
+    source = BACKEND_ID
+    label = "Ollama"
+
+    def __init__(self, client: OllamaClient, *, unloads_in_emergency: bool = True) -> None:
         self._client = client
         self.base_url = client.base_url
+        self.unloads_in_emergency = unloads_in_emergency
+
+    @staticmethod
+    def role(argv: Sequence[str], name: str | None) -> str | None:
+        return process_role(argv, name)
+
+    @staticmethod
+    def advice(kind: str) -> str:
+        return _ADVICE[kind]
 
     @property
     def last_error(self) -> OllamaError | None:
