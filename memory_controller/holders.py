@@ -42,14 +42,14 @@ DESKTOP_COMMANDS = frozenset({
 MAX_NAME_CHARS = 120
 
 
-def escape_text(text: str) -> str:
-    """``text`` with control and format characters shown as escapes, uncut (units.escape_text)."""
+def _escaped(text: str) -> str:
+    """``text`` with control and format characters shown as escapes, uncut."""
     return units.escape_text(text, limit=sys.maxsize)
 
 
 def shorten(text: str, max_chars: int = MAX_NAME_CHARS) -> str:
     """Escaped and cut to ``max_chars`` (an ellipsis marks the cut)."""
-    text = escape_text(text)
+    text = _escaped(text)
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
@@ -160,11 +160,11 @@ def is_desktop(argv: Sequence[str], name: str | None) -> bool:
 def _match_runners(runner_bytes: Mapping[int, int | None], models: Sequence[HeldModel]) -> dict[int, tuple[str, ...]]:
     """A holder source's models per runner PID. With as many runners as models, pair them by size (largest with
     largest); otherwise every runner is said to hold one of all the loaded models."""
-    names = tuple(escape_text(str(m.name)) for m in models)
+    names = tuple(_escaped(str(m.name)) for m in models)
     if len(runner_bytes) == len(models) and models:
         pids = sorted(runner_bytes, key=lambda p: -(runner_bytes[p] or 0))
         ordered = sorted(models, key=lambda m: -int(m.size_vram or 0))
-        return {pid: (escape_text(str(m.name)),) for pid, m in zip(pids, ordered, strict=True)}
+        return {pid: (_escaped(str(m.name)),) for pid, m in zip(pids, ordered, strict=True)}
     return {pid: names for pid in runner_bytes}
 
 
@@ -207,13 +207,13 @@ def _one(key: str, pid: int, used: int | None, nvml_name: str | None, info: Proc
     command = short_command(info.argv) if info and info.argv else shorten(nvml_name or (info.name if info else "") or "")
     base = {"device_key": key, "pid": pid, "bytes": used, "user": user}
     if pid == own_pid or (info is not None and info.is_self):
-        models = tuple(escape_text(str(d.model_id)) for d in own if int(_get(d, "memory_bytes", {}).get(key, 0)) > 0)
+        models = tuple(_escaped(str(d.model_id)) for d in own if int(_get(d, "memory_bytes", {}).get(key, 0)) > 0)
         return MemoryHolder(**base, kind="memctl_self", name="memctl (this process)",
                             detail=", ".join(models) or "CUDA context, no model", freeable_by="memctl",
                             models=models, advice=advice_for("memctl_self", pid=pid))
     if container is not None and _get(container, "managed", False):
         model = _get(container, "model_id")
-        models = (escape_text(str(model)),) if model else ()
+        models = (_escaped(str(model)),) if model else ()
         return MemoryHolder(**base, kind="managed_container", name=shorten(str(_get(container, "name", "?"))),
                             detail=", ".join(models), freeable_by="memctl", models=models,
                             advice=advice_for("managed_container", name=str(_get(container, "name", "?"))))
@@ -324,7 +324,7 @@ def fit_with_holders(holders: Sequence[MemoryHolder], device_key: str, shortfall
         if not runners or sum(h.bytes or 0 for h in runners) < shortfall_bytes:
             continue
         chosen_models = _to_unload(runners, shortfall_bytes)
-        sizes = {escape_text(str(m.name)): int(m.size_vram or 0) for m in (other.models or ())}
+        sizes = {_escaped(str(m.name)): int(m.size_vram or 0) for m in (other.models or ())}
         nbytes = sum(sizes.get(n, 0) for n in chosen_models) or sum(
             h.bytes or 0 for h in runners if set(h.models) & set(chosen_models))
         names = ", ".join(chosen_models)

@@ -13,7 +13,7 @@ import pytest
 
 from backends.vllm.args import container_name_for
 from backends.vllm.holders import container_id_of, holders_for_pids
-from backends.vllm.labels import escape_text, read_labels, write_labels
+from backends.vllm.labels import label_text, read_labels, write_labels
 from memory_controller.backend import DeploymentState
 from memory_controller.errors import ContainerError
 from memory_controller.types import Outcome, Precision, Profile
@@ -112,9 +112,9 @@ def test_control_characters_in_labels_are_escaped_for_display(evil):
 
 
 def test_escape_keeps_plain_text_and_cuts_long_text():
-    assert escape_text("Qwen/Qwen2.5-Coder-7B-Instruct") == "Qwen/Qwen2.5-Coder-7B-Instruct"
-    assert escape_text("Модель") == "Модель"
-    assert escape_text("x" * 1000).endswith("…") and len(escape_text("x" * 1000)) == 301
+    assert label_text("Qwen/Qwen2.5-Coder-7B-Instruct") == "Qwen/Qwen2.5-Coder-7B-Instruct"
+    assert label_text("Модель") == "Модель"
+    assert label_text("x" * 1000).endswith("…") and len(label_text("x" * 1000)) == 301
 
 
 # --------------------------------------------------------------------------- pure: PID -> container

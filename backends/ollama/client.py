@@ -22,12 +22,12 @@ from typing import Any
 import httpx
 
 from memory_controller.errors import CorruptDataError, MemctlError, SettingsError
-from memory_controller.holders import escape_text
 from memory_controller.safejson import loads_bounded
 from memory_controller.types import Message, Outcome, msg
-from memory_controller.units import fmt_bytes
+from memory_controller.units import escape_text, fmt_bytes
 
 DEFAULT_PORT = 11434
+UNCUT = 1 << 30  # escape only: the caller has cut the text already
 REQUEST_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 1.0
 UNLOAD_REQUEST_TIMEOUT_S = 15.0  # Ollama answers an unload once the runner is told to stop
@@ -76,7 +76,7 @@ def validate_model_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
         raise InvalidOllamaNameError("no Ollama model name given", "name a model as `memctl ollama ps` lists it",
                                      args={"name": ""})
-    shown = escape_text(name[:100])
+    shown = escape_text(name[:100], limit=UNCUT)
     if len(name) > 350:
         raise InvalidOllamaNameError(f"Ollama model name is too long ({len(name)} characters): {shown}…",
                                      "copy the name from `memctl ollama ps`", args={"name": shown})
@@ -192,9 +192,9 @@ def parse_ps(data: Any) -> list[OllamaModel]:
             raise OllamaMalformedError("Ollama /api/ps: a model without a name", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
         expires = item.get("expires_at")
         ctx = item.get("context_length")
-        out.append(OllamaModel(escape_text(name[:400]), _int(item.get("size", 0), "size"),
+        out.append(OllamaModel(escape_text(name[:400], limit=UNCUT), _int(item.get("size", 0), "size"),
                                _int(item.get("size_vram", 0), "size_vram"),
-                               escape_text(expires[:64]) if isinstance(expires, str) else None,
+                               escape_text(expires[:64], limit=UNCUT) if isinstance(expires, str) else None,
                                ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None))
     return out
 
@@ -243,7 +243,7 @@ class OllamaClient:
         data = self._parse(bytes(raw), path, max_bytes)
         if status >= 400:
             detail = data.get("error") if isinstance(data, dict) else None
-            detail = escape_text(str(detail)[:300]) if detail else f"HTTP {status}"
+            detail = escape_text(str(detail)[:300], limit=UNCUT) if detail else f"HTTP {status}"
             hint = ("Ollama has no such model loaded or installed: see `memctl ollama ps`" if status == 404
                     else "see Ollama's log (journalctl -u ollama)")
             raise OllamaRefusedError(f"Ollama refused {method} {path}: {detail}", hint, status=status,
@@ -270,7 +270,7 @@ class OllamaClient:
         v = data.get("version") if isinstance(data, dict) else None
         if not isinstance(v, str):
             raise OllamaMalformedError("Ollama /api/version: no version", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
-        return escape_text(v[:64])
+        return escape_text(v[:64], limit=UNCUT)
 
     def ps(self) -> list[OllamaModel]:
         """Loaded models, largest in VRAM first."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .labels import MODEL_LABEL, escape_text, is_managed
+from .labels import MODEL_LABEL, is_managed, label_text
 
 _ID_RE = re.compile(r"/docker[-/]([0-9a-f]{64})(?:\.scope)?(?=/|$)")
 LOOKUP_TIMEOUT_S = 2.0
@@ -79,8 +79,8 @@ def holders_for_pids(pids: Iterable[int], lookup: Callable[[set[str]], dict[str,
         managed = is_managed(labels)
         model = labels.get(MODEL_LABEL) if managed else None
         image = ((c.attrs or {}).get("Config") or {}).get("Image") or "?"
-        out[pid] = ContainerHolder(cid, escape_text(str(c.name)), escape_text(str(image)), managed,
-                                   escape_text(model) if isinstance(model, str) else None)
+        out[pid] = ContainerHolder(cid, label_text(str(c.name)), label_text(str(image)), managed,
+                                   label_text(model) if isinstance(model, str) else None)
     return out
 
 

@@ -36,7 +36,7 @@ RAW_MAX_CHARS = 4096  # raw label values kept for diagnosis (Deployment.detail) 
 _MAX_CLAIM_BYTES = 1 << 50  # 1 PiB per device: anything above is nonsense
 
 
-def escape_text(value: str, max_chars: int = TEXT_MAX_CHARS) -> str:
+def label_text(value: str, max_chars: int = TEXT_MAX_CHARS) -> str:
     """``value`` safe to print on one line (memory_controller.units.escape_text): control and format
     characters (newline, ESC, bidi overrides...) become escapes; past ``max_chars`` it is cut with an ellipsis."""
     return units.escape_text(value, limit=max_chars + 1)
@@ -85,7 +85,7 @@ class LabelInfo:
     def raw_served_name(self) -> str | None:
         """The served name as written (used to match /v1/models), only when it is plain text."""
         v = self.raw.get(SERVED_NAME_LABEL) or self.raw.get(MODEL_LABEL)
-        return v if v is not None and len(v) <= TEXT_MAX_CHARS and escape_text(v) == v else None
+        return v if v is not None and len(v) <= TEXT_MAX_CHARS and label_text(v) == v else None
 
 
 def _int_in(value: Any, lo: int, hi: int) -> int | None:
@@ -162,7 +162,7 @@ def read_labels(labels: Any) -> LabelInfo:
         if not isinstance(v, str):
             problems.append(f"{key} is not text")
             return None
-        return escape_text(v)
+        return label_text(v)
 
     model_id = text(MODEL_LABEL)
     served = text(SERVED_NAME_LABEL)
@@ -212,4 +212,4 @@ def read_labels(labels: Any) -> LabelInfo:
         problems.append(f"{TOOL_PARSER_LABEL} is not a parser name")
         tool_parser = None
     return LabelInfo(model_id, served, port, profile, gpu_util, claim, tool_parser,
-                     tuple(escape_text(p, 200) for p in problems), raw)
+                     tuple(label_text(p, 200) for p in problems), raw)

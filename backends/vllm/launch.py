@@ -39,7 +39,7 @@ from .args import (
     build_vllm_args,
     container_name_for,
 )
-from .labels import MODEL_LABEL, escape_text, is_managed, write_labels
+from .labels import MODEL_LABEL, is_managed, label_text, write_labels
 from .options import vllm_options
 from .view import parse_docker_time
 
@@ -193,7 +193,7 @@ def clear_name(access: dc.DockerAccess, client: Any, name: str) -> None:
             f"a container named {name} exists but memctl did not start it (no memctl.managed label); "
             "memctl leaves it alone",
             f"remove or rename it yourself (docker rm -f {name}) if it is not needed")
-    model = escape_text(labels.get(MODEL_LABEL) or "") or None
+    model = label_text(labels.get(MODEL_LABEL) or "") or None
     created = parse_docker_time((existing.attrs or {}).get("Created"))
     fresh = created is None or time.time() - created < CREATED_STALE_S
     if existing.status in ("running", "restarting", "paused", "removing") or (existing.status == "created" and fresh):
@@ -214,7 +214,7 @@ def create(access: dc.DockerAccess, client: Any, spec: LaunchSpec, kwargs: dict[
             return client.containers.create(spec.image, kwargs.pop("command"), **kwargs)
     except ContainerError as exc:
         if dc.is_conflict(exc):
-            raise already_running(spec.name, escape_text(spec.labels.get(MODEL_LABEL, ""))) from exc
+            raise already_running(spec.name, label_text(spec.labels.get(MODEL_LABEL, ""))) from exc
         raise ContainerStartError(exc.message, exc.hint, cause="create_failed", details=exc.details) from exc
 
 

@@ -15,7 +15,7 @@ from memory_controller.types import Outcome
 from memory_controller.units import fmt_bytes
 
 from . import client as dc
-from .labels import LabelInfo, escape_text, read_labels
+from .labels import LabelInfo, label_text, read_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.settings import Settings
@@ -72,7 +72,7 @@ def settings_mismatch(settings: Settings, attrs: dict, info: LabelInfo) -> list[
     problems: list[str] = []
     image = config.get("Image")
     if isinstance(image, str) and image and image != settings.vllm_image_ref:
-        problems.append(f"it runs image {escape_text(image)}, the settings ask for {settings.vllm_image_ref}")
+        problems.append(f"it runs image {label_text(image)}, the settings ask for {settings.vllm_image_ref}")
     if info.readable and info.port is not None and info.port != settings.vllm_port:
         problems.append(f"it listens on port {info.port}, the settings ask for {settings.vllm_port}")
     env = config.get("Env") if isinstance(config.get("Env"), list) else []
@@ -95,7 +95,7 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
     info = read_labels(c.labels)
     state_d = attrs.get("State") if isinstance(attrs.get("State"), dict) else {}
     status = state_d.get("Status") or c.status
-    name = escape_text(str(c.name))
+    name = label_text(str(c.name))
     if health is None:
         if status != "running":
             health = "stopped" if status in ("exited", "dead", "created") else "unknown"
@@ -130,7 +130,7 @@ def to_deployment(settings: Settings, c: Any, *, probe: bool = True, health: str
                          + "; ".join(mismatch) + "): it is not used; loading the model again replaces it",
                          container=name, problems=mismatch),)
     detail = {
-        "container_id": c.id, "image": escape_text(str((attrs.get("Config") or {}).get("Image") or "")),
+        "container_id": c.id, "image": label_text(str((attrs.get("Config") or {}).get("Image") or "")),
         "docker_state": status, "health": health, "port": info.port, "gpu_util": info.gpu_util,
         "served_name": info.raw_served_name,  # the exact name vLLM serves (None unless plain text)
         "tool_parser": info.tool_parser,
