@@ -26,18 +26,24 @@ Contract per call (all sizes in bytes, device keys are ``"gpu:N"`` or ``"host"``
   container...), for naming GPU holders. Default: nothing.
 * ``start_timeout_s`` — how long a start may take (None: the controller's ``operation_timeout_s``);
   ``stop_timeout_s`` — how long a stop may wait for the engine (the controller's deadline adds it).
+* ``count_prompt_tokens(model, request)`` / ``tool_support(model)`` — read before loading (the serving
+  scheduler's admission): the prompt's tokens and whether the chat template renders tools, from the
+  model's files alone. Default: None (not offered; admission asks another backend, or passes).
+* For a backend with its own model store (not checkpoint folders; e.g. Ollama's GGUF files; it sets
+  ``capabilities.own_models_only``): ``list_models()`` and ``resolve_model(id)`` give :class:`CachedModel`
+  values whose ``source`` is the backend id and whose ``path`` is a ``scheme://`` address it registered a
+  sizer for (``memory_controller.estimate.register_sizer``); ``supports_tools(model)`` says whether such a
+  model can call tools (the server refuses a tools request with 400 before loading when it says False).
+  Default: ``[]``, None, None.
+* ``holder_client`` — a server holding models memctl did not load (another holder), which the core may
+  ask for its models and to unload them. Default: None.
 
-:class:`BackendBase` gives the defaults of the last three; a backend inherits it and overrides what it has.
+:class:`BackendBase` gives every default above; a backend inherits it and overrides what it has. The core
+calls each member directly: it never probes a backend with ``getattr``/``hasattr``
+(``tests/test_backend_protocol.py`` fails when it does).
 
 In-process backends (``capabilities.generates_in_process``) also implement
 :class:`InProcessGenerator`; HTTP backends give ``Deployment.endpoint`` and the server proxies.
-
-Optional, for a backend with its own model store (not checkpoint folders; e.g. Ollama's GGUF files):
-``list_models()`` and ``resolve_model(id)`` give :class:`CachedModel` values whose ``source`` is the
-backend id and whose ``path`` is a ``scheme://`` address it registered a sizer for
-(``memory_controller.estimate.register_sizer``); ``supports_tools(model)`` says whether a model can
-call tools (the server refuses a tools request with 400 before loading when it says False);
-``holder_client`` hands over a server holding models memctl did not load (another holder).
 """
 
 from __future__ import annotations
@@ -72,6 +78,9 @@ class Capabilities:
     generates_in_process: bool  # implements InProcessGenerator
     needs_gpu: bool
     label: str = ""  # human name shown in the UI
+    # serves only the models it lists itself (list_models/resolve_model): a checkpoint folder asked of it
+    # goes to another backend
+    own_models_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -264,19 +273,51 @@ class Backend(Protocol):
 
     def clear_caches(self) -> dict[str, Any]: ...
 
-    def list_managed(self) -> list[Deployment]: ...
+    def list_managed(self) -> list[Deployment]:
+        """What runs, straight from the engine (raises MemctlError when it cannot be reached); an emergency
+        clear and ``deployments(fresh=True)`` use it."""
 
-    def containers_for_pids(self, pids: Iterable[int], timeout_s: float = 2.0) -> Mapping[int, Any]: ...
+    def containers_for_pids(self, pids: Iterable[int], timeout_s: float = 2.0) -> Mapping[int, Any]:
+        """Host PID -> what of this backend's world runs it (a container...), for naming GPU holders;
+        {} when it runs nothing the PIDs belong to."""
 
     @property
-    def start_timeout_s(self) -> float | None: ...
+    def start_timeout_s(self) -> float | None:
+        """How long a start may take; None: the controller's ``operation_timeout_s``."""
 
     @property
-    def stop_timeout_s(self) -> float: ...
+    def stop_timeout_s(self) -> float:
+        """How long a stop may wait for the engine (the controller's deadline adds it)."""
+
+    def count_prompt_tokens(self, model: CachedModel, request: GenerationRequest) -> int | None:
+        """Tokens ``request``'s prompt takes once templated for ``model``, counted without loading it (the
+        serving scheduler's admission). None: this backend does not count (admission asks another backend,
+        or passes). Raises MemctlError when the model cannot be templated (no tokenizer, no chat template)."""
+
+    def tool_support(self, model: CachedModel) -> bool | None:
+        """Whether ``model``'s chat template renders tools, read from its files without loading it.
+        None: unknown (no template, or this backend does not read templates)."""
+
+    def supports_tools(self, model: CachedModel) -> bool | None:
+        """Whether a model this backend lists itself can call tools (False: the server refuses a tools
+        request with 400 before loading). None: unknown, or not one of this backend's own models."""
+
+    def list_models(self) -> list[CachedModel]:
+        """The models of this backend's own store (``source``: the backend id, ``path``: a ``scheme://``
+        address it registered a sizer for); [] when it has no store or the store does not answer."""
+
+    def resolve_model(self, model_id: str) -> CachedModel | None:
+        """``model_id`` as one of this backend's own models, or None when it is not one of them (or the
+        store does not answer)."""
+
+    @property
+    def holder_client(self) -> Any | None:
+        """A server holding models memctl did not load (another holder: ``source``, ``loaded``, ``unload``,
+        ``emergency_unload``), or None when this backend hands over none. May raise MemctlError."""
 
 
 class BackendBase:
-    """Defaults for the optional parts of :class:`Backend`."""
+    """Defaults for the optional parts of :class:`Backend`: each means "this backend does not offer it"."""
 
     def deployments(self) -> list[Deployment]:  # pragma: no cover - every backend overrides it
         raise NotImplementedError
@@ -294,6 +335,25 @@ class BackendBase:
     @property
     def stop_timeout_s(self) -> float:
         return 0.0
+
+    def count_prompt_tokens(self, model: CachedModel, request: GenerationRequest) -> int | None:
+        return None
+
+    def tool_support(self, model: CachedModel) -> bool | None:
+        return None
+
+    def supports_tools(self, model: CachedModel) -> bool | None:
+        return None
+
+    def list_models(self) -> list[CachedModel]:
+        return []
+
+    def resolve_model(self, model_id: str) -> CachedModel | None:
+        return None
+
+    @property
+    def holder_client(self) -> Any | None:
+        return None
 
 
 BackendFactory = Callable[..., Backend]

@@ -18,7 +18,7 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import safefiles
 from .errors import CorruptDataError, InvalidModelIdError, MemctlError, ModelLoadError, ModelNotFoundError
@@ -28,6 +28,7 @@ from .safejson import loads_bounded
 from .types import CachedModel, CatalogResult
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .settings import Settings
 
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -426,7 +427,7 @@ class Catalog:
     ``backends()`` gives the backends, some of which list models of their own store (``list_models()``,
     ``resolve_model(id)``, e.g. Ollama's): those join the list and resolve when no checkpoint does."""
 
-    def __init__(self, settings: Settings, backends: Callable[[], dict[str, Any]] = dict) -> None:
+    def __init__(self, settings: Settings, backends: Callable[[], dict[str, Backend]] = dict) -> None:
         from .cache import TTLCache
 
         self.settings, self._backends = settings, backends
@@ -439,12 +440,10 @@ class Catalog:
         result = scan_models(self.settings)
         own: list[CachedModel] = []
         for b in self._backends().values():
-            lister = getattr(b, "list_models", None)
-            if lister is not None:
-                try:
-                    own.extend(lister())
-                except MemctlError:
-                    continue
+            try:
+                own.extend(b.list_models())
+            except MemctlError:
+                continue
         return dataclasses.replace(result, models=result.models + tuple(own)) if own else result
 
     def resolve(self, model: str | CachedModel) -> CachedModel:
@@ -469,9 +468,7 @@ class Catalog:
         if not isinstance(model_id, str) or len(model_id) > 400:
             return None
         for b in self._backends().values():
-            resolver = getattr(b, "resolve_model", None)
-            if resolver is not None:
-                found = resolver(model_id)
-                if found is not None:
-                    return found
+            found = b.resolve_model(model_id)
+            if found is not None:
+                return found
         return None

@@ -133,9 +133,9 @@ class Planner:
         ids = self.fleet.registry.ids()
         if cached.source in ids:
             return cached.source
-        if backend_id in ids and hasattr(self.fleet.backend(backend_id), "resolve_model"):
+        if backend_id in ids and self.fleet.backend(backend_id).capabilities.own_models_only:
             snap = self._snapshot()
-            return next((b for b in ids if not hasattr(self.fleet.backend(b), "resolve_model")
+            return next((b for b in ids if not self.fleet.backend(b).capabilities.own_models_only
                          and self.fleet.availability(b, snap).ok), backend_id)
         return backend_id
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .backend import Deployment, DeploymentState
+from .backend import Backend, Deployment, DeploymentState
 from .errors import (
     InsufficientMemoryError,
     InvalidModelIdError,
@@ -254,14 +254,13 @@ class Serving:
             return self._unload(model_id)
 
     def supports_tools(self, model_id: str) -> bool | None:
-        """Whether ``model_id`` can call tools, as the backend that lists it says (its optional
+        """Whether ``model_id`` can call tools, as the backend that lists it says (its
         ``supports_tools(model)``); None when no backend knows (tools are then passed on). Never raises."""
         try:
             cached = self.catalog.resolve(model_id)
             if cached.source not in self.fleet.registry.ids():
                 return None
-            ask = getattr(self.fleet.backend(cached.source), "supports_tools", None)
-            return None if ask is None else ask(cached)
+            return self.fleet.backend(cached.source).supports_tools(cached)
         except MemctlError:
             return None
 
@@ -374,17 +373,14 @@ class ControllerEffects:
         return self.ctl.subscribe_serving(fn)
 
     # ------------------------------------------------------------------ admission
-    def _backends_with(self, name: str, backend_id: str | None, *, others: bool) -> list[Any]:
-        """The serving backend's optional ``name`` method (it reads the tokenizer without loading), then, with
-        ``others``, any other backend's (a backend whose engine reads the tokenizer itself may have none)."""
-        out = []
+    def _asked(self, backend_id: str | None, *, others: bool) -> list[tuple[bool, Backend]]:
+        """The serving backend (it reads the tokenizer without loading), then, with ``others``, every other
+        backend (a backend whose engine reads the tokenizer itself counts nothing): ``(is the serving one,
+        backend)``."""
         backends = self.ctl.backends()
         first = backends.get(backend_id) if backend_id else None
-        for b in [first, *(v for k, v in backends.items() if others and k != backend_id)]:
-            fn = getattr(b, name, None) if b is not None else None
-            if callable(fn):
-                out.append((b is first, fn))
-        return out
+        out = [(True, first)] if first is not None else []
+        return out + [(False, b) for k, b in backends.items() if others and k != backend_id]
 
     def _serving_id(self, deployment: Deployment | None) -> str | None:
         if deployment is not None:
@@ -405,14 +401,13 @@ class ControllerEffects:
         if hit is not None and hit[0] > now:
             return hit[1]
         found: bool | None = None
-        said = getattr(self.ctl, "supports_tools", None)  # a backend that lists the model may know (Ollama)
-        if callable(said) and said(cached.model_id) is False:
+        if self.ctl.supports_tools(cached.model_id) is False:  # a backend that lists the model may know (Ollama)
             self._tools[key] = (now + _TOOLS_TTL_S, False)
             return False
         bid = backend_id or self._serving_id(deployment)
-        for _own, fn in self._backends_with("tool_support", bid, others=False):
+        for _own, b in self._asked(bid, others=False):
             try:
-                found = fn(cached)
+                found = b.tool_support(cached)
             except MemctlError:
                 found = None
             if found is not None:
@@ -424,8 +419,8 @@ class ControllerEffects:
         from .scheduler import Facts
 
         cached = self.ctl.resolve(need.model_id)
-        said = getattr(self.ctl, "supports_tools", None)  # the backend that lists the model may know (Ollama)
-        if need.tools and deployment is None and callable(said) and said(cached.model_id) is False:
+        # the backend that lists the model may know (Ollama)
+        if need.tools and deployment is None and self.ctl.supports_tools(cached.model_id) is False:
             return Facts(cached.model_id, None, tools_supported=False)  # refused by check_admission
         if deployment is not None:
             return Facts(cached.model_id, deployment.context_tokens,
@@ -448,9 +443,12 @@ class ControllerEffects:
         prompt_tokens = None
         context = plan.profile.context_tokens if plan.profile else None
         if need.request is not None and not (need.tools and tools is False):
-            for own, fn in self._backends_with("count_prompt_tokens", bid, others=True):
+            for own, b in self._asked(bid, others=True):
                 try:
-                    prompt_tokens = int(fn(cached, need.request))
+                    counted = b.count_prompt_tokens(cached, need.request)
+                    if counted is None:  # this backend does not count: ask the next
+                        continue
+                    prompt_tokens = int(counted)
                     break
                 except RequestRefusedError:
                     raise

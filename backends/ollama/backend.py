@@ -125,7 +125,7 @@ class OllamaBackend(BackendBase):
     id = BACKEND_ID
     capabilities = Capabilities(
         precisions=(Precision.FP16,), devices=("cuda", "cpu"), fit_ladder=(), serves_http=True,
-        generates_in_process=False, needs_gpu=False, label="Ollama")
+        generates_in_process=False, needs_gpu=False, label="Ollama", own_models_only=True)
 
     def __init__(self, settings: Any, probe: Any, client: OllamaClient, *, kv: sizing.KvConfig | None = None,
                  dirs: list | None = None, keep_alive: str | int = KEEP_ALIVE,
