@@ -35,8 +35,9 @@ Contract per call (all sizes in bytes, device keys are ``"gpu:N"`` or ``"host"``
   sizer for (``memory_controller.estimate.register_sizer``); ``supports_tools(model)`` says whether such a
   model can call tools (the server refuses a tools request with 400 before loading when it says False).
   Default: ``[]``, None, None.
-* ``holder_client`` — a server holding models memctl did not load (another holder), which the core may
-  ask for its models and to unload them. Default: None.
+* ``holder_client`` — a server holding models memctl did not load (another holder, a
+  :class:`~memory_controller.holders.HolderSource`), which the core may ask for its models and to unload
+  them. Default: None.
 
 :class:`BackendBase` gives every default above; a backend inherits it and overrides what it has. The core
 calls each member directly: it never probes a backend with ``getattr``/``hasattr``
@@ -52,7 +53,7 @@ import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .types import (
     CachedModel,
@@ -65,6 +66,9 @@ from .types import (
 )
 from .types import Message as Message  # re-exported: backends build messages from here
 from .types import msg as msg
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .holders import HolderSource
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -311,9 +315,9 @@ class Backend(Protocol):
         store does not answer)."""
 
     @property
-    def holder_client(self) -> Any | None:
-        """A server holding models memctl did not load (another holder: ``source``, ``loaded``, ``unload``,
-        ``emergency_unload``), or None when this backend hands over none. May raise MemctlError."""
+    def holder_client(self) -> HolderSource | None:
+        """A server holding models memctl did not load (another holder: a :class:`HolderSource`), or None when
+        this backend hands over none. May raise MemctlError."""
 
 
 class BackendBase:
@@ -352,7 +356,7 @@ class BackendBase:
         return None
 
     @property
-    def holder_client(self) -> Any | None:
+    def holder_client(self) -> HolderSource | None:
         return None
 
 

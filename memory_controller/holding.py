@@ -44,7 +44,7 @@ class HolderCensus:
         out = []
         for bid, b in self.fleet.backends().items():
             try:
-                client = getattr(b, "holder_client", None)
+                client = b.holder_client
             except MemctlError:
                 client = None
             if client is not None:

@@ -46,10 +46,6 @@ ALLOWED = {
 
 # Declared members still probed by core code that is being rewritten elsewhere; each must still be probed
 # (remove it here once the probe is gone), and the list only shrinks.
-PENDING = {
-    "holder_client": "holding.HolderCensus asks every backend for its holder client",
-}
-
 # Computed names (getattr(obj, variable)), by file and the object read: none is a backend.
 DYNAMIC_ALLOWED = {
     ("memory_controller/__init__.py", "controller"),  # lazy re-export of the controller module
@@ -90,7 +86,7 @@ def violations(source: str, rel: str, members: set[str]) -> list[str]:
         if name is None:
             if (rel, obj) not in DYNAMIC_ALLOWED:
                 bad.append(f"{where}: a computed name (declare what a backend offers in Backend and call it)")
-        elif name in members and name not in PENDING:
+        elif name in members:
             bad.append(f"{where}: {name} is declared by the Backend protocol: call it directly")
         elif name not in members and name not in ALLOWED:
             bad.append(f"{where}: {name} is not in the Backend protocol (declare it, with a BackendBase default)"
@@ -106,15 +102,6 @@ def test_the_core_never_probes_a_backend_for_undeclared_members():
     members = protocol_members()
     bad = [v for rel, src in core_files() for v in violations(src, rel, members)]
     assert bad == [], "\n".join(bad)
-
-
-def test_a_pending_probe_is_still_there_and_declared():
-    """PENDING only lists declared members still probed: once the probe is gone, the entry goes too."""
-    members = protocol_members()
-    probed = {name for rel, src in core_files() for _line, _obj, name in probes(src, rel)}
-    assert set(PENDING) <= members
-    stale = set(PENDING) - probed
-    assert not stale, f"no longer probed, remove from PENDING: {sorted(stale)}"
 
 
 def test_allowed_names_are_not_protocol_members():
