@@ -21,6 +21,7 @@ from typing import Any
 
 from memctl_cli.output import fmt_duration, print_error, table
 from memory_controller.errors import MemctlError, SettingsError
+from memory_controller.settings import Settings
 from memory_controller.types import Outcome, to_jsonable
 from memory_controller.units import fmt_bytes
 
@@ -44,6 +45,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                      help="create the derived tag (<model>-memctl-<ctx>), load it and verify it with /api/ps")
     fit.add_argument("--json", action="store_true", help="machine-readable output")
     fit.set_defaults(func=cmd_ollama_fit)
+
+
+OLLAMA = "ollama"  # the backend id these commands are about
 
 
 def client_for(ctl: Any) -> Any:
@@ -120,10 +124,31 @@ def _controller(ctl: Any) -> Any:
     return MemoryController(getattr(ctl, "settings", ctl), probe=getattr(ctl, "probe", None))
 
 
-def fit_rows(ctl: Any, model: str | None = None) -> list[dict[str, Any]]:
+def fit_context(given: Any) -> tuple[Any, Any]:
+    """What ``ollama fit`` acts through: the controller of every entry point (``server.connect.controller_for``:
+    the owner's client when ``memctl serve`` or a dashboard runs, so plans and loads are the owner's), and
+    this process's ``ollama`` backend for Ollama's own facts (what is installed, what runs: read only).
+    ``given``: Settings, or a controller handed in as it is (scripts, tests)."""
+    from memory_controller.registry import BackendRegistry
+
+    if isinstance(given, Settings):
+        from server.connect import controller_for
+
+        ctl = controller_for(given)
+    else:
+        ctl = given
+    cfg = ctl.settings.backends.get(OLLAMA)
+    if cfg is None:
+        raise MemctlError("the ollama backend is not configured",
+                          'add [backends.ollama] factory = "backends.ollama:create" to the config file',
+                          code="ollama.not_configured")
+    return ctl, BackendRegistry({OLLAMA: cfg.factory}, ctl.settings, None).get(OLLAMA)
+
+
+def fit_rows(ctl: Any, model: str | None = None, backend: Any = None) -> list[dict[str, Any]]:
     """One row per installed model (or ``model``): facts and the plan's fitted context. Raises MemctlError."""
-    backend = ctl.backend("ollama")
-    avail = backend.availability(ctl.probe.snapshot())
+    backend = backend if backend is not None else ctl.backend("ollama")
+    avail = backend.availability(ctl.devices())
     if not avail.ok:
         raise MemctlError(avail.reason.text if avail.reason else "Ollama is unavailable",
                           "start Ollama (ollama serve) or set MEMCTL_OLLAMA_HOST / OLLAMA_HOST", code="ollama.down")
@@ -134,7 +159,7 @@ def fit_rows(ctl: Any, model: str | None = None) -> list[dict[str, Any]]:
                                "family": m.family, "trained_context": m.trained_context, "tools": m.tools,
                                "capabilities": list(m.capabilities), "metadata_from": m.spec.source if m.spec else None}
         try:
-            plan = ctl.plan("ollama", backend.cached(m), purpose="ide")
+            plan = ctl.plan("ollama", m.name, purpose="ide")
             fits = plan.fits and not plan.blockers
             row.update(num_ctx=plan.profile.context_tokens if fits else 0, fits=fits, device=plan.device_key,
                        needed_bytes=plan.needed_bytes, free_bytes=plan.free_bytes_after_unload,
@@ -169,9 +194,9 @@ def format_fit(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def apply_fit(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """Apply the row's plan; when Ollama spills it anyway (InsufficientMemoryError after the load, rolled
-    back), plan again with the measured size and try once more. Returns what runs, verified."""
+def apply_fit(ctl: Any, row: dict[str, Any], backend: Any = None) -> dict[str, Any]:
+    """Apply the row's plan through ``ctl``; when Ollama spills it anyway (InsufficientMemoryError after the
+    load, rolled back), plan again with the measured size and try once more. Returns what runs, verified."""
     from memory_controller.errors import InsufficientMemoryError
 
     plan = row["_plan"]
@@ -185,7 +210,7 @@ def apply_fit(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
         except InsufficientMemoryError as exc:
             tries.append({"num_ctx": plan.profile.context_tokens, "error": exc.message})
             plan = ctl.plan("ollama", row["model"], purpose="ide")
-    backend = ctl.backend("ollama")
+    backend = backend if backend is not None else ctl.backend("ollama")
     dep = next((d for d in backend.list_managed() if d.model_id == row["model"]), None)
     if dep is None:
         why = tries[-1]["error"] if tries else (plan.blockers[0].text if plan.blockers else "it does not fit")
@@ -197,14 +222,14 @@ def apply_fit(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
             "endpoint": dep.endpoint}
 
 
-def cmd_ollama_fit(args: argparse.Namespace, ctl: Any) -> int:
+def cmd_ollama_fit(args: argparse.Namespace, given: Any) -> int:
     try:
-        ctl = _controller(ctl)
         if args.apply and not args.model:
             raise MemctlError("--apply needs one model", "name it: memctl ollama fit gpt-oss:20b --apply",
                               code="ollama.bad_name")
-        rows = fit_rows(ctl, args.model)
-        applied = apply_fit(ctl, rows[0]) if args.apply else None
+        ctl, backend = fit_context(given)
+        rows = fit_rows(ctl, args.model, backend)
+        applied = apply_fit(ctl, rows[0], backend) if args.apply else None
     except MemctlError as exc:
         return _fail(exc, args.json)
     if args.json:
