@@ -52,7 +52,7 @@ def _controller() -> Any:
     return shared_controller()
 
 
-_ownership: tuple[int, Any] | None = None  # (id of the local controller it was made for, server.runner.Ownership)
+_ownership: tuple[int, Any] | None = None  # (id of the local controller it was made for, server.connect.Ownership)
 _ownership_lock = threading.Lock()
 
 
@@ -76,8 +76,7 @@ def ownership() -> Any:
             if not found.is_owner:
                 found.ctl.close()  # the other owner is gone: take the machine over (its lock was dropped)
         from memory_controller.api import InProcessController
-        from server.connect import attach
-        from server.runner import Ownership
+        from server.connect import Ownership, attach
 
         try:
             found = attach(settings, serve=serves, make_controller=lambda: local)

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import socket
 import threading
 import time
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from memory_controller.errors import MemctlError
 
-from .client import RemoteController
 from .owner import OwnerExistsError, OwnerLock, read_owner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -271,50 +269,3 @@ def _restore_term(previous: Any) -> None:
 
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
-
-
-# --------------------------------------------------------------------------- the dashboard's one call
-class Ownership:
-    """What :func:`own_or_connect` found: ``ctl`` (the ``ControllerAPI`` to act on: this process's
-    controller or a client of the owner), ``handle`` (this process's server when it became the owner)
-    and ``error`` (why it serves nothing although it owns the controller, e.g. the port is taken)."""
-
-    def __init__(self, ctl: Any, handle: ServerHandle | None, error: MemctlError | None = None) -> None:
-        self.ctl, self.handle, self.error = ctl, handle, error
-
-    @property
-    def is_owner(self) -> bool:
-        return not isinstance(self.ctl, RemoteController)
-
-
-def own_or_connect(settings: Settings, make_controller: Any, *, port: int | None = None) -> Ownership:
-    """A client of the live owner; else become the owner: ``make_controller()`` (a MemoryController)
-    plus the server on a background thread, ``ctl`` its ControllerAPI. Two processes racing: the loser
-    connects to the winner.
-
-    A port already taken by something else leaves this process with its own controller, no server and
-    ``error`` set (the dashboard shows it); OwnerUnreachableError (a live owner that does not answer)
-    and OwnerIdentityError (what server.json names is not the owner) are raised, so nothing acts on
-    memory behind that owner's back.
-    """
-    from memory_controller.api import InProcessController
-
-    from .connect import connect
-
-    for _ in range(3):
-        client = connect(settings)
-        if client is not None:
-            return Ownership(client, None)
-        ctl = make_controller()
-        try:
-            return Ownership(InProcessController(ctl), ServerHandle(ctl, settings, port=port).start())
-        except OwnerExistsError:
-            owner = read_owner(settings, wait_s=3.0)
-            if owner is not None and owner.pid == os.getpid():
-                raise OwnerExistsError("this process already runs the memctl server",
-                                       "reuse the controller it was started with") from None
-            continue  # another process won the race: connect to it
-        except PortBusyError as exc:
-            return Ownership(InProcessController(ctl), None, exc)
-    raise OwnerExistsError("another memctl process keeps taking and dropping the owner lock",
-                           "stop the other memctl processes and start again")

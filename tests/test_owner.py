@@ -214,7 +214,7 @@ def test_unreachable_owner_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_own_or_connect_becomes_the_owner_or_a_client_of_the_live_one(tmp_path):
-    from server.runner import own_or_connect
+    from server.connect import own_or_connect
 
     settings = load_settings()
     made: list[object] = []
@@ -245,7 +245,7 @@ def test_own_or_connect_becomes_the_owner_or_a_client_of_the_live_one(tmp_path):
 
 
 def test_own_or_connect_with_the_port_taken_keeps_a_local_controller_and_says_why(tmp_path):
-    from server.runner import own_or_connect
+    from server.connect import own_or_connect
 
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
