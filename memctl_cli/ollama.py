@@ -223,6 +223,7 @@ def apply_fit(ctl: Any, row: dict[str, Any], backend: Any = None) -> dict[str, A
 
 
 def cmd_ollama_fit(args: argparse.Namespace, given: Any) -> int:
+    ctl = None
     try:
         if args.apply and not args.model:
             raise MemctlError("--apply needs one model", "name it: memctl ollama fit gpt-oss:20b --apply",
@@ -232,6 +233,9 @@ def cmd_ollama_fit(args: argparse.Namespace, given: Any) -> int:
         applied = apply_fit(ctl, rows[0], backend) if args.apply else None
     except MemctlError as exc:
         return _fail(exc, args.json)
+    finally:
+        if ctl is not None and ctl is not given:
+            ctl.close()  # the controller this command connected to (the owner's client)
     if args.json:
         out: dict[str, Any] = {"models": [_public(r) for r in rows]}
         if applied is not None:

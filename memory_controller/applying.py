@@ -252,7 +252,7 @@ class Executor:
         for name in step.names:
             rep = ctx.call(lambda _p, n=name: client.unload(n), what=f"unloading {name} from {step.source}",
                            deadline_s=self.settings.step_timeout_s)
-            parts.append(rep.message if isinstance(rep.message, str) else str(rep.message))
+            parts.append(str(rep.message))  # a failed unload leaves the memory taken: the check after it refuses
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ stopping

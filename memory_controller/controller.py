@@ -22,7 +22,7 @@ from .reports import ClearReport, EmergencyReport
 from .services import build
 from .serving import Serving
 from .settings import Settings, load_settings
-from .status import holder_source_status, status_data
+from .status import status_data
 
 
 class MemoryController:
@@ -125,8 +125,7 @@ class MemoryController:
         snap = self.devices()
         return status_data(snap, self.recommend_in_view(snapshot=snap), self.fleet.availabilities(snap),
                            self.deployments(), self.holders(snap) if snap.gpus else [], self.level,
-                           {**{src.source: holder_source_status(src) for src in self.census.sources()},
-                            "history": {"write_errors": self.log_write_errors(), "warnings": self.log_warnings}},
+                           self.census.sources(), {"write_errors": self.log_write_errors(), "warnings": self.log_warnings},
                            self.model_in_view())
 
     def apply(self, plan_or_backend: Plan | str, model: str | t.CachedModel | None = None,

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import units
+from .errors import MemctlError
 from .types import Message, Outcome, SystemSnapshot, msg
 from .units import fmt_bytes
 
-# The kinds of holder the core names; another holder's processes are ``<source id>_server`` and
-# ``<source id>_runner`` (holder_kind), named by the source that knows them.
-KINDS = ("memctl_self", "memctl_other", "managed_container", "foreign_container", "process", "desktop")
+# A holder's kind: "memctl_self", "memctl_other", "managed_container", "foreign_container", "process",
+# "desktop", or for another holder's processes ``<source id>_server`` / ``<source id>_runner`` (holder_kind).
 ROLES = ("server", "runner")  # what a holder source's process is: its idle server, or a runner holding models
 
 
@@ -79,6 +79,13 @@ class HeldModel(Protocol):
     size_vram: int
 
 
+class HolderUnload(Protocol):
+    """What one unload asked of another holder came to."""
+
+    outcome: Outcome
+    message: Message
+
+
 class HolderSource(Protocol):
     """Another server holding models memctl did not load, which memctl may ask to unload them (a backend
     hands it over as ``holder_client``). The core knows it only through these members."""
@@ -89,7 +96,7 @@ class HolderSource(Protocol):
     unloads_in_emergency: bool  # whether the emergency clear asks it to unload everything
 
     @property
-    def last_error(self) -> Any: ...  # a MemctlError from the last failed call, or None
+    def last_error(self) -> MemctlError | None: ...  # why the last call failed, or None
 
     def role(self, argv: Sequence[str], name: str | None) -> str | None:
         """"server" or "runner" (one of ROLES) for a process of this holder, else None."""
@@ -97,7 +104,7 @@ class HolderSource(Protocol):
     def loaded(self, max_age_s: float = 5.0) -> Sequence[HeldModel] | None:
         """Its loaded models, or None when it does not answer."""
 
-    def unload(self, name: str, wait_s: float = 10.0) -> Any:
+    def unload(self, name: str, wait_s: float = 10.0) -> HolderUnload:
         """Unload one model; the result's ``message`` says what came back."""
 
     def emergency_unload(self, wait_s: float = 10.0) -> str:
@@ -123,7 +130,7 @@ class MemoryHolder:
     device_key: str
     pid: int | None
     bytes: int | None
-    kind: str  # one of KINDS
+    kind: str  # see the kinds above
     name: str  # shortened, control characters escaped
     user: str | None = None
     detail: str = ""

@@ -12,7 +12,7 @@ import re
 import threading
 from typing import Any
 
-from .backend import Backend
+from .backend import Backend, BackendBase
 from .errors import SettingsError
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -30,6 +30,11 @@ class BackendRegistry:
         self._probe = probe
         self._lock = threading.Lock()
         self._made: dict[str, Backend] = dict(instances or {})
+        for bid, b in self._made.items():
+            if not isinstance(b, BackendBase):
+                raise SettingsError(f"backend {bid!r} is a {type(b).__name__}, which does not inherit BackendBase",
+                                    "make the backend class inherit memory_controller.backend.BackendBase",
+                                    code="backend.import_failed", args={"backend": bid})
         self._errors: dict[str, str] = {}
         # ids in a stable order: configured ones first, then extra instances
         self._ids = list(self._specs) + [i for i in self._made if i not in self._specs]
@@ -55,6 +60,12 @@ class BackendRegistry:
                 raise SettingsError(f"backend {backend_id!r} ({spec}) cannot be built: {exc}",
                                     "install its packages, or remove it from [backends]",
                                     code="backend.import_failed", args={"backend": backend_id}) from None
+            if not isinstance(backend, BackendBase):
+                raise SettingsError(
+                    f"backend {backend_id!r} ({spec}) built a {type(backend).__name__}, which does not inherit "
+                    "memory_controller.backend.BackendBase (the defaults of the protocol's optional members)",
+                    "make the backend class inherit BackendBase, or remove it from [backends]",
+                    code="backend.import_failed", args={"backend": backend_id})
             self._made[backend_id] = backend
             return backend
 

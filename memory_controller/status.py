@@ -12,12 +12,13 @@ from .types import DeviceSnapshot, Level, Recommendation, SystemSnapshot, to_jso
 
 def status_data(snap: SystemSnapshot, rec: Recommendation, availability: Mapping[str, Availability],
                 deployments: Sequence[Deployment], holders: Sequence[Any], level: Callable[[DeviceSnapshot], Level],
-                other_holders: Mapping[str, dict], model_in_view: str | None = None) -> dict:
-    """Devices, the recommendation, each backend's availability and what runs; ``other_holders``: each
-    other holder source's own status (what it has loaded, whether it answered)."""
+                sources: Sequence[HolderSource], history: dict, model_in_view: str | None = None) -> dict:
+    """Devices, the recommendation, each backend's availability, what runs, who holds memory, the history's
+    problems, and each other holder source's own status under ``holder_sources`` (also under its own id at
+    the top level where that names nothing else, e.g. ``"ollama"``)."""
     backends = {bid: {"available": a.ok, "reason": a.reason.text if a.reason else None,
                       "reason_code": a.reason.code if a.reason else None} for bid, a in availability.items()}
-    return {
+    data = {
         "devices": [dict(to_jsonable(d), key=d.key, level=level(d).value) for d in snap.devices],
         "nvml": {"status": snap.nvml_status.value, "hint": snap.nvml_hint, "driver_version": snap.driver_version},
         "gpu_available": snap.has_gpu,
@@ -25,9 +26,11 @@ def status_data(snap: SystemSnapshot, rec: Recommendation, availability: Mapping
         "backends": backends,
         "deployments": [to_jsonable(d) for d in deployments],
         "holders": holder_rows(holders) if snap.gpus else [],
-        **other_holders,
+        "history": history,
+        "holder_sources": {src.source: holder_source_status(src) for src in sources},
         "recommendation": dict(to_jsonable(rec), model=model_in_view),  # the model the recommendation is for
     }
+    return {**{sid: v for sid, v in data["holder_sources"].items() if sid not in data}, **data}
 
 
 def holder_source_status(source: HolderSource) -> dict:

@@ -94,8 +94,10 @@ def holders_section(ctl: Any, snap: Any, *, unload_buttons: bool = True) -> None
         freeable = [(h, m) for h in holders if h.freeable_by not in (None, "memctl") for m in h.models]
         busy = ctl.current_operation() is not None
         for h, model in freeable if unload_buttons else ():
+            source = ctl.holder_source(h.freeable_by) if h.freeable_by != OLLAMA else None
             label = (t("holders.unload_ollama", model=model, size=ui.gib(h.bytes)) if h.freeable_by == OLLAMA
-                     else f"🗑️ {h.freeable_by}: {model} ({ui.gib(h.bytes)})")
+                     else t("holders.unload_from", source=source.label if source else h.freeable_by, model=model,
+                            size=ui.gib(h.bytes)))
             st.button(label, key=f"{h.freeable_by}_unload::{model}", on_click=_unload_held,
                       args=(h.freeable_by, model), disabled=busy)
     ollama_models(ctl)

@@ -30,7 +30,7 @@ from memory_controller import errors
 from memory_controller.api import MemorySample, OperationView
 from memory_controller.backend import Availability, Capabilities, Deployment, ReleaseReport
 from memory_controller.clusterfit import ExportResult
-from memory_controller.holders import MemoryHolder
+from memory_controller.holders import HolderSource, MemoryHolder
 from memory_controller.planning import Plan
 from memory_controller.reports import ClearReport, EmergencyReport
 from memory_controller.types import (
@@ -211,7 +211,7 @@ class RemoteController:
         # trust_env=False: a proxy from the environment must never see the token. The token header is
         # added per request, and only once verify() succeeded.
         self._http = httpx.Client(base_url=owner.url + "/control", timeout=timeout_s, trust_env=False)
-        self._holders: dict[str, Any] = {}
+        self._holders: dict[str, HolderSource | None] = {}
         self._capabilities: dict[str, Capabilities] = {}
 
     def __repr__(self) -> str:
@@ -510,7 +510,7 @@ class RemoteController:
 
         return level_for(device.free_bytes, self.settings.green_min_bytes, self.settings.yellow_min_bytes)
 
-    def holder_source(self, source_id: str) -> Any:
+    def holder_source(self, source_id: str) -> HolderSource | None:
         """This process's client of another holder (it is its own server): the ``holder_client`` of the
         configured backend ``source_id``, built as the controller builds it; None when there is none."""
         if source_id not in self._holders:

@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from memory_controller import errors
 from memory_controller.api import InProcessController, OperationView
@@ -62,7 +62,14 @@ async def memctl_error_handler(request: Request, exc: Exception) -> JSONResponse
     return JSONResponse(error_body(exc), status_code=error_status(exc))
 
 
-class PlanBody(BaseModel):
+class _Body(BaseModel):
+    """A control request's JSON body: a field this owner does not know (another memctl version's) is a 422
+    naming it, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlanBody(_Body):
     backend_id: str = Field(min_length=1, max_length=200)
     model_id: str = Field(min_length=1, max_length=1000)
     profile: dict[str, Any] | None = None
@@ -70,19 +77,19 @@ class PlanBody(BaseModel):
     free_holders: bool = False
 
 
-class PlansBody(BaseModel):
+class PlansBody(_Body):
     backend_id: str = Field(min_length=1, max_length=200)
     model_ids: list[str] = Field(max_length=2000)
     profile: dict[str, Any]
 
 
-class MaxContextBody(BaseModel):
+class MaxContextBody(_Body):
     model_id: str = Field(min_length=1, max_length=1000)
     profile: dict[str, Any]
     free_bytes: int | None = Field(None, ge=0)
 
 
-class ExportBody(BaseModel):
+class ExportBody(_Body):
     fmt: str = Field(min_length=1, max_length=64)
     model_id: str = Field(min_length=1, max_length=1000)
     gpu_bytes: int | None = Field(None, ge=1)
@@ -93,7 +100,7 @@ class ExportBody(BaseModel):
     max_replicas: int = Field(2, ge=1, le=100_000)
 
 
-class ApplyBody(BaseModel):
+class ApplyBody(_Body):
     # either a plan as the client got it from /plan (run exactly, or 409 stale_plan), or what to plan
     plan: dict[str, Any] | None = None
     backend_id: str | None = Field(None, min_length=1, max_length=200)
@@ -103,7 +110,7 @@ class ApplyBody(BaseModel):
     cancel_generation: bool = False
 
 
-class UnloadBody(BaseModel):
+class UnloadBody(_Body):
     model_id: str = Field(min_length=1, max_length=1000)
 
 

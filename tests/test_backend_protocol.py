@@ -39,13 +39,8 @@ ALLOWED = {
     "error": "scheduler: a finished operation's error",
     "kind": "planning: a plan step's kind",
     "backend_id": "serving: a plan's backend id",
-    "base_url": "status / maintenance: another holder's client (not a backend)",
-    "last_error": "status: another holder's client (not a backend)",
-    "source": "holding: another holder's client (not a backend)",
 }
 
-# Declared members still probed by core code that is being rewritten elsewhere; each must still be probed
-# (remove it here once the probe is gone), and the list only shrinks.
 # Computed names (getattr(obj, variable)), by file and the object read: none is a backend.
 DYNAMIC_ALLOWED = {
     ("memory_controller/__init__.py", "controller"),  # lazy re-export of the controller module
@@ -150,8 +145,15 @@ def test_a_backend_with_only_the_defaults_offers_nothing_optional(hf_settings):
         catalog.resolve("memctl-test/absent")
 
 
-@pytest.mark.parametrize("path", ["tests/inmemory_backend.py", "backends/ollama/backend.py",
-                                  "backends/transformers/backend.py", "backends/vllm/backend.py"])
+BACKEND_FILES = sorted({"tests/inmemory_backend.py", *(str(p.relative_to(ROOT)) for p in (ROOT / "backends").rglob("*.py")
+                                                          if "def claim(" in p.read_text())})
+
+
+def test_the_backend_files_are_found():
+    assert {"backends/ollama/backend.py", "backends/transformers/backend.py", "backends/vllm/backend.py"} <= set(BACKEND_FILES)
+
+
+@pytest.mark.parametrize("path", BACKEND_FILES)
 def test_every_backend_class_inherits_the_defaults(path):
     """A backend class (one with ``capabilities`` and ``claim``) inherits BackendBase, so each optional member
     the core calls directly exists."""
@@ -161,3 +163,38 @@ def test_every_backend_class_inherits_the_defaults(path):
     assert classes, path
     for c in classes:
         assert any(ast.unparse(base) == "BackendBase" for base in c.bases), f"{path}: {c.name}"
+
+
+def test_every_allowlist_entry_is_still_used():
+    """An allowlist entry no core probe uses any more would let a backend probe by that name pass unseen."""
+    used = {name for rel, src in core_files() for _line, _obj, name in probes(src, rel)}
+    assert sorted(set(ALLOWED) - used) == []
+
+
+def test_the_registry_refuses_a_backend_without_the_defaults(hf_settings, monkeypatch):
+    """A backend class that does not inherit BackendBase is refused with the fix, not met later as an
+    AttributeError in the catalog, the census or admission; the other backends still work."""
+    import sys
+    import types
+
+    from memory_controller.errors import SettingsError
+    from memory_controller.registry import BackendRegistry
+
+    module = types.ModuleType("memctl_test_plain_backend")
+
+    class Plain:  # the protocol's required members only
+        id = "plain"
+
+    module.create = lambda settings, probe: Plain()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    reg = BackendRegistry({"plain": f"{module.__name__}:create", "bare": "tests.test_backend_protocol:_bare"},
+                          hf_settings, None)
+    with pytest.raises(SettingsError, match="BackendBase"):
+        reg.get("plain")
+    assert list(reg.all()) == ["bare"] and "BackendBase" in reg.errors["plain"]
+    with pytest.raises(SettingsError, match="BackendBase"):
+        BackendRegistry({}, hf_settings, None, instances={"plain": Plain()})
+
+
+def _bare(settings, probe):
+    return _Bare()

@@ -223,3 +223,18 @@ def test_every_call_answers_the_same_through_the_client_as_in_process(owner):
     with pytest.raises(ModelNotFoundError):
         client.submit_unload(TINY_ID)  # refused at once: nothing is loaded
     client.acknowledge_log_errors()
+
+
+def test_a_field_this_owner_does_not_know_is_refused_naming_it(owner):
+    """A client of another memctl version sending a field this owner does not know (here the opt-in step's
+    old name) gets a 422 that names it, not a plan made without what it asked for."""
+    ctl, _backend, client = owner
+    body = {"backend_id": "inmem", "model_id": TINY_ID, "unload_ollama": True}
+    resp = httpx.post(client.owner.url + "/control/plan", headers={TOKEN_HEADER: client.owner.token}, json=body,
+                      timeout=30)
+    assert resp.status_code == 422 and "unload_ollama" in resp.text
+    body["free_holders"] = body.pop("unload_ollama")
+    resp = httpx.post(client.owner.url + "/control/plan", headers={TOKEN_HEADER: client.owner.token}, json=body,
+                      timeout=30)
+    assert resp.status_code == 200 and resp.json()["model_id"] == TINY_ID
+    assert ctl.deployments() == []

@@ -137,3 +137,24 @@ def test_emergency_clear_with_ollama_down_does_not_fail_on_it(hf_settings, tmp_p
     assert "127.0.0.1:9" in line.message
     status = ctl.status()
     assert status["ollama"]["answered"] is False and status["ollama"]["error"]
+
+
+def test_status_lists_every_holder_source_and_none_overwrites_a_core_key(hf_settings, tmp_path):
+    """Each other holder's status is under ``holder_sources``; under its own id at the top level too, unless
+    that id is one of the status's own keys."""
+    from tests.test_holders import OtherServer
+
+    class WithHolders(InMemoryBackend):
+        holder_client = property(lambda self: OtherServer(source="devices", label="Odd"))
+
+    class WithOther(InMemoryBackend):
+        holder_client = property(lambda self: OtherServer())
+
+    settings = hf_settings.model_copy(update={"state_dir": tmp_path / "state"})
+    ctl = MemoryController(settings, probe=DeviceProbe(FakeNvml([FakeGpu(total_bytes=24 * GIB)]).module()),
+                           backends={"a": WithHolders(), "b": WithOther()})
+    status = ctl.status()
+    assert isinstance(status["devices"], list) and status["devices"][0]["key"] == "gpu:0"
+    assert set(status["holder_sources"]) == {"devices", "llamaswap"}
+    assert status["holder_sources"]["llamaswap"]["models"][0]["name"] == "qwen-coder"
+    assert status["llamaswap"] == status["holder_sources"]["llamaswap"]

@@ -346,6 +346,10 @@ class OtherServer:
         return {"runner": "llama-swap model {models}: unload it", "down": "llama-swap is down",
                 "server": "llama-swap itself"}[kind]
 
+    @staticmethod
+    def loaded(max_age_s=5.0):
+        return [OModel("qwen-coder", 9 * GIB)]
+
 
 def test_any_holder_source_names_its_processes_and_is_offered_in_a_plan():
     src = OtherServer()

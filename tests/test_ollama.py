@@ -257,3 +257,30 @@ def test_emergency_unload_frees_everything_or_says_what_stayed(gpu_setup):
     with pytest.raises(OllamaError) as err:
         gpu_setup.client.emergency_unload(wait_s=0.5)
     assert "stuck:1b" in err.value.message and err.value.args_ == {"models": ["stuck:1b"]}
+
+
+@pytest.mark.usefixtures("english_cli")
+def test_a_host_that_is_no_address_leaves_ollama_unavailable_with_the_reason_not_gone(capsys):
+    """A typo in MEMCTL_OLLAMA_HOST: the backend stays listed (unavailable, saying why), its processes are still
+    named as Ollama's with the advice to fix the host, status says it did not answer, and the CLI exits 2."""
+    from memory_controller import MemoryController
+    from tests.fake_pynvml import FakeProcess
+    from tests.test_holders import PROCS
+
+    settings = load_settings(ollama_host="ollama-box:99999")
+    gpu = FakeGpu(total_bytes=24 * GIB, used_bytes=14 * GIB, processes=[FakeProcess(13, GIB // 4), FakeProcess(14, 13 * GIB)])
+    ctl = MemoryController(settings, probe=DeviceProbe(FakeNvml([gpu]).module()))
+    assert "ollama" in ctl.registry.ids()
+    avail = ctl.availability("ollama")
+    assert not avail.ok and "MEMCTL_OLLAMA_HOST" in avail.reason.text and "99999" in avail.reason.text
+    status = ctl.status()["ollama"]
+    assert status["answered"] is False and "MEMCTL_OLLAMA_HOST" in status["error"]
+    source = ctl.holder_source("ollama")
+    assert source is not None and source.loaded() is None and isinstance(source.last_error, SettingsError)
+    from memory_controller.holders import OtherHolder, classify
+
+    hs = {h.pid: h for h in classify(ctl.devices(), PROCS, {}, [OtherHolder(source, None)], [], 1000)}
+    assert (hs[14].kind, hs[14].freeable_by, hs[14].advice.code) == ("ollama_runner", None, "holder.advice.ollama_down")
+    assert hs[13].kind == "ollama_server"
+    code, out, err = _run(SimpleNamespace(settings=settings, probe=None), ["ollama", "ps", "--json"], capsys)
+    assert code == 2 and "99999" in err

@@ -426,10 +426,17 @@ def test_one_config_line_registers_the_backend_and_it_implements_the_protocol(tm
     assert not b.capabilities.generates_in_process and b.capabilities.label == "Ollama"
 
 
-def test_the_backend_answers_the_holder_calls_too(stand_in):
+def test_the_holder_view_leaves_out_memctls_own_tags_and_names_ollamas_processes(stand_in):
     b = _backend(stand_in)
     model = b.resolve_model("codellama:7b")
     p = _gpu_profile(4096)
     dep = b.start(model, p, b.claim(model, p, b.estimate(model, p), b.probe.snapshot()))
-    assert b.base_url == b.client.base_url and b.loaded(max_age_s=0) == [] and b.ps() == []  # its own tag left out
-    assert b.unload(dep.handle, wait_s=5).gone and b.list_managed() == []
+    view = b.holder_client
+    assert (view.source, view.label, view.base_url) == ("ollama", "Ollama", b.client.base_url)
+    assert view.loaded(max_age_s=0) == [] and view.ps() == []  # its own tag is a deployment, not another holder's
+    assert [d.handle for d in b.list_managed()] == [dep.handle]
+    assert view.role(["/usr/local/bin/ollama", "serve"], "ollama") == "server"
+    assert view.role(["/usr/lib/ollama/ollama_llama_server", "--model", "x"], None) == "runner"
+    assert view.role([], "ollama") == "runner" and view.role(["python", "ollama.py"], "python") is None
+    b.stop(dep.handle)
+    assert b.list_managed() == []

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from memory_controller.errors import SettingsError
+
 from .backend import BACKEND_ID, HolderView, ModelInfo, OllamaBackend, base_of, derived_name, process_role
 from .client import (
     InvalidOllamaNameError,
@@ -26,6 +28,7 @@ from .client import (
     OllamaTimeoutError,
     OllamaUnavailableError,
     OllamaUnloadReport,
+    UnaddressedClient,
     is_local,
     parse_host,
     validate_model_name,
@@ -87,6 +90,10 @@ def client_for(settings: Any, probe: Any = None) -> OllamaClient:
 
 
 def create(settings: Any, probe: Any = None) -> OllamaBackend:
-    """The registry's factory: ``create(settings, probe)``."""
-    return OllamaBackend(settings, probe, client_for(settings, probe),
-                         emergency_unload=options(settings).emergency_unload)
+    """The registry's factory: ``create(settings, probe)``. A configured host that is no address leaves the
+    backend in place, unavailable with that reason (its client raises it on every call)."""
+    try:
+        client: OllamaClient = client_for(settings, probe)
+    except SettingsError as exc:
+        client = UnaddressedClient(host_setting(settings), exc)
+    return OllamaBackend(settings, probe, client, emergency_unload=options(settings).emergency_unload)

@@ -150,33 +150,11 @@ class OllamaBackend(BackendBase):
     def derived_name(model: str, num_ctx: int) -> str:
         return derived_name(model, num_ctx)
 
-    # ------------------------------------------------------------------ other holders (issue 17.5)
+    # ------------------------------------------------------------------ another holder
     @property
     def holder_client(self) -> HolderView:
         """Ollama as another holder of memory: its models that are not memctl's deployments."""
         return HolderView(self.client, unloads_in_emergency=self.emergency_unload_enabled)
-
-    # The holder calls on the backend itself too, so a core that builds "backends.ollama:create" as its
-    # holder source (rather than asking for ``holder_client``) gets the same view.
-    @property
-    def base_url(self) -> str:
-        return self.client.base_url
-
-    @property
-    def last_error(self) -> OllamaError | None:
-        return self.client.last_error
-
-    def loaded(self, max_age_s: float = 5.0) -> list[OllamaModel] | None:
-        return self.holder_client.loaded(max_age_s)
-
-    def ps(self) -> list[OllamaModel]:
-        return self.holder_client.ps()
-
-    def unload(self, name: str, wait_s: float = 10.0):
-        return self.client.unload(name, wait_s)
-
-    def emergency_unload(self, wait_s: float = 10.0) -> str:
-        return self.client.emergency_unload(wait_s)
 
     # ------------------------------------------------------------------ models
     def installed(self, *, fresh: bool = False) -> list[ModelInfo]:

@@ -70,6 +70,10 @@ class InvalidOllamaNameError(OllamaError):
     code = "ollama.bad_name"
 
 
+class OllamaHostError(OllamaError, SettingsError):
+    """The configured host is no address (``parse_host`` refused it): nothing can be asked of Ollama."""
+
+
 def validate_model_name(name: object) -> str:
     """``name`` if it is a well-formed Ollama model name (``gpt-oss:20b``, ``library/llama3:8b``,
     ``hf.co/org/repo:Q4_K_M``); raises InvalidOllamaNameError saying what is wrong."""
@@ -355,7 +359,7 @@ class OllamaClient:
         if items is None:
             return []
         if not isinstance(items, list) or len(items) > MAX_MODELS * 16:
-            raise OllamaMalformedError("Ollama /api/tags: 'models' is not a list", "the server at ollama_host is not Ollama")
+            raise OllamaMalformedError("Ollama /api/tags: 'models' is not a list", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
         out = []
         for item in items:
             if not isinstance(item, dict):
@@ -373,7 +377,7 @@ class OllamaClient:
         # the answer lists every tensor and the license: larger than the other answers
         data = self._request("POST", "/api/show", {"model": validate_model_name(name)}, max_bytes=SHOW_MAX_BYTES)
         if not isinstance(data, dict):
-            raise OllamaMalformedError("Ollama /api/show: expected a JSON object", "the server at ollama_host is not Ollama")
+            raise OllamaMalformedError("Ollama /api/show: expected a JSON object", "the server at MEMCTL_OLLAMA_HOST is not Ollama")
         return data
 
     def create(self, name: str, from_: str, parameters: dict[str, Any], timeout_s: float = 120.0) -> None:
@@ -422,3 +426,23 @@ class OllamaClient:
                 reports.append(OllamaUnloadReport(m.name, m.size_vram, False, None, 0.0, Outcome.ERROR,
                                                   msg(exc.code, exc.message, model=m.name)))
         return reports
+
+
+class UnaddressedClient(OllamaClient):
+    """The client while the configured host is no address: every call raises the :class:`OllamaHostError`
+    (the backend is unavailable with that reason, the holder view says Ollama does not answer and why, and
+    Ollama's processes are still named as Ollama's), instead of the backend vanishing."""
+
+    def __init__(self, value: object, error: SettingsError) -> None:
+        super().__init__("http://ollama-host.invalid")  # never contacted: _request raises first
+        self.base_url = escape_text(str(value)[:200], limit=UNCUT)
+        self.error = OllamaHostError(error.message, error.hint, code=error.code, args={"host": self.base_url})
+        self.last_error = self.error
+
+    def _request(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None,
+                 max_bytes: int = MAX_BODY_BYTES) -> Any:
+        raise self.error
+
+    def loaded(self, max_age_s: float = 5.0) -> list[OllamaModel] | None:
+        self.last_error = self.error
+        return None
