@@ -29,7 +29,7 @@ from memory_controller.units import escape_text, fmt_bytes
 
 # Modules that add subcommands: each has register(subparsers) setting func(args, settings) -> int.
 _SUBCOMMAND_MODULES = ("memctl_cli.models", "memctl_cli.containers", "memctl_cli.ollama", "memctl_cli.export",
-                       "server.cli")
+                       "memctl_cli.serve")
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

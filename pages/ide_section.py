@@ -2,7 +2,7 @@
 key (only when the server listens beyond loopback), context window and max output tokens, each with a
 copy button (``st.code``), plus downloads of the Roo Code settings file and the Continue config.
 
-The numbers are the ones ``memctl ide`` prints: the context comes from ``server.cli.served_context``
+The numbers are the ones ``memctl ide`` prints: the context comes from ``server.served.served_context``
 (the running deployment's context, else what ``ctl.plan(..., purpose="ide")`` would serve) and the
 answer size from ``memory_controller.ide.max_output_tokens``.
 """
@@ -56,10 +56,10 @@ FREE_STEP_BYTES = 256 * 1024**2
 
 
 def _served(serving: Any, model_id: str, snap: Any) -> tuple[str, int, tuple[Any, ...], bool]:
-    """``server.cli.served_context`` (what `memctl ide` prints) and whether the server parses the model's tool
+    """``server.served.served_context`` (what `memctl ide` prints) and whether the server parses the model's tool
     calls, kept a few seconds per model, per what runs and per free memory (in 256 MiB steps): a change of any
     of them is planned again at once."""
-    from server.cli import served_context, tools_honoured
+    from server.served import served_context, tools_honoured
 
     running = tuple(sorted((d.handle, d.context_tokens) for d in serving.deployments()))
     free = tuple((d.key, (d.free_bytes or 0) // FREE_STEP_BYTES) for d in snap.devices)

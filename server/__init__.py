@@ -7,7 +7,7 @@
 * :mod:`server.app` — ``create_app``: ``/health``, ``/control`` and the OpenAI-compatible ``/v1``;
 * :mod:`server.control` / :mod:`server.client` — the control API and its client (both
   ``memory_controller.api.ControllerAPI``);
-* :mod:`server.cli` — ``memctl serve``, ``ps``, ``unload``, ``ide roo|continue``.
+* :mod:`server.served` — what the server serves, for ``memctl ps`` / ``ide`` and the dashboard.
 
 Importing this package imports nothing heavy; FastAPI and uvicorn load only where a server runs.
 """

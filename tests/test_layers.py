@@ -75,7 +75,7 @@ FORBIDDEN = [
 ALLOWED = [
     ("memory_controller/probe/devices.py", "import pynvml"),
     ("memory_controller/probe/processes.py", "import psutil"),
-    ("memctl_cli/main.py", "import server.cli"),
+    ("memctl_cli/main.py", "import server.connect"),
     ("backends/transformers/_injected.py", "import torch"),
     ("backends/vllm/_injected.py", "import docker"),
     ("server/_injected.py", "import fastapi"),

@@ -113,7 +113,7 @@ def test_a_tools_request_for_a_model_without_tools_gets_400(served):
 
 def test_ide_export_for_an_ollama_model_carries_its_fitted_context(served):
     from memory_controller.ide import roo_settings
-    from server.cli import served_context
+    from server.served import served_context
 
     model_id, ctx, _notes = served_context(served.ctl, "qwen-coder:small")
     assert (model_id, ctx) == ("qwen-coder:small", 32768)

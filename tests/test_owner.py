@@ -35,7 +35,7 @@ from tests.conftest import ROOT, subprocess_env
 OWNER_SCRIPT = """
 import argparse, sys
 from memory_controller.settings import load_settings
-from server.cli import add_commands
+from memctl_cli.serve import add_commands
 parser = argparse.ArgumentParser(prog="memctl")
 add_commands(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])

@@ -230,7 +230,7 @@ def test_a_memory_mapped_model_names_its_mapped_pages_and_private_bytes_everywhe
     from memory_controller.api import InProcessController
     from memory_controller.backend import describe_memory
     from memory_controller.controller import MemoryController
-    from server.cli import ps_rows
+    from server.served import ps_rows
     from tests.fake_pynvml import scenario
     from tests.fixtures_models import TINY_UNTIED_ID
 

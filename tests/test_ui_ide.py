@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from memory_controller.ide import max_output_tokens
-from server.cli import served_context
+from server.served import served_context
 from tests.conftest import ROOT
 from tests.fixtures_models import TINY_ID
 from tests.model_factory import hf_env

@@ -4,7 +4,7 @@ Each handler is ``(args, ctl) -> exit code`` where ``ctl`` is a ``ControllerAPI`
 :func:`server.connect.controller_for`: a client of the machine's owner process when one runs (then the
 command acts on the models that process holds), else this process's controller. :func:`add_commands`
 registers them with ``func(args, settings)`` wrappers that pick the controller, so ``memctl_cli.main``
-runs them like its other sub-commands. Exit codes (as ``memctl_cli.main`` documents them): 0 ok, 1 the
+runs them like its other sub-commands; what they show comes from :mod:`server.served`. Exit codes (as ``memctl_cli.main`` documents them): 0 ok, 1 the
 operation failed or had nothing to act on (``unload`` of a model that is not loaded), 2 bad input
 (unknown or malformed model id, bad port); messages and hints on stderr, never a traceback.
 """
@@ -20,6 +20,15 @@ from typing import TYPE_CHECKING, Any
 from memctl_cli.output import fmt_duration, print_error, table
 from memory_controller import errors
 from memory_controller.types import to_jsonable
+from server.served import base_url as served_base_url
+from server.served import (
+    message_text,
+    owner_of,
+    ps_rows,
+    served_context,
+    serving_pause_of,
+    tools_honoured,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from memory_controller.settings import Settings
@@ -43,7 +52,7 @@ def _port(text: str) -> int:
 def run_handler(handler: Handler, args: argparse.Namespace, settings: Settings, *, local: bool = False) -> int:
     """Build the controller (``local``: this process's, never a client) and run ``handler``; errors
     become exit codes."""
-    from .connect import controller_for, local_controller  # httpx loads only for commands that need it
+    from server.connect import controller_for, local_controller  # httpx loads only for commands that need it
 
     as_json = bool(getattr(args, "json", False))
     ctl = None
@@ -112,8 +121,7 @@ register = add_commands  # memctl_cli's sub-command modules expose register(subp
 # --------------------------------------------------------------------------- serve
 def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
     from memory_controller.quiet import quiet_library_output
-
-    from .owner import read_owner
+    from server.owner import read_owner
 
     if getattr(args, "action", None) == "resume":
         return run_handler(cmd_serve_resume, args, settings)
@@ -134,7 +142,7 @@ def cmd_serve_entry(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_serve(args: argparse.Namespace, ctl: Any) -> int:
     """Serve in the foreground until Ctrl-C; prints the URLs once it answers."""
-    from .runner import ServerHandle
+    from server.runner import ServerHandle
 
     handle = ServerHandle(ctl.local, ctl.settings, port=args.port, log_level="info")
 
@@ -153,7 +161,7 @@ def cmd_serve(args: argparse.Namespace, ctl: Any) -> int:
 
 def cmd_serve_resume(args: argparse.Namespace, ctl: Any) -> int:
     """Lift the on-demand pause of the running server."""
-    if _owner(ctl) is None:
+    if owner_of(ctl) is None:
         print_error(errors.MemctlError("no memctl server runs, so nothing is paused",
                                         "start one with `memctl serve`", code="no_owner"))
         return 1
@@ -173,53 +181,6 @@ def _pid() -> int:
 
 
 # --------------------------------------------------------------------------- ps
-def _owner(ctl: Any) -> Any | None:
-    """The owner's OwnerInfo when ``ctl`` is its client, else None (this process's controller)."""
-    from .client import RemoteController
-
-    return ctl.owner if isinstance(ctl, RemoteController) else None
-
-
-def _base_url(ctl: Any) -> str | None:
-    owner = _owner(ctl)
-    return f"{owner.url}/v1" if owner is not None else None
-
-
-def ps_rows(ctl: Any) -> list[dict[str, Any]]:
-    """One JSON-ready row per deployment, with the server's queue and idle countdown when it runs."""
-    serve = ctl.serve_status()
-    in_flight = ctl.in_flight()
-    served_at = _base_url(ctl)
-    rows = []
-    for d in ctl.deployments():
-        s = serve.get(d.model_id, {})
-        rows.append({
-            "model": d.model_id,
-            "backend": d.backend_id,
-            "state": getattr(d.state, "value", d.state),
-            "endpoint": served_at or d.endpoint,
-            "backend_endpoint": d.endpoint,
-            "context_tokens": d.context_tokens,
-            "precision": getattr(getattr(d.profile, "precision", None), "value", None),
-            "memory_bytes": dict(d.memory_bytes),
-            "mapped_bytes": getattr(d, "mapped_bytes", 0),  # resident pages of memory-mapped weight files
-            "in_flight": s.get("in_flight", in_flight.get(d.model_id, 0)),
-            "queued": s.get("queued", 0),
-            "idle_unload_in_s": s.get("idle_unload_in_s"),
-            "tools_parsed": s.get("tools_parsed"),
-            "tools": s.get("tools"),
-        })
-    return rows
-
-
-def _pause_of(ctl: Any) -> dict | None:
-    fn = getattr(ctl, "serving_pause", None)
-    try:
-        return fn() if fn is not None else None
-    except errors.MemctlError:
-        return None
-
-
 def _tools_cell(row: dict[str, Any]) -> str:
     """yes (parsed by memctl or the engine), no (the template does not render tools: 400 tools_not_supported),
     text (accepted, calls come back as text: unknown family), — (unknown)."""
@@ -237,13 +198,13 @@ def cmd_ps(args: argparse.Namespace, ctl: Any) -> int:
 
     rows = ps_rows(ctl)
     if args.json:
-        owner = _owner(ctl)
+        owner = owner_of(ctl)
         print(json.dumps({"server": {"url": owner.url, "pid": owner.pid} if owner else None, "models": rows,
-                          "paused": _pause_of(ctl)}, ensure_ascii=False, indent=2))
+                          "paused": serving_pause_of(ctl)}, ensure_ascii=False, indent=2))
         return 0
-    if _owner(ctl) is None:
+    if owner_of(ctl) is None:
         print("No memctl server runs (`memctl serve` starts one); models of this process only.", file=sys.stderr)
-    pause = _pause_of(ctl)
+    pause = serving_pause_of(ctl)
     if pause is not None:
         print(f"On-demand loading is paused since {str(pause.get('reason', '')).replace('_', ' ')}: requests do not "
               "load models until you load one or run `memctl serve resume`.")
@@ -279,74 +240,6 @@ def cmd_unload(args: argparse.Namespace, ctl: Any) -> int:
 
 
 # --------------------------------------------------------------------------- ide
-def _running(ctl: Any, model_id: str | None) -> Any | None:
-    ready = [d for d in ctl.deployments() if getattr(d.state, "value", d.state) == "ready"]
-    if model_id is None:
-        if len(ready) > 1:
-            names = ", ".join(d.model_id for d in ready)
-            raise errors.InvalidModelIdError(f"several models run ({names})", "name one: --model M")
-        return ready[0] if ready else None
-    return next((d for d in ready if d.model_id == model_id), None)
-
-
-def served_context(ctl: Any, model_id: str | None) -> tuple[str, int, tuple[Any, ...]]:
-    """(model id, the context the server enforces for it, notes): a running deployment's context,
-    else what ``ctl.plan(..., purpose="ide")`` would serve it with."""
-    dep = _running(ctl, model_id)
-    if dep is not None and dep.context_tokens:
-        return dep.model_id, int(dep.context_tokens), ()
-    if model_id is None:
-        raise errors.InvalidModelIdError("no model runs", "name one: --model M (`memctl models` lists them)")
-    plan = ctl.plan(default_backend_id(ctl, model_id), model_id, purpose="ide")
-    get = plan.get if isinstance(plan, dict) else (lambda k, d=None: getattr(plan, k, d))
-    profile = get("profile")
-    ctx = profile.get("context_tokens") if isinstance(profile, dict) else getattr(profile, "context_tokens", None)
-    blockers = tuple(get("blockers", ()) or ())
-    if not get("fits", True) or not ctx:
-        why = "; ".join(_text(b) for b in blockers) or "it does not fit in free memory"
-        raise errors.InsufficientMemoryError(f"{model_id} cannot be served here: {why}",
-                                             _text(get("suggestion")) or "free memory or pick a smaller model")
-    return model_id, int(ctx), tuple(get("notes", ()) or ())
-
-
-def default_backend_id(ctl: Any, model_id: str) -> str:
-    """The backend an on-demand load of ``model_id`` would use (the server's choice)."""
-    return str(ctl.serving_backend_id())
-
-
-def _text(m: Any) -> str:
-    if m is None:
-        return ""
-    if isinstance(m, dict):
-        return str(m.get("text") or m.get("code") or "")
-    return str(m)
-
-
-def tools_honoured(ctl: Any, model_id: str) -> bool:
-    """Whether the server parses ``model_id``'s tool calls (its template renders tools and its family is known,
-    or the engine parses them): what IDE settings may promise. Asks the owner's /v1/models when one runs."""
-    owner = _owner(ctl)
-    if owner is not None:
-        import httpx
-
-        key = ctl.settings.serve_api_key
-        headers = {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
-        try:
-            data = httpx.get(f"{owner.url}/v1/models", headers=headers, timeout=30, trust_env=False).json()
-            entry = next((m for m in data.get("data", []) if m.get("id") == model_id), None)
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return False
-        info = (entry or {}).get("memctl") or {}
-        return info.get("tool_parser") == "engine" or info.get("tools") is True
-    from memory_controller.serving import ControllerEffects
-
-    ctl = getattr(ctl, "local", ctl)  # the in-process ControllerAPI wraps this process's controller
-    try:
-        return ControllerEffects(ctl, ctl.settings).tools_supported(ctl.resolve(model_id), None) is True
-    except errors.MemctlError:
-        return False
-
-
 def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
     from memory_controller.ide import (
         aider_metadata,
@@ -359,7 +252,7 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
 
     settings = ctl.settings
     model_id, ctx, notes = served_context(ctl, args.model)
-    base_url = _base_url(ctl)
+    base_url = served_base_url(ctl)
     if base_url is None:
         host = settings.bind_address if settings.bind_address not in ("0.0.0.0", "::") else "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
@@ -368,7 +261,7 @@ def cmd_ide(args: argparse.Namespace, ctl: Any) -> int:
               file=sys.stderr)
     key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
     for note in notes:
-        print(f"note: {_text(note)}", file=sys.stderr)
+        print(f"note: {message_text(note)}", file=sys.stderr)
     from memory_controller.ide import model_max_positions, small_window_advice
 
     advice = small_window_advice(ctx, settings.ide_min_context, model_max_positions(getattr(ctl, "resolve", None),
