@@ -356,7 +356,7 @@ def test_idle_model_is_unloaded_after_the_setting_and_never_while_a_request_runs
         assert r.choices[0].message.content == "echo: a b"  # not cut by the idle timer
         status = s.service.status().get(TINY_ID)  # None: a loaded machine let the 0.6 s pass already
         assert status is None or (status["in_flight"] == 0 and status["idle_unload_in_s"] <= 0.6)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # a wait, not a bound: the unload is asserted, not its speed
         while s.running() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert s.running() == []
